@@ -1,0 +1,25 @@
+"""The data layer: R1 prompts and dataset loaders that turn every supported schema into one
+record layout (`prompt`, `problem`, `solution`, `answer`, and `messages` for SFT data)."""
+from data.loaders import (
+    SCHEMAS,
+    DatasetError,
+    Records,
+    last_boxed,
+    load_records,
+    normalize_answer,
+    seeded_split,
+)
+from data.prompts import SYSTEM_PROMPT, make_conversation, render_prompt
+
+__all__ = [
+    "SCHEMAS",
+    "SYSTEM_PROMPT",
+    "DatasetError",
+    "Records",
+    "last_boxed",
+    "load_records",
+    "make_conversation",
+    "normalize_answer",
+    "render_prompt",
+    "seeded_split",
+]

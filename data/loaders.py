@@ -1,0 +1,431 @@
+"""Datasets of the R1 recipe, read into one record layout, with errors that say what is wrong.
+
+`load_records(source)` reads a Hugging Face dataset name, a `.jsonl` / `.json` / `.parquet` file,
+or a folder of them, and returns `Records`: one dict per problem with
+
+    prompt    [system, user] chat messages (what the policy is asked),
+    problem   the user text,
+    solution  the worked solution, or "",
+    answer    the final answer as a string (what the accuracy reward compares against), or "",
+    messages  SFT schemas only: the whole chat [system, user, assistant, ...].
+
+Schemas (detected from the columns, most specific first, or chosen with `schema=`):
+
+    bespoke  Bespoke-Stratos-17k: system, conversations [{"from": "user"|"assistant", "value"}]
+    numina   NuminaMath-TIR: problem, solution, messages; answer = last \\boxed{} of solution
+    math     MATH / AIME / AMC: problem and solution and/or answer; without an answer column,
+             answer = last \\boxed{} of solution; numeric answers (AMC's 27.0) become "27"
+    gsm8k    GSM8K: question, answer = worked text ending in "#### N"; N loses its thousands
+             separators
+
+Splits. A source that names its splits (an HF dataset; a folder whose files are named like
+`train-00000-of-00001.parquet`, `data/test.jsonl`) gives them as they are, and `split="all"`
+gives every file. A single file, or a folder with no split-named file, is one pool of rows:
+`split="all"` returns all of it (the call for a file that is a test set, e.g. GSM8K's
+test.jsonl), and "train" / "test" return the two sides of a seeded split that is disjoint,
+covers the pool and keeps file order within each side.
+
+Departures from the tutorial: its `validate_dataset` prints warnings and goes on; here a bad
+file raises `DatasetError`, and a bad row raises or, with `on_bad_row="skip"`, is dropped,
+counted and reported once per file. NuminaMath's `messages` column (tool-integrated solutions
+without <think> tags) is required for detection but dropped, as the tutorial drops it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator
+
+from data.prompts import SYSTEM_PROMPT, make_conversation
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset source, file, column or row that cannot be read into records."""
+
+
+# Each schema is a tuple of column groups; a file needs at least one column of every group.
+# Detection tries them in this order because the AIME/AMC copies carry `question` + `answer`
+# (the GSM8K columns) next to `problem`, and NuminaMath's columns contain MATH's.
+SCHEMAS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "bespoke": (("system",), ("conversations",)),
+    "numina": (("problem",), ("solution",), ("messages",)),
+    "math": (("problem",), ("solution", "answer")),
+    "gsm8k": (("question",), ("answer",)),
+}
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Names that mark a folder's files as split files (HF hub layouts use these).
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
+
+
+@dataclass
+class Records:
+    """The normalized rows of one split of one source."""
+
+    records: list[dict[str, Any]]
+    schema: str
+    source: str
+    split: str
+    skipped: int = 0
+    """Bad rows dropped from this split (only with on_bad_row="skip")."""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+
+@dataclass
+class _Table:
+    name: str  # a file path, or "hub-name[split]"
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    outcomes: list[Any] = field(default_factory=list)  # per row: a record, or a _BadRow
+
+
+class _BadRow(Exception):
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(f"field {field_name!r}: {reason}")
+        self.field_name, self.reason, self.row = field_name, reason, -1
+
+
+# Answers
+
+GSM8K_FINAL = re.compile(r"####[ \t]*(\S[^\n]*?)\s*$")
+THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def last_boxed(text: str) -> str:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; "" if none.
+
+    `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`: a regex up to the first "}" would cut it.
+    """
+    found = ""
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                found = text[start:i].strip()
+                break
+    return found
+
+
+def normalize_answer(value: Any) -> str:
+    """A gold answer as a string: AMC stores 27.0 (-> "27"), AIME "025" (kept), 0.5 -> "0.5"."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"answer must be a string or a number, got {type(value).__name__} {value!r:.60}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"answer must be finite, got {value!r}")
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value).strip()
+
+
+# Rows -> records, one function per schema
+
+def _text(row: dict, key: str, field_name: str | None = None) -> str:
+    name = field_name or key
+    if key not in row or row[key] is None:
+        raise _BadRow(name, "missing")
+    value = row[key]
+    if not isinstance(value, str):
+        raise _BadRow(name, f"not a string: {type(value).__name__} {value!r:.60}")
+    if not value.strip():
+        raise _BadRow(name, "empty")
+    return value.strip()
+
+
+def _answer_field(row: dict) -> str:
+    if row.get("answer") is None:
+        raise _BadRow("answer", "missing")
+    try:
+        answer = normalize_answer(row["answer"])
+    except ValueError as e:
+        raise _BadRow("answer", str(e)) from None
+    if not answer:
+        raise _BadRow("answer", "empty")
+    return answer
+
+
+def _rl_record(problem: str, solution: str, answer: str, system_prompt: str) -> dict[str, Any]:
+    prompt = make_conversation(problem, system_prompt)
+    return {"prompt": prompt, "problem": problem, "solution": solution, "answer": answer}
+
+
+def _numina_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
+    problem, solution = _text(row, "problem"), _text(row, "solution")
+    return _rl_record(problem, solution, last_boxed(solution), system_prompt)
+
+
+def _math_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
+    problem = _text(row, "problem")
+    solution = _text(row, "solution") if "solution" in columns else ""
+    answer = _answer_field(row) if "answer" in columns else last_boxed(solution)
+    return _rl_record(problem, solution, answer, system_prompt)
+
+
+def _gsm8k_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
+    question, worked = _text(row, "question"), _text(row, "answer")
+    final = GSM8K_FINAL.search(worked)
+    if final is None:
+        raise _BadRow("answer", f"no final '#### N' line: ...{worked[-60:]!r}")
+    answer = THOUSANDS_SEPARATOR.sub("", final.group(1))  # "#### 2,125" -> "2125"
+    return _rl_record(question, worked[: final.start()].rstrip(), answer, system_prompt)
+
+
+def _bespoke_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
+    # The row brings its own system prompt (Bespoke's "Your role as an assistant ..."): SFT
+    # teaches the model that conversation, so `system_prompt` is not applied here.
+    messages = [{"role": "system", "content": _text(row, "system")}]
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _BadRow("conversations", f"not a non-empty list: {turns!r:.60}")
+    for j, turn in enumerate(turns):
+        expected = ("user", "assistant")[j % 2]  # user asks, assistant answers, in turn
+        if not isinstance(turn, dict) or turn.get("from") != expected:
+            raise _BadRow(f"conversations[{j}]", f"expected a turn from {expected!r}, got {turn!r:.60}")
+        messages.append({"role": expected, "content": _text(turn, "value", f"conversations[{j}].value")})
+    if messages[-1]["role"] != "assistant":
+        raise _BadRow("conversations", "ends with a user turn: no assistant reply to learn from")
+    reply = messages[2]["content"]
+    return {"prompt": messages[:2], "problem": messages[1]["content"], "solution": reply,
+            "answer": last_boxed(reply), "messages": messages}
+
+
+_ROW_FUNCTIONS = {"bespoke": _bespoke_row, "numina": _numina_row, "math": _math_row, "gsm8k": _gsm8k_row}
+
+
+def _describe_schemas() -> str:
+    return "; ".join(f"{name} ({', '.join('|'.join(g) for g in groups)})" for name, groups in SCHEMAS.items())
+
+
+def _pick_schema(table: _Table, schema: str) -> str:
+    present = set(table.columns)
+    if schema == "auto":
+        for name, groups in SCHEMAS.items():
+            if all(present & set(group) for group in groups):
+                return name
+        raise DatasetError(
+            f"{table.name}: unknown schema; columns found: {table.columns}; expected one of: "
+            f"{_describe_schemas()}; pass schema= to choose one"
+        )
+    missing = [" or ".join(repr(c) for c in group) for group in SCHEMAS[schema] if not present & set(group)]
+    if missing:
+        raise DatasetError(
+            f"{table.name}: missing required column {', '.join(missing)} of schema {schema!r}; "
+            f"columns found: {table.columns}"
+        )
+    return schema
+
+
+# Sources -> tables
+
+def _rows_to_table(name: str, rows: list[Any]) -> _Table:
+    columns: dict[str, None] = {}  # insertion-ordered union of keys: rows of a JSON file may differ
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DatasetError(f"{name}: row {i} is a JSON {type(row).__name__}, expected an object")
+        columns.update(dict.fromkeys(row))
+    return _Table(name, list(columns), rows)
+
+
+def _json_lines(path: Path, text: str) -> list[Any]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: malformed JSON on line {lineno}: {e.msg} (column {e.colno})") from None
+    return rows
+
+
+def _read_file(path: Path) -> _Table:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # a dependency of `datasets`
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's errors do not all name the file
+            raise DatasetError(f"{path}: not a readable parquet file: {e}") from e
+        return _Table(str(path), table.column_names, table.to_pylist())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text: {e}") from None
+    if path.suffix == ".jsonl":
+        return _rows_to_table(str(path), _json_lines(path, text))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":  # "Extra data": JSON lines in a .json file, as Dataset.to_json writes
+            raise DatasetError(f"{path}: malformed JSON on line {e.lineno}: {e.msg} (column {e.colno})") from None
+        data = _json_lines(path, text)
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if data and len(lists) == len(data) and len({len(v) for v in lists}) == 1:  # column-oriented
+            data = [dict(zip(data, values)) for values in zip(*data.values())]
+        else:  # a one-row JSON-lines file
+            data = [data]
+    return _rows_to_table(str(path), data)
+
+
+def _split_tokens(path: Path, root: Path) -> set[str]:
+    # "data/train-00000-of-00001.parquet" -> {"data", "train", "00000", "of", "00001"}
+    return set(re.split(r"[^0-9a-z]+", str(path.relative_to(root).with_suffix("")).lower()))
+
+
+def _open_folder(root: Path, split: str) -> tuple[list[_Table], bool]:
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix in DATA_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)  # .cache, .git
+    )
+    if not files:
+        raise DatasetError(f"folder {root} holds no {'/'.join(DATA_SUFFIXES)} file")
+    tokens = {p: _split_tokens(p, root) for p in files}
+    named = {s for p in files for s in tokens[p] & set(SPLIT_NAMES)}
+    if not named:  # no split names: every file is part of one pool, split by seed
+        return [_read_file(p) for p in files], True
+    chosen = files if split == "all" else [p for p in files if split in tokens[p]]
+    if not chosen:
+        raise DatasetError(
+            f"folder {root} has files for splits {sorted(named)} but none for split {split!r}; "
+            f"pass one of those, split='all', or a single file to split it by seed"
+        )
+    return [_read_file(p) for p in chosen], False
+
+
+def _open_hub(name: str, split: str) -> list[_Table]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name) if split == "all" else {split: datasets.load_dataset(name, split=split)}
+    except Exception as e:  # offline, unknown name, unknown split: all end the same way for the user
+        raise DatasetError(
+            f"could not load Hugging Face dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "
+            "Without network access, download it elsewhere and pass a local path instead: a "
+            ".jsonl/.json/.parquet file, or a folder such as a hub snapshot"
+        ) from e
+    return [_Table(f"{name}[{s}]", ds.column_names, ds.to_list()) for s, ds in loaded.items()]
+
+
+def _open_source(source: str | Path, split: str) -> tuple[list[_Table], bool]:
+    """The tables of `source` for `split`, and whether they still need a seeded split."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _open_folder(path, split)
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; expected {DATA_SUFFIXES}")
+        return [_read_file(path)], True
+    if isinstance(source, Path) or path.suffix in DATA_SUFFIXES or str(source).startswith(("/", ".", "~")):
+        raise DatasetError(f"no such file or folder: {source}")
+    return _open_hub(str(source), split), False
+
+
+def seeded_split(n: int, test_size: float | int, seed: int) -> dict[str, list[int]]:
+    """Indices of the "train" and "test" sides of `n` rows: disjoint, covering, each sorted.
+
+    A float `test_size` is a fraction, rounded up (any positive fraction gives >= 1 test row);
+    it is read as the decimal it prints as, so 0.07 of 100 rows is 7, not ceil(7.000000000000001) = 8.
+    """
+    n_test = test_size if isinstance(test_size, int) else math.ceil(Fraction(str(test_size)) * n)
+    if not 0 <= n_test <= n:
+        raise DatasetError(f"test_size={test_size} asks for {n_test} test rows of {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return {"test": sorted(order[:n_test]), "train": sorted(order[n_test:])}
+
+
+def _check_args(schema, split, on_bad_row, test_size, seed, system_prompt, limit) -> None:
+    if schema != "auto" and schema not in SCHEMAS:
+        raise DatasetError(f"schema={schema!r}: expected 'auto' or one of: {_describe_schemas()}")
+    if not isinstance(split, str) or not split:
+        raise DatasetError(f"split={split!r}: expected a split name such as 'train', 'test' or 'all'")
+    if on_bad_row not in ("error", "skip"):
+        raise DatasetError(f"on_bad_row={on_bad_row!r}: expected 'error' or 'skip'")
+    fraction_ok = isinstance(test_size, float) and 0.0 < test_size < 1.0
+    count_ok = isinstance(test_size, int) and not isinstance(test_size, bool) and test_size >= 0
+    if not (fraction_ok or count_ok):
+        raise DatasetError(f"test_size={test_size!r}: expected a fraction in (0, 1) or a row count >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DatasetError(f"seed={seed!r}: expected an int")
+    if not isinstance(system_prompt, str):
+        raise DatasetError(f"system_prompt={system_prompt!r:.60}: expected a string")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DatasetError(f"limit={limit!r}: expected None or a positive int")
+
+
+def load_records(
+    source: str | Path,
+    *,
+    schema: str = "auto",
+    split: str = "train",
+    on_bad_row: str = "error",
+    test_size: float | int = 0.1,
+    seed: int = 0,
+    system_prompt: str = SYSTEM_PROMPT,
+    limit: int | None = None,
+) -> Records:
+    """Read `split` of `source` (HF dataset name, data file or folder) into normalized records.
+
+    `schema`: "auto" or one of SCHEMAS. `split`: a split the source names, or for an unsplit
+    source "train" / "test" (seeded split with `test_size`, a fraction or a count, and `seed`)
+    or "all". `on_bad_row`: "error" raises on the first bad row of any file read (also one on
+    the other side of a seeded split, so train and test fail alike); "skip" drops bad rows,
+    counts them in `Records.skipped` and logs one warning per file. `limit`: first N records.
+    """
+    _check_args(schema, split, on_bad_row, test_size, seed, system_prompt, limit)
+    tables, unsplit = _open_source(source, split)
+    if unsplit and split not in ("train", "test", "all"):
+        raise DatasetError(f"split={split!r}: {source} names no splits; expected 'train', 'test' or 'all'")
+
+    schemas = {}
+    for table in tables:
+        if not table.rows:
+            raise DatasetError(f"{table.name}: no rows")
+        schemas[table.name] = _pick_schema(table, schema)
+        to_record = _ROW_FUNCTIONS[schemas[table.name]]
+        for i, row in enumerate(table.rows):
+            try:
+                table.outcomes.append(to_record(row, table.columns, system_prompt))
+            except _BadRow as bad:
+                if on_bad_row == "error":
+                    raise DatasetError(f"{table.name}: row {i}, {bad}") from None
+                bad.row = i
+                table.outcomes.append(bad)
+    if len(set(schemas.values())) > 1:
+        raise DatasetError(f"{source}: files of different schemas in one split: {schemas}")
+
+    # Rows of all tables form one pool; an unsplit pool is cut by seed, on row positions, so the
+    # cut does not move when a bad row is skipped.
+    pool = [(table, i) for table in tables for i in range(len(table.rows))]
+    if unsplit and split != "all":
+        pool = [pool[k] for k in seeded_split(len(pool), test_size, seed)[split]]
+
+    records, skipped = [], 0
+    for table in tables:
+        outcomes = [table.outcomes[i] for t, i in pool if t is table]
+        bad = [o for o in outcomes if isinstance(o, _BadRow)]
+        records += [o for o in outcomes if not isinstance(o, _BadRow)]
+        if bad:
+            skipped += len(bad)
+            log.warning(f"skipped {len(bad)} of {len(outcomes)} rows of {table.name} "
+                        f"(first: row {bad[0].row}, field {bad[0].field_name}: {bad[0].reason})")
+    if limit is not None:
+        records = records[:limit]
+    return Records(records, next(iter(schemas.values())), str(source), split, skipped)
