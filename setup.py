@@ -3,14 +3,14 @@
 torch is pinned by the caller (`pip install torch==2.13.0` first on CPU machines), so the
 requirement here is a floor that an installed torch satisfies without pulling a CUDA build.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="r1-from-scratch",
     version="0.1.0",
     description="DeepSeek-R1-style GRPO and SFT in plain PyTorch, with Triton kernels and FSDP2",
     python_requires=">=3.10",
-    packages=["grpo", "sft", "kernels", "data", "infra"],
+    packages=find_packages(include=["grpo", "grpo.*", "sft", "sft.*", "kernels", "kernels.*", "data", "data.*", "infra", "infra.*"]),
     py_modules=["train"],
     package_data={"data": ["*.txt"]},
     install_requires=[
