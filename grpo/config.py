@@ -1,0 +1,249 @@
+"""GRPO job configuration: typed dataclasses with a documented default per field.
+
+Defaults target a real model (Qwen2.5-0.5B-Instruct class) and follow the literature rather than
+the tutorial: learning rate 1e-6 (DeepSeekMath used 1e-6; the tutorial's 5e-5 destroys a
+pretrained model within a few hundred steps), beta 0.04, group size 8, clip 0.2. The embedded
+recipe (`configs/tiny-r1.yaml`, and what `train.py` runs with no arguments) sets its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data.task import TaskConfig
+from grpo.rewards import REWARD_NAMES, RewardConfig
+from infra.config import ConfigError
+
+EMBEDDED = "embedded"
+
+
+@dataclass
+class ModelConfig:
+    path: str = EMBEDDED
+    """Local Hugging Face folder or hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct); 'embedded' builds
+    the project's tiny Qwen2 model and tokenizer under <output_dir>/tiny-model."""
+    tokenizer: str = ""
+    """Tokenizer folder or name when it differs from `path`."""
+    dtype: str = "auto"
+    """Weights dtype: auto (float32 on CPU; on CUDA float32 master weights with bf16 compute),
+    float32 or bfloat16."""
+    trust_remote_code: bool = False
+    """Run the model repo's own Python code. Off by default: only for repos you trust."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to from_pretrained: sdpa, eager or flash_attention_2."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (real models on small GPUs)."""
+    seed: int = 0
+    """Seed of the embedded model's weights and tokenizer."""
+
+
+@dataclass
+class DataConfig:
+    source: str = EMBEDDED
+    """'embedded' (the synthetic arithmetic task), a local .jsonl/.json/.parquet file or folder,
+    or a Hugging Face dataset name (e.g. AI-MO/NuminaMath-TIR)."""
+    schema: str = "auto"
+    """Column layout: auto, numina, gsm8k, math or bespoke."""
+    train_split: str = "train"
+    """Split used for training prompts."""
+    eval_source: str = ""
+    """Held-out problems (same kinds of value as `source`); empty: `source`'s test split."""
+    eval_split: str = "test"
+    """Split of the held-out problems."""
+    test_size: float = 0.1
+    """Held-out fraction when a single file has no test split."""
+    num_train: int = 2000
+    """Training problems to generate for the embedded task (ignored for files)."""
+    num_eval: int = 200
+    """Held-out problems evaluated (first N of the eval split)."""
+    on_bad_row: str = "error"
+    """What a malformed row does: error (stop, naming file/row/field) or skip (count it)."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this are dropped with a count (they would crowd out completions)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    """G: completions sampled per prompt; advantages are relative within a group."""
+    max_new_tokens: int = 512
+    """Completion budget in tokens; longer completions are cut and flagged truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Extra strings that end a completion (EOS always does)."""
+    prompts_per_generation: int = 0
+    """Prompts generated together in one batch per rank (0 = all of the rank's prompts)."""
+    eval_temperature: float = 0.0
+    """Temperature of evaluation decoding (0 = greedy)."""
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 16
+    """Prompts per optimizer step, over all ranks (global batch = prompts_per_step * group_size)."""
+    micro_batch_size: int = 8
+    """Completions per forward/backward on one rank (gradient accumulation over the rest)."""
+    num_iterations: int = 1
+    """mu: passes over each batch of rollouts; > 1 needs old-policy log-probs and clipping."""
+    beta: float = 0.04
+    """KL coefficient against the frozen reference model (0 = no reference model)."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3 (DeepSeekMath Eq. 4)."""
+    epsilon_low: float = 0.2
+    """Lower clip range: ratio >= 1 - epsilon_low."""
+    epsilon_high: float = 0.0
+    """Upper clip range (DAPO clip-higher); 0 = same as epsilon_low."""
+    loss_type: str = "grpo"
+    """grpo, bnpo, dr_grpo or dapo (see grpo/loss.py)."""
+    importance_sampling: str = "token"
+    """token (GRPO) or sequence (GSPO)."""
+    advantage_estimator: str = "grpo"
+    """grpo (group mean/std) or rloo (leave-one-out)."""
+    scale_rewards: str = "group"
+    """group, batch or none (Dr. GRPO): what the centred rewards are divided by."""
+    mask_truncated: bool = False
+    """Exclude completions that hit max_new_tokens from the loss (DAPO)."""
+    drop_zero_std_groups: bool = False
+    """Leave groups whose rewards are all equal out of the loss (DAPO dynamic sampling, lite)."""
+    ref_refresh_steps: int = 0
+    """tau: every tau steps mix the policy into the reference (0 = never)."""
+    ref_mix_alpha: float = 0.6
+    """alpha: reference <- alpha * policy + (1 - alpha) * reference at each refresh."""
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    """Reward functions, by name (see grpo/rewards)."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward (empty = all 1.0)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    warmup_steps: int = 10
+    """Linear warm-up from 0 to lr."""
+    schedule: str = "constant"
+    """After warm-up: constant or cosine (to min_lr_ratio * lr at max_steps)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine schedule, as a fraction of lr."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/grpo"
+    """Checkpoints, metrics.jsonl, samples and the exported model go here."""
+    max_steps: int = 500
+    """Optimizer steps."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    eval_every: int = 50
+    """Evaluate on held-out problems every N steps (0 = only at start and end)."""
+    save_every: int = 50
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept on disk."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in output_dir."""
+    log_every: int = 1
+    """Print a metrics line every N steps."""
+    sample_every: int = 10
+    """Write sample completions with their rewards every N steps (0 = never)."""
+    max_nonfinite: int = 3
+    """Stop after this many consecutive non-finite losses/gradients (each skips its update)."""
+    export: bool = True
+    """Export the final model as a Hugging Face folder <output_dir>/final."""
+    wandb: bool = False
+    """Mirror metrics to Weights & Biases (offline mode without an API key)."""
+    wandb_project: str = "r1-from-scratch"
+    """wandb project name."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    stop_at_step: int = 0
+    """Stop after this step as if SIGTERM had arrived (checkpoint, clean exit); for testing
+    preemption and resume. 0 = off."""
+
+
+@dataclass
+class GRPOJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Fail at start, naming the option, on combinations that cannot train."""
+        r, g, o, t = self.rollout, self.grpo, self.optim, self.train
+
+        def bad(option, value, why):
+            raise ConfigError(f"--{option}={value!r}: {why}")
+
+        if r.group_size < 2:
+            bad("rollout.group_size", r.group_size, "must be >= 2 (advantages compare completions within a group)")
+        if g.prompts_per_step < 1:
+            bad("grpo.prompts_per_step", g.prompts_per_step, "must be >= 1")
+        if g.prompts_per_step % world_size:
+            bad("grpo.prompts_per_step", g.prompts_per_step,
+                f"must be divisible by the world size {world_size} (each rank scores whole groups)")
+        local = g.prompts_per_step // world_size * r.group_size
+        if g.micro_batch_size < 1 or local % g.micro_batch_size:
+            bad("grpo.micro_batch_size", g.micro_batch_size,
+                f"must divide the per-rank batch of {local} completions "
+                f"(prompts_per_step / world_size * group_size)")
+        if r.prompts_per_generation < 0:
+            bad("rollout.prompts_per_generation", r.prompts_per_generation, "must be >= 0")
+        if r.max_new_tokens < 1:
+            bad("rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+        if r.temperature <= 0:
+            bad("rollout.temperature", r.temperature, "must be > 0 for GRPO sampling")
+        if not 0 < r.top_p <= 1:
+            bad("rollout.top_p", r.top_p, "must be in (0, 1]")
+        if g.beta < 0:
+            bad("grpo.beta", g.beta, "must be >= 0")
+        if g.num_iterations < 1:
+            bad("grpo.num_iterations", g.num_iterations, "must be >= 1")
+        if g.epsilon_low < 0 or g.epsilon_high < 0:
+            bad("grpo.epsilon_low/epsilon_high", (g.epsilon_low, g.epsilon_high), "must be >= 0")
+        for opt, val, allowed in (("grpo.loss_type", g.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
+                                  ("grpo.kl_estimator", g.kl_estimator, ("k1", "k2", "k3")),
+                                  ("grpo.importance_sampling", g.importance_sampling, ("token", "sequence")),
+                                  ("grpo.advantage_estimator", g.advantage_estimator, ("grpo", "rloo")),
+                                  ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none")),
+                                  ("optim.schedule", o.schedule, ("constant", "cosine")),
+                                  ("data.on_bad_row", self.data.on_bad_row, ("error", "skip")),
+                                  ("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16"))):
+            if val not in allowed:
+                bad(opt, val, f"must be one of {', '.join(allowed)}")
+        if not g.rewards:
+            bad("grpo.rewards", g.rewards, "needs at least one reward function")
+        unknown = [n for n in g.rewards if n not in REWARD_NAMES]
+        if unknown:
+            bad("grpo.rewards", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
+        if g.reward_weights and len(g.reward_weights) != len(g.rewards):
+            bad("grpo.reward_weights", g.reward_weights, f"needs one weight per reward ({len(g.rewards)})")
+        if not 0 <= g.ref_mix_alpha <= 1:
+            bad("grpo.ref_mix_alpha", g.ref_mix_alpha, "must be in [0, 1]")
+        if g.ref_refresh_steps and g.beta == 0:
+            bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "needs beta > 0 (no reference model otherwise)")
+        if o.lr <= 0:
+            bad("optim.lr", o.lr, "must be > 0")
+        if t.max_steps < 1:
+            bad("train.max_steps", t.max_steps, "must be >= 1")
+        if t.keep_last < 1:
+            bad("train.keep_last", t.keep_last, "must be >= 1")

@@ -1,0 +1,229 @@
+"""Typed configuration: nested dataclasses, a recipe file, and command-line overrides.
+
+Each field's documentation is the string literal written under it in the dataclass (the
+convention of this codebase); `--help` prints them with the defaults. Precedence, lowest first:
+dataclass defaults < recipe file (`--recipe file.yaml|.toml`) < `--section.field value` flags.
+
+    python train.py grpo --recipe configs/qwen2.5-0.5b-r1-zero.yaml --grpo.group_size 8
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad option: the message names the option and the value."""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Docstrings written under the fields of a dataclass (and its bases), by field name."""
+    docs = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls) -> dict[str, str]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def _resolved_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a string (command line) or a parsed recipe value into the field's type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"option {name}: cannot read {value!r} as {tp}")
+    if origin in (list, tuple):
+        inner = args[0] if args else str
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"option {name}: expected a list, got {value!r}")
+        out = [_coerce(v, inner, name) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"option {name}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"option {name}: expected {tp.__name__}, got {value!r}")
+        try:
+            if tp is int and isinstance(value, str):
+                f = float(value)
+                if f != int(f):
+                    raise ValueError
+                return int(f)
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option {name}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    if tp is typing.Any:
+        return value
+    raise ConfigError(f"option {name}: unsupported type {tp}")
+
+
+def set_option(cfg, dotted: str, value: Any) -> None:
+    """Set `section.field` on a nested dataclass, coercing the value to the field's type."""
+    obj, parts = cfg, dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            valid = sorted(_option_names(cfg))
+            raise ConfigError(f"unknown option --{dotted}; valid options: {', '.join(valid)}")
+        if i == len(parts) - 1:
+            tp = _resolved_types(type(obj))[part]
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"option {dotted} is a section; set its fields instead")
+                for k, v in value.items():
+                    set_option(cfg, f"{dotted}.{k}", v)
+            else:
+                setattr(obj, part, _coerce(value, tp, dotted))
+        else:
+            obj = getattr(obj, part)
+
+
+def _option_names(cfg, prefix: str = "") -> list[str]:
+    names = []
+    for f in dataclasses.fields(cfg):
+        val = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(val):
+            names += _option_names(val, f"{prefix}{f.name}.")
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def load_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".toml":
+        import tomllib
+        data = tomllib.loads(text)
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError(f"recipe {path}: expected .yaml, .yml, .toml or .json")
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+    return data
+
+
+def apply_dict(cfg, data: dict, source: str = "recipe") -> None:
+    for key, value in data.items():
+        try:
+            set_option(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_args(cls, argv: list[str], recipe_key: str | None = None):
+    """Build `cls()` and apply the recipe (`--recipe PATH`) and `--a.b value` overrides."""
+    cfg = cls()
+    overrides: list[tuple[str, str]] = []
+    recipe = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(help_text(cfg))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.field value")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val = argv[i + 1]
+                i += 1
+            else:
+                val = "true"  # a bare flag: --wandb
+        if key == "recipe":
+            recipe = val
+        else:
+            overrides.append((key, val))
+        i += 1
+    if recipe is not None:
+        data = load_recipe(recipe)
+        if recipe_key is not None and recipe_key in data and isinstance(data[recipe_key], dict):
+            data = data[recipe_key]
+        apply_dict(cfg, data, source=f"recipe {recipe}")
+    for key, val in overrides:
+        set_option(cfg, _alias(cfg, key), val)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def _alias(cfg, key: str) -> str:
+    """Top-level flags that are not sections map to `train.<flag>` (e.g. `--wandb`)."""
+    if "." not in key and key not in {f.name for f in dataclasses.fields(cfg)} and hasattr(cfg, "train"):
+        return f"train.{key}"
+    return key
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_text(cfg, prefix: str = "") -> str:
+    lines = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        val = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(val):
+            lines.append(f"\n[{prefix}{f.name}]")
+            lines.append(help_text(val, f"{prefix}{f.name}."))
+        else:
+            lines.append(f"  --{prefix}{f.name} (default: {val!r})")
+            if f.name in docs:
+                lines.append(textwrap.fill(docs[f.name], 96, initial_indent="      ",
+                                           subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def format_config(cfg) -> str:
+    """The resolved config as YAML, printed at start and saved next to checkpoints."""
+    import yaml
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,134 @@
+"""Distributed setup in one place: read the torchrun environment, pick the device, shard models.
+
+The same scripts run as `python train.py ...` (one process, no process group) and as
+`torchrun --nproc_per_node=N [--nnodes=M ...] train.py ...`. The model code knows nothing about
+FSDP: `shard_model` applies FSDP2's `fully_shard` to each decoder layer, then to the root.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun; return rank, world size, device.
+
+    `device`: "auto" (CUDA when available, else CPU), "cpu" or "cuda". CPU runs use gloo, CUDA
+    runs use NCCL with one GPU per local rank.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+                                **({"device_id": dev} if device == "cuda" else {}))
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place and returned); a no-op in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (Qwen2, Llama, Mistral, GPT-2 style)."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
+        mod = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList):
+            return list(mod)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; "
+                     "expected model.layers or transformer.h")
+
+
+def shard_model(root: nn.Module, layers: list[nn.Module], info: DistInfo, *,
+                reshard_after_forward: bool = True, bf16: bool | None = None) -> nn.Module:
+    """FSDP2: `fully_shard` each decoder layer, then the root (which holds embeddings and head).
+
+    On CUDA, parameters compute in bf16 and gradients reduce in float32; on CPU (gloo) all is
+    float32. Without a process group the model is returned unchanged.
+    """
+    if not info.distributed:
+        return root
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if bf16 is None:
+        bf16 = info.device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return root
+
+
+def set_gathered(model: nn.Module, gathered: bool) -> None:
+    """Keep FSDP2 parameters unsharded between forwards (for token-by-token generation) or not.
+
+    Generation calls the model once per token; resharding after each call would all-gather every
+    layer once per token. While `gathered`, the first forward gathers and later ones reuse.
+    """
+    if not hasattr(model, "set_reshard_after_forward"):
+        return
+    model.set_reshard_after_forward(not gathered)
+    if not gathered:
+        model.reshard()
+        for m in model.modules():
+            if m is not model and hasattr(m, "reshard"):
+                m.reshard()

@@ -1,0 +1,116 @@
+"""Progress output and metrics: a progress bar with ETA and one line per step on rank 0,
+`metrics.jsonl` for machines, JSONL sample dumps, and wandb when asked for (never required).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v or math.isinf(v):
+            return str(v)
+        return f"{v:.4g}"
+    return str(v)
+
+
+class ProgressBar:
+    """A one-line progress bar with rate and ETA; prints plain lines when not on a terminal."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, start: int = 0):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.n = start
+        self.t0 = time.time()
+        self.start = start
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def update(self, n: int = 1, postfix: str = "") -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        now = time.time()
+        if not self.tty and now - self._last < 5 and self.n < self.total:
+            return  # in a log file, one line every few seconds is plenty
+        self._last = now
+        done = self.n - self.start
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+        frac = self.n / max(self.total, 1)
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        eta_s = "?" if math.isinf(eta) else time.strftime("%M:%S", time.gmtime(eta))
+        line = f"{self.desc} [{bar}] {self.n}/{self.total} {rate:.2f}it/s eta {eta_s} {postfix}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:160].ljust(160))
+            if self.n >= self.total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.n < self.total:
+            sys.stderr.write("\n")
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to `metrics.jsonl`; mirrors to wandb when enabled."""
+
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool, wandb_project: str | None = None,
+                 run_name: str | None = None, config: dict | None = None):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ValueError("--train.wandb was set but wandb is not installed") from e
+            # Offline when there is no network: the run syncs later with `wandb sync`.
+            os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config,
+                                    dir=str(self.path.parent))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                                for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint so metrics.jsonl has no duplicates."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def step_line(step: int, total: int, metrics: dict, keys: list[str]) -> str:
+    parts = [f"step {step}/{total}"]
+    parts += [f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics]
+    return " ".join(parts)
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict], append: bool = True) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a" if append else "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -1,0 +1,100 @@
+"""Loading models and tokenizers (local folder, hub name, or the embedded tiny model), and the
+optimizer with its warm-up + cosine/constant schedule, shared by the GRPO and SFT trainers."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from infra.dist import DistInfo, barrier
+
+EMBEDDED = "embedded"
+
+
+def resolve_model_path(path: str, output_dir: str | os.PathLike, info: DistInfo, seed: int = 0) -> str:
+    """'embedded' -> build (once, on rank 0) the tiny model under <output_dir>/tiny-model."""
+    if path != EMBEDDED:
+        return path
+    from data.tiny import ensure_tiny_model
+
+    target = Path(output_dir) / "tiny-model"
+    if info.is_main:
+        ensure_tiny_model(target, seed=seed)
+    barrier()
+    return str(target)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ValueError(f"cannot load a tokenizer from {path!r}: {e}. Pass a local folder "
+                         f"(or a hub name with network access / a warm cache).") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation appends on the right
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"tokenizer at {path!r} has no chat template; the R1 prompt needs one")
+    return tok
+
+
+def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
+                   trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """Weights in float32 unless bfloat16 is asked for: FSDP2 / autocast compute in bf16 on
+    CUDA while the optimizer keeps float32 master weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation, use_safetensors=None)
+    except OSError as e:
+        raise ValueError(f"cannot load a model from {path!r}: {e}") from None
+    return model.to(device)
+
+
+def build_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float]):
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, schedule: str,
+                  min_lr_ratio: float) -> float:
+    """Linear warm-up to 1, then constant or cosine decay to `min_lr_ratio` at `max_steps`.
+
+    `step` counts optimizer steps already taken (LambdaLR's convention): the first update uses
+    step 0, so with warm-up its learning rate is lr / warmup_steps, never 0.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, *, warmup_steps: int, max_steps: int, schedule: str,
+                    min_lr_ratio: float):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
+        s, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule,
+        min_lr_ratio=min_lr_ratio))
+
+
+def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over FSDP shards too), clipped when max_norm > 0."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return norm

@@ -1,0 +1,56 @@
+"""Entry point: `torchrun [--nproc_per_node=N] train.py [COMMAND] [--recipe FILE] [--a.b value ...]`
+(or plain `python train.py ...`).
+
+Commands:
+  (none)             the embedded tiny R1 pipeline (configs/tiny-r1.yaml): builds a tiny model,
+                     cold-start SFT, then GRPO with the R1 rewards; prints a table at the end
+  grpo               GRPO (R1-Zero / reasoning-oriented RL)          grpo/trainer.py
+  sft                supervised fine-tuning with packing              sft/trainer.py
+  rejection-sample   K samples per prompt, keep the ones the rewards pass, write an SFT set
+  distill            teacher traces -> student SFT (optionally token-level KL)
+  pipeline           run the stages of a recipe in order, resumable stage by stage
+
+`python train.py COMMAND --help` lists every option with its default and documentation.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny-r1.yaml")
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    from infra.config import ConfigError
+
+    try:
+        if command is None:
+            from infra.pipeline import main as run
+            if "--recipe" not in argv and not any(a.startswith("--recipe=") for a in argv):
+                argv = ["--recipe", DEFAULT_RECIPE, *argv]
+            return run(argv)
+        if command == "grpo":
+            from grpo.trainer import main as run
+        elif command == "sft":
+            from sft.trainer import main as run
+        elif command == "rejection-sample":
+            from sft.rejection import main as run
+        elif command == "distill":
+            from sft.distill import main as run
+        elif command == "pipeline":
+            from infra.pipeline import main as run
+        else:
+            raise ConfigError(f"unknown command {command!r}; expected one of: grpo, sft, "
+                              f"rejection-sample, distill, pipeline (or none for the tiny pipeline)")
+        return run(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
