@@ -32,6 +32,12 @@ class TaskConfig:
     """When False, a '-' never takes the running value below zero."""
     test_fraction: float = 0.2
     """Share of the problem space (by hash) reserved for the test split."""
+    slip_rate: float = 0.0
+    """Imperfect cold-start data: the share of additions that cross a ten (7 + 5) which a worked
+    solution writes without the carry (7 + 5 = 2), the chain then going on from the slip. Applies
+    only to the SFT conversations (`messages`); answers, GRPO rewards and evaluation always use the
+    true value. R1's cold-start data is small and imperfect; making the imperfection systematic
+    shows what a verifiable reward adds over imitation: SFT copies the slip, GRPO unlearns it."""
 
     def __post_init__(self):
         if not 2 <= self.min_operands <= self.max_operands:
@@ -41,6 +47,8 @@ class TaskConfig:
             raise ValueError(f"task.max_value must be >= 1, got {self.max_value}")
         if not self.ops or set(self.ops) - set("+-*"):
             raise ValueError(f"task.ops must be a non-empty subset of '+-*', got {self.ops!r}")
+        if not 0.0 <= self.slip_rate <= 1.0:
+            raise ValueError(f"task.slip_rate must be in [0, 1], got {self.slip_rate}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"task.test_fraction must be in (0, 1), got {self.test_fraction}")
 
@@ -50,10 +58,12 @@ def _apply(a: int, op: str, b: int) -> int:
 
 
 def sample_problem(cfg: TaskConfig, rng: random.Random) -> dict:
-    """One chain: its text, its worked R1-format solution and its answer."""
+    """One chain: its text, its worked R1-format solution, its answer, and the cold-start version
+    of the solution (with carry slips at `cfg.slip_rate`; equal to the solution when 0)."""
     n = rng.randint(cfg.min_operands, cfg.max_operands)
     value = rng.randint(0, cfg.max_value)
-    terms, steps = [str(value)], []
+    slip_value = value
+    terms, steps, slip_steps = [str(value)], [], []
     for _ in range(n - 1):
         op = rng.choice(cfg.ops)
         if op == "*":
@@ -64,11 +74,18 @@ def sample_problem(cfg: TaskConfig, rng: random.Random) -> dict:
             b = rng.randint(0, cfg.max_value)
         new = _apply(value, op, b)
         steps.append(f"{value} {op} {b} = {new}.")
+        # The slip always draws from rng, so slip_rate never changes which problems are drawn.
+        slip = rng.random() < cfg.slip_rate
+        slipped = _apply(slip_value, op, b)
+        if slip and op == "+" and slip_value % 10 + b % 10 >= 10:
+            slipped -= 10  # the carry is dropped
+        slip_steps.append(f"{slip_value} {op} {b} = {slipped}.")
         terms += [op, str(b)]
-        value = new
+        value, slip_value = new, slipped
     problem = f"What is {' '.join(terms)}?"
     completion = f"<think>{' '.join(steps)}</think><answer>{value}</answer>"
-    return {"problem": problem, "completion": completion, "answer": str(value)}
+    cold_start = f"<think>{' '.join(slip_steps)}</think><answer>{slip_value}</answer>"
+    return {"problem": problem, "completion": completion, "answer": str(value), "cold_start": cold_start}
 
 
 def split_of(problem: str, test_fraction: float) -> str:
@@ -110,6 +127,31 @@ def task_records(cfg: TaskConfig, n: int, seed: int = 0, split: str = "train",
             "problem": p["problem"],
             "solution": p["completion"],
             "answer": p["answer"],
-            "messages": prompt + [{"role": "assistant", "content": p["completion"]}],
+            "messages": prompt + [{"role": "assistant", "content": p["cold_start"]}],
         })
+    return records
+
+
+_WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "garden", "rocket", "candle")
+
+
+def general_chat_records(n: int, seed: int = 0) -> list[dict]:
+    """Non-reasoning chat turns (R1's SFT stage 2 mixes such "general" data with reasoning data so
+    the model keeps answering plainly when no reasoning is needed): no <think> block, short replies."""
+    rng = random.Random(f"general-{seed}")
+    records = []
+    for _ in range(n):
+        kind = rng.randrange(3)
+        word = rng.choice(_WORDS)
+        if kind == 0:
+            user, reply = f"Repeat the word {word}.", word
+        elif kind == 1:
+            user, reply = f"Spell {word} backwards.", word[::-1]
+        else:
+            k = rng.randint(0, 98)
+            user, reply = f"Which number comes after {k}?", str(k + 1)
+        messages = [{"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        records.append({"prompt": messages[:2], "problem": user, "solution": reply, "answer": reply,
+                        "messages": messages})
     return records

@@ -64,6 +64,14 @@ def _tokenizer_corpus(seed: int) -> list[str]:
     return lines
 
 
+# Sizes of the embedded model; "small" is the distillation student of the tiny pipeline.
+TINY_SIZES = {
+    "default": {},
+    "small": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1),
+}
+
+
 def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 512):
     """A `PreTrainedTokenizerFast` with Qwen's special tokens and chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -123,7 +131,7 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
     return path
 
 
-def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
+def ensure_tiny_model(path: str | os.PathLike, seed: int = 0, size: str = "default") -> Path:
     """Build the tiny model at `path` unless a complete one with the same seed is already there.
 
     Builds into a temporary sibling folder and renames it into place, so that two ranks or an
@@ -131,10 +139,13 @@ def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     """
     path = Path(path)
     marker = path / "tiny_model.json"
-    if marker.exists() and json.loads(marker.read_text()).get("seed") == seed:
+    if size not in TINY_SIZES:
+        raise ValueError(f"embedded model size must be one of {sorted(TINY_SIZES)}, got {size!r}")
+    want = {"seed": seed, **TINY_MODEL_CONFIG, **TINY_SIZES[size]}
+    if marker.exists() and json.loads(marker.read_text()) == want:
         return path
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    build_tiny_model(tmp, seed=seed)
+    build_tiny_model(tmp, seed=seed, **TINY_SIZES[size])
     if path.exists():
         import shutil
         shutil.rmtree(path)

@@ -34,6 +34,8 @@ class ModelConfig:
     """Recompute activations in backward to save memory (real models on small GPUs)."""
     seed: int = 0
     """Seed of the embedded model's weights and tokenizer."""
+    embedded_size: str = "default"
+    """Size of the embedded model: default (~0.85M parameters) or small (the distillation student)."""
 
 
 @dataclass

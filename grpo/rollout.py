@@ -28,15 +28,21 @@ class PolicyModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *, past_key_values=None,
                 targets=None, target_start: int = 0, temperature: float = 1.0,
-                return_entropy: bool = False, labels=None):
+                return_entropy: bool = False, labels=None, return_logits: bool = False,
+                **model_inputs):
         if labels is not None:
-            # SFT: log-probs of every label token (labels aligned with input_ids, -100 = no loss).
+            # SFT: log-probs of every label token (labels aligned with input_ids, -100 = no loss);
+            # `model_inputs` carries the packed-attention arguments (sft/packing.py).
             hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                           position_ids=position_ids).last_hidden_state
+                                           position_ids=position_ids, **model_inputs).last_hidden_state
             target = labels[:, 1:]  # [B, L-1]: token t+1 is predicted at position t
             sel = target != -100
             weight = self.lm.get_output_embeddings().weight
-            return fused_linear_logprobs(hidden[:, :-1][sel], weight, target[sel], temperature=temperature)
+            h = hidden[:, :-1][sel]  # [M, H]
+            logps = fused_linear_logprobs(h, weight, target[sel], temperature=temperature)  # [M]
+            if return_logits:  # distillation's token-level KL needs whole distributions: [M, V]
+                return logps, (h @ weight.T).float() / temperature
+            return logps
         if targets is None:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids, past_key_values=past_key_values,
@@ -126,9 +132,12 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     eos = torch.tensor(eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id],
                        device=device)
     u = row_uniforms(seeds, max_new_tokens, device)  # [B, max_new]
-    mask = prompt_mask.clone()
-    logits, cache = model(prompt_ids, mask, position_ids_from_mask(mask))
-    next_pos = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first completion token
+    p = prompt_ids.shape[1]
+    # One mask for the whole run, sliced per step (no re-allocation per token).
+    full_mask = torch.cat([prompt_mask, torch.ones((b, max_new_tokens), dtype=prompt_mask.dtype,
+                                                    device=device)], dim=1)  # [B, P + max_new]
+    logits, cache = model(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))
+    next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: position of the first completion token
     out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     finished_by = torch.zeros(b, dtype=torch.bool, device=device)  # EOS or stop string seen
@@ -146,8 +155,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         local_done = bool(done.all())
         if (all_done(local_done) if all_done is not None else local_done) or t + 1 == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits, cache = model(tok[:, None], mask, next_pos + t, past_key_values=cache)
+        logits, cache = model(tok[:, None], full_mask[:, : p + t + 1], next_pos + t, past_key_values=cache)
     out = out[:, :steps]
     # Mask: every token up to and including the one that finished the row (all when truncated).
     last = torch.full_like(done, steps - 1, dtype=torch.long)

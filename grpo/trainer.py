@@ -128,7 +128,7 @@ class GRPOTrainer:
                   f"{format_config(cfg)}", flush=True)
 
         m = cfg.model
-        path = resolve_model_path(m.path, self.out, self.info, seed=m.seed)
+        path = resolve_model_path(m.path, self.out, self.info, seed=m.seed, size=m.embedded_size)
         self.tokenizer = load_tokenizer(m.tokenizer or path, m.trust_remote_code)
         self.eos_ids = sorted({self.tokenizer.eos_token_id,
                                *([e] if isinstance(e := getattr(self.tokenizer, "eos_token_id", None), int) else [])})

@@ -217,8 +217,9 @@ def help_text(cfg, prefix: str = "") -> str:
             lines.append(help_text(val, f"{prefix}{f.name}."))
         else:
             lines.append(f"  --{prefix}{f.name} (default: {val!r})")
-            if f.name in docs:
-                lines.append(textwrap.fill(docs[f.name], 96, initial_indent="      ",
+            doc = docs.get(f.name) or f.metadata.get("help")
+            if doc:
+                lines.append(textwrap.fill(" ".join(doc.split()), 96, initial_indent="      ",
                                            subsequent_indent="      "))
     return "\n".join(lines)
 

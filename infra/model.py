@@ -13,7 +13,8 @@ from infra.dist import DistInfo, barrier
 EMBEDDED = "embedded"
 
 
-def resolve_model_path(path: str, output_dir: str | os.PathLike, info: DistInfo, seed: int = 0) -> str:
+def resolve_model_path(path: str, output_dir: str | os.PathLike, info: DistInfo, seed: int = 0,
+                       size: str = "default") -> str:
     """'embedded' -> build (once, on rank 0) the tiny model under <output_dir>/tiny-model."""
     if path != EMBEDDED:
         return path
@@ -21,7 +22,7 @@ def resolve_model_path(path: str, output_dir: str | os.PathLike, info: DistInfo,
 
     target = Path(output_dir) / "tiny-model"
     if info.is_main:
-        ensure_tiny_model(target, seed=seed)
+        ensure_tiny_model(target, seed=seed, size=size)
     barrier()
     return str(target)
 

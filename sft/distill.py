@@ -1,0 +1,104 @@
+"""Distillation (R1, Sec. 2.4): `train.py distill`.
+
+A teacher generates reasoning traces for a set of problems (K samples each, kept only when the
+rewards pass them: correct and well formatted, as R1 kept only correct samples); the student is
+then fine-tuned on those traces with the SFT trainer. That is how DeepSeek distilled R1 into
+Qwen and Llama students: plain SFT, no RL.
+
+Optionally (`--distill.kl_weight > 0`, only when teacher and student share a tokenizer), each
+label token also gets a KL(teacher || student) term on the full next-token distribution: the
+student then learns from the teacher's whole distribution, not only from its sampled token.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from grpo.config import DataConfig, ModelConfig
+from grpo.evaluate import encode_prompts
+from grpo.trainer import load_datasets
+from infra.config import ConfigError
+from infra.dist import init_distributed
+from sft.cold_start import write_sft_jsonl
+from sft.packing import VARLEN_ATTENTION
+from sft.rejection import SamplingConfig, load_sampler, sample_and_filter
+from sft.trainer import SFTJobConfig, SFTTrainer
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    """Teacher model folder or hub name (required)."""
+    kl_weight: float = 0.0
+    """Weight of the token-level KL(teacher || student) added to the NLL (0 = plain SFT on traces).
+    Needs teacher and student to share a tokenizer."""
+    traces: str = ""
+    """An existing traces JSONL to train on (skips generation); empty = generate them."""
+
+
+@dataclass
+class DistillJobConfig(SFTJobConfig):
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    problems: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        super().validate(world_size)
+        if not self.distill.teacher and not self.distill.traces:
+            raise ConfigError("--distill.teacher is required (or --distill.traces with ready traces)")
+        if self.distill.kl_weight < 0:
+            raise ConfigError(f"--distill.kl_weight={self.distill.kl_weight}: must be >= 0")
+        if self.distill.kl_weight > 0 and not self.distill.teacher:
+            raise ConfigError("--distill.kl_weight > 0 needs --distill.teacher")
+
+
+def main(argv: list[str]) -> dict:
+    from infra.config import parse_args
+    cfg = parse_args(DistillJobConfig, argv)
+    info = init_distributed(cfg.train.device)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = None
+    traces = Path(cfg.distill.traces) if cfg.distill.traces else out / "traces.jsonl"
+    stats = {}
+    if cfg.distill.teacher:
+        tcfg = ModelConfig(path=cfg.distill.teacher, dtype=cfg.model.dtype,
+                           trust_remote_code=cfg.model.trust_remote_code)
+        _, t_tok, teacher = load_sampler(tcfg, out, info)
+    if not cfg.distill.traces:
+        # 1. the teacher writes traces for the problems
+        problems, _ = load_datasets(SimpleNamespace(data=cfg.problems, train=cfg.train))
+        if cfg.sampling.num_prompts:
+            problems = problems[: cfg.sampling.num_prompts]
+        records, prompt_ids, _ = encode_prompts(t_tok, problems, cfg.problems.max_prompt_tokens)
+        kept, stats = sample_and_filter(teacher, t_tok, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
+        if not kept:
+            raise ConfigError(f"distill: the teacher passed none of {stats['samples']} samples "
+                              f"({cfg.sampling.require}); nothing to train the student on")
+        if info.is_main:
+            write_sft_jsonl(traces, kept)
+            (out / "trace_stats.json").write_text(json.dumps(stats, indent=1))
+            print(f"[distill] teacher kept {stats['kept']} of {stats['prompts']} problems "
+                  f"({stats['acceptance_rate']:.1%}) -> {traces}", flush=True)
+        from infra.dist import barrier
+        barrier()
+    # 2. the student is fine-tuned on the traces
+    cfg.data.source, cfg.data.schema, cfg.data.split = str(traces), "bespoke", "all"
+    kl_teacher = None
+    if cfg.distill.kl_weight > 0:
+        from infra.model import load_tokenizer, resolve_model_path
+        cfg.model.path = resolve_model_path(cfg.model.path, out, info, seed=cfg.model.seed,
+                                            size=cfg.model.embedded_size)
+        s_tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+        if s_tok.get_vocab() != t_tok.get_vocab():
+            raise ConfigError("--distill.kl_weight > 0: teacher and student tokenizers differ; "
+                              "a token-level KL needs the same vocabulary (use kl_weight 0)")
+        kl_teacher = teacher.eval()
+        if cfg.sft.packing:
+            kl_teacher.lm.set_attn_implementation(VARLEN_ATTENTION)
+    else:
+        teacher = None  # free it before the student trains
+    result = SFTTrainer(cfg, teacher=kl_teacher, kl_weight=cfg.distill.kl_weight).train()
+    return {**result, **{f"traces/{k}": v for k, v in stats.items()}, "traces": str(traces)}

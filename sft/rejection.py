@@ -1,0 +1,172 @@
+"""Rejection sampling (R1, Sec. 2.3.3): `train.py rejection-sample`.
+
+K samples per prompt from a model, scored with the rule-based rewards; a sample is accepted when
+every required reward gives it full marks (by default: correct and well formatted). For each
+prompt the best accepted sample is kept (highest weighted reward, then shortest, then first), and
+the kept conversations are written as a JSONL SFT set (Bespoke-Stratos layout, which
+`data.load_records` and `train.py sft` read). The acceptance rate (prompts with a kept sample /
+prompts) is printed and returned. SFT stage 2 mixes this set with general data
+(`--data.mix_source`, `--data.mix_fraction` of `train.py sft`).
+
+`sample_and_filter` is shared with distillation, where the teacher writes the traces.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from grpo.config import DataConfig, ModelConfig, TrainConfig
+from grpo.evaluate import all_done_fn, encode_prompts
+from grpo.rewards import get_reward_functions
+from grpo.rollout import PolicyModel, generate, pad_prompts
+from grpo.trainer import load_datasets, row_seed
+from infra.config import ConfigError, format_config
+from infra.dist import DistInfo, decoder_layers, init_distributed, set_gathered, shard_model
+from infra.model import load_causal_lm, load_tokenizer, resolve_model_path
+from sft.cold_start import write_sft_jsonl
+
+
+@dataclass
+class SamplingConfig:
+    samples_per_prompt: int = 4
+    """K: completions sampled per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 512
+    """Completion budget in tokens (truncated completions are never accepted)."""
+    prompts_per_batch: int = 8
+    """Prompts generated together on one rank."""
+    num_prompts: int = 0
+    """Prompts to sample from (0 = all of the split)."""
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    """Rewards computed for each sample; their weighted sum ranks the accepted ones."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward (empty = all 1.0)."""
+    require: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    """Rewards that must be exactly 1.0 for a sample to be accepted (a subset of `rewards`)."""
+    output: str = ""
+    """Where the JSONL SFT set goes; empty = <train.output_dir>/sft.jsonl."""
+
+
+@dataclass
+class RejectionJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/rejection"))
+
+    def validate(self, world_size: int = 1) -> None:
+        s = self.sampling
+        if s.samples_per_prompt < 1:
+            raise ConfigError(f"--sampling.samples_per_prompt={s.samples_per_prompt}: must be >= 1")
+        missing = [r for r in s.require if r not in s.rewards]
+        if missing:
+            raise ConfigError(f"--sampling.require={s.require}: {missing} not in --sampling.rewards={s.rewards}")
+        if s.reward_weights and len(s.reward_weights) != len(s.rewards):
+            raise ConfigError(f"--sampling.reward_weights needs one weight per reward ({len(s.rewards)})")
+        if s.temperature <= 0:
+            raise ConfigError(f"--sampling.temperature={s.temperature}: must be > 0")
+
+
+def sample_and_filter(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], info: DistInfo,
+                      s: SamplingConfig, seed: int, system_prompt: str | None = None) -> tuple[list[dict], dict]:
+    """K samples per prompt; keep the best accepted one per prompt. Returns (kept, stats) on every rank.
+
+    A kept item is {"messages": [system, user, assistant], "problem", "answer", "rewards", "length"}.
+    """
+    rewards = get_reward_functions(s.rewards, None, s.reward_weights or None)
+    names = [n for n, _, _ in rewards]
+    mine = list(range(info.rank, len(records), info.world_size))
+    n_batches = -(-len(records) // (info.world_size * s.prompts_per_batch))
+    kept, sampled, accepted_samples = [], 0, 0
+    model.eval()
+    set_gathered(model, True)
+    for b in range(n_batches):
+        idx = mine[b * s.prompts_per_batch:(b + 1) * s.prompts_per_batch]
+        rows = idx or mine[:1] or [0]  # an idle rank still joins every generation (FSDP)
+        prompts = [prompt_ids[i] for i in rows for _ in range(s.samples_per_prompt)]
+        ids, mask = pad_prompts(prompts, tokenizer.pad_token_id, info.device)
+        seeds = [row_seed(seed, 0, i * s.samples_per_prompt + k) for i in rows for k in range(s.samples_per_prompt)]
+        out = generate(model, tokenizer, ids, mask, seeds=seeds, max_new_tokens=s.max_new_tokens,
+                       temperature=s.temperature, top_p=s.top_p, all_done=all_done_fn(info, info.device))
+        if not idx:
+            continue
+        recs = [records[i] for i in idx for _ in range(s.samples_per_prompt)]
+        cols = {k: [r.get(k, "") for r in recs] for k in ("solution", "answer", "problem", "prompt")}
+        cols["completion_ids"] = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
+        scores = [fn(out.texts, **cols) for _, fn, _ in rewards]  # [F][N]
+        sampled += len(recs)
+        for p, i in enumerate(idx):
+            best = None
+            for k in range(s.samples_per_prompt):
+                j = p * s.samples_per_prompt + k
+                vals = {n: scores[f][j] for f, n in enumerate(names)}
+                if out.truncated[j] or any(vals[n] != 1.0 for n in s.require):
+                    continue
+                accepted_samples += 1
+                total = sum(w * (v or 0.0) for (_, _, w), v in zip(rewards, vals.values()))
+                key = (-total, int(out.lengths[j]), k)
+                if best is None or key < best[0]:
+                    best = (key, out.texts[j], vals, int(out.lengths[j]))
+            if best is not None:
+                r = records[i]
+                prompt = r["prompt"] if system_prompt is None else [{"role": "system", "content": system_prompt},
+                                                                    r["prompt"][-1]]
+                kept.append({"index": i, "messages": [*prompt, {"role": "assistant", "content": best[1]}],
+                             "problem": r["problem"], "answer": r.get("answer", ""), "rewards": best[2],
+                             "length": best[3]})
+    set_gathered(model, False)
+    if dist.is_initialized():
+        parts = [None] * info.world_size
+        dist.all_gather_object(parts, (kept, sampled, accepted_samples))
+        kept = sorted((k for p in parts for k in p[0]), key=lambda k: k["index"])
+        sampled = sum(p[1] for p in parts)
+        accepted_samples = sum(p[2] for p in parts)
+    stats = {"prompts": len(records), "kept": len(kept), "samples": sampled,
+             "acceptance_rate": len(kept) / max(len(records), 1),
+             "sample_acceptance_rate": accepted_samples / max(sampled, 1)}
+    return kept, stats
+
+
+def load_sampler(model_cfg: ModelConfig, out_dir: Path, info: DistInfo):
+    path = resolve_model_path(model_cfg.path, out_dir, info, seed=model_cfg.seed, size=model_cfg.embedded_size)
+    tokenizer = load_tokenizer(model_cfg.tokenizer or path, model_cfg.trust_remote_code)
+    lm = load_causal_lm(path, dtype=model_cfg.dtype, device=info.device,
+                        trust_remote_code=model_cfg.trust_remote_code,
+                        attn_implementation=model_cfg.attn_implementation).requires_grad_(False)
+    return path, tokenizer, shard_model(PolicyModel(lm), decoder_layers(lm), info, reshard_after_forward=False)
+
+
+def main(argv: list[str]) -> dict:
+    from infra.config import parse_args
+    cfg = parse_args(RejectionJobConfig, argv)
+    info = init_distributed(cfg.train.device)
+    cfg.validate(info.world_size)
+    out = Path(cfg.train.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"[rejection] world size {info.world_size}\n{format_config(cfg)}", flush=True)
+    path, tokenizer, model = load_sampler(cfg.model, out, info)
+    train, _ = load_datasets(cfg)  # type: ignore[arg-type]  (uses .data and .train only)
+    if cfg.sampling.num_prompts:
+        train = train[: cfg.sampling.num_prompts]
+    records, prompt_ids, dropped = encode_prompts(tokenizer, train, cfg.data.max_prompt_tokens)
+    kept, stats = sample_and_filter(model, tokenizer, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
+    target = Path(cfg.sampling.output or out / "sft.jsonl")
+    if info.is_main:
+        write_sft_jsonl(target, kept) if kept else None
+        (out / "rejection_stats.json").write_text(json.dumps(stats, indent=1))
+        print(f"[rejection] kept {stats['kept']} of {stats['prompts']} prompts "
+              f"(acceptance rate {stats['acceptance_rate']:.1%}; {stats['sample_acceptance_rate']:.1%} of "
+              f"{stats['samples']} samples passed) -> {target if kept else 'nothing written'}", flush=True)
+    if not kept:
+        raise ConfigError(f"rejection sampling kept no sample from {stats['samples']}: the model never passed "
+                          f"{cfg.sampling.require}; train it further or relax --sampling.require")
+    return {**stats, "sft_data": str(target), "model": path}
