@@ -33,11 +33,12 @@ class TaskConfig:
     test_fraction: float = 0.2
     """Share of the problem space (by hash) reserved for the test split."""
     slip_rate: float = 0.0
-    """Imperfect cold-start data: the share of additions that cross a ten (7 + 5) which a worked
-    solution writes without the carry (7 + 5 = 2), the chain then going on from the slip. Applies
-    only to the SFT conversations (`messages`); answers, GRPO rewards and evaluation always use the
-    true value. R1's cold-start data is small and imperfect; making the imperfection systematic
-    shows what a verifiable reward adds over imitation: SFT copies the slip, GRPO unlearns it."""
+    """Imperfect cold-start data: the share of worked solutions whose summary is sloppy, the
+    <answer> repeating the value before the last step instead of the result (the reasoning in
+    <think> stays right). Applies only to the SFT conversations (`messages`); answers, rewards
+    and evaluation always use the true result. R1's cold-start data is small and imperfect;
+    making one flaw systematic shows what a verifiable reward adds over imitation: SFT copies
+    the flaw, GRPO's accuracy reward unlearns it."""
 
     def __post_init__(self):
         if not 2 <= self.min_operands <= self.max_operands:
@@ -59,11 +60,10 @@ def _apply(a: int, op: str, b: int) -> int:
 
 def sample_problem(cfg: TaskConfig, rng: random.Random) -> dict:
     """One chain: its text, its worked R1-format solution, its answer, and the cold-start version
-    of the solution (with carry slips at `cfg.slip_rate`; equal to the solution when 0)."""
+    of the solution (a sloppy summary at `cfg.slip_rate`; equal to the solution when 0)."""
     n = rng.randint(cfg.min_operands, cfg.max_operands)
     value = rng.randint(0, cfg.max_value)
-    slip_value = value
-    terms, steps, slip_steps = [str(value)], [], []
+    terms, steps, values = [str(value)], [], [value]
     for _ in range(n - 1):
         op = rng.choice(cfg.ops)
         if op == "*":
@@ -74,17 +74,14 @@ def sample_problem(cfg: TaskConfig, rng: random.Random) -> dict:
             b = rng.randint(0, cfg.max_value)
         new = _apply(value, op, b)
         steps.append(f"{value} {op} {b} = {new}.")
-        # The slip always draws from rng, so slip_rate never changes which problems are drawn.
-        slip = rng.random() < cfg.slip_rate
-        slipped = _apply(slip_value, op, b)
-        if slip and op == "+" and slip_value % 10 + b % 10 >= 10:
-            slipped -= 10  # the carry is dropped
-        slip_steps.append(f"{slip_value} {op} {b} = {slipped}.")
         terms += [op, str(b)]
-        value, slip_value = new, slipped
+        value = new
+        values.append(value)
     problem = f"What is {' '.join(terms)}?"
     completion = f"<think>{' '.join(steps)}</think><answer>{value}</answer>"
-    cold_start = f"<think>{' '.join(slip_steps)}</think><answer>{slip_value}</answer>"
+    # The slip draw happens for every problem, so slip_rate never changes which problems are drawn.
+    sloppy = rng.random() < cfg.slip_rate
+    cold_start = completion if not sloppy else f"<think>{' '.join(steps)}</think><answer>{values[-2]}</answer>"
     return {"problem": problem, "completion": completion, "answer": str(value), "cold_start": cold_start}
 
 

@@ -18,7 +18,7 @@ only to earlier tokens of its own document, and positions restart at 0 for each 
 
     "sdpa_varlen"  (registered here) one causal SDPA call per document: exact by construction,
                    no [L, L] mask in memory, and attention work sum(len_i^2) rather than L^2.
-                   Works on any device; the default for SFT (`model.set_attn_implementation`).
+                   Works on any device; the one to train with (`model.set_attn_implementation`).
     "sdpa"         a 4-D boolean block-diagonal causal mask [B, 1, L, L].
     "eager"        the same mask, additive (0 / dtype min), since eager adds it to the scores.
 
@@ -374,7 +374,8 @@ def packed_model_inputs(
     `dtype`: the model's compute dtype, for the additive mask of "eager". `use_cache=False`:
     a training forward has no use for a KV cache.
     """
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    inputs: dict[str, Any] = {
+        "input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     segment_ids = batch["segment_ids"]
     if attn_implementation == VARLEN_ATTENTION:
         inputs["cu_seqlens"] = cu_seqlens(segment_ids)

@@ -132,3 +132,18 @@ def test_task_config_errors():
 def test_tokenizer_builds_without_saving():
     tok = build_tiny_tokenizer(seed=0)
     assert tok.chat_template and len(tok) < 600
+
+
+def test_slip_rate_only_changes_the_cold_start_summary():
+    # slip_rate=1: every cold-start reply keeps the right reasoning but answers with the value
+    # before the last step ("3 + 4 = 7. 7 - 2 = 5." -> <answer>7</answer>); the record's answer,
+    # the solution and the problems drawn stay those of slip_rate=0.
+    clean = task_records(TaskConfig(min_operands=3, max_operands=3, max_value=9), 30, seed=2)
+    sloppy = task_records(TaskConfig(min_operands=3, max_operands=3, max_value=9, slip_rate=1.0), 30, seed=2)
+    for c, s in zip(clean, sloppy):
+        assert (c["problem"], c["answer"], c["solution"]) == (s["problem"], s["answer"], s["solution"])
+        assert c["messages"][-1]["content"] == c["solution"]
+        reply = s["messages"][-1]["content"]
+        think = c["solution"].split("</think>")[0]
+        second_to_last = think.split(". ")[-2].split(" = ")[-1].rstrip(".")
+        assert reply == f"{think}</think><answer>{second_to_last}</answer>"
