@@ -68,10 +68,10 @@ class SFTDataConfig:
 class SFTConfig:
     max_seq_len: int = 4096
     """Length of a packed row in tokens."""
+    rows_per_step: int = 16
+    """Packed rows per optimizer step, over all ranks (the global batch; the same on any world size)."""
     rows_per_micro_batch: int = 1
-    """Packed rows per forward/backward on one rank."""
-    grad_accum: int = 8
-    """Micro-batches per optimizer step on each rank."""
+    """Packed rows per forward/backward on one rank; gradient accumulation covers the rest."""
     packing: bool = True
     """Pack conversations into rows (best-fit decreasing); off: one conversation per row."""
     assistant_only: bool = True
@@ -108,9 +108,9 @@ class SFTJobConfig:
         s = self.sft
         if s.max_seq_len < 8:
             raise ConfigError(f"--sft.max_seq_len={s.max_seq_len}: must be >= 8")
-        if s.rows_per_micro_batch < 1 or s.grad_accum < 1:
-            raise ConfigError(f"--sft.rows_per_micro_batch={s.rows_per_micro_batch} / --sft.grad_accum="
-                              f"{s.grad_accum}: both must be >= 1")
+        if s.rows_per_micro_batch < 1 or s.rows_per_step % (s.rows_per_micro_batch * world_size):
+            raise ConfigError(f"--sft.rows_per_step={s.rows_per_step}: must be a multiple of "
+                              f"--sft.rows_per_micro_batch ({s.rows_per_micro_batch}) x world size ({world_size})")
         if s.overflow not in ("truncate", "split", "drop"):
             raise ConfigError(f"--sft.overflow={s.overflow!r}: must be truncate, split or drop")
         if not 0 <= self.data.mix_fraction < 1:
@@ -190,10 +190,10 @@ class SFTTrainer:
         self.rows, self.pack_stats = pack(docs, s.max_seq_len, overflow=s.overflow)
         if not s.packing:  # one conversation per row, padded per micro-batch
             self.rows = [(ids[: s.max_seq_len], labels[: s.max_seq_len]) for ids, labels in docs]
-        self.rows_per_step = s.rows_per_micro_batch * s.grad_accum * self.info.world_size
+        self.rows_per_step = s.rows_per_step
         if len(self.rows) < self.rows_per_step:
-            raise ConfigError(f"only {len(self.rows)} packed rows but one step needs {self.rows_per_step} "
-                              f"(rows_per_micro_batch * grad_accum * world size): add data or lower them")
+            raise ConfigError(f"--sft.rows_per_step={s.rows_per_step}: only {len(self.rows)} packed rows; "
+                              f"add data or lower it")
         if s.epochs > 0:
             cfg.train.max_steps = max(1, math.ceil(s.epochs * len(self.rows) / self.rows_per_step))
         if self.main:

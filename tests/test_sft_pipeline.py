@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 SFT = ["--data.num_train", "160", "--data.num_eval", "4", "--data.task.max_operands", "3",
-       "--data.task.max_value", "9", "--sft.max_seq_len", "512", "--sft.rows_per_micro_batch", "2",
-       "--sft.grad_accum", "2", "--sft.eval_max_new_tokens", "8", "--optim.lr", "3e-3",
+       "--data.task.max_value", "9", "--sft.max_seq_len", "512", "--sft.rows_per_step", "4",
+       "--sft.rows_per_micro_batch", "2", "--sft.eval_max_new_tokens", "8", "--optim.lr", "3e-3",
        "--optim.warmup_steps", "0", "--optim.schedule", "constant", "--train.eval_every", "0",
        "--train.save_every", "0", "--train.progress", "false", "--train.log_every", "1"]
 
@@ -51,8 +51,8 @@ def test_sft_lowers_loss_on_its_data(tiny, tmp_path):
 def test_sft_two_processes_match_one(tiny, tmp_path):
     args = [*SFT, "--model.path", tiny, "--train.max_steps", "2"]
     _run("sft", [*args, "--train.output_dir", str(tmp_path / "one")])
-    # Same global batch: 2 rows x 2 micro-batches x 1 rank == 2 rows x 1 micro-batch x 2 ranks.
-    _run("sft", [*args, "--sft.grad_accum", "1", "--train.output_dir", str(tmp_path / "two")], nproc=2)
+    # The same global batch of 4 rows: 2 micro-batches of 2 on one rank, 1 of 2 on each of two.
+    _run("sft", [*args, "--train.output_dir", str(tmp_path / "two")], nproc=2)
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     one = load_file(tmp_path / "one" / "final" / "model.safetensors")
     two = load_file(tmp_path / "two" / "final" / "model.safetensors")
