@@ -14,7 +14,7 @@ def results_table(rows: list[dict]) -> str:
     first = next((r for r in rows if isinstance(r.get("initial"), dict)), None)
     if first is not None:
         e = first["initial"]
-        lines.append(f"{'start (' + first['stage'] + ' input)':<22}{e['accuracy']:>10.1%}"
+        lines.append(f"{'before ' + first['stage']:<22}{e['accuracy']:>10.1%}"
                      f"{e['format']:>10.1%}{e['mean_length']:>10.1f}{'-':>11}")
     for r in rows:
         if "accuracy" not in r:
