@@ -219,7 +219,10 @@ class SFTTrainer:
             epoch, i = divmod(pos, n)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch))
             out.append(int(perm[i]))
-        return out[self.info.rank::self.info.world_size]
+        # Contiguous per-rank slices: rank r's micro-batches are the ones a single process would
+        # run in positions r*per_rank.., so N ranks and one process compute the same micro-batches.
+        per_rank = k // self.info.world_size
+        return out[self.info.rank * per_rank:(self.info.rank + 1) * per_rank]
 
     def micro_loss(self, rows: list, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL of the label tokens / the step's global label-token count."""
