@@ -27,7 +27,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "matplotlib"],  # the main-job test checks the curves PNG
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["r1-train=train:main"]},
