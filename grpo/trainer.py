@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config
 from infra.dist import (all_reduce_sum, decoder_layers, init_distributed, set_gathered, shard_model)
 from infra.logging import MetricsLogger, ProgressBar, step_line, write_jsonl
+from infra.loop import eval_due, save_and_stop, stop_signals
 from infra.model import (build_optimizer, build_scheduler, grad_norm_and_clip, load_causal_lm,
                          load_tokenizer, resolve_model_path)
 
@@ -386,8 +386,8 @@ class GRPOTrainer:
 
         cfg, t = self.cfg, self.cfg.train
         self.maybe_resume()
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
+        # Exits in reverse order: the old signal handlers come back, then the logger closes.
+        with closing(self.logger), stop_signals(self._on_signal):
             if self.step == 0:
                 self.run_eval()
             bar = ProgressBar(t.max_steps, "grpo", enabled=self.main and t.progress, start=self.step)
@@ -410,11 +410,10 @@ class GRPOTrainer:
                         {"step": self.step, "problem": x["record"]["problem"], "completion": x["text"],
                          "reward": x["reward"], "advantage": x["advantage"], **x["rewards"]} for x in rows[:8]])
                 bar.update(1, f"reward={metrics['reward']:.3f}")
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                if eval_due(self.step, t):
                     self.run_eval()
-                stop = all_reduce_sum(torch.tensor([float(self.stop_requested or self.step == t.stop_at_step)],
-                                             device=self.info.device)).item() > 0
-                if (t.save_every and self.step % t.save_every == 0) or stop:
+                save, stop = save_and_stop(self.step, t, self.info.device, self.stop_requested)
+                if save:
                     self.save()
                 if stop:
                     if self.main:
@@ -428,10 +427,6 @@ class GRPOTrainer:
                 if self.main:
                     print(f"[grpo] exported {self.out / 'final'}", flush=True)
             return {**final, "initial": self.eval_history[0], "eval_history": self.eval_history}
-        finally:
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-            self.logger.close()
 
 
 def main(argv: list[str]) -> dict:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config
 from infra.dist import all_reduce_sum, decoder_layers, init_distributed, shard_model
 from infra.logging import MetricsLogger, ProgressBar, step_line
+from infra.loop import eval_due, save_and_stop, stop_signals
 from infra.model import (build_optimizer, build_scheduler, grad_norm_and_clip, load_causal_lm,
                          load_tokenizer, resolve_model_path)
 from kernels import fused_linear_logprobs
@@ -319,9 +319,9 @@ class SFTTrainer:
             self.logger.truncate_after(self.step)
             if self.main:
                 print(f"[sft] resumed from {latest} at step {self.step}", flush=True)
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self._training_attention()
-        try:
+        # Exits in reverse order: the old signal handlers come back, then the logger closes.
+        with closing(self.logger), stop_signals(self._on_signal):
+            self._training_attention()
             if self.step == 0:
                 self.run_eval()
             bar = ProgressBar(t.max_steps, "sft", enabled=self.main and t.progress, start=self.step)
@@ -337,11 +337,10 @@ class SFTTrainer:
                 if self.main and self.step % t.log_every == 0:
                     print(step_line(self.step, t.max_steps, m, ["loss", "grad_norm", "lr", "tokens_per_s"]), flush=True)
                 bar.update(1, f"loss={m['loss']:.3f}")
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                if eval_due(self.step, t):
                     self.run_eval()
-                stop = all_reduce_sum(torch.tensor([float(self.stop_requested or self.step == t.stop_at_step)],
-                                             device=self.info.device)).item() > 0
-                if (t.save_every and self.step % t.save_every == 0) or stop:
+                save, stop = save_and_stop(self.step, t, self.info.device, self.stop_requested)
+                if save:
                     self.save()
                 if stop:
                     return {"stopped": True, "step": self.step}
@@ -355,10 +354,6 @@ class SFTTrainer:
             if self.eval_history:
                 result["initial"] = self.eval_history[0]
             return result
-        finally:
-            for s_, h in handlers.items():
-                signal.signal(s_, h)
-            self.logger.close()
 
 
 def main(argv: list[str]) -> dict:

@@ -1,0 +1,54 @@
+"""The end of a training step, shared by the GRPO and SFT trainers: evaluate, save, or stop.
+
+A run stops early when SIGTERM/SIGINT arrives (a preempted job) or at `--train.stop_at_step`
+(tests of preemption and resume). Either way it saves a checkpoint and exits cleanly, and the
+same command resumes it. The signal handler only sets a flag: the step in flight finishes, then
+every rank agrees to stop after the same step, since a rank that left alone would leave the
+others waiting forever in their next collective.
+
+The trainers call, after each step and in this order:
+    if eval_due(step, train): run_eval()
+    save, stop = save_and_stop(step, train, device, stop_requested)
+so that a signal arriving during the evaluation still stops the run after this step.
+"""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+
+from infra.dist import all_reduce_sum
+
+if TYPE_CHECKING:  # infra must not import the trainers' packages at run time
+    from grpo.config import TrainConfig
+
+
+def eval_due(step: int, train: TrainConfig) -> bool:
+    """Evaluate every `eval_every` steps, except the last: the trainer evaluates it after the loop."""
+    return bool(train.eval_every) and step % train.eval_every == 0 and step < train.max_steps
+
+
+def save_and_stop(step: int, train: TrainConfig, device: torch.device,
+                  stop_requested: bool) -> tuple[bool, bool]:
+    """(save, stop) after `step`. Collective: every rank calls it after every step.
+
+    Stop when any rank got a signal or `step` is `stop_at_step`; save every `save_every` steps
+    and before stopping.
+    """
+    flag = torch.tensor([float(stop_requested or step == train.stop_at_step)], device=device)
+    stop = all_reduce_sum(flag).item() > 0
+    save = bool(train.save_every and step % train.save_every == 0) or stop
+    return save, stop
+
+
+@contextmanager
+def stop_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """Route SIGTERM and SIGINT to `handler(signum, frame)` inside the block; restore the old ones."""
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
