@@ -110,7 +110,7 @@ class CheckpointManager:
                        optim_state_dict=state["optim"])
         rng = path / f"rng-rank{self.info.rank}.pt"
         if rng.exists():  # absent when resuming on more ranks than saved: fresh RNG is fine
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(torch.load(rng, weights_only=True))
         return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
