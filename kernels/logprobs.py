@@ -17,9 +17,9 @@ dp_k/dz_j = p_k (1[k = j] - p_j), so dH/dz_j = -p_j z_j + p_j sum_k p_k z_k.
 Three implementations share this file's public entry points:
   * "triton": `kernels/triton_logprobs.py`, online log-sum-exp kernels (CUDA tensors, or CPU
     tensors under `TRITON_INTERPRET=1`);
-  * "torch": the chunked autograd.Function below. It walks the tokens in chunks sized from a
-    memory budget, keeps three [N] statistics per token for backward (row max, log-sum-exp,
-    mean logit) and recomputes each chunk's logits there, so peak memory is O(chunk * V)
+  * "torch": the chunked autograd.Function below. It walks the logits in (token x vocabulary)
+    tiles sized from a memory budget, keeps three [N] statistics per token for backward (row
+    max, log-sum-exp, mean logit) and recomputes each tile there, so peak memory is one tile
     instead of O(N * V) (plus the [V, H] weight gradient);
   * "eager": `matmul -> float -> /T -> log_softmax -> gather`, the obviously-correct reference.
 
@@ -42,16 +42,17 @@ import torch
 
 IMPLS = ("triton", "torch", "eager")
 IMPL_ENV = "R1_LOGPROB_IMPL"
-# Working memory of one token chunk in the chunked PyTorch path. 128 MiB is ~110 tokens of a
-# 152k vocabulary: small next to the [V, H] weight gradient on a laptop, while a matmul of
-# ~100 rows still runs at full speed on a CPU.
+# Working memory of one tile in the chunked PyTorch path: 128 MiB is a 2048-token x 8192-word
+# float32 tile, small next to the [V, H] weight gradient, with matmuls still large enough to
+# run at full speed on a CPU.
 TORCH_CHUNK_BUDGET_BYTES = 128 * 2**20
-# On a GPU a few hundred rows would make each chunk's matmul too small to fill the device.
+# On a GPU smaller tiles would leave the matmuls too small to fill the device.
 TORCH_CHUNK_BUDGET_BYTES_CUDA = 2 * 2**30
-# Live float [chunk, V] buffers of a chunk: the shifted logits w, and exp(w) (forward) or p
-# (backward); 16-bit inputs add half a buffer (the matmul output, the cast gradient).
-_LIVE_CHUNK_BUFFERS = 2
-
+# Tokens per tile at most; the vocabulary share of a tile takes the rest of the budget.
+TOKEN_BLOCK = 4096
+# Live float tiles at once: the shifted logits w, and exp(w) (forward) or p (backward);
+# 16-bit inputs add half a tile (the matmul output, the cast gradient).
+_LIVE_TILES = 2
 
 # ----------------------------------------------------------------------------------------
 # eager reference
@@ -81,114 +82,155 @@ def eager_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 # ----------------------------------------------------------------------------------------
 # chunked PyTorch implementation
 # ----------------------------------------------------------------------------------------
-def chunk_rows(vocab_size: int, budget_bytes: int = TORCH_CHUNK_BUDGET_BYTES,
-               elem_bytes: int = 4) -> int:
-    """Tokens per chunk so that the chunk's live [chunk, V] buffers fit in `budget_bytes`."""
-    return max(1, budget_bytes // (_LIVE_CHUNK_BUFFERS * vocab_size * elem_bytes))
-
-
+# The [N, V] logits are visited in tiles of (token block) x (vocabulary slice), the Triton
+# kernel's algorithm with large tiles: within a token block, an online log-sum-exp runs over
+# the vocabulary slices, and the backward recomputes each tile. All three matmuls per tile
+# keep a whole token block (up to TOKEN_BLOCK rows) or slice, so they stay efficient, and the
+# weight gradient of a slice is written once per token block rather than re-read per chunk.
+#
 # Per-token statistics saved for backward, all [N]: x_max, the largest raw logit of the token;
 # log_s = log sum_j exp(w_j) and mean_w = sum_j p_j w_j with w_j = (x_j - x_max) / T, so that
 # log p_y = w_y - log_s and H = log_s - mean_w. Subtracting x_max before dividing by T keeps
 # float32 exact where it matters: x_j - x_max is exact for nearby logits, whereas x_j / T alone
 # already rounds by ~1e-5 at logits of ~100.
+def tile_shape(n_tokens: int, vocab_size: int, budget_bytes: int = TORCH_CHUNK_BUDGET_BYTES,
+               elem_bytes: int = 4) -> tuple[int, int]:
+    """(tokens, vocabulary entries) per tile so that the live tiles fit in `budget_bytes`."""
+    rows = max(1, min(n_tokens, TOKEN_BLOCK))
+    cols = budget_bytes // (_LIVE_TILES * rows * elem_bytes)
+    return rows, max(1, min(vocab_size, cols))
+
+
 def _shift_scale(x: torch.Tensor, x_max: torch.Tensor, temperature: float) -> torch.Tensor:
-    """w = (x - x_max) / T in place; [C, V]."""
+    """w = (x - x_max) / T in place; [C, Vc]."""
     w = x.sub_(x_max[:, None])
     return w if temperature == 1.0 else w.div_(temperature)  # T = 1 (SFT) skips a pass
 
 
-def _chunk_forward(x: torch.Tensor, targets: torch.Tensor, temperature: float, need_mean: bool):
-    """(log p_y, x_max, log_s, mean_w or None) of raw logits x [C, V], which it overwrites."""
-    x_max = x.max(dim=-1).values  # [C]
-    w = _shift_scale(x, x_max, temperature)  # [C, V], <= 0
-    e = torch.exp(w)  # [C, V]
-    s = e.sum(-1)  # [C]
+def _block_forward(tile, targets: torch.Tensor, V: int, cols: int, temperature: float,
+                   need_mean: bool):
+    """(log p_y, x_max, log_s, mean_w or None) of one token block [C], from its raw logits
+    `tile(v0, v1)` -> fresh float [C, v1 - v0], merged over the slices online: moving the
+    reference max from m to m' multiplies the old exp(w) by a = exp(d), d = (m - m') / T,
+    and turns the old w into w + d, so s' = a s and t' = a (t + d s)."""
+    m = s = t = x_y = None
+    for v0 in range(0, V, cols):
+        v1 = min(v0 + cols, V)
+        x = tile(v0, v1)  # [C, Vc]
+        in_tile = (targets >= v0) & (targets < v1)  # [C]
+        x_y_tile = x.gather(1, (targets - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+        x_y = x_y_tile if x_y is None else torch.where(in_tile, x_y_tile, x_y)  # [C]
+        m_new = x.max(dim=-1).values if m is None else torch.maximum(m, x.max(dim=-1).values)
+        w = _shift_scale(x, m_new, temperature)  # [C, Vc], <= 0
+        e = torch.exp(w)  # [C, Vc]
+        s_tile = e.sum(-1)  # [C]
+        t_tile = e.mul_(w).sum(-1) if need_mean else None  # [C]
+        if m is None:
+            s, t = s_tile, t_tile
+        else:
+            d = (m - m_new) / temperature  # [C]
+            a = torch.exp(d)
+            t = a * (t + d * s) + t_tile if need_mean else None
+            s = a * s + s_tile
+        m = m_new
+        del x, w, e  # before the next tile exists, not after
     log_s = torch.log(s)  # [C]
-    logps = w.gather(1, targets[:, None]).squeeze(1) - log_s  # [C]
-    mean_w = e.mul_(w).sum(-1) / s if need_mean else None  # [C]
-    return logps, x_max, log_s, mean_w
+    logps = (x_y - m) / temperature - log_s  # [C]; x_y - m is exact for nearby logits
+    return logps, m, log_s, (t / s if need_mean else None)
 
 
-def _chunk_grad(x: torch.Tensor, targets: torch.Tensor, x_max: torch.Tensor,
-                log_s: torch.Tensor, mean_w: torch.Tensor | None, grad_logps: torch.Tensor,
-                grad_entropy: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """d loss / d x for raw logits x [C, V] (overwritten), each token with its own upstream g:
+def _tile_grad(x: torch.Tensor, targets: torch.Tensor, v0: int, x_max: torch.Tensor,
+               log_s: torch.Tensor, mean_w: torch.Tensor | None, grad_logps: torch.Tensor,
+               grad_entropy: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """d loss / d x for the raw logits x [C, Vc] of vocabulary entries v0.. (overwritten),
+    each token with its own upstream gradients:
 
     (g_lp / T) (1[j = y] - p_j) - (g_H / T) p_j (w_j - sum_k p_k w_k)  (module docstring; the
     shift by x_max cancels in w_j - sum_k p_k w_k).
     """
     g_lp = (grad_logps / temperature)[:, None]  # [C, 1]
-    w = _shift_scale(x, x_max, temperature)  # [C, V]
+    w = _shift_scale(x, x_max, temperature)  # [C, Vc]
     if grad_entropy is None:
-        dw = w.sub_(log_s[:, None]).exp_().mul_(-g_lp)  # [C, V]: -g p, p in place of w
+        dw = w.sub_(log_s[:, None]).exp_().mul_(-g_lp)  # [C, Vc]: -g p, p in place of w
     else:
-        p = (w - log_s[:, None]).exp_()  # [C, V]
+        p = (w - log_s[:, None]).exp_()  # [C, Vc]
         g_ent = (grad_entropy / temperature)[:, None]  # [C, 1]
-        dw = w.sub_(mean_w[:, None]).mul_(p).mul_(-g_ent).sub_(p.mul_(g_lp))  # [C, V]
-    dw[torch.arange(x.shape[0], device=x.device), targets] += g_lp[:, 0]
+        dw = w.sub_(mean_w[:, None]).mul_(p).mul_(-g_ent).sub_(p.mul_(g_lp))  # [C, Vc]
+    rows = torch.nonzero((targets >= v0) & (targets < v0 + x.shape[1])).squeeze(1)
+    dw[rows, targets[rows] - v0] += g_lp[rows, 0]
     return dw
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
-    """Token-chunked log-probs; the chunk's raw logits come from `chunk_logits`, and are
-    recomputed in backward rather than saved.
+    """Tiled log-probs whose tiles are recomputed in backward rather than saved.
 
-    Linear mode: inputs (hidden [N, H], weight [V, H]), x = hidden_c @ weight^T.
-    Logits mode: inputs (logits [N, V],), x = a float copy of logits_c.
+    Linear mode: inputs (hidden [N, H], weight [V, H]); a tile is hidden_b @ weight_s^T.
+    Logits mode: inputs (logits [N, V],); a tile is a float copy of logits_b,s.
     """
 
     @staticmethod
-    def chunk_logits(inputs, c0, c1, cdtype):
+    def tile(inputs, n0, n1, v0, v1, cdtype):
         if len(inputs) == 2:
-            return (inputs[0][c0:c1] @ inputs[1].T).to(cdtype)  # [C, V]
-        return inputs[0][c0:c1].to(cdtype, copy=True)  # [C, V]; the caller's stay intact
+            return (inputs[0][n0:n1] @ inputs[1][v0:v1].T).to(cdtype)  # [C, Vc]
+        return inputs[0][n0:n1, v0:v1].to(cdtype, copy=True)  # [C, Vc]; caller's stay intact
 
     @staticmethod
-    def forward(ctx, targets, temperature, return_entropy, rows_per_chunk, *inputs):
-        N = targets.shape[0]
+    def forward(ctx, targets, temperature, return_entropy, tiles, *inputs):
+        N, V = targets.shape[0], (inputs[1].shape[0] if len(inputs) == 2 else inputs[0].shape[1])
+        rows, cols = tiles
         cdtype = _compute_dtype(inputs[0].dtype)
-        logps = torch.empty(N, dtype=cdtype, device=targets.device)  # [N]
-        x_max, log_s = torch.empty_like(logps), torch.empty_like(logps)  # [N], [N]
-        mean_w = torch.empty_like(logps) if return_entropy else None  # [N]
-        for c0 in range(0, N, rows_per_chunk):
-            c1 = min(c0 + rows_per_chunk, N)
-            x = _ChunkedLogprobs.chunk_logits(inputs, c0, c1, cdtype)  # [C, V]
-            lp, xm, ls, mw = _chunk_forward(x, targets[c0:c1], temperature, return_entropy)
-            logps[c0:c1], x_max[c0:c1], log_s[c0:c1] = lp, xm, ls
-            if return_entropy:
-                mean_w[c0:c1] = mw
-            del x  # before the next chunk's logits exist, not after
+        # logps, x_max, log_s, mean_w: separate [N] tensors, so that editing the returned
+        # logps in place cannot touch what backward reads
+        stats = [torch.empty(N, dtype=cdtype, device=targets.device)
+                 for _ in range(4 if return_entropy else 3)]
+        for n0 in range(0, N, rows):
+            n1 = min(n0 + rows, N)
+            out = _block_forward(
+                lambda v0, v1: _ChunkedLogprobs.tile(inputs, n0, n1, v0, v1, cdtype),
+                targets[n0:n1], V, cols, temperature, return_entropy)
+            for stat, o in zip(stats, out):
+                stat[n0:n1] = o
+        logps, x_max, log_s, mean_w = stats if return_entropy else (*stats, None)
         ctx.save_for_backward(targets, x_max, log_s, mean_w, *inputs)
-        ctx.temperature, ctx.rows_per_chunk = temperature, rows_per_chunk
+        ctx.temperature, ctx.tiles = temperature, tiles
         return (logps, log_s - mean_w) if return_entropy else logps
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy=None):
         targets, x_max, log_s, mean_w, *inputs = ctx.saved_tensors
-        linear = len(inputs) == 2
+        N, linear = targets.shape[0], len(inputs) == 2
+        V = inputs[1].shape[0] if linear else inputs[0].shape[1]
+        rows, cols = ctx.tiles
         needs = ctx.needs_input_grad[4:]
-        grads = [torch.empty_like(inputs[0]) if needs[0] else None]  # [N, H] or [N, V]
-        if linear:
-            grads.append(torch.empty_like(inputs[1]) if needs[1] else None)  # [V, H]
         cdtype = log_s.dtype
-        for c0 in range(0, targets.shape[0], ctx.rows_per_chunk):
-            c1 = min(c0 + ctx.rows_per_chunk, targets.shape[0])
-            x = _ChunkedLogprobs.chunk_logits(inputs, c0, c1, cdtype)  # [C, V]
-            dx = _chunk_grad(
-                x, targets[c0:c1], x_max[c0:c1], log_s[c0:c1],
-                None if mean_w is None else mean_w[c0:c1], grad_logps[c0:c1].to(cdtype),
-                None if grad_entropy is None else grad_entropy[c0:c1].to(cdtype),
-                ctx.temperature).to(inputs[0].dtype)  # [C, V]
-            if not linear:
-                grads[0][c0:c1] = dx
-            else:
-                if needs[0]:
-                    torch.mm(dx, inputs[1], out=grads[0][c0:c1])  # [C, H]
-                if needs[1]:  # [V, H]; dx already carries each token's own upstream gradient
-                    torch.addmm(grads[1], dx.T, inputs[0][c0:c1], beta=int(c0 > 0),
-                                out=grads[1])  # beta=0 on the first chunk: no zero fill
-            del x, dx  # before the next chunk's logits exist, not after
+        # every element is written by its first tile's matmul (beta=0) or copy; zeros only for
+        # an empty batch, where no tile runs
+        alloc = torch.empty_like if N > 0 else torch.zeros_like
+        grads = [alloc(t) if need else None for t, need in zip(inputs, needs)]
+        for n0 in range(0, N, rows):
+            n1 = min(n0 + rows, N)
+            sl = slice(n0, n1)
+            # grad_hidden of the block sums over all slices: float32, then cast once
+            grad_h = torch.zeros(n1 - n0, inputs[0].shape[1], dtype=cdtype,
+                                 device=targets.device) if linear and needs[0] else None
+            for v0 in range(0, V, cols):
+                v1 = min(v0 + cols, V)
+                x = _ChunkedLogprobs.tile(inputs, n0, n1, v0, v1, cdtype)  # [C, Vc]
+                dx = _tile_grad(x, targets[sl], v0, x_max[sl], log_s[sl],
+                                None if mean_w is None else mean_w[sl],
+                                grad_logps[sl].to(cdtype),
+                                None if grad_entropy is None else grad_entropy[sl].to(cdtype),
+                                ctx.temperature).to(inputs[0].dtype)  # [C, Vc]
+                if not linear:
+                    grads[0][n0:n1, v0:v1] = dx
+                elif needs[0]:
+                    grad_h += (dx @ inputs[1][v0:v1]).to(cdtype)  # [C, H]
+                if linear and needs[1]:  # [Vc, H]; dx already carries each token's own g
+                    g_w = grads[1][v0:v1]
+                    torch.addmm(g_w, dx.T, inputs[0][sl], beta=int(n0 > 0), out=g_w)
+                del x, dx  # before the next tile exists, not after
+            if grad_h is not None:
+                grads[0][sl] = grad_h
         return (None, None, None, None, *grads)
 
 
@@ -197,17 +239,18 @@ def _budget(device: torch.device) -> int:
 
 
 def torch_token_logprobs(logits, targets, temperature=1.0, return_entropy=False,
-                         rows_per_chunk: int | None = None):
-    """Chunked PyTorch path of `token_logprobs` (inputs already validated and flattened)."""
-    rows = rows_per_chunk or chunk_rows(logits.shape[1], _budget(logits.device))
-    return _ChunkedLogprobs.apply(targets, temperature, return_entropy, rows, logits)
+                         tiles: tuple[int, int] | None = None):
+    """Chunked PyTorch path of `token_logprobs` (inputs already validated and flattened);
+    `tiles` = (tokens, vocabulary entries) per tile overrides the budget's choice."""
+    tiles = tiles or tile_shape(*logits.shape, _budget(logits.device))
+    return _ChunkedLogprobs.apply(targets, temperature, return_entropy, tiles, logits)
 
 
 def torch_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False,
-                          rows_per_chunk: int | None = None):
+                          tiles: tuple[int, int] | None = None):
     """Chunked PyTorch path of `fused_linear_logprobs` (inputs already validated)."""
-    rows = rows_per_chunk or chunk_rows(weight.shape[0], _budget(weight.device))
-    return _ChunkedLogprobs.apply(targets, temperature, return_entropy, rows, hidden, weight)
+    tiles = tiles or tile_shape(hidden.shape[0], weight.shape[0], _budget(weight.device))
+    return _ChunkedLogprobs.apply(targets, temperature, return_entropy, tiles, hidden, weight)
 
 
 # ----------------------------------------------------------------------------------------
@@ -277,7 +320,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     """log p(target) under softmax(logits / T) per row: logits [..., V], targets [...].
 
     Returns logps [...] float32 (float64 for float64 logits), or (logps, entropy) with the
-    entropy H = lse(z) - sum_j p_j z_j of each row (module docstring).
+    entropy H = lse(z) - sum_j p_j z_j of each row (module docstring). Logits should be
+    finite: -inf entries give NaN entropies (0 * -inf, as in eager), and NaN log-probs too if
+    a row's first tile or block is all -inf.
     """
     temperature = _check_temperature(temperature)
     _check_float("logits", logits)

@@ -1,15 +1,16 @@
 """Triton kernels for per-token log-probs and entropies; math in `kernels/logprobs.py`.
 
-Two kernels families, both in float32 whatever the input dtype:
+Two kernel families, both in float32 whatever the input dtype:
   * given logits [N, V]: one program per row sweeps the vocabulary in blocks with an online
     max / log-sum-exp (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax");
-    the backward recomputes p = exp(z - lse) from the saved log-sum-exp.
-  * fused with the LM head: programs tile tokens x vocabulary, compute z = (h W^T) / T with
+    the backward recomputes p = exp(w - log_s) from the saved row statistics.
+  * fused with the LM head: programs tile tokens x vocabulary, compute x = h W^T with
     `tl.dot` and float32 accumulation, and keep the same online statistics per token over
-    their slice of the vocabulary; the slices' partial (max, sum, sum p z) are merged on the
-    host side. The backward recomputes logits chunk by chunk, writes d loss / d logits for the
-    chunk (each token's own upstream gradient applied), and hands the two reductions
-    grad_hidden = dz W and grad_weight += dz^T h to cuBLAS.
+    their slice of the vocabulary; the slices' partial (max, sum, sum e w) are merged on the
+    host side ([splits, N] floats, never [N, V]). The backward recomputes logits chunk by
+    chunk, writes d loss / d logits for the chunk (each token's own upstream gradient
+    applied) and hands the two reductions grad_hidden = dx W and grad_weight += dx^T h to
+    cuBLAS; the only [*, V] buffer is that chunk's gradient.
 
 CPU tensors run through Triton's interpreter only when TRITON_INTERPRET=1 is set before
 `triton` is imported: triton 3.x reads the variable when `@triton.jit` wraps a function, and
@@ -181,8 +182,10 @@ def _linear_dz_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, x_max_ptr, log_s_
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-# What triton.jit made of our kernels at import: the interpreter, or GPU compilation.
-INTERPRETED = not isinstance(_token_fwd_kernel, JITFunction)
+# Whether Triton's interpreter runs our kernels: both they and triton.language's own helpers
+# must have been wrapped in interpreter mode (a variable set between the two imports is not).
+INTERPRETED = not isinstance(_token_fwd_kernel, JITFunction) \
+    and not isinstance(tl.sum, JITFunction)
 
 
 def _check_device(name: str, t: torch.Tensor) -> None:
@@ -281,9 +284,10 @@ def triton_token_logprobs(logits, targets, temperature=1.0, return_entropy=False
 # fused with the LM head
 # ----------------------------------------------------------------------------------------
 def _blocks(dtype: torch.dtype) -> tuple[int, int, int]:
-    # (BLOCK_N, BLOCK_V, BLOCK_K): a 64 x 128 float32 accumulator per program; float32 inputs
-    # take half the K depth to keep the staged tiles in shared memory
-    return (64, 128, 64) if dtype != torch.float32 else (64, 128, 32)
+    # (BLOCK_N, BLOCK_V, BLOCK_K): the usual 128 x 128 x 64 tensor-core tile for 16-bit inputs
+    # (3 stages of staged tiles: 96 KiB of shared memory); float32 tiles are twice as wide
+    # per element, so they take half the rows and half the K depth. Not autotuned.
+    return (128, 128, 64) if dtype != torch.float32 else (64, 128, 32)
 
 
 def _linear_forward(h, w, y, temperature, return_entropy, blocks, num_splits):
