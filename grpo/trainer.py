@@ -41,8 +41,7 @@ from infra.config import ConfigError, format_config
 from infra.dist import (all_reduce_sum, decoder_layers, init_distributed, set_gathered, shard_model)
 from infra.logging import MetricsLogger, ProgressBar, step_line, write_jsonl
 from infra.loop import eval_due, save_and_stop, stop_signals
-from infra.model import (build_optimizer, build_scheduler, grad_norm_and_clip, load_causal_lm,
-                         load_tokenizer, resolve_model_path)
+from infra.model import build_optimizer, build_scheduler, eos_token_ids, grad_norm_and_clip, load_model
 
 
 def row_seed(seed: int, step: int, row: int) -> int:
@@ -128,21 +127,13 @@ class GRPOTrainer:
                   f"{format_config(cfg)}", flush=True)
 
         m = cfg.model
-        path = resolve_model_path(m.path, self.out, self.info, seed=m.seed, size=m.embedded_size)
-        self.tokenizer = load_tokenizer(m.tokenizer or path, m.trust_remote_code)
-        self.eos_ids = sorted({self.tokenizer.eos_token_id,
-                               *([e] if isinstance(e := getattr(self.tokenizer, "eos_token_id", None), int) else [])})
-        lm = load_causal_lm(path, dtype=m.dtype, device=self.info.device,
-                            trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
-        if m.gradient_checkpointing:
-            lm.gradient_checkpointing_enable()
+        path, self.tokenizer, lm = load_model(m, self.out, self.info)
+        self.eos_ids = eos_token_ids(self.tokenizer, lm)
         self.hf_config = lm.config
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
         self.ref = None
         if cfg.grpo.beta > 0:
-            ref_lm = load_causal_lm(path, dtype=m.dtype, device=self.info.device,
-                                    trust_remote_code=m.trust_remote_code,
-                                    attn_implementation=m.attn_implementation).requires_grad_(False)
+            _, _, ref_lm = load_model(m, self.out, self.info, trainable=False)
             self.ref = shard_model(PolicyModel(ref_lm), decoder_layers(ref_lm), self.info,
                                    reshard_after_forward=True).eval()
         # Single-GPU runs compute in bf16 through autocast; FSDP runs through its MixedPrecisionPolicy.

@@ -59,6 +59,28 @@ def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
     return model.to(device)
 
 
+def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: bool = True):
+    """A `ModelConfig` -> (resolved path, tokenizer, causal LM on the device)."""
+    path = resolve_model_path(m.path, output_dir, info, seed=m.seed, size=m.embedded_size)
+    tokenizer = load_tokenizer(m.tokenizer or path, m.trust_remote_code)
+    lm = load_causal_lm(path, dtype=m.dtype, device=info.device, trust_remote_code=m.trust_remote_code,
+                        attn_implementation=m.attn_implementation)
+    if not trainable:
+        lm.requires_grad_(False)
+    elif m.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    return path, tokenizer, lm
+
+
+def eos_token_ids(tokenizer, lm) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation config
+    (Qwen2.5-Instruct lists both <|im_end|> and <|endoftext|> there)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
+    return sorted(i for i in ids if isinstance(i, int))
+
+
 def build_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float]):
     decay, no_decay = [], []
     for p in params:

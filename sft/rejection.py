@@ -27,7 +27,7 @@ from grpo.rollout import PolicyModel, generate, pad_prompts
 from grpo.trainer import load_datasets, row_seed
 from infra.config import ConfigError, format_config
 from infra.dist import DistInfo, decoder_layers, init_distributed, set_gathered, shard_model
-from infra.model import load_causal_lm, load_tokenizer, resolve_model_path
+from infra.model import load_model
 from sft.cold_start import write_sft_jsonl
 
 
@@ -136,11 +136,8 @@ def sample_and_filter(model, tokenizer, records: list[dict], prompt_ids: list[li
 
 
 def load_sampler(model_cfg: ModelConfig, out_dir: Path, info: DistInfo):
-    path = resolve_model_path(model_cfg.path, out_dir, info, seed=model_cfg.seed, size=model_cfg.embedded_size)
-    tokenizer = load_tokenizer(model_cfg.tokenizer or path, model_cfg.trust_remote_code)
-    lm = load_causal_lm(path, dtype=model_cfg.dtype, device=info.device,
-                        trust_remote_code=model_cfg.trust_remote_code,
-                        attn_implementation=model_cfg.attn_implementation).requires_grad_(False)
+    """A frozen model for sampling, kept gathered between forwards (no resharding per token)."""
+    path, tokenizer, lm = load_model(model_cfg, out_dir, info, trainable=False)
     return path, tokenizer, shard_model(PolicyModel(lm), decoder_layers(lm), info, reshard_after_forward=False)
 
 

@@ -29,8 +29,7 @@ from infra.config import ConfigError, format_config
 from infra.dist import all_reduce_sum, decoder_layers, init_distributed, shard_model
 from infra.logging import MetricsLogger, ProgressBar, step_line
 from infra.loop import eval_due, save_and_stop, stop_signals
-from infra.model import (build_optimizer, build_scheduler, grad_norm_and_clip, load_causal_lm,
-                         load_tokenizer, resolve_model_path)
+from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
 from kernels import fused_linear_logprobs
 from sft.packing import (VARLEN_ATTENTION, collate_packed, collate_padded, pack, packed_model_inputs,
                          tokenize_conversation)
@@ -170,13 +169,7 @@ class SFTTrainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             print(f"[sft] world size {self.info.world_size}, device {self.info.device}\n{format_config(cfg)}", flush=True)
-        m = cfg.model
-        path = resolve_model_path(m.path, self.out, self.info, seed=m.seed, size=m.embedded_size)
-        self.tokenizer = load_tokenizer(m.tokenizer or path, m.trust_remote_code)
-        lm = load_causal_lm(path, dtype=m.dtype, device=self.info.device,
-                            trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
-        if m.gradient_checkpointing:
-            lm.gradient_checkpointing_enable()
+        path, self.tokenizer, lm = load_model(cfg.model, self.out, self.info)
         self.hf_config = lm.config
         from grpo.rollout import PolicyModel
         self.lm = lm
