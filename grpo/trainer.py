@@ -25,7 +25,6 @@ import json
 import math
 import time
 from contextlib import closing, nullcontext
-from pathlib import Path
 
 import torch
 
@@ -34,13 +33,13 @@ from grpo.advantages import group_advantages, rloo_advantages, zero_std_groups, 
 from grpo.config import EMBEDDED, GRPOJobConfig
 from grpo.evaluate import all_done_fn, encode_prompts, evaluate
 from grpo.loss import policy_loss
-from grpo.rewards import get_reward_functions, pop_reward_metrics
+from grpo.rewards import get_reward_functions
 from grpo.rollout import PolicyModel, generate, pad_prompts
 from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config
-from infra.dist import (all_reduce_sum, decoder_layers, init_distributed, set_gathered, shard_model)
+from infra.dist import all_reduce_sum, decoder_layers, set_gathered, shard_model
 from infra.logging import MetricsLogger, ProgressBar, step_line, write_jsonl
-from infra.loop import eval_due, save_and_stop, stop_signals
+from infra.loop import epoch_order, eval_due, save_and_stop, start_run, stop_signals
 from infra.model import build_optimizer, build_scheduler, eos_token_ids, grad_norm_and_clip, load_model
 
 
@@ -66,12 +65,7 @@ def load_datasets(cfg: GRPOJobConfig) -> tuple[list[dict], list[dict]]:
 
 def prompt_order(n: int, seed: int, step: int, count: int) -> list[int]:
     """Indices of the `count` prompts of `step` (1-based) in a stream of seeded epoch permutations."""
-    out, start = [], (step - 1) * count
-    for pos in range(start, start + count):
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.append(int(perm[i]))
-    return out
+    return epoch_order(n, seed, (step - 1) * count, count)
 
 
 def _loss_scale(loss_type: str, rows: int, local_rows: int, tokens, local_tokens, world: int):
@@ -116,15 +110,8 @@ def _seq_logps(model, batch, temperature, with_entropy=False):
 class GRPOTrainer:
     def __init__(self, cfg: GRPOJobConfig):
         self.cfg = cfg
-        self.info = init_distributed(cfg.train.device)
-        cfg.validate(self.info.world_size)
-        torch.manual_seed(cfg.train.seed)
-        self.out = Path(cfg.train.output_dir)
+        self.info, self.out = start_run(cfg, "grpo")
         self.main = self.info.is_main
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            print(f"[grpo] world size {self.info.world_size}, device {self.info.device}\n"
-                  f"{format_config(cfg)}", flush=True)
 
         m = cfg.model
         path, self.tokenizer, lm = load_model(m, self.out, self.info)
@@ -189,14 +176,11 @@ class GRPOTrainer:
         self.eval_history = json.loads(state["eval_history"])
         self.logger.truncate_after(self.step)
         if self.ref is not None and self.cfg.grpo.ref_refresh_steps:
-            self._replay_ref_refreshes()
+            # The mixed reference is not checkpointed: refuse rather than diverge silently.
+            raise ConfigError("--grpo.ref_refresh_steps with resume: the mixed reference model is not "
+                              "checkpointed; resume with --train.resume false or without refreshes")
         if self.main:
             print(f"[grpo] resumed from {latest} at step {self.step}", flush=True)
-
-    def _replay_ref_refreshes(self):
-        # The reference is not checkpointed; a refresh schedule needs it, so refuse loudly.
-        raise ConfigError("--grpo.ref_refresh_steps with resume: the mixed reference model is not "
-                          "checkpointed; resume with --train.resume false or without refreshes")
 
     def _on_signal(self, signum, frame):
         self.stop_requested = True

@@ -15,14 +15,43 @@ from __future__ import annotations
 
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from infra.dist import all_reduce_sum
+from infra.dist import DistInfo, all_reduce_sum, init_distributed
 
 if TYPE_CHECKING:  # infra must not import the trainers' packages at run time
     from grpo.config import TrainConfig
+
+
+def start_run(cfg, tag: str) -> tuple[DistInfo, Path]:
+    """Process group, config check for this world size, seed, output folder, config printout."""
+    from infra.config import format_config
+
+    info = init_distributed(cfg.train.device)
+    cfg.validate(info.world_size)
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"[{tag}] world size {info.world_size}, device {info.device}\n{format_config(cfg)}", flush=True)
+    return info, out
+
+
+def epoch_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Items start..start+count-1 of an endless stream of seeded permutations of range(n), one
+    permutation per epoch; a pure function of its arguments, so a resumed run reads on where it
+    stopped. Each permutation touched is drawn once."""
+    out, pos = [], start
+    while pos < start + count:
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(n - i, start + count - pos)
+        out += perm[i:i + take].tolist()
+        pos += take
+    return out
 
 
 def eval_due(step: int, train: TrainConfig) -> bool:

@@ -13,11 +13,9 @@ prompts) is printed and returned. SFT stage 2 mixes this set with general data
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from grpo.config import DataConfig, ModelConfig, TrainConfig

@@ -17,7 +17,6 @@ import math
 import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -26,11 +25,10 @@ from grpo.config import EMBEDDED, ModelConfig, OptimConfig, TrainConfig
 from grpo.evaluate import encode_prompts, evaluate
 from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config
-from infra.dist import all_reduce_sum, decoder_layers, init_distributed, shard_model
+from infra.dist import all_reduce_sum, decoder_layers, shard_model
 from infra.logging import MetricsLogger, ProgressBar, step_line
-from infra.loop import eval_due, save_and_stop, stop_signals
+from infra.loop import epoch_order, eval_due, save_and_stop, start_run, stop_signals
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
-from kernels import fused_linear_logprobs
 from sft.packing import (VARLEN_ATTENTION, collate_packed, collate_padded, pack, packed_model_inputs,
                          tokenize_conversation)
 
@@ -161,14 +159,8 @@ class SFTTrainer:
         """`teacher`: a PolicyModel (sharded like the student) for distillation's token-level KL."""
         self.cfg = cfg
         self.teacher, self.kl_weight = teacher, kl_weight
-        self.info = init_distributed(cfg.train.device)
-        cfg.validate(self.info.world_size)
-        torch.manual_seed(cfg.train.seed)
-        self.out = Path(cfg.train.output_dir)
+        self.info, self.out = start_run(cfg, "sft")
         self.main = self.info.is_main
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            print(f"[sft] world size {self.info.world_size}, device {self.info.device}\n{format_config(cfg)}", flush=True)
         path, self.tokenizer, lm = load_model(cfg.model, self.out, self.info)
         self.hf_config = lm.config
         from grpo.rollout import PolicyModel
@@ -206,12 +198,8 @@ class SFTTrainer:
 
     def step_rows(self, step: int) -> list[int]:
         """Row indices of this rank for `step` (1-based), from seeded epoch permutations."""
-        n, k = len(self.rows), self.rows_per_step
-        out = []
-        for pos in range((step - 1) * k, step * k):
-            epoch, i = divmod(pos, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch))
-            out.append(int(perm[i]))
+        k = self.rows_per_step
+        out = epoch_order(len(self.rows), self.cfg.train.seed, (step - 1) * k, k)
         # Contiguous per-rank slices: rank r's micro-batches are the ones a single process would
         # run in positions r*per_rank.., so N ranks and one process compute the same micro-batches.
         per_rank = k // self.info.world_size
