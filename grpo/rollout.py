@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from infra.model import eos_token_ids as default_eos_ids
 from kernels import fused_linear_logprobs
 
 
@@ -98,7 +99,9 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         return logits.argmax(-1)
     probs = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)  # [B, V]
     cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    # the first token whose cdf exceeds u (right=True): a filtered-out token adds nothing to
+    # the cdf, so it is never picked, not even at u = 0
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     return idx.clamp(max=logits.shape[-1] - 1)
 
 
@@ -125,12 +128,15 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
 
     `model` is a `PolicyModel` (or anything with its `logits` forward). `all_done(bool) -> bool`
     lets ranks agree to stop together, as FSDP ranks must run the same number of forwards.
+    `eos_token_ids` defaults to every EOS id of the tokenizer and of the model's generation
+    config (`infra.model.eos_token_ids`): Qwen2.5-Instruct ends turns with either of two.
     """
     device = prompt_ids.device
     b = prompt_ids.shape[0]
     pad = tokenizer.pad_token_id
-    eos = torch.tensor(eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id],
-                       device=device)
+    if eos_token_ids is None:
+        eos_token_ids = default_eos_ids(tokenizer, getattr(model, "lm", None))
+    eos = torch.tensor(eos_token_ids, device=device)
     u = row_uniforms(seeds, max_new_tokens, device)  # [B, max_new]
     p = prompt_ids.shape[1]
     # One mask for the whole run, sliced per step (no re-allocation per token).

@@ -345,6 +345,8 @@ def generate_sft_set(
     """
     import torch
 
+    from infra.model import eos_token_ids
+
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"generate_sft_set: batch_size must be a positive int, got {batch_size!r}")
     records = [p if isinstance(p, dict) else {"problem": p} for p in problems]
@@ -363,7 +365,7 @@ def generate_sft_set(
             out = model.generate(
                 input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, **sampling)
+                eos_token_id=eos_token_ids(tokenizer, model), **sampling)
         replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for record, reply in zip(batch, replies):
             try:

@@ -1,0 +1,270 @@
+"""The sampler of grpo/rollout.py against references that share none of its code: Hugging Face
+`generate` on each prompt alone (no padding, no batch), softmax in float64, and cases worked out
+by hand.
+
+The model is the cold-start SFT checkpoint in tests/assets/tiny-r1-sft: unlike a random model it
+writes `<think>..</think><answer>..</answer>` and ends with <|im_end|>, so EOS, stop strings and
+truncation all happen at steps we can point at.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.prompts import make_conversation, render_prompt
+from data.task import TaskConfig, generate_problems
+from grpo.rollout import (PolicyModel, filter_logits, generate, pad_prompts, position_ids_from_mask,
+                          row_uniforms, sample_tokens)
+
+ASSET = Path(__file__).resolve().parent / "assets" / "tiny-r1-sft"
+# The task the checkpoint was trained on (configs/tiny-r1.yaml).
+PROBLEMS = [p["problem"] for p in generate_problems(
+    TaskConfig(min_operands=2, max_operands=3, max_value=9), 4, seed=0)]
+# 'What is 5 - 4?', 'What is 6 + 6 + 7?', 'What is 2 - 1?', 'What is 8 + 1 + 6?'
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSET)
+    lm = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32).eval()
+    return tok, lm, PolicyModel(lm)
+
+
+def _prompt(tok, i: int, system: bool = True) -> list[int]:
+    # Without the system prompt a chat is ~28 tokens instead of ~105: batches mixing both
+    # left-pad some rows by ~80 tokens.
+    msgs = make_conversation(PROBLEMS[i]) if system else make_conversation(PROBLEMS[i], system_prompt="")
+    return tok(render_prompt(tok, msgs), add_special_tokens=False)["input_ids"]
+
+
+def _hf_greedy(lm, tok, prompt: list[int], max_new_tokens: int = 32) -> list[int]:
+    """Hugging Face greedy decoding of one prompt alone, up to and including its first EOS."""
+    ids = torch.tensor([prompt])
+    out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                      do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    completion = out[0, len(prompt):].tolist()
+    if tok.eos_token_id in completion:
+        completion = completion[: completion.index(tok.eos_token_id) + 1]
+    return completion
+
+
+def _generate(tiny, prompts, seeds=None, **kw):
+    tok, _, policy = tiny
+    ids, mask = pad_prompts(prompts, tok.pad_token_id, "cpu")
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    return generate(policy, tok, ids, mask, seeds=seeds, **kw)
+
+
+def _row(rollout, i: int) -> list[int]:
+    """Row i's completion tokens under its mask."""
+    return rollout.completion_ids[i][rollout.completion_mask[i].bool()].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+def test_greedy_left_padded_batch_equals_hf_generate_per_prompt(tiny):
+    tok, lm, _ = tiny
+    # Lengths ~107, 28, 104, 31: rows 1 and 3 are left-padded by ~80 tokens, and the rows end
+    # at different steps, so finished rows keep riding along while the others decode.
+    prompts = [_prompt(tok, 1), _prompt(tok, 0, system=False), _prompt(tok, 0), _prompt(tok, 3, system=False)]
+    refs = [_hf_greedy(lm, tok, p) for p in prompts]
+    assert all(r[-1] == tok.eos_token_id for r in refs) and len({len(r) for r in refs}) > 1
+    r = _generate(tiny, prompts, max_new_tokens=32, temperature=0.0)
+    steps = max(len(ref) for ref in refs)
+    assert r.completion_ids.shape == r.completion_mask.shape == (4, steps)  # stops once all rows end
+    for i, ref in enumerate(refs):
+        assert r.completion_ids[i, : len(ref)].tolist() == ref, i
+        assert r.completion_mask[i].tolist() == [1] * len(ref) + [0] * (steps - len(ref))
+        assert (r.completion_ids[i, len(ref):] == tok.pad_token_id).all()
+        assert r.texts[i] == tok.decode(ref, skip_special_tokens=True)
+    assert not r.truncated.any()
+    assert r.lengths.tolist() == [len(ref) for ref in refs]
+
+
+def test_policy_logprobs_of_a_rollout_equal_hf_log_softmax(tiny):
+    # The training forward of PolicyModel on a left-padded prompt + right-padded completion
+    # batch (laid out as grpo/trainer.py does) against each row run alone through the HF model.
+    tok, lm, policy = tiny
+    prompts = [_prompt(tok, 1), _prompt(tok, 2, system=False)]
+    r = _generate(tiny, prompts, max_new_tokens=32, temperature=0.0)
+    p, temperature = r.prompt_ids.shape[1], 0.7
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
+    with torch.no_grad():
+        logps = policy(ids, attn, position_ids_from_mask(attn), targets=r.completion_ids,
+                       target_start=p, temperature=temperature)  # [B, T]
+        for i, prompt in enumerate(prompts):
+            completion = _row(r, i)
+            logits = lm(torch.tensor([prompt + completion])).logits[0].double() / temperature
+            # Token t of the completion is predicted at position len(prompt) - 1 + t.
+            ref = logits[len(prompt) - 1: -1].log_softmax(-1)[torch.arange(len(completion)), completion]
+            torch.testing.assert_close(logps[i, : len(completion)].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_rows_sample_depends_only_on_its_seed(tiny):
+    tok, _, _ = tiny
+    a = _prompt(tok, 0)  # 104 tokens
+    kw = dict(max_new_tokens=24, temperature=1.0)
+    alone = _generate(tiny, [a], seeds=[1234], **kw)
+    # First row, longest prompt, next to a short prompt ...
+    first = _generate(tiny, [a, _prompt(tok, 2, system=False)], seeds=[1234, 1], **kw)
+    # ... and last row, left-padded by 3 behind a longer prompt, among other neighbours.
+    last = _generate(tiny, [_prompt(tok, 1), _prompt(tok, 3, system=False), a], seeds=[9, 2, 1234], **kw)
+    assert _row(alone, 0) == _row(first, 0) == _row(last, 2)
+    assert alone.texts[0] == first.texts[0] == last.texts[2]
+    # Different seeds must give different samples (here 8 seeds, same prompt).
+    many = _generate(tiny, [a] * 8, seeds=list(range(8)), **kw)
+    assert len({tuple(_row(many, i)) for i in range(8)}) > 1
+
+
+def test_row_uniforms_are_per_seed():
+    u = row_uniforms([3, 5, 3], 6, "cpu")
+    assert u.shape == (3, 6) and u.dtype == torch.float64 and ((u >= 0) & (u < 1)).all()
+    torch.testing.assert_close(u[0], u[2], rtol=0, atol=0)
+    torch.testing.assert_close(u[1], row_uniforms([5], 6, "cpu")[0], rtol=0, atol=0)
+    assert not torch.equal(u[0], u[1])
+
+
+def test_default_eos_includes_the_generation_configs_ids(tiny, monkeypatch):
+    tok, lm, _ = tiny
+    prompt = _prompt(tok, 1)
+    # '<think>6 + 6 = 12. 12 + 7 = 19.</think><answer>12</answer><|im_end|>'
+    ref = _hf_greedy(lm, tok, prompt)
+    # Pretend </think> were a second end-of-turn id, as Qwen2.5-Instruct's config lists two.
+    other = tok.convert_tokens_to_ids("</think>")
+    k = ref.index(other)
+    assert k > 0 and ref[-1] == tok.eos_token_id
+    monkeypatch.setattr(lm.generation_config, "eos_token_id", [tok.eos_token_id, other])
+    r = _generate(tiny, [prompt], max_new_tokens=32, temperature=0.0)
+    assert _row(r, 0) == ref[: k + 1] and r.completion_mask.tolist() == [[1] * (k + 1)]
+    assert not r.truncated[0]
+    # Explicit ids replace the default: </think> no longer ends the row.
+    r = _generate(tiny, [prompt], max_new_tokens=32, temperature=0.0, eos_token_ids=[tok.eos_token_id])
+    assert _row(r, 0) == ref and not r.truncated[0]
+    # The tokenizer's EOS still counts when the generation config does not list it.
+    monkeypatch.setattr(lm.generation_config, "eos_token_id", tok.convert_tokens_to_ids("<|im_start|>"))
+    r = _generate(tiny, [prompt], max_new_tokens=32, temperature=0.0)
+    assert _row(r, 0) == ref and not r.truncated[0]
+
+
+def test_truncation_at_max_new_tokens(tiny):
+    tok, lm, _ = tiny
+    prompts = [_prompt(tok, 0), _prompt(tok, 1)]
+    refs = [_hf_greedy(lm, tok, p) for p in prompts]
+    n = len(refs[0])  # row 0 emits its EOS at exactly the last allowed step, row 1 does not
+    assert len(refs[1]) > n
+    r = _generate(tiny, prompts, max_new_tokens=n, temperature=0.0)
+    assert r.completion_mask.tolist() == [[1] * n] * 2
+    assert r.truncated.tolist() == [False, True]  # an EOS on the last step is a finished row
+    assert r.completion_ids.tolist() == [refs[0], refs[1][:n]]
+    assert r.texts == [tok.decode(ids, skip_special_tokens=True) for ids in (refs[0], refs[1][:n])]
+    r = _generate(tiny, prompts, max_new_tokens=5, temperature=0.0)
+    assert r.truncated.all() and r.completion_mask.tolist() == [[1] * 5] * 2
+    assert r.texts == [tok.decode(ref[:5], skip_special_tokens=True) for ref in refs]
+
+
+@pytest.mark.parametrize("stop_strings", [
+    ["= 12", "= 15"],  # row 0 stops on "= 12", row 1 on "= 15", row 2 has neither and ends at EOS
+    ["6 "],            # completes inside a token: the space of " +" (row 0) or " =" (row 1)
+])
+def test_stop_strings_end_the_row_where_the_string_completes(tiny, stop_strings):
+    tok, lm, _ = tiny
+    prompts = [_prompt(tok, 1), _prompt(tok, 3), _prompt(tok, 0)]
+    refs = [_hf_greedy(lm, tok, p) for p in prompts]
+    r = _generate(tiny, prompts, max_new_tokens=32, temperature=0.0, stop_strings=stop_strings)
+    for i, ref in enumerate(refs):
+        # Reference: the shortest prefix of the greedy completion whose text holds a stop string.
+        ends = [t for t in range(len(ref)) if any(s in tok.decode(ref[: t + 1]) for s in stop_strings)]
+        end = ends[0] if ends else len(ref) - 1
+        assert (i < 2) == bool(ends), f"row {i}: the case no longer exercises what it claims"
+        assert _row(r, i) == ref[: end + 1], i
+        assert (r.completion_ids[i, end + 1:] == tok.pad_token_id).all()
+    assert not r.truncated.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# sample_tokens / filter_logits
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_inverse_cdf_on_a_uniform_grid_gives_the_softmax(temperature):
+    # u on the regular grid (k + 0.5) / M hits token j exactly round(M * p_j) times, give or
+    # take one at each CDF boundary; a sampler off by one bucket or ignoring T would miss.
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0, -3.0, 0.0])
+    m = 20_000
+    u = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    tokens = sample_tokens(logits.expand(m, -1), u, temperature, top_k=0, top_p=1.0)  # [M]
+    counts = torch.bincount(tokens, minlength=6).double()
+    expected = m * torch.softmax(logits.double() / temperature, -1)
+    assert (counts - expected).abs().max() <= 1, (counts, expected)
+
+
+def test_inverse_cdf_renormalises_over_the_kept_tokens():
+    # top_k=2 keeps 2.0 and 1.0: p = (e^2, e^1) / (e^2 + e^1) = (0.731, 0.269), others never.
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0])
+    m = 10_000
+    u = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    counts = torch.bincount(sample_tokens(logits.expand(m, -1), u, 1.0, top_k=2, top_p=1.0), minlength=4)
+    e = torch.tensor([2.0, 1.0], dtype=torch.float64).exp()
+    expected = torch.tensor([e[0], 0, 0, e[1]], dtype=torch.float64) / e.sum() * m
+    assert (counts - expected).abs().max() <= 1, (counts, expected)
+
+
+def test_filtered_tokens_are_never_sampled_even_at_the_ends_of_u():
+    """u = 0 and u just below 1 land on the first and last kept token: a token that top-k
+    removed (probability 0, so its cdf step is flat) is never picked."""
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])  # top_k=2 keeps tokens 1 and 2 only
+    for u, token in ((0.0, 1), (1.0 - 2.0**-53, 2)):
+        got = sample_tokens(logits, torch.tensor([u], dtype=torch.float64), 1.0, 2, 1.0)
+        assert got.tolist() == [token], (u, got)
+
+
+def test_greedy_is_argmax_whatever_u():
+    logits = torch.tensor([[0.1, 3.0, -2.0, 2.9], [5.0, 0.0, 4.0, 1.0]])
+    for u in (0.0, 0.5, 0.999):
+        assert sample_tokens(logits, torch.full((2,), u, dtype=torch.float64), 0.0, 0, 1.0).tolist() == [1, 0]
+
+
+# Probabilities 0.15, 0.5, 0.05, 0.3 (shuffled, so the filter must sort and scatter back).
+# Sorted: 0.5, 0.3, 0.15, 0.05 with mass before each 0, 0.5, 0.8, 0.95; nucleus filtering keeps
+# a token while the mass before it is below top_p. top_p avoids the ties 0.5 / 0.8 / 0.95,
+# where float rounding would decide.
+@pytest.mark.parametrize("top_k,top_p,kept", [
+    (0, 1.0, [0, 1, 2, 3]),
+    (0, 0.4, [1]),          # 0.5 alone reaches 0.4
+    (0, 0.75, [1, 3]),      # 0.5 + 0.3 = 0.8 >= 0.75: keeps the two largest
+    (0, 0.85, [0, 1, 3]),   # 0.8 < 0.85, 0.95 >= 0.85: 0.05 goes
+    (2, 1.0, [1, 3]),       # the two largest
+    (3, 1.0, [0, 1, 3]),
+    # Top-k first, then top-p on the renormalised survivors (as HF's warpers): top-2 leaves
+    # 0.5 / 0.8 = 0.625 and 0.375, and 0.625 alone reaches 0.6. Over the original probs
+    # (0.5 < 0.6) top-p would have kept both.
+    (2, 0.6, [1]),
+])
+def test_filter_logits_hand_cases(top_k, top_p, kept):
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    logits = probs.log()
+    out = filter_logits(logits, top_k=top_k, top_p=top_p)
+    assert torch.isfinite(out[0]).nonzero()[:, 0].tolist() == kept
+    torch.testing.assert_close(out[0, kept], logits[0, kept], rtol=0, atol=0)  # survivors unchanged
+
+
+# ---------------------------------------------------------------------------------------------
+# padding helpers
+# ---------------------------------------------------------------------------------------------
+
+def test_pad_prompts_left_pads():
+    ids, mask = pad_prompts([[5, 6, 7], [8], [9, 10]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+
+
+def test_position_ids_count_real_tokens_only():
+    # Each prompt's first real token sits at position 0 whatever its padding; pads get 0
+    # (masked anyway). A completion continues from there: mask [0, 1, 1, 1] -> 0, 1, 2.
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1], [0, 0, 1, 2]]
