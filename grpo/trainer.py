@@ -8,7 +8,8 @@ One optimizer step, in named phases:
   5. old / ref logps  - no grad, fused log-prob kernel at the sampling temperature
   6. update           - num_iterations passes over micro-batches, gradient accumulation,
                         clipped policy loss + beta * KL (grpo/loss.py), AdamW, grad clipping
-  7. ref refresh      - optional: ref <- alpha * policy + (1 - alpha) * ref every tau steps
+  7. ref refresh      - optional: ref <- alpha * policy + (1 - alpha) * ref every tau steps;
+                        once refreshed, the reference is saved in the checkpoints too
   8. log, evaluate, checkpoint
 
 Departures from DeepSeekMath's GRPO, said out loud:
@@ -36,7 +37,7 @@ from grpo.loss import policy_loss
 from grpo.rewards import get_reward_functions
 from grpo.rollout import PolicyModel, generate, pad_prompts
 from infra.checkpoint import CheckpointManager, export_hf
-from infra.config import ConfigError, format_config
+from infra.config import ConfigError, format_config, load_recipe
 from infra.dist import all_reduce_sum, decoder_layers, set_gathered, shard_model
 from infra.logging import MetricsLogger, ProgressBar, step_line, write_jsonl
 from infra.loop import epoch_order, eval_due, save_and_stop, start_run, stop_signals
@@ -66,6 +67,16 @@ def load_datasets(cfg: GRPOJobConfig) -> tuple[list[dict], list[dict]]:
 def prompt_order(n: int, seed: int, step: int, count: int) -> list[int]:
     """Indices of the `count` prompts of `step` (1-based) in a stream of seeded epoch permutations."""
     return epoch_order(n, seed, (step - 1) * count, count)
+
+
+def _saved_ref_refreshes(path, state: dict) -> int:
+    """Reference refreshes applied before checkpoint `path` was taken."""
+    if "ref_refreshes" in state:
+        return int(state["ref_refreshes"])
+    # Older checkpoints did not count them: take the count the checkpoint's config implies.
+    g = load_recipe(path / "config.yaml").get("grpo") or {}
+    tau, beta = int(g.get("ref_refresh_steps", 0)), float(g.get("beta", 0))
+    return int(state["step"]) // tau if tau and beta > 0 else 0
 
 
 def _loss_scale(loss_type: str, rows: int, local_rows: int, tokens, local_tokens, world: int):
@@ -153,6 +164,7 @@ class GRPOTrainer:
                                     cfg.train.wandb_project if cfg.train.wandb else None,
                                     config=None)
         self.step = 0
+        self.ref_refreshes = 0  # refreshes applied to self.ref: 0 means it is the initial model
         self.nonfinite_in_row = 0
         self.stop_requested = False
         self.eval_history: list[dict] = []
@@ -160,27 +172,43 @@ class GRPOTrainer:
     # ---------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict:
         return {"scheduler": self.scheduler.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
-                "eval_history": json.dumps(self.eval_history)}
+                "eval_history": json.dumps(self.eval_history), "ref_refreshes": self.ref_refreshes}
 
     def save(self) -> None:
-        self.ckpt.save(self.step, self.policy, self.optimizer, self._trainer_state(), format_config(self.cfg))
+        # The reference is saved only once a refresh has moved it: until then it is the initial
+        # model, which resume loads from model.path anyway.
+        extra = {"ref": self.ref} if self.ref is not None and self.ref_refreshes else None
+        self.ckpt.save(self.step, self.policy, self.optimizer, self._trainer_state(),
+                       format_config(self.cfg), extra_models=extra)
 
     def maybe_resume(self) -> None:
         latest = self.ckpt.latest() if self.cfg.train.resume else None
         if latest is None:
             return
-        state = self.ckpt.load(latest, self.policy, self.optimizer)
+        state = self.ckpt.load(latest, self.policy, self.optimizer,
+                               extra_models={"ref": self.ref} if self.ref is not None else None)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.nonfinite_in_row = int(state["nonfinite_in_row"])
         self.eval_history = json.loads(state["eval_history"])
         self.logger.truncate_after(self.step)
-        if self.ref is not None and self.cfg.grpo.ref_refresh_steps:
-            # The mixed reference is not checkpointed: refuse rather than diverge silently.
-            raise ConfigError("--grpo.ref_refresh_steps with resume: the mixed reference model is not "
-                              "checkpointed; resume with --train.resume false or without refreshes")
+        if self.ref is not None:
+            self.ref_refreshes = _saved_ref_refreshes(latest, state)
+            # A checkpoint without reference weights is exact only if its reference was never
+            # refreshed (it is then the initial model, just loaded from model.path). That holds
+            # when refreshes are turned on at resume: they start from the initial reference, as
+            # if the run had had them from this step on. A refreshed reference that was not saved
+            # (checkpoints from before references were saved) cannot be rebuilt: the initial one
+            # would silently change the KL term, so refuse.
+            if self.ref_refreshes and "ref" not in state["extra_models"]:
+                raise ConfigError(
+                    f"--grpo.ref_refresh_steps: checkpoint {latest} was taken after "
+                    f"{self.ref_refreshes} reference refreshes but does not hold the refreshed "
+                    f"reference model, and the initial one would change the KL term. Start over "
+                    f"with --train.resume false, or resume without a reference with --grpo.beta 0.")
         if self.main:
-            print(f"[grpo] resumed from {latest} at step {self.step}", flush=True)
+            restored = f", reference refreshed {self.ref_refreshes} times" if self.ref_refreshes else ""
+            print(f"[grpo] resumed from {latest} at step {self.step}{restored}", flush=True)
 
     def _on_signal(self, signum, frame):
         self.stop_requested = True
@@ -341,6 +369,7 @@ class GRPOTrainer:
         with torch.no_grad():
             for p_ref, p in zip(self.ref.parameters(), self.policy.parameters()):
                 p_ref.mul_(1 - a).add_(p.detach(), alpha=a)
+        self.ref_refreshes += 1
 
     # ---------------------------------------------------------------- the loop
     def run_eval(self) -> dict:

@@ -2,8 +2,10 @@
 
 A checkpoint folder holds:
 - the DCP shards of the model and optimizer (`get_state_dict`, so FSDP2 shards save in parallel
-  and load back into any world size);
-- `trainer_state.pt`: step, data position, scheduler state, anything small the trainer adds;
+  and load back into any world size), and of any extra model the trainer passes, each under its
+  own key (GRPO's reference model, once reference refreshes have moved it off the initial weights);
+- `trainer_state.pt`: step, data position, scheduler state, the names of the extra models saved,
+  anything small the trainer adds;
 - `rng-rank{r}.pt`: each rank's Python / torch / CUDA RNG states;
 - `config.yaml`: the resolved config that produced it.
 
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict)
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
 
 from infra.dist import DistInfo, barrier
 
@@ -74,7 +77,13 @@ class CheckpointManager:
         steps = self.steps()
         return self.root / f"step-{steps[-1]}" if steps else None
 
-    def save(self, step: int, model, optimizer, trainer_state: dict, config_text: str = "") -> Path:
+    def save(self, step: int, model, optimizer, trainer_state: dict, config_text: str = "",
+             extra_models: dict[str, nn.Module] | None = None) -> Path:
+        """Write `step-N/`. `extra_models` (name -> module, e.g. {"ref": ref_model}) are saved
+        next to the model, without optimizer state, in the same collective `dcp.save`."""
+        extra = extra_models or {}
+        if {"model", "optim"} & extra.keys():
+            raise ValueError(f"extra model names must not be 'model' or 'optim', got {sorted(extra)}")
         final = self.root / f"step-{step}"
         tmp = self.root / f"step-{step}.tmp"
         if self.info.is_main:
@@ -82,10 +91,12 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        extra_sd = {name: get_model_state_dict(m) for name, m in extra.items()}
+        dcp.save({"model": model_sd, "optim": optim_sd, **extra_sd}, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng-rank{self.info.rank}.pt")
         if self.info.is_main:
-            torch.save({"step": step, **trainer_state}, tmp / "trainer_state.pt")
+            torch.save({"step": step, **trainer_state, "extra_models": sorted(extra)},
+                       tmp / "trainer_state.pt")
             (tmp / "config.yaml").write_text(config_text)
         barrier()
         if self.info.is_main:
@@ -98,20 +109,32 @@ class CheckpointManager:
         barrier()
         return final
 
-    def load(self, path: str | os.PathLike, model, optimizer) -> dict:
-        """Restore model, optimizer and this rank's RNG; return the trainer state."""
+    def load(self, path: str | os.PathLike, model, optimizer,
+             extra_models: dict[str, nn.Module] | None = None) -> dict:
+        """Restore model, optimizer and this rank's RNG; return the trainer state.
+
+        Each of `extra_models` that the checkpoint holds is restored too; the others are left
+        as they are. The returned state's `extra_models` lists the names the checkpoint holds,
+        so the caller decides what a missing one means.
+        """
         path = Path(path)
         if not (path / ".metadata").exists():
             raise ValueError(f"{path} is not a complete checkpoint (no .metadata)")
+        trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+        trainer_state.setdefault("extra_models", [])  # checkpoints written before extra models
+        extra = {k: m for k, m in (extra_models or {}).items() if k in trainer_state["extra_models"]}
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd, "optim": optim_sd,
+                 **{name: get_model_state_dict(m) for name, m in extra.items()}}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
+        for name, m in extra.items():
+            set_model_state_dict(m, state[name])
         rng = path / f"rng-rank{self.info.rank}.pt"
         if rng.exists():  # absent when resuming on more ranks than saved: fresh RNG is fine
             _set_rng_state(torch.load(rng, weights_only=True))
-        return torch.load(path / "trainer_state.pt", weights_only=True)
+        return trainer_state
 
 
 def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: DistInfo,

@@ -1,6 +1,7 @@
 """The GRPO trainer end to end on the tiny model: FSDP2 (2 processes, gloo) equals one process,
-resume equals an uninterrupted run, a killed save leaves a resumable checkpoint, the export loads,
-and bad options fail at start naming the option."""
+resume equals an uninterrupted run (also with reference refreshes, whose reference the
+checkpoints hold), a killed save leaves a resumable checkpoint, the export loads, and bad options
+fail at start naming the option."""
 import json
 import os
 import subprocess
@@ -97,6 +98,120 @@ print(m.generate(**x, max_new_tokens=4, do_sample=False).shape[1] - x["input_ids
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip().splitlines()[-1]) >= 1
+
+
+# TR-DPO-style reference refreshes after every step: the reference moves each step, so a resume
+# that lost it would show a different kl from step 3 on.
+REFRESH = ["--grpo.beta", "0.04", "--grpo.ref_refresh_steps", "1", "--grpo.ref_mix_alpha", "0.6"]
+
+
+def _trainer_state(ckpt):
+    return torch.load(Path(ckpt) / "trainer_state.pt", weights_only=True)
+
+
+def _dcp_tensors(ckpt, tmp_path):
+    """The model and reference tensors of a DCP checkpoint folder, as {"model": {...}, "ref": {...}}."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    out = tmp_path / f"{Path(ckpt).parent.parent.name}-{Path(ckpt).name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    sd = torch.load(out, weights_only=False)
+    return {k: sd[k] for k in ("model", "ref") if k in sd}
+
+
+def _assert_resume_equals(full, part, tmp_path, rtol=1e-5, atol=1e-7):
+    a = _dcp_tensors(full / "checkpoints" / "step-4", tmp_path)
+    b = _dcp_tensors(part / "checkpoints" / "step-4", tmp_path)
+    assert a.keys() == b.keys() == {"model", "ref"}
+    for name in a:
+        for k in a[name]:
+            torch.testing.assert_close(b[name][k], a[name][k], rtol=rtol, atol=atol, msg=f"{name} {k}")
+    ma = [m for m in _metrics(full) if "reward" in m]
+    mb = [m for m in _metrics(part) if "reward" in m]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):
+        assert x["reward"] == pytest.approx(y["reward"], abs=1e-9)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-7)
+        assert x["kl"] == pytest.approx(y["kl"], rel=1e-4, abs=1e-9), x["step"]
+    return a, ma
+
+
+def test_resume_with_ref_refresh_equals_uninterrupted(tiny, tmp_path):
+    args = [*BASE, *REFRESH, "--model.path", tiny, "--train.max_steps", "4", "--train.save_every", "2",
+            "--train.export", "false"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run([*args, "--train.output_dir", str(full)])
+    _run([*args, "--train.output_dir", str(part), "--train.stop_at_step", "2"])
+    assert _trainer_state(part / "checkpoints" / "step-2")["extra_models"] == ["ref"]
+    res = _run([*args, "--train.output_dir", str(part)])
+    assert "resumed from" in res.stdout
+    state = _trainer_state(full / "checkpoints" / "step-4")
+    assert state["ref_refreshes"] == 4 and state["extra_models"] == ["ref"]
+    weights, metrics = _assert_resume_equals(full, part, tmp_path)
+    # Not vacuous: the reference moved away from the initial model, and the kl is not zero.
+    start = load_file(Path(tiny) / "model.safetensors")
+    moved = max((weights["ref"]["lm." + k] - v).abs().max().item() for k, v in start.items())
+    assert moved > 1e-4
+    assert min(m["kl"] for m in metrics[2:]) > 1e-6
+
+
+def test_resume_without_saved_reference(tiny, tmp_path):
+    """A checkpoint without reference weights resumes exactly when its reference was never
+    refreshed (it is the initial model; refreshes turned on at resume start from it), and fails
+    naming the option and the checkpoint when a refreshed reference was not saved."""
+    import shutil
+    args = [*BASE, "--model.path", tiny, "--train.max_steps", "4", "--train.save_every", "2",
+            "--train.export", "false"]
+    plain, turned_on, legacy = tmp_path / "plain", tmp_path / "turned_on", tmp_path / "legacy"
+    _run([*args, "--train.output_dir", str(plain)])
+    # Runs without refreshes do not save the reference: it is the initial model.
+    for step in (2, 4):
+        ckpt = plain / "checkpoints" / f"step-{step}"
+        assert _trainer_state(ckpt)["extra_models"] == [] and _trainer_state(ckpt)["ref_refreshes"] == 0
+        assert "ref" not in _dcp_tensors(ckpt, tmp_path)
+
+    # Resume from step 2 with refreshes turned on.
+    shutil.copytree(plain, turned_on)
+    shutil.rmtree(turned_on / "checkpoints" / "step-4")
+    res = _run([*args, *REFRESH, "--train.output_dir", str(turned_on)])
+    assert "resumed from" in res.stdout
+    ma = {m["step"]: m for m in _metrics(plain) if "reward" in m}
+    mb = {m["step"]: m for m in _metrics(turned_on) if "reward" in m}
+    assert sorted(mb) == [1, 2, 3, 4]
+    # Step 3 still uses the initial reference (the refresh comes after the update) ...
+    for k in ("reward", "loss", "kl"):
+        assert mb[3][k] == pytest.approx(ma[3][k], rel=1e-4, abs=1e-9), k
+    # ... step 4 the refreshed one, which the new checkpoint holds.
+    assert mb[4]["reward"] == pytest.approx(ma[4]["reward"], abs=1e-9)
+    assert abs(mb[4]["kl"] - ma[4]["kl"]) > 1e-3 * ma[4]["kl"]
+    state = _trainer_state(turned_on / "checkpoints" / "step-4")
+    assert state["ref_refreshes"] == 2 and state["extra_models"] == ["ref"]
+
+    # A checkpoint from before references were saved, of a run with refreshes: the refreshed
+    # reference is lost, so resuming must fail rather than silently use the initial one.
+    shutil.copytree(turned_on, legacy)
+    ckpt = legacy / "checkpoints" / "step-4"
+    state = _trainer_state(ckpt)
+    del state["ref_refreshes"], state["extra_models"]
+    torch.save(state, ckpt / "trainer_state.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "grpo", *args, *REFRESH,
+                          "--train.max_steps", "5", "--train.output_dir", str(legacy)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "--grpo.ref_refresh_steps" in res.stderr and str(ckpt) in res.stderr, res.stderr
+    assert "--train.resume false" in res.stderr
+
+
+def test_resume_with_ref_refresh_two_processes(tiny, tmp_path):
+    """The same under FSDP2 with 2 processes: the sharded reference is saved and restored."""
+    args = [*BASE, *REFRESH, "--model.path", tiny, "--train.max_steps", "4", "--train.save_every", "2",
+            "--train.export", "false"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run([*args, "--train.output_dir", str(full)], nproc=2)
+    _run([*args, "--train.output_dir", str(part), "--train.stop_at_step", "2"], nproc=2)
+    res = _run([*args, "--train.output_dir", str(part)], nproc=2)
+    assert "resumed from" in res.stdout
+    _assert_resume_equals(full, part, tmp_path)
 
 
 def test_killed_save_leaves_previous_checkpoint_resumable(tmp_path):
