@@ -344,6 +344,21 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return _unflatten(out, lead)
 
 
+def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor):
+    """Under autocast, the LM head's matmul runs in the autocast dtype, as `F.linear` would.
+
+    A Hugging Face decoder under autocast hands over float32 hidden states (its residual
+    stream and final norm stay float32) and the float32 weight; without this cast the fused
+    kernel would take them at float32 matmul speed, where eager autocast uses bfloat16.
+    """
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device)
+    cast = lambda t: t.to(dtype) if t.dtype == torch.float32 else t  # noqa: E731
+    return cast(hidden), cast(weight)
+
+
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           temperature: float = 1.0, return_entropy: bool = False,
                           impl: str | None = None):
@@ -351,6 +366,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
     hidden [..., H], weight [V, H] (the LM head), targets [...]. Returns logps [...] float32
     (float64 for float64 inputs), or (logps, entropy). Differentiable in hidden and weight.
+    Under autocast, float32 inputs are cast to the autocast dtype first, as `F.linear` does.
     """
     temperature = _check_temperature(temperature)
     _check_float("hidden", hidden)
@@ -361,6 +377,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden [..., H] and targets [...] disagree: hidden "
                          f"{tuple(hidden.shape)}, targets {tuple(targets.shape)}")
+    hidden, weight = _autocast_inputs(hidden, weight)
     if hidden.dtype != weight.dtype or hidden.device != weight.device:
         raise ValueError(f"hidden and weight must share dtype and device, got "
                          f"{hidden.dtype}/{hidden.device} and {weight.dtype}/{weight.device}")

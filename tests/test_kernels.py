@@ -57,8 +57,8 @@ def reference(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
 
 def _upstream(N: int, gen: torch.Generator):
     """Non-uniform upstream gradients; row 3 has none at all, rows 0 and 5 only one of two."""
-    g_lp = torch.randn(N, generator=gen, dtype=torch.float64)
-    g_ent = torch.randn(N, generator=gen, dtype=torch.float64)
+    g_lp = torch.randn(N, generator=gen, dtype=torch.float64, device=gen.device)
+    g_ent = torch.randn(N, generator=gen, dtype=torch.float64, device=gen.device)
     g_lp[[0, 3]] = 0.0
     g_ent[[3, 5]] = 0.0
     return g_lp, g_ent
@@ -70,12 +70,19 @@ def _ragged_logits(N: int, V: int, gen: torch.Generator) -> torch.Tensor:
     return (2 * torch.randn(N, V, generator=gen) + offset[:, None]).float()
 
 
-def _compare(fn, inputs32: list[torch.Tensor], ref_fn, with_entropy: bool, seed: int = 0):
-    """fn(*inputs32) vs ref_fn(*inputs in float64): values, entropies and input gradients."""
-    gen = torch.Generator().manual_seed(seed)
-    x32 = [t.detach().clone().requires_grad_() for t in inputs32]
-    x64 = [t.detach().double().requires_grad_() for t in inputs32]
-    out, ref = fn(*x32, with_entropy), ref_fn(*x64)
+def _compare(fn, inputs: list[torch.Tensor], ref_fn, with_entropy: bool, seed: int = 0,
+             grad_rtol: float | None = None):
+    """fn(*inputs) vs ref_fn(*inputs in float64): values, entropies and input gradients.
+
+    Values always to 1e-5: the kernels compute in float32 whatever the input dtype, and the
+    float64 reference starts from the same (already rounded) inputs. Gradients come back in
+    the input dtype, so 16-bit inputs pass `grad_rtol`, a few units of their rounding, also
+    taken as the absolute tolerance relative to each gradient's largest entry.
+    """
+    gen = torch.Generator(device=inputs[0].device).manual_seed(seed)
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    x64 = [t.detach().double().requires_grad_() for t in inputs]
+    out, ref = fn(*xs, with_entropy), ref_fn(*x64)
     g_lp, g_ent = _upstream(ref[0].shape[0], gen)
     if with_entropy:
         assert_close(out[0].double(), ref[0], **TOL)
@@ -87,8 +94,11 @@ def _compare(fn, inputs32: list[torch.Tensor], ref_fn, with_entropy: bool, seed:
         loss, loss_ref = (out.double() * g_lp).sum(), (ref[0] * g_lp).sum()
     loss.backward()
     loss_ref.backward()
-    for a, b in zip(x32, x64):
-        assert_close(a.grad.double(), b.grad, **TOL)
+    for a, b in zip(xs, x64):
+        assert a.grad.dtype == a.dtype
+        tol = TOL if grad_rtol is None else dict(rtol=grad_rtol,
+                                                 atol=grad_rtol * b.grad.abs().max().item())
+        assert_close(a.grad.double(), b.grad, **tol)
 
 
 # ----------------------------------------------------------------------------------------
@@ -166,6 +176,61 @@ def test_triton_fused_kernel_matches_float64(N, H, V, num_splits, rows_per_chunk
              with_entropy)
 
 
+# float16 takes the code path that bfloat16 takes on a GPU: 16-bit loads, and the logit and
+# weight gradients kept in the input dtype. Gradient tolerances are two units of rounding,
+# 2 * 2^-11 for float16 and 2 * 2^-8 for bfloat16. bfloat16 runs the token kernel only here:
+# the interpreter's tl.dot is wrong for bfloat16 operands (triton 3.9: a 16x16 product came
+# back 2.5e10 off, while float16 and float32 were exact), so the fused kernel's bfloat16 run
+# is left to the CUDA tests below.
+GRAD_RTOL_16 = {torch.float16: 2 * 2.0**-11, torch.bfloat16: 2 * 2.0**-8}
+
+
+class _RoundGrad(torch.autograd.Function):
+    """Identity whose backward rounds the gradient to `dtype`: the fused kernels' 16-bit
+    contract, which (like eager bfloat16 autograd) rounds d loss / d logits to the input dtype
+    before the grad_hidden and grad_weight reductions. A float64 reference without this step
+    differs by u * sum_j |dx_j| |w_j|, far above u * |grad| where the exact sum cancels."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).to(grad.dtype), None
+
+
+def _linear_reference_16bit(y, temperature, dtype):
+    return lambda h, w: reference(_RoundGrad.apply(h @ w.T, dtype), y, temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_entropy", [False, True])
+@needs_interpreter
+def test_triton_token_kernel_16bit(dtype, with_entropy):
+    from kernels.triton_logprobs import triton_token_logprobs
+
+    gen = torch.Generator().manual_seed(17)
+    logits = _ragged_logits(9, 37, gen).to(dtype)
+    y = torch.randint(0, 37, (9,), generator=gen)
+    _compare(lambda x, e: triton_token_logprobs(x, y, 0.7, e, block_v=16), [logits],
+             lambda x: reference(x, y, 0.7), with_entropy, grad_rtol=GRAD_RTOL_16[dtype])
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@needs_interpreter
+def test_triton_fused_kernel_float16(with_entropy):
+    from kernels.triton_logprobs import triton_linear_logprobs
+
+    gen = torch.Generator().manual_seed(19)
+    hidden, weight, y = _ragged_linear(9, 17, 70, gen)  # exact in float16 too
+    fn = lambda h, w, e: triton_linear_logprobs(  # noqa: E731
+        h, w, y, 0.7, e, blocks=(16, 32, 16), num_splits=2, rows_per_chunk=4)
+    _compare(fn, [hidden.half(), weight.half()], _linear_reference_16bit(y, 0.7, torch.float16),
+             with_entropy, grad_rtol=GRAD_RTOL_16[torch.float16])
+
+
 def _ragged_linear(N: int, H: int, V: int, gen: torch.Generator):
     """hidden's last feature is +100, -100 or 0 and weight's last column is 1, so each row's
     logits move by that offset. Entries are multiples of 1/8 and 1/16 of moderate size: every
@@ -201,6 +266,74 @@ def test_triton_public_dispatch_and_forward_only():
                  reference(logits, y, 0.7)[0], **TOL)
 
 
+# ----------------------------------------------------------------------------------------
+# compiled Triton kernels on a GPU (skipped without one; CI has none)
+# ----------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETER,
+                                reason="needs a CUDA GPU (compiled Triton)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_cuda_triton_kernels_match_float64(dtype, temperature, with_entropy):
+    """The kernels as a GPU runs them: default blocks and splits, V = 5003 (ragged against
+    every block), N = 300 (ragged against BLOCK_N), a backward in three chunks. The inputs
+    are exact in every dtype (`_ragged_linear`), so values still match float64 to 1e-5."""
+    from kernels.triton_logprobs import triton_linear_logprobs, triton_token_logprobs
+
+    gen = torch.Generator().manual_seed(23)
+    hidden, weight, y = _ragged_linear(300, 256, 5003, gen)
+    hidden, weight, y = hidden.cuda().to(dtype), weight.cuda().to(dtype), y.cuda()
+    rtol = GRAD_RTOL_16.get(dtype)  # None for float32: the 1e-5 of the CPU tests
+    ref_fn = _linear_reference_16bit(y, temperature, dtype) if rtol else \
+        (lambda h, w: reference(h @ w.T, y, temperature))
+    _compare(lambda h, w, e: triton_linear_logprobs(h, w, y, temperature, e, rows_per_chunk=128),
+             [hidden, weight], ref_fn, with_entropy, grad_rtol=rtol)
+    logits = _ragged_logits(300, 5003, gen).cuda().to(dtype)
+    _compare(lambda x, e: triton_token_logprobs(x, y, temperature, e), [logits],
+             lambda x: reference(x, y, temperature), with_entropy, grad_rtol=rtol)
+
+
+@needs_cuda
+def test_cuda_public_dispatch_picks_triton():
+    gen = torch.Generator().manual_seed(29)
+    hidden, weight, y = _ragged_linear(257, 128, 3001, gen)
+    hidden, weight, y = hidden.cuda().bfloat16(), weight.cuda().bfloat16(), y.cuda()
+    out = fused_linear_logprobs(hidden, weight.requires_grad_(), y, 0.7)  # no impl given
+    assert "Triton" in type(out.grad_fn).__name__ and out.dtype == torch.float32
+    # float32 accumulation, never rounded to bfloat16 (the chunked path rounds its logits)
+    assert_close(out.double(), reference(hidden.double() @ weight.double().T, y, 0.7)[0], **TOL)
+
+
+@needs_cuda
+def test_cuda_token_kernel_past_int32_offsets():
+    """N * V > 2^31 - 1 elements: row offsets need int64, or the last rows read the wrong
+    memory. The rows checked sit past the int32 limit."""
+    N, V = 14_200, 151_936  # 2.16e9 elements, 4.3 GB in bfloat16 (8.6 GB with the gradient)
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    x = torch.randn(N, V, generator=gen, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, V, (N,), generator=gen, device="cuda")
+    rows = torch.tensor([0, N // 2, N - 2, N - 1], device="cuda")
+    assert int(rows[-1]) * V > 2**31
+    x.requires_grad_()
+    logp = token_logprobs(x, y, 0.7, impl="triton")
+    x64 = x.detach()[rows].double().requires_grad_()
+    ref = reference(x64, y[rows], 0.7)[0]
+    assert_close(logp[rows].double(), ref, **TOL)
+    g = torch.zeros(N, device="cuda")
+    g[rows] = torch.tensor([1.0, -2.0, 0.5, 3.0], device="cuda")
+    logp.backward(g)
+    ref.backward(g[rows].double())
+    rtol = GRAD_RTOL_16[torch.bfloat16]
+    assert_close(x.grad[rows].double(), x64.grad, rtol=rtol,
+                 atol=rtol * x64.grad.abs().max().item())
+    assert int(torch.count_nonzero(x.grad[N - 3])) == 0  # a row with no upstream gradient
+
+
 @pytest.mark.skipif(INTERPRETER, reason="this process already is the interpreter run")
 def test_triton_tests_under_interpreter():
     pytest.importorskip("triton")
@@ -210,9 +343,10 @@ def test_triton_tests_under_interpreter():
                           __file__, "-k", "triton"], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    # every Triton test ran: 2 hand-derived + 8 token-kernel + 12 fused-kernel + 1 dispatch
+    # every Triton test ran: 2 hand-derived + 8 token-kernel + 12 fused-kernel + 4 + 2
+    # 16-bit + 1 dispatch (the CUDA tests are skipped on a machine without a GPU)
     passed = re.search(r"(\d+) passed", res.stdout)
-    assert passed and int(passed.group(1)) == 23, res.stdout[-2000:]
+    assert passed and int(passed.group(1)) == 29, res.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,6 +418,22 @@ def test_bf16_inputs_give_float32_and_leading_dims():
     # both paths round the bf16 matmul output the same way, then work in float32
     expected = eager_linear_logprobs(h.reshape(6, 16), w, y.reshape(6), 0.7).reshape(2, 3)
     assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_runs_the_head_in_the_autocast_dtype():
+    """Under autocast, float32 hidden states and weight are cast as F.linear would cast them,
+    and gradients reach the float32 leaves in float32."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 16, generator=gen, requires_grad=True)
+    w = (torch.randn(40, 16, generator=gen) / 4).requires_grad_()
+    y = torch.randint(0, 40, (6,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_logprobs(h, w, y, 0.7, impl="torch")
+    expected = eager_linear_logprobs(h.bfloat16(), w.bfloat16(), y, 0.7)
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - fused_linear_logprobs(h, w, y, 0.7)).abs().max() > 1e-4  # bf16 was used
+    out.sum().backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------------------
