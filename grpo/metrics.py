@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from grpo.advantages import zero_std_groups
 from grpo.rewards import pop_reward_metrics
 
 
@@ -13,6 +14,15 @@ def _gather_rows(values: list) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, values)
     return [v for part in out for v in part]
+
+
+def _valid_group_std(rewards: torch.Tensor, valid: torch.Tensor, g: int) -> torch.Tensor:
+    """Unbiased std of each group's valid rewards, 0 where fewer than two are valid."""
+    r, v = rewards.view(-1, g), valid.view(-1, g).double()  # [groups, G]
+    n = v.sum(-1)
+    mean = (r * v).sum(-1) / n.clamp(min=1)
+    var = (((r - mean[:, None]) ** 2) * v).sum(-1) / (n - 1).clamp(min=1)
+    return torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))  # [groups]
 
 
 def step_metrics(trainer, rows: list[dict], stats: dict, upd: dict, step_time: float) -> dict:
@@ -25,11 +35,12 @@ def step_metrics(trainer, rows: list[dict], stats: dict, upd: dict, step_time: f
     per_fn = torch.tensor([e[1] for e in everything], dtype=torch.float64)   # [N_global, F]
     lengths = torch.tensor([e[2] for e in everything], dtype=torch.float64)
     truncated = torch.tensor([e[3] for e in everything], dtype=torch.float64)
-    grouped = rewards.view(-1, g)
-    group_std = grouped.std(-1, unbiased=True)
-
-    m = {"reward": rewards.mean().item(), "reward_std": group_std.mean().item(),
-         "frac_reward_zero_std": (group_std == 0).double().mean().item()}
+    # A row on which every reward function abstained (NaN) carries a placeholder reward of 0
+    # and advantage 0 (combine_rewards): it stays out of the means and stds, as in training.
+    valid = ~torch.isnan(per_fn).all(-1)  # [N_global]
+    m = {"reward": rewards[valid].mean().item() if valid.any() else float("nan"),
+         "reward_std": _valid_group_std(rewards, valid, g).mean().item(),
+         "frac_reward_zero_std": zero_std_groups(rewards, g, valid).double().mean().item()}
     for f, n in enumerate(names):
         col = per_fn[:, f]
         col = col[~torch.isnan(col)]
