@@ -5,9 +5,11 @@ from data.loaders import (
     DatasetError,
     Records,
     last_boxed,
+    load_held_out,
     load_records,
     normalize_answer,
     seeded_split,
+    split_names,
 )
 from data.prompts import SYSTEM_PROMPT, make_conversation, render_prompt
 
@@ -17,9 +19,11 @@ __all__ = [
     "DatasetError",
     "Records",
     "last_boxed",
+    "load_held_out",
     "load_records",
     "make_conversation",
     "normalize_answer",
     "render_prompt",
     "seeded_split",
+    "split_names",
 ]

@@ -25,6 +25,11 @@ gives every file. A single file, or a folder with no split-named file, is one po
 test.jsonl), and "train" / "test" return the two sides of a seeded split that is disjoint,
 covers the pool and keeps file order within each side.
 
+Held-out problems. `load_held_out(source, eval_source, ...)` is the one rule both trainers
+evaluate by: the same source (or none given) -> its "test" split, or for an unsplit source the
+test side of the very seeded split training used; another source -> its "test" split if it has
+one, else all of its rows.
+
 Departures from the tutorial: its `validate_dataset` prints warnings and goes on; here a bad
 file raises `DatasetError`, and a bad row raises or, with `on_bad_row="skip"`, is dropped,
 counted and reported once per file. NuminaMath's `messages` column (tool-integrated solutions
@@ -288,7 +293,8 @@ def _split_tokens(path: Path, root: Path) -> set[str]:
     return set(re.split(r"[^0-9a-z]+", str(path.relative_to(root).with_suffix("")).lower()))
 
 
-def _open_folder(root: Path, split: str) -> tuple[list[_Table], bool]:
+def _folder_files(root: Path) -> tuple[list[Path], dict[Path, set[str]], set[str]]:
+    """The data files of a folder, the name tokens of each, and the split names they use."""
     files = sorted(
         p for p in root.rglob("*")
         if p.is_file() and p.suffix in DATA_SUFFIXES
@@ -297,7 +303,11 @@ def _open_folder(root: Path, split: str) -> tuple[list[_Table], bool]:
     if not files:
         raise DatasetError(f"folder {root} holds no {'/'.join(DATA_SUFFIXES)} file")
     tokens = {p: _split_tokens(p, root) for p in files}
-    named = {s for p in files for s in tokens[p] & set(SPLIT_NAMES)}
+    return files, tokens, {s for p in files for s in tokens[p] & set(SPLIT_NAMES)}
+
+
+def _open_folder(root: Path, split: str) -> tuple[list[_Table], bool]:
+    files, tokens, named = _folder_files(root)
     if not named:  # no split names: every file is part of one pool, split by seed
         return [_read_file(p) for p in files], True
     chosen = files if split == "all" else [p for p in files if split in tokens[p]]
@@ -309,18 +319,21 @@ def _open_folder(root: Path, split: str) -> tuple[list[_Table], bool]:
     return [_read_file(p) for p in chosen], False
 
 
-def _open_hub(name: str, split: str) -> list[_Table]:
+def _load_hub(name: str, split: str) -> dict:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(name) if split == "all" else {split: datasets.load_dataset(name, split=split)}
+        return datasets.load_dataset(name) if split == "all" else {split: datasets.load_dataset(name, split=split)}
     except Exception as e:  # offline, unknown name, unknown split: all end the same way for the user
         raise DatasetError(
             f"could not load Hugging Face dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "
             "Without network access, download it elsewhere and pass a local path instead: a "
             ".jsonl/.json/.parquet file, or a folder such as a hub snapshot"
         ) from e
-    return [_Table(f"{name}[{s}]", ds.column_names, ds.to_list()) for s, ds in loaded.items()]
+
+
+def _open_hub(name: str, split: str) -> list[_Table]:
+    return [_Table(f"{name}[{s}]", ds.column_names, ds.to_list()) for s, ds in _load_hub(name, split).items()]
 
 
 def _open_source(source: str | Path, split: str) -> tuple[list[_Table], bool]:
@@ -332,9 +345,25 @@ def _open_source(source: str | Path, split: str) -> tuple[list[_Table], bool]:
         if path.suffix not in DATA_SUFFIXES:
             raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; expected {DATA_SUFFIXES}")
         return [_read_file(path)], True
-    if isinstance(source, Path) or path.suffix in DATA_SUFFIXES or str(source).startswith(("/", ".", "~")):
+    if _looks_local(source):
         raise DatasetError(f"no such file or folder: {source}")
     return _open_hub(str(source), split), False
+
+
+def _looks_local(source: str | Path) -> bool:
+    """A source that is meant as a local path (not a hub name), whether or not it exists."""
+    return isinstance(source, Path) or Path(source).suffix in DATA_SUFFIXES or str(source).startswith(("/", ".", "~"))
+
+
+def split_names(source: str | Path) -> list[str]:
+    """The splits `source` names: an HF dataset's, or those in a folder's file names; [] for a
+    single file or a folder without split-named files (one pool, split by seed)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return sorted(_folder_files(path)[2])
+    if path.is_file() or _looks_local(source):
+        return []
+    return sorted(_load_hub(str(source), "all"))  # cached after the first load
 
 
 def seeded_split(n: int, test_size: float | int, seed: int) -> dict[str, list[int]]:
@@ -429,3 +458,51 @@ def load_records(
     if limit is not None:
         records = records[:limit]
     return Records(records, next(iter(schemas.values())), str(source), split, skipped)
+
+
+def _same_source(a: str | Path, b: str | Path) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()  # "data/x.jsonl" and "./data/x.jsonl" are one file
+    return str(a) == str(b)
+
+
+def load_held_out(
+    source: str | Path,
+    eval_source: str | Path = "",
+    *,
+    train_split: str = "train",
+    eval_split: str = "auto",
+    schema: str = "auto",
+    on_bad_row: str = "error",
+    test_size: float | int = 0.1,
+    seed: int = 0,
+) -> Records:
+    """The held-out problems of a run that trains on `train_split` of `source`; the one rule
+    every trainer evaluates by:
+
+    - `eval_source` empty or the same as `source`: the other side of the training data: the
+      source's own "test" split when it names splits, else the "test" side of the seeded split
+      that training cut with the same `test_size` and `seed`. Never a row that training reads:
+      raises when `train_split` is "all" or the eval split itself.
+    - another source with a "test" split (an HF dataset such as AI-MO/NuminaMath-TIR, a folder
+      holding test.jsonl): that split.
+    - another source without one (a single file such as GSM8K's test.jsonl, an unsplit folder,
+      an HF test set published as one "train" split): all of its rows. The whole file is held
+      out; cutting it by seed would evaluate only a `test_size` sliver of it.
+
+    `eval_split` other than "auto" names the split of the eval source instead. `schema` is the
+    training source's: it applies to the same source, while another source's columns are
+    detected (train on Bespoke chats, evaluate on NuminaMath problems).
+    """
+    same = not eval_source or _same_source(eval_source, source)
+    src = source if same else eval_source
+    if eval_split == "auto":
+        eval_split = "test" if same or "test" in split_names(src) else "all"
+    if same and train_split in ("all", eval_split):
+        raise DatasetError(
+            f"{source}: training reads split {train_split!r} of it and evaluation split {eval_split!r}: "
+            f"nothing would be held out; train on 'train', or evaluate another source"
+        )
+    return load_records(src, schema=schema if same else "auto", split=eval_split, on_bad_row=on_bad_row,
+                        test_size=test_size, seed=seed)

@@ -48,11 +48,15 @@ class DataConfig:
     train_split: str = "train"
     """Split used for training prompts."""
     eval_source: str = ""
-    """Held-out problems (same kinds of value as `source`); empty: `source`'s test split."""
-    eval_split: str = "test"
-    """Split of the held-out problems."""
+    """Held-out problems (same kinds of value as `source`). Empty or equal to `source`: the part
+    of `source` training does not read: its test split, or for a single file / unsplit folder the
+    test side of the seeded split (`test_size`, train.seed). Another source: its test split if it
+    names one, else all of its rows (a file that is a test set). See data.loaders.load_held_out."""
+    eval_split: str = "auto"
+    """Split of the held-out problems: auto (the rule of `eval_source`) or a split name."""
     test_size: float = 0.1
-    """Held-out fraction when a single file has no test split."""
+    """Held-out fraction of a `source` with no test split, cut by seed; the held-out problems
+    are exactly that cut when `eval_source` is empty or `source`."""
     num_train: int = 2000
     """Training problems to generate for the embedded task (ignored for files)."""
     num_eval: int = 200

@@ -31,7 +31,7 @@ import torch
 
 from data.task import task_records
 from grpo.advantages import group_advantages, rloo_advantages, zero_std_groups, combine_rewards
-from grpo.config import EMBEDDED, GRPOJobConfig
+from grpo.config import EMBEDDED, DataConfig, GRPOJobConfig
 from grpo.evaluate import all_done_fn, encode_prompts, evaluate
 from grpo.loss import policy_loss
 from grpo.rewards import get_reward_functions
@@ -49,19 +49,26 @@ def row_seed(seed: int, step: int, row: int) -> int:
     return (seed * 0x9E3779B1 + step * 0x85EBCA77 + row * 0xC2B2AE3D) % (2**61 - 1)
 
 
+def load_train_records(d: DataConfig, seed: int) -> list[dict]:
+    """The training problems of `d` alone (rejection sampling and distillation need no more)."""
+    if d.source == EMBEDDED:
+        return task_records(d.task, d.num_train, seed=seed, split="train")
+    from data import load_records
+    return list(load_records(d.source, schema=d.schema, split=d.train_split, on_bad_row=d.on_bad_row,
+                             test_size=d.test_size, seed=seed).records)
+
+
 def load_datasets(cfg: GRPOJobConfig) -> tuple[list[dict], list[dict]]:
     d = cfg.data
+    train = load_train_records(d, cfg.train.seed)
     if d.source == EMBEDDED:
-        train = task_records(d.task, d.num_train, seed=cfg.train.seed, split="train")
-        evals = task_records(d.task, d.num_eval, seed=cfg.train.seed, split="test")
-        return train, evals
-    from data import load_records
-    train = load_records(d.source, schema=d.schema, split=d.train_split, on_bad_row=d.on_bad_row,
-                         test_size=d.test_size, seed=cfg.train.seed).records
-    eval_src = d.eval_source or d.source
-    evals = load_records(eval_src, schema=d.schema, split=d.eval_split, on_bad_row=d.on_bad_row,
-                         test_size=d.test_size, seed=cfg.train.seed).records[: d.num_eval]
-    return list(train), list(evals)
+        return train, task_records(d.task, d.num_eval, seed=cfg.train.seed, split="test")
+    from data import load_held_out
+    # The same rule as SFT's held-out problems (data.loaders.load_held_out): never a row trained on.
+    evals = load_held_out(d.source, d.eval_source, train_split=d.train_split, eval_split=d.eval_split,
+                          schema=d.schema, on_bad_row=d.on_bad_row, test_size=d.test_size,
+                          seed=cfg.train.seed).records[: d.num_eval]
+    return train, list(evals)
 
 
 def prompt_order(n: int, seed: int, step: int, count: int) -> list[int]:

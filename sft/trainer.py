@@ -43,7 +43,8 @@ class SFTDataConfig:
     split: str = "train"
     """Split of `source` to train on."""
     test_size: float = 0.05
-    """Held-out fraction when a single file has no test split."""
+    """Held-out fraction of a `source` with no test split, cut by seed (train.seed); with
+    `eval_source` equal to `source` the held-out problems are exactly that cut."""
     mix_source: str = ""
     """General (non-reasoning) chat data mixed in, as in R1's SFT stage 2: a chat file, or
     'embedded' for the tiny task's general chat turns; empty = none."""
@@ -52,8 +53,11 @@ class SFTDataConfig:
     num_train: int = 2000
     """Conversations generated for the embedded task (ignored for files)."""
     eval_source: str = ""
-    """Held-out problems with answers for accuracy/format evaluation; empty: the embedded task's
-    test split when source is embedded, else no accuracy evaluation."""
+    """Held-out problems with answers for accuracy/format evaluation, chosen as GRPO chooses them
+    (data.loaders.load_held_out): equal to `source`: the part training does not read (its test
+    split, or the test side of the seeded `test_size` cut); another source: its test split if it
+    names one, else all of its rows. Empty: the embedded task's test split when source is
+    embedded, else no accuracy evaluation."""
     num_eval: int = 200
     """Held-out problems evaluated."""
     on_bad_row: str = "error"
@@ -123,7 +127,7 @@ class SFTJobConfig:
 def load_conversations(cfg: SFTJobConfig) -> tuple[list[list[dict]], list[dict]]:
     """Training conversations (message lists) and held-out problems (records with answers)."""
     d = cfg.data
-    from data import load_records
+    from data import load_held_out, load_records
     if d.source == EMBEDDED:
         train = [r["messages"] for r in task_records(d.task, d.num_train, seed=cfg.train.seed, split="train")]
     else:
@@ -145,8 +149,9 @@ def load_conversations(cfg: SFTJobConfig) -> tuple[list[list[dict]], list[dict]]
         g = torch.Generator().manual_seed(cfg.train.seed)
         train += [mix[i] for i in torch.randint(len(mix), (want,), generator=g).tolist()] if mix else []
     if d.eval_source:
-        evals = load_records(d.eval_source, split="all" if d.eval_source != d.source else "test",
-                             on_bad_row=d.on_bad_row, seed=cfg.train.seed).records[: d.num_eval]
+        evals = load_held_out(d.source, d.eval_source, train_split=d.split, schema=d.schema,
+                              on_bad_row=d.on_bad_row, test_size=d.test_size,
+                              seed=cfg.train.seed).records[: d.num_eval]
     elif d.source == EMBEDDED:
         evals = task_records(d.task, d.num_eval, seed=cfg.train.seed, split="test")
     else:
@@ -193,6 +198,7 @@ class SFTTrainer:
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.info, cfg.train.keep_last)
         self.logger = MetricsLogger(self.out, self.main, cfg.train.wandb_project if cfg.train.wandb else None)
         self.step = 0
+        self.last_loss = float("nan")  # loss of step `self.step`; saved so a resume at max_steps has it
         self.stop_requested = False
         self.eval_history: list[dict] = []
 
@@ -286,7 +292,8 @@ class SFTTrainer:
         self.stop_requested = True
 
     def save(self):
-        state = {"scheduler": self.scheduler.state_dict(), "eval_history": json.dumps(self.eval_history)}
+        state = {"scheduler": self.scheduler.state_dict(), "eval_history": json.dumps(self.eval_history),
+                 "last_loss": self.last_loss}
         self.ckpt.save(self.step, self.model, self.optimizer, state, format_config(self.cfg))
 
     def train(self) -> dict:
@@ -297,6 +304,7 @@ class SFTTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             self.eval_history = json.loads(state["eval_history"])
+            self.last_loss = float(state.get("last_loss", float("nan")))  # absent in older checkpoints
             self.logger.truncate_after(self.step)
             if self.main:
                 print(f"[sft] resumed from {latest} at step {self.step}", flush=True)
@@ -310,6 +318,7 @@ class SFTTrainer:
                 self.step += 1
                 t0 = time.perf_counter()
                 m = self.train_step()
+                self.last_loss = m["loss"]
                 self.scheduler.step()
                 dt = time.perf_counter() - t0
                 m.update(lr=self.scheduler.get_last_lr()[0], tokens_per_s=m["tokens"] / dt, **{"time/step": dt},
@@ -326,11 +335,14 @@ class SFTTrainer:
                 if stop:
                     return {"stopped": True, "step": self.step}
             bar.close()
-            final = self.run_eval() or {}
+            # A run resumed from its last step may have evaluated it already (killed during the
+            # export, or run again once finished): reuse that result rather than log it twice.
+            done = bool(self.eval_history) and self.eval_history[-1]["step"] == self.step
+            final = (self.eval_history[-1] if done else self.run_eval()) or {}
             self.save()
             if t.export:
                 export_hf(self.model, self.hf_config, self.tokenizer, self.out / "final", self.info, prefix="lm.")
-            result = {**final, "final_loss": m["loss"] if self.step else float("nan"),
+            result = {**final, "final_loss": self.last_loss,
                       "eval_history": self.eval_history}
             if self.eval_history:
                 result["initial"] = self.eval_history[0]
