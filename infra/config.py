@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -50,12 +51,19 @@ def _resolved_types(cls) -> dict[str, Any]:
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Turn a string (command line) or a parsed recipe value into the field's type."""
+    """Turn a string (command line) or a parsed recipe value into the field's type.
+
+    A recipe value is read as the same text on the command line would be: an int option takes
+    2 or 2.0 (or "2", "2.0", "1e3"), never 2.5; null is None only for an Optional option; a
+    scalar given to a list option is a one-item list; a bool option takes true/false or 1/0."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if value is None and not optional and tp is not typing.Any:
+        raise ConfigError(f"option {name}: null given, but it needs a value of type {_type_name(tp)}")
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
+            if optional:
                 return None
         for arg in args:
             if arg is type(None):
@@ -64,11 +72,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 return _coerce(value, arg, name)
             except ConfigError:
                 continue
-        raise ConfigError(f"option {name}: cannot read {value!r} as {tp}")
+        raise ConfigError(f"option {name}: cannot read {value!r} as {_type_name(tp)}")
     if origin in (list, tuple):
         inner = args[0] if args else str
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+        elif isinstance(value, (int, float, bool)):
+            value = [value]  # as `--opt 1.0` gives [1.0]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"option {name}: expected a list, got {value!r}")
         out = [_coerce(v, inner, name) for v in value]
@@ -76,28 +86,55 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"option {name}: expected true/false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"option {name}: expected {tp.__name__}, got {value!r}")
+    if tp is int:
+        return _to_int(value, name)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"option {name}: expected float, got {value!r}")
         try:
-            if tp is int and isinstance(value, str):
-                f = float(value)
-                if f != int(f):
-                    raise ValueError
-                return int(f)
-            return tp(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"option {name}: expected {tp.__name__}, got {value!r}") from None
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"option {name}: expected float, got {value!r}") from None
     if tp is str:
+        # A YAML `on`/`no` or a list would otherwise become the text "True" or "['a']".
+        if isinstance(value, (bool, list, tuple, dict)):
+            raise ConfigError(f"option {name}: expected text, got {value!r} (quote it in the recipe)")
         return str(value)
     if tp is typing.Any:
         return value
     raise ConfigError(f"option {name}: unsupported type {tp}")
+
+
+def _to_int(value: Any, name: str) -> int:
+    """An int from an int, an integral float, or text that reads as one ("3", "3.0", "1e3")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"option {name}: expected int, got {value!r}")
+    given = value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())  # exact, however large
+        except ValueError:
+            pass
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"option {name}: expected int, got {value!r}") from None
+    if not math.isfinite(value) or value != int(value):
+        raise ConfigError(f"option {name}: expected int, got {given!r} (not a whole number)")
+    return int(value)
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp)
 
 
 def set_option(cfg, dotted: str, value: Any) -> None:
@@ -159,31 +196,40 @@ def apply_dict(cfg, data: dict, source: str = "recipe") -> None:
             raise ConfigError(f"{source}: {e}") from None
 
 
-def parse_args(cls, argv: list[str], recipe_key: str | None = None):
-    """Build `cls()` and apply the recipe (`--recipe PATH`) and `--a.b value` overrides."""
-    cfg = cls()
-    overrides: list[tuple[str, str]] = []
-    recipe = None
-    i = 0
+def split_argv(argv: list[str], help_text_fn, usage: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(recipe path, [(key, value)]) from `--key value`, `--key=value` and bare `--flag`s.
+
+    A bare flag (last, or followed by another `--option`) means true. `-h`/`--help` prints
+    `help_text_fn()` and exits. The pipeline reads its command line by the same rule."""
+    recipe, pairs, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(help_text(cfg))
+            print(help_text_fn())
             raise SystemExit(0)
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.field value")
+            raise ConfigError(f"unexpected argument {arg!r}; options look like {usage}")
         key, eq, val = arg[2:].partition("=")
         if not eq:
             if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 val = argv[i + 1]
                 i += 1
+            elif key == "recipe":
+                raise ConfigError("--recipe needs a file")
             else:
                 val = "true"  # a bare flag: --wandb
         if key == "recipe":
             recipe = val
         else:
-            overrides.append((key, val))
+            pairs.append((key, val))
         i += 1
+    return recipe, pairs
+
+
+def parse_args(cls, argv: list[str], recipe_key: str | None = None):
+    """Build `cls()` and apply the recipe (`--recipe PATH`) and `--a.b value` overrides."""
+    cfg = cls()
+    recipe, overrides = split_argv(argv, lambda: help_text(cfg), "--section.field value")
     if recipe is not None:
         data = load_recipe(recipe)
         if recipe_key is not None and recipe_key in data and isinstance(data[recipe_key], dict):

@@ -5,12 +5,27 @@
 
 A recipe names an output folder and a list of stages; each stage is a command (sft, grpo,
 rejection-sample, distill) with its own options. A stage writes into <output_dir>/<name>/ and
-is skipped on a re-run once its `stage.json` exists (written last, atomically), so an interrupted
-pipeline resumes at the stage it was in (and that stage resumes from its own checkpoints).
+is skipped on a re-run once its `stage.json` exists (written last, atomically, and only when the
+stage finished).
+
+A stage that stops early (Ctrl-C, SIGTERM, `--<stage>.train.stop_at_step N`) saves a checkpoint
+and ends the pipeline there, with exit status 0, no `stage.json` and no later stage started.
+Running the same command again resumes that stage from its checkpoint and goes on.
 
 Within a stage's options, `{prev}` is the previous stage's exported model and `{out}` the
 pipeline's output folder; a stage without `model.path` starts from `{prev}` (or from the
 recipe's `model` for the first stage).
+
+Options (`--key value`, `--key=value`, or a bare `--flag` for true, as for every command):
+  --recipe FILE                          the recipe (YAML, TOML or JSON)
+  --output_dir DIR                       overrides the recipe's `output_dir`
+  --device auto|cpu|cuda                 overrides the recipe's `device`; every stage that does
+                                         not set its own `train.device` runs on it
+  --<stage>.<section>.<field> VALUE      one stage's option, e.g. --grpo.train.max_steps 50
+
+The whole recipe is checked before any stage runs: stage names are unique, commands known,
+every stage's options parse and validate with its command's config (no model is loaded), and
+every `--<stage>....` override names a stage of the recipe.
 """
 from __future__ import annotations
 
@@ -19,27 +34,39 @@ import os
 import time
 from pathlib import Path
 
-from infra.config import ConfigError, load_recipe
+from infra.config import ConfigError, load_recipe, parse_args, split_argv
 from infra.dist import barrier, init_distributed
 
 COMMANDS = ("sft", "grpo", "rejection-sample", "distill")
+RECIPE_KEYS = ("output_dir", "model", "device", "stages")
+PIPELINE_OPTIONS = ("output_dir", "device")  # besides --recipe and --<stage>.<section>.<field>
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def _run_stage(command: str, options: dict) -> dict:
+def _command(command: str):
+    """(config class, entry point) of a stage command; imported late: they pull in the trainers."""
+    if command == "grpo":
+        from grpo.config import GRPOJobConfig as cls
+        from grpo.trainer import main
+    elif command == "sft":
+        from sft.trainer import SFTJobConfig as cls, main
+    elif command == "rejection-sample":
+        from sft.rejection import RejectionJobConfig as cls, main
+    else:
+        from sft.distill import DistillJobConfig as cls, main
+    return cls, main
+
+
+def _argv(options: dict) -> list[str]:
+    """A stage's options as the command line its command parses (lists comma-separated)."""
     argv = []
     for k, v in options.items():
+        if v is None:  # str(None) would arrive as the text "None"
+            raise ConfigError(f"--{k}: null in the recipe; give it a value or leave it out")
         if isinstance(v, (list, tuple)):
             v = ",".join(str(x) for x in v)
         argv += [f"--{k}", str(v)]
-    if command == "grpo":
-        from grpo.trainer import main
-    elif command == "sft":
-        from sft.trainer import main
-    elif command == "rejection-sample":
-        from sft.rejection import main
-    else:
-        from sft.distill import main
-    return main(argv) or {}
+    return argv
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -58,37 +85,127 @@ def _subst(value, prev: str, out: str):
     return value
 
 
-def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
-    info = init_distributed(overrides.get("device", recipe.get("device", "auto")))
-    out = Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
+def _device(recipe: dict, overrides: dict) -> str | None:
+    """The pipeline's device when one was given (command line over recipe), else None."""
+    device = overrides.get("device", recipe.get("device"))
+    if device is not None and device not in DEVICES:
+        raise ConfigError(f"--device={device!r}: must be one of {', '.join(DEVICES)}")
+    return device
+
+
+def stage_options(stage: dict, prev: str, out: Path, device: str | None, overrides: dict) -> dict:
+    """The flat `section.field -> value` options one stage runs with, lowest precedence first:
+    the recipe's options ({prev} and {out} substituted), `model.path` = prev when unset, the
+    pipeline's device when the stage sets no `train.device`, then `--<stage>.x` overrides.
+    `train.output_dir` is always <out>/<name>: the pipeline finds stage.json and exports there."""
+    name = stage["name"]
+    opts = {k: _subst(v, prev, str(out)) for k, v in _flatten(stage.get("options") or {}).items()}
+    opts.setdefault("model.path", prev)
+    if device is not None:
+        # Without this the stages would pick "auto" (CUDA when present) whatever --device said.
+        opts.setdefault("train.device", device)
+    for k, v in overrides.items():
+        if k.startswith(f"{name}."):
+            opts[k[len(name) + 1:]] = v
+    opts["train.output_dir"] = str(out / name)
+    return opts
+
+
+def check_recipe(recipe: dict, overrides: dict, world_size: int = 1) -> list[dict]:
+    """Fail before anything runs, naming the problem; return the stages.
+
+    Checks the recipe's keys, the stages' names and commands, that every override names a stage
+    (or is a pipeline option), and that each stage's options parse and validate with its
+    command's config as they will be run. `{prev}` stands for the previous stage's export here:
+    only its type matters to the check."""
+    unknown = [k for k in recipe if k not in RECIPE_KEYS]
+    if unknown:
+        raise ConfigError(f"recipe: unknown key(s) {unknown}; a recipe has {', '.join(RECIPE_KEYS)}")
+    device = _device(recipe, overrides)
     stages = recipe.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError("recipe: 'stages' must be a non-empty list of {name, command, options}")
+    names = []
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise ConfigError(f"recipe stage {i}: expected a mapping {{name, command, options}}, got {stage!r}")
+        name, command = stage.get("name"), stage.get("command")
+        if not isinstance(name, str) or not name or "." in name or "/" in name:
+            # A dot would make `--<stage>.<section>.<field>` ambiguous; a slash, a nested folder.
+            raise ConfigError(f"recipe stage {i}: needs a name without '.' or '/', got name={name!r}")
+        if name in names:
+            raise ConfigError(f"recipe stage {i}: duplicate stage name {name!r} (stage {names.index(name)} "
+                              f"has it too); names must be unique, each stage writes <output_dir>/<name>/")
+        if command not in COMMANDS:
+            raise ConfigError(f"recipe stage {name!r}: unknown command {command!r}; expected one of "
+                              f"{', '.join(COMMANDS)}")
+        if not isinstance(stage.get("options") or {}, dict):
+            raise ConfigError(f"recipe stage {name!r}: 'options' must be a mapping of sections")
+        extra = [k for k in stage if k not in ("name", "command", "options")]
+        if extra:
+            raise ConfigError(f"recipe stage {name!r}: unknown key(s) {extra}; a stage has name, command, options")
+        names.append(name)
+    for key in overrides:
+        stage_name, dot, rest = key.partition(".")
+        if key in PIPELINE_OPTIONS or (dot and rest and stage_name in names):
+            continue
+        raise ConfigError(f"unknown option --{key}: a stage option is --<stage>.<section>.<field> with "
+                          f"<stage> one of {', '.join(names)}; pipeline options are --recipe, "
+                          + ", ".join(f"--{o}" for o in PIPELINE_OPTIONS))
+    out = Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
+    prev = str(recipe.get("model", "embedded"))
+    for stage in stages:
+        name = stage["name"]
+        if ("train.output_dir" in _flatten(stage.get("options") or {})
+                or f"{name}.train.output_dir" in overrides):
+            raise ConfigError(f"stage {name}: train.output_dir is set by the pipeline to <output_dir>/{name}; "
+                              f"set the pipeline's output_dir instead")
+        cls, _ = _command(stage["command"])
+        try:
+            cfg = parse_args(cls, _argv(stage_options(stage, prev, out, device, overrides)))
+            cfg.validate(world_size)
+        except ConfigError as e:
+            raise ConfigError(f"stage {name} ({stage['command']}): {e}") from None
+        prev = str(out / name / "final")
+    return stages
+
+
+def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
+    """Run the stages not yet done; one row per stage. When a stage stops early the last row is
+    {"stage", "command", "stopped": True, "step"} and no later stage has run."""
+    device = _device(recipe, overrides)
+    info = init_distributed(device or "auto")
+    stages = check_recipe(recipe, overrides, info.world_size)
+    out = Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
     prev = str(recipe.get("model", "embedded"))
     rows = []
     t_start = time.time()
     for i, stage in enumerate(stages):
-        name, command = stage.get("name"), stage.get("command")
-        if not name or command not in COMMANDS:
-            raise ConfigError(f"recipe stage {i}: needs a name and a command in {COMMANDS}, got "
-                              f"name={name!r} command={command!r}")
+        name, command = stage["name"], stage["command"]
         stage_dir = out / name
         done = stage_dir / "stage.json"
-        if done.exists():
-            result = json.loads(done.read_text())
+        result = json.loads(done.read_text()) if done.exists() else None
+        if result is not None and result.get("stopped"):
+            result = None  # written by an older version that took a stopped stage for a finished one
+        if result is not None:
             if info.is_main:
                 print(f"[pipeline] stage {name}: already done, skipping", flush=True)
         else:
-            opts = {k: _subst(v, prev, str(out)) for k, v in _flatten(stage.get("options", {})).items()}
-            opts.setdefault("model.path", prev)
-            opts["train.output_dir"] = str(stage_dir)
-            for k, v in overrides.items():
-                if k.startswith(f"{name}."):
-                    opts[k[len(name) + 1:]] = v
+            opts = stage_options(stage, prev, out, device, overrides)
             if info.is_main:
                 print(f"\n[pipeline] ===== stage {i + 1}/{len(stages)}: {name} ({command}) =====", flush=True)
             t0 = time.time()
             result = _run_stage(command, opts)
+            if result.get("stopped"):
+                # Its checkpoint is saved (save_and_stop saves before stopping) but there is no
+                # export: record nothing, so that the next run resumes this stage.
+                step = result.get("step")
+                if info.is_main:
+                    print(f"\n[pipeline] stopped in stage {name} ({command}) at step {step}; its checkpoint "
+                          f"is in {stage_dir}, later stages did not run. Run the same command again to "
+                          f"resume {name} from its checkpoint and go on.", flush=True)
+                rows.append({"stage": name, "command": command, "stopped": True, "step": step})
+                return rows
             result = {k: v for k, v in result.items() if isinstance(v, (int, float, str, list, dict))}
             result.update(stage=name, command=command, wall_time_s=time.time() - t0)
             # A training stage hands on its export; rejection sampling hands on the model it used.
@@ -106,30 +223,25 @@ def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
     return rows
 
 
+def _run_stage(command: str, options: dict) -> dict:
+    _, main = _command(command)
+    return main(_argv(options)) or {}
+
+
+def parse_pipeline_args(argv: list[str]) -> tuple[str | None, dict]:
+    """(recipe path, {key: value}), read by the commands' rule (`infra.config.split_argv`)."""
+    recipe_path, pairs = split_argv(argv, lambda: __doc__, "--<stage>.<section>.<field> value")
+    return recipe_path, dict(pairs)
+
+
 def main(argv: list[str]) -> list[dict]:
-    recipe_path, overrides, i = None, {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        key, eq, val = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}")
-        if not eq:
-            i += 1
-            if i >= len(argv):
-                raise ConfigError(f"option --{key} needs a value")
-            val = argv[i]
-        if key == "recipe":
-            recipe_path = val
-        else:
-            overrides[key] = val
-        i += 1
+    recipe_path, overrides = parse_pipeline_args(argv)
     if recipe_path is None:
         raise ConfigError("pipeline needs --recipe FILE (see configs/)")
     recipe = load_recipe(recipe_path)
     rows = run_pipeline(recipe, overrides)
+    if rows and rows[-1].get("stopped"):
+        return rows  # no report on a partial run; the next run writes it
     from infra.report import finish_report
     finish_report(recipe, overrides, rows)
     return rows

@@ -14,16 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from grpo.config import DataConfig, ModelConfig
-from grpo.evaluate import encode_prompts
-from grpo.trainer import load_datasets
+from grpo.trainer import load_train_records
 from infra.config import ConfigError
 from infra.dist import init_distributed
 from sft.cold_start import write_sft_jsonl
 from sft.packing import VARLEN_ATTENTION
-from sft.rejection import SamplingConfig, load_sampler, sample_and_filter
+from sft.rejection import SamplingConfig, encode_sampling_prompts, load_sampler, sample_and_filter
 from sft.trainer import SFTJobConfig, SFTTrainer
 
 
@@ -52,6 +50,10 @@ class DistillJobConfig(SFTJobConfig):
             raise ConfigError(f"--distill.kl_weight={self.distill.kl_weight}: must be >= 0")
         if self.distill.kl_weight > 0 and not self.distill.teacher:
             raise ConfigError("--distill.kl_weight > 0 needs --distill.teacher")
+        self.sampling.validate()
+        if self.sampling.output:
+            raise ConfigError(f"--sampling.output={self.sampling.output!r}: not used by distill; the traces go "
+                              f"to --distill.traces or <train.output_dir>/traces.jsonl")
 
 
 def main(argv: list[str]) -> dict:
@@ -63,17 +65,20 @@ def main(argv: list[str]) -> dict:
     teacher = None
     traces = Path(cfg.distill.traces) if cfg.distill.traces else out / "traces.jsonl"
     stats = {}
+    if not cfg.distill.traces:  # the problems load before the teacher: a bad source fails fast
+        problems = load_train_records(cfg.problems, cfg.train.seed)
+        if cfg.sampling.num_prompts:
+            problems = problems[: cfg.sampling.num_prompts]
     if cfg.distill.teacher:
         tcfg = ModelConfig(path=cfg.distill.teacher, dtype=cfg.model.dtype,
                            trust_remote_code=cfg.model.trust_remote_code)
         _, t_tok, teacher = load_sampler(tcfg, out, info)
     if not cfg.distill.traces:
         # 1. the teacher writes traces for the problems
-        problems, _ = load_datasets(SimpleNamespace(data=cfg.problems, train=cfg.train))
-        if cfg.sampling.num_prompts:
-            problems = problems[: cfg.sampling.num_prompts]
-        records, prompt_ids, _ = encode_prompts(t_tok, problems, cfg.problems.max_prompt_tokens)
+        records, prompt_ids, dropped = encode_sampling_prompts(t_tok, problems, cfg.problems, "problems",
+                                                               "distill", info.is_main)
         kept, stats = sample_and_filter(teacher, t_tok, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
+        stats["dropped_long_prompts"] = dropped
         if not kept:
             raise ConfigError(f"distill: the teacher passed none of {stats['samples']} samples "
                               f"({cfg.sampling.require}); nothing to train the student on")

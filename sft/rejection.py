@@ -13,6 +13,7 @@ prompts) is printed and returned. SFT stage 2 mixes this set with general data
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +21,9 @@ import torch.distributed as dist
 
 from grpo.config import DataConfig, ModelConfig, TrainConfig
 from grpo.evaluate import all_done_fn, encode_prompts
-from grpo.rewards import get_reward_functions
+from grpo.rewards import REWARD_NAMES, get_reward_functions
 from grpo.rollout import PolicyModel, generate, pad_prompts
-from grpo.trainer import load_datasets, row_seed
+from grpo.trainer import load_train_records, row_seed
 from infra.config import ConfigError, format_config
 from infra.dist import DistInfo, decoder_layers, init_distributed, set_gathered, shard_model
 from infra.model import load_model
@@ -50,7 +51,43 @@ class SamplingConfig:
     require: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     """Rewards that must be exactly 1.0 for a sample to be accepted (a subset of `rewards`)."""
     output: str = ""
-    """Where the JSONL SFT set goes; empty = <train.output_dir>/sft.jsonl."""
+    """Where the JSONL SFT set goes (a .jsonl path); empty = <train.output_dir>/sft.jsonl."""
+
+    def validate(self) -> None:
+        """Fail at start, naming the option, before a model is loaded or a sample drawn.
+
+        Shared by `rejection-sample` and `distill`; reward names are checked as GRPO checks
+        `--grpo.rewards` (grpo/config.py)."""
+        def bad(option, value, why):
+            raise ConfigError(f"--sampling.{option}={value!r}: {why}")
+
+        for option in ("samples_per_prompt", "prompts_per_batch", "max_new_tokens"):
+            if getattr(self, option) < 1:
+                bad(option, getattr(self, option), "must be >= 1")
+        if self.num_prompts < 0:
+            bad("num_prompts", self.num_prompts, "must be >= 0 (0 = all of the split)")
+        if not self.temperature > 0:
+            bad("temperature", self.temperature, "must be > 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if not self.rewards:
+            bad("rewards", self.rewards, "needs at least one reward function")
+        for option, names in (("rewards", self.rewards), ("require", self.require)):
+            unknown = [n for n in names if n not in REWARD_NAMES]
+            if unknown:
+                bad(option, unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
+        if len(set(self.rewards)) != len(self.rewards):
+            bad("rewards", self.rewards, "names a reward twice")
+        missing = [r for r in self.require if r not in self.rewards]
+        if missing:
+            bad("require", self.require, f"{missing} not in --sampling.rewards={self.rewards}")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            bad("reward_weights", self.reward_weights, f"needs one weight per reward ({len(self.rewards)})")
+        if not all(math.isfinite(w) for w in self.reward_weights):
+            bad("reward_weights", self.reward_weights, "must be finite numbers")
+        # write_sft_jsonl takes only .jsonl; finding out after hours of sampling loses them.
+        if self.output and Path(self.output).suffix != ".jsonl":
+            bad("output", self.output, "must be a .jsonl path (the SFT set is written as JSONL)")
 
 
 @dataclass
@@ -61,16 +98,19 @@ class RejectionJobConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/rejection"))
 
     def validate(self, world_size: int = 1) -> None:
-        s = self.sampling
-        if s.samples_per_prompt < 1:
-            raise ConfigError(f"--sampling.samples_per_prompt={s.samples_per_prompt}: must be >= 1")
-        missing = [r for r in s.require if r not in s.rewards]
-        if missing:
-            raise ConfigError(f"--sampling.require={s.require}: {missing} not in --sampling.rewards={s.rewards}")
-        if s.reward_weights and len(s.reward_weights) != len(s.rewards):
-            raise ConfigError(f"--sampling.reward_weights needs one weight per reward ({len(s.rewards)})")
-        if s.temperature <= 0:
-            raise ConfigError(f"--sampling.temperature={s.temperature}: must be > 0")
+        self.sampling.validate()
+
+
+def encode_sampling_prompts(tokenizer, records: list[dict], d: DataConfig, option: str, tag: str,
+                            main: bool) -> tuple[list[dict], list[list[int]], int]:
+    """`encode_prompts`, saying how many prompts were dropped for length (as GRPO does)."""
+    kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens)
+    if not kept:
+        raise ConfigError(f"--{option}.source={d.source!r}: no prompts left (dropped {dropped} longer than "
+                          f"--{option}.max_prompt_tokens={d.max_prompt_tokens})")
+    if main and dropped:
+        print(f"[{tag}] dropped {dropped} prompts longer than {d.max_prompt_tokens} tokens", flush=True)
+    return kept, ids, dropped
 
 
 def sample_and_filter(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], info: DistInfo,
@@ -148,16 +188,18 @@ def main(argv: list[str]) -> dict:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"[rejection] world size {info.world_size}\n{format_config(cfg)}", flush=True)
-    path, tokenizer, model = load_sampler(cfg.model, out, info)
-    train, _ = load_datasets(cfg)  # type: ignore[arg-type]  (uses .data and .train only)
+    train = load_train_records(cfg.data, cfg.train.seed)  # before the model: a bad source fails fast
     if cfg.sampling.num_prompts:
         train = train[: cfg.sampling.num_prompts]
-    records, prompt_ids, dropped = encode_prompts(tokenizer, train, cfg.data.max_prompt_tokens)
+    path, tokenizer, model = load_sampler(cfg.model, out, info)
+    records, prompt_ids, dropped = encode_sampling_prompts(tokenizer, train, cfg.data, "data", "rejection",
+                                                           info.is_main)
     kept, stats = sample_and_filter(model, tokenizer, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
+    stats["dropped_long_prompts"] = dropped
     target = Path(cfg.sampling.output or out / "sft.jsonl")
     if info.is_main:
-        write_sft_jsonl(target, kept) if kept else None
         (out / "rejection_stats.json").write_text(json.dumps(stats, indent=1))
+        write_sft_jsonl(target, kept) if kept else None
         print(f"[rejection] kept {stats['kept']} of {stats['prompts']} prompts "
               f"(acceptance rate {stats['acceptance_rate']:.1%}; {stats['sample_acceptance_rate']:.1%} of "
               f"{stats['samples']} samples passed) -> {target if kept else 'nothing written'}", flush=True)
