@@ -40,8 +40,8 @@ from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config, load_recipe
 from infra.dist import all_reduce_sum, decoder_layers, set_gathered, shard_model
 from infra.logging import MetricsLogger, ProgressBar, step_line, write_jsonl
-from infra.loop import epoch_order, eval_due, save_and_stop, start_run, stop_signals
-from infra.model import build_optimizer, build_scheduler, eos_token_ids, grad_norm_and_clip, load_model
+from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
+from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
 
 
 def row_seed(seed: int, step: int, row: int) -> int:
@@ -133,7 +133,6 @@ class GRPOTrainer:
 
         m = cfg.model
         path, self.tokenizer, lm = load_model(m, self.out, self.info)
-        self.eos_ids = eos_token_ids(self.tokenizer, lm)
         self.hf_config = lm.config
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
         self.ref = None
@@ -247,7 +246,7 @@ class GRPOTrainer:
             with self.autocast:
                 out = generate(self.policy, self.tokenizer, ids, mask, seeds=seeds,
                                max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                               top_k=r.top_k, top_p=r.top_p, eos_token_ids=self.eos_ids,
+                               top_k=r.top_k, top_p=r.top_p,
                                stop_strings=r.stop_strings, all_done=all_done_fn(info, info.device))
             for j in range(len(prompts)):
                 m = out.completion_mask[j].bool()
@@ -383,14 +382,8 @@ class GRPOTrainer:
         r = self.cfg.rollout
         res = evaluate(self.policy, self.tokenizer, self.eval_records, self.eval_ids, self.info,
                        max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature,
-                       seed=self.cfg.train.seed, eos_token_ids=self.eos_ids)
-        res["step"] = self.step
-        self.eval_history.append(res)
-        if self.main:
-            print(f"[grpo] eval step {self.step}: accuracy {res['accuracy']:.3f} format {res['format']:.3f} "
-                  f"mean length {res['mean_length']:.1f}", flush=True)
-        self.logger.log({f"eval/{k}": v for k, v in res.items() if k != "step"}, self.step)
-        return res
+                       seed=self.cfg.train.seed)
+        return record_eval(self, "grpo", res)
 
     def train(self) -> dict:
         from grpo.metrics import step_metrics

@@ -72,6 +72,17 @@ def save_and_stop(step: int, train: TrainConfig, device: torch.device,
     return save, stop
 
 
+def record_eval(trainer, tag: str, res: dict) -> dict:
+    """Stamp an evaluation with the trainer's step, keep it in its history, print and log it."""
+    res["step"] = trainer.step
+    trainer.eval_history.append(res)
+    if trainer.main:
+        print(f"[{tag}] eval step {trainer.step}: accuracy {res['accuracy']:.3f} format "
+              f"{res['format']:.3f} mean length {res['mean_length']:.1f}", flush=True)
+    trainer.logger.log({f"eval/{k}": v for k, v in res.items() if k != "step"}, trainer.step)
+    return res
+
+
 @contextmanager
 def stop_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
     """Route SIGTERM and SIGINT to `handler(signum, frame)` inside the block; restore the old ones."""

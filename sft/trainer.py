@@ -27,7 +27,7 @@ from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config
 from infra.dist import all_reduce_sum, decoder_layers, shard_model
 from infra.logging import MetricsLogger, ProgressBar, step_line
-from infra.loop import epoch_order, eval_due, save_and_stop, start_run, stop_signals
+from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
 from sft.packing import (VARLEN_ATTENTION, collate_packed, collate_padded, pack, packed_model_inputs,
                          tokenize_conversation)
@@ -276,13 +276,7 @@ class SFTTrainer:
         res = evaluate(self.model, self.tokenizer, self.eval_records, self.eval_ids, self.info,
                        max_new_tokens=self.cfg.sft.eval_max_new_tokens, seed=self.cfg.train.seed)
         self._training_attention()
-        res["step"] = self.step
-        self.eval_history.append(res)
-        if self.main:
-            print(f"[sft] eval step {self.step}: accuracy {res['accuracy']:.3f} format {res['format']:.3f} "
-                  f"mean length {res['mean_length']:.1f}", flush=True)
-        self.logger.log({f"eval/{k}": v for k, v in res.items() if k != "step"}, self.step)
-        return res
+        return record_eval(self, "sft", res)
 
     def _training_attention(self):
         if self.cfg.sft.packing:
