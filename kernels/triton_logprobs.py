@@ -93,6 +93,24 @@ def _token_bwd_kernel(x_ptr, stride_x, y_ptr, x_max_ptr, log_s_ptr, mean_w_ptr, 
 
 
 @triton.jit
+def _logits_tile(h_ptr, stride_h, w_ptr, stride_w, rows64, row_mask, cols64, col_mask, H,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """x = h W^T for one [BLOCK_N, BLOCK_V] tile, float32 accumulation over H in BLOCK_K steps."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < H
+        a = tl.load(h_ptr + rows64[:, None] * stride_h + k[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BN, BK]
+        b = tl.load(w_ptr + cols64[None, :] * stride_w + k[:, None],
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BK, BV] = W^T
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _linear_fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, part_m_ptr, part_s_ptr,
                        part_t_ptr, x_y_ptr, N, V, H, v_per_split, temperature,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -103,7 +121,6 @@ def _linear_fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, part_m_ptr, part
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
-    ks = tl.arange(0, BLOCK_K)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # as in _token_fwd_kernel, per row
     s = tl.full([BLOCK_N], 0.0, tl.float32)
     t = tl.full([BLOCK_N], 0.0, tl.float32)
@@ -113,15 +130,8 @@ def _linear_fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, part_m_ptr, part
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_hi
         cols64 = cols.to(tl.int64)
-        acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            k = k0 + ks
-            k_mask = k < H
-            a = tl.load(h_ptr + rows64[:, None] * stride_h + k[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BN, BK]
-            b = tl.load(w_ptr + cols64[None, :] * stride_w + k[:, None],
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BK, BV] = W^T
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, rows64, row_mask, cols64, col_mask,
+                           H, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         x = tl.where(col_mask[None, :], acc, float("-inf"))  # [BN, BV] raw logits
         m_new = tl.maximum(m, tl.max(x, axis=1))
         w = (x - m_new[:, None]) / temperature
@@ -156,16 +166,8 @@ def _linear_dz_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, x_max_ptr, log_s_
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask, col_mask = rows < N, cols < V
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + ks
-        k_mask = k < H
-        a = tl.load(h_ptr + rows64[:, None] * stride_h + k[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BN, BK]
-        b = tl.load(w_ptr + cols64[None, :] * stride_w + k[:, None],
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BK, BV]
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    acc = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, rows64, row_mask, cols64, col_mask, H,
+                       BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     x_max = tl.load(x_max_ptr + rows64, mask=row_mask, other=0.0)
     log_s = tl.load(log_s_ptr + rows64, mask=row_mask, other=0.0)
     g_lp = tl.load(g_logp_ptr + rows64, mask=row_mask, other=0.0)
