@@ -183,7 +183,7 @@ def run_cpu(args) -> list[dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     peaks = {}
     for variant in variants:
-        cmd = [sys.executable, __file__, "--worker", variant, *sys.argv[1:]]
+        cmd = [sys.executable, __file__, "--worker", variant, *args.argv]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"memory worker for {variant} failed:\n{res.stderr[-3000:]}")
@@ -245,14 +245,15 @@ def run_gpu(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------
-def print_table(rows: list[dict], args) -> None:
+def format_table(rows: list[dict], args) -> str:
+    """The markdown table of `rows`, then one line per variant: its time and memory over eager's."""
     esize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
-    print("| N | H | T | variant | mode | time ms | peak MiB | TFLOP/s | vs mm | GB/s | vs copy |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = ["| N | H | T | variant | mode | time ms | peak MiB | TFLOP/s | vs mm | GB/s | vs copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         N, H = r.get("N", args.n), r.get("H", args.h)
         if r["time_s"] is None:
-            print(f"| {N} | {H} | {r['T']} | {r['variant']} | {r['mode']} | OOM | | | | | |")
+            lines.append(f"| {N} | {H} | {r['T']} | {r['variant']} | {r['mode']} | OOM | | | | | |")
             continue
         mm = next(x for x in rows if x["variant"] == "mm" and x["T"] == r["T"]
                   and x.get("N") == r.get("N") and x.get("H") == r.get("H"))
@@ -267,9 +268,9 @@ def print_table(rows: list[dict], args) -> None:
             vs_copy = f"{moved / r['time_s'] / 1e9 / r['copy_gbps']:.2f}"
         else:
             tflops_s, vs_mm = f"{tflops:.3f}", f"{tflops / mm_tflops:.2f}"
-        print(f"| {N} | {H} | {r['T']} | {r['variant']} | {r['mode']} "
-              f"| {r['time_s'] * 1e3:.1f} | {r['peak_bytes'] / 2**20:.1f} | {tflops_s} "
-              f"| {vs_mm} | {gbps} | {vs_copy} |")
+        lines.append(f"| {N} | {H} | {r['T']} | {r['variant']} | {r['mode']} "
+                     f"| {r['time_s'] * 1e3:.1f} | {r['peak_bytes'] / 2**20:.1f} | {tflops_s} "
+                     f"| {vs_mm} | {gbps} | {vs_copy} |")
     for other in ("chunked", "compiled", "triton_fused"):
         for r in rows:
             if r["variant"] != other or r["time_s"] is None:
@@ -278,9 +279,55 @@ def print_table(rows: list[dict], args) -> None:
                          and x["T"] == r["T"] and x.get("N") == r.get("N")
                          and x.get("H") == r.get("H") and x["time_s"] is not None), None)
             if base is not None:
-                print(f"{other}/eager N={r.get('N', args.n)} H={r.get('H', args.h)} "
-                      f"T={r['T']} {r['mode']}: time {r['time_s'] / base['time_s']:.2f}x, "
-                      f"peak memory {r['peak_bytes'] / max(base['peak_bytes'], 1):.2f}x")
+                lines.append(f"{other}/eager N={r.get('N', args.n)} H={r.get('H', args.h)} "
+                             f"T={r['T']} {r['mode']}: time {r['time_s'] / base['time_s']:.2f}x, "
+                             f"peak memory {r['peak_bytes'] / max(base['peak_bytes'], 1):.2f}x")
+    return "\n".join(lines)
+
+
+# The GPU targets of the fused kernel (the kernels issue), against eager and a plain matmul.
+TARGETS = (
+    ("triton_fused fwd+bwd peak memory / eager's", "fwd+bwd", "peak", "<=", 0.10),
+    ("triton_fused fwd time / eager's", "fwd", "time", "<=", 0.80),
+    ("triton_fused fwd+bwd time / eager's", "fwd+bwd", "time", "<=", 1.20),
+    ("triton_fused fwd rate / plain matmul's", "fwd", "vs_mm", ">=", 0.50),
+)
+LOGITS_KERNEL_TARGET = 0.60  # the row kernel on given logits: bytes/s over a device copy's
+
+
+def check_targets(rows: list[dict], args) -> list[dict]:
+    """One row per target and measured shape: {name, N, H, T, value, target, ok}."""
+    out = []
+    esize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    for r in rows:
+        if r["variant"] == "logits_kernel" and r["time_s"] is not None and "copy_gbps" in r:
+            moved = (1 if r["mode"] == "fwd" else 3) * r["N"] * args.v * esize
+            value = moved / r["time_s"] / 1e9 / r["copy_gbps"]
+            out.append({"name": f"logits_kernel {r['mode']} bytes/s / device copy's", "N": r["N"],
+                        "H": r["H"], "T": r["T"], "value": value,
+                        "target": f">= {LOGITS_KERNEL_TARGET}", "ok": value >= LOGITS_KERNEL_TARGET})
+        if r["variant"] != "triton_fused" or r["time_s"] is None:
+            continue
+        same = [x for x in rows if x["T"] == r["T"] and x.get("N") == r.get("N")
+                and x.get("H") == r.get("H") and x["time_s"] is not None]
+        eager = next((x for x in same if x["variant"] == "eager" and x["mode"] == r["mode"]), None)
+        mm = next((x for x in same if x["variant"] == "mm"), None)
+        for name, mode, what, op, target in TARGETS:
+            if mode != r["mode"]:
+                continue
+            if what == "vs_mm":
+                flops = 2 if mode == "fwd" else 8  # nominal, as in the table
+                value = None if mm is None else flops * mm["time_s"] / (2 * r["time_s"])
+            elif eager is None:
+                value = None
+            elif what == "peak":
+                value = r["peak_bytes"] / max(eager["peak_bytes"], 1)
+            else:
+                value = r["time_s"] / eager["time_s"]
+            ok = None if value is None else (value <= target if op == "<=" else value >= target)
+            out.append({"name": name, "N": r.get("N", args.n), "H": r.get("H", args.h), "T": r["T"],
+                        "value": value, "target": f"{op} {target}", "ok": ok})
+    return out
 
 
 def parse_args(argv=None):
@@ -305,6 +352,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the CPU memory workers
     gpu = args.device == "cuda"
     args.temperatures = args.temperatures or ([1.0, 0.7] if gpu else [1.0])
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
@@ -329,7 +377,7 @@ def main(argv=None) -> None:
     print(f"# {where}; torch {torch.__version__}; {args.dtype}; V={args.v}; "
           f"entropy={args.entropy}; median of {args.reps} after {args.warmup} warm-up")
     rows = run_gpu(args) if args.device == "cuda" else run_cpu(args)
-    print_table(rows, args)
+    print(format_table(rows, args))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from data.task import TaskConfig
 from grpo.rewards import REWARD_NAMES, RewardConfig
 from infra.config import ConfigError
+from infra.dist import FSDP_MODES
 
 EMBEDDED = "embedded"
 
@@ -156,6 +157,10 @@ class TrainConfig:
     """Seeds data order, sampling and initialisation."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    fsdp: str = "auto"
+    """auto: shard with FSDP2 when torchrun starts more than one process; always: also a single
+    process (a process group of one; FSDP2's bf16 mixed precision instead of autocast on CUDA),
+    which runs the multi-GPU code path on one device."""
     eval_every: int = 50
     """Evaluate on held-out problems every N steps (0 = only at start and end)."""
     save_every: int = 50
@@ -233,7 +238,8 @@ class GRPOJobConfig:
                                   ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none")),
                                   ("optim.schedule", o.schedule, ("constant", "cosine")),
                                   ("data.on_bad_row", self.data.on_bad_row, ("error", "skip")),
-                                  ("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16"))):
+                                  ("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16")),
+                                  ("train.fsdp", t.fsdp, FSDP_MODES)):
             if val not in allowed:
                 bad(opt, val, f"must be one of {', '.join(allowed)}")
         if not g.rewards:

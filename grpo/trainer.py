@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from contextlib import closing, nullcontext
 
 import torch
@@ -39,7 +38,7 @@ from grpo.rollout import PolicyModel, generate, pad_prompts
 from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config, load_recipe
 from infra.dist import all_reduce_sum, decoder_layers, set_gathered, shard_model
-from infra.logging import MetricsLogger, ProgressBar, step_line, write_jsonl
+from infra.logging import MetricsLogger, ProgressBar, clock, step_line, write_jsonl
 from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
 
@@ -227,7 +226,7 @@ class GRPOTrainer:
         cfg, info, g, r = self.cfg, self.info, self.cfg.grpo, self.cfg.rollout
         timings = {}
         # 1. sample prompts: this rank's whole groups
-        t0 = time.perf_counter()
+        t0 = clock(info.device)
         per_rank = g.prompts_per_step // info.world_size
         order = prompt_order(len(self.train_records), cfg.train.seed, self.step, g.prompts_per_step)
         mine = order[info.rank * per_rank:(info.rank + 1) * per_rank]
@@ -255,16 +254,16 @@ class GRPOTrainer:
                              "text": out.texts[j], "truncated": bool(out.truncated[j])})
         set_gathered(self.policy, False)
         self.policy.train()
-        timings["time/generate"] = time.perf_counter() - t0
+        timings["time/generate"] = clock(info.device) - t0
 
         # 3. score: [N, F], NaN where a reward has no opinion
-        t0 = time.perf_counter()
+        t0 = clock(info.device)
         texts = [x["text"] for x in rows]
         columns = {k: [x["record"].get(k, "") for x in rows] for k in ("solution", "answer", "problem", "prompt")}
         columns["completion_ids"] = [x["completion_ids"] for x in rows]
         per_fn = torch.tensor([[math.nan if v is None else float(v) for v in fn(texts, **columns)]
                                for _, fn, _ in self.rewards], dtype=torch.float64).T  # [N, F]
-        timings["time/score"] = time.perf_counter() - t0
+        timings["time/score"] = clock(info.device) - t0
 
         # 4. advantages on this rank's whole groups
         rewards, valid = combine_rewards(per_fn, self.weights)  # [N], [N]
@@ -287,7 +286,7 @@ class GRPOTrainer:
         pad = self.tokenizer.pad_token_id
         micro = [rows[i:i + mb] for i in range(0, len(rows), mb)]
         # 5. old-policy and reference log-probs, no grad
-        t0 = time.perf_counter()
+        t0 = clock(info.device)
         with torch.no_grad(), self.autocast:
             for part in micro:
                 batch = _collate(part, pad, info.device)
@@ -299,10 +298,10 @@ class GRPOTrainer:
                     ref = _seq_logps(self.ref, batch, r.temperature)
                     for x, lp in zip(part, ref):
                         x["ref_logps"] = lp
-        t_logp = time.perf_counter() - t0
+        t_logp = clock(info.device) - t0
 
         # 6. update
-        t0 = time.perf_counter()
+        t0 = clock(info.device)
         local_tokens = torch.tensor(float(sum(len(x["completion_ids"]) * x["loss_weight"] for x in rows)))
         global_tokens = all_reduce_sum(local_tokens.clone().to(info.device))
         acc = {k: torch.zeros((), device=info.device) for k in
@@ -341,7 +340,7 @@ class GRPOTrainer:
                 skipped = True
         acc = {k: float(v) for k, v in acc.items()}
         acc["time/logprob"] = t_logp
-        acc["time/update"] = time.perf_counter() - t0
+        acc["time/update"] = clock(info.device) - t0
         acc["skipped_update"] = float(skipped)
         return acc
 
@@ -397,13 +396,13 @@ class GRPOTrainer:
             bar = ProgressBar(t.max_steps, "grpo", enabled=self.main and t.progress, start=self.step)
             while self.step < t.max_steps:
                 self.step += 1
-                t0 = time.perf_counter()
+                t0 = clock(self.info.device)
                 rows, stats = self.rollout_step()
                 upd = self.update_step(rows)
                 if cfg.grpo.ref_refresh_steps and self.ref is not None and self.step % cfg.grpo.ref_refresh_steps == 0:
                     self.refresh_reference()
                 self.scheduler.step()
-                metrics = step_metrics(self, rows, stats, upd, time.perf_counter() - t0)
+                metrics = step_metrics(self, rows, stats, upd, clock(self.info.device) - t0)
                 self.logger.log(metrics, self.step)
                 if self.main and (self.step % t.log_every == 0):
                     print(step_line(self.step, t.max_steps, metrics,

@@ -21,6 +21,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    fsdp: bool = False
+    """Models are sharded with FSDP2 over a process group; always so when world_size > 1."""
 
     @property
     def is_main(self) -> bool:
@@ -28,15 +30,24 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group is up and models are FSDP2-sharded (one process too, if asked)."""
+        return self.world_size > 1 or self.fsdp
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+FSDP_MODES = ("auto", "always")
+
+
+def init_distributed(device: str = "auto", fsdp: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun; return rank, world size, device.
 
     `device`: "auto" (CUDA when available, else CPU), "cpu" or "cuda". CPU runs use gloo, CUDA
     runs use NCCL with one GPU per local rank.
+    `fsdp`: "auto" shards with FSDP2 when there is more than one process; "always" also shards a
+    single process, over a process group of one: the multi-GPU code path (NCCL, FSDP2's bf16
+    mixed precision instead of autocast) on one GPU.
     """
+    if fsdp not in FSDP_MODES:
+        raise ValueError(f"fsdp must be one of {', '.join(FSDP_MODES)}, got {fsdp!r}")
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -51,11 +62,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    shard = world_size > 1 or fsdp == "always"
+    if shard and not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
+        rendezvous = {}
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            # plain `python`, no torchrun: a group of one needs no rendezvous, just a store
+            rendezvous = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
-                                **({"device_id": dev} if device == "cuda" else {}))
-    return DistInfo(rank, world_size, local_rank, dev)
+                                **rendezvous, **({"device_id": dev} if device == "cuda" else {}))
+    return DistInfo(rank, world_size, local_rank, dev, fsdp=shard)
 
 
 def destroy_distributed() -> None:

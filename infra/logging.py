@@ -10,6 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+
+def clock(device=None) -> float:
+    """`time.perf_counter()` once the device's queued work is done: CUDA kernels run
+    asynchronously, so a phase timed without this is charged to whichever phase syncs next."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
 
 def _fmt(v) -> str:
     if isinstance(v, float):

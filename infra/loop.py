@@ -30,13 +30,14 @@ def start_run(cfg, tag: str) -> tuple[DistInfo, Path]:
     """Process group, config check for this world size, seed, output folder, config printout."""
     from infra.config import format_config
 
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.fsdp)
     cfg.validate(info.world_size)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"[{tag}] world size {info.world_size}, device {info.device}\n{format_config(cfg)}", flush=True)
+        print(f"[{tag}] world size {info.world_size}, device {info.device}, FSDP2 "
+              f"{'on' if info.distributed else 'off'}\n{format_config(cfg)}", flush=True)
     return info, out
 
 

@@ -68,7 +68,9 @@ def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: b
     if not trainable:
         lm.requires_grad_(False)
     elif m.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
+        # Non-reentrant: the checkpoint PyTorch recommends, and the one FSDP2 supports; the
+        # reentrant kind also needs an input that requires grad to pass gradients through.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return path, tokenizer, lm
 
 

@@ -7,7 +7,9 @@ Two kernel families, both in float32 whatever the input dtype:
   * fused with the LM head: programs tile tokens x vocabulary, compute x = h W^T with
     `tl.dot` and float32 accumulation, and keep the same online statistics per token over
     their slice of the vocabulary; the slices' partial (max, sum, sum e w) are merged on the
-    host side ([splits, N] floats, never [N, V]). The backward recomputes logits chunk by
+    host side ([splits, N] floats, never [N, V]). The target's own logit h . W[y] is a
+    float32 dot product per token, taken once outside the vocabulary loop (exact products of
+    16-bit inputs, as the tiles have; float32 inputs under TF32 get it in full precision). The backward recomputes logits chunk by
     chunk, writes d loss / d logits for the chunk (each token's own upstream gradient
     applied) and hands the two reductions grad_hidden = dx W and grad_weight += dx^T h to
     cuBLAS; the only [*, V] buffer is that chunk's gradient.
@@ -23,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
+from typing import NamedTuple
 
 # Working memory for the [chunk, V] logit gradient of the fused backward on a GPU; 1 GiB is
 # ~3.5k tokens of a 152k vocabulary in bf16, enough for cuBLAS to run the reductions at speed.
@@ -32,7 +35,7 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _token_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, x_max_ptr, log_s_ptr, mean_w_ptr, V,
-                      temperature, BLOCK_V: tl.constexpr, RETURN_ENTROPY: tl.constexpr):
+                      inv_t, BLOCK_V: tl.constexpr, RETURN_ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2^31 for long batches
     x_row = x_ptr + row * stride_x
     cols = tl.arange(0, BLOCK_V)
@@ -45,9 +48,9 @@ def _token_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, x_max_ptr, log_s_ptr, me
         # the tail is -inf so that it adds exp(-inf) = 0 to the sums
         x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        w = (x - m_new) / temperature
+        w = (x - m_new) * inv_t
         e = tl.exp(w)
-        shift = (m - m_new) / temperature  # -inf on the first block, where s = t = 0
+        shift = (m - m_new) * inv_t  # -inf on the first block, where s = t = 0
         alpha = tl.exp(shift)
         if RETURN_ENTROPY:
             # moving the reference from m to m_new turns each old w into w + shift; before s
@@ -58,7 +61,7 @@ def _token_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, x_max_ptr, log_s_ptr, me
         m = m_new
     log_s = tl.log(s)
     x_y = tl.load(x_row + tl.load(y_ptr + row)).to(tl.float32)
-    tl.store(logp_ptr + row, (x_y - m) / temperature - log_s)
+    tl.store(logp_ptr + row, (x_y - m) * inv_t - log_s)
     tl.store(x_max_ptr + row, m)
     tl.store(log_s_ptr + row, log_s)
     if RETURN_ENTROPY:
@@ -67,7 +70,7 @@ def _token_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, x_max_ptr, log_s_ptr, me
 
 @triton.jit
 def _token_bwd_kernel(x_ptr, stride_x, y_ptr, x_max_ptr, log_s_ptr, mean_w_ptr, g_logp_ptr,
-                      g_ent_ptr, dx_ptr, stride_dx, V, temperature,
+                      g_ent_ptr, dx_ptr, stride_dx, V, inv_t,
                       BLOCK_V: tl.constexpr, HAS_ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -84,12 +87,12 @@ def _token_bwd_kernel(x_ptr, stride_x, y_ptr, x_max_ptr, log_s_ptr, mean_w_ptr, 
         offs = v0 + cols
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.where(mask, (x - x_max) / temperature, 0.0)  # the tail is never stored
+        w = tl.where(mask, (x - x_max) * inv_t, 0.0)  # the tail is never stored
         p = tl.exp(w - log_s)
         dw = g_lp * (tl.where(offs == y, 1.0, 0.0) - p)  # d logp_y / dz
         if HAS_ENTROPY:
             dw -= g_ent * p * (w - mean_w)  # dH/dz_j = -p_j (z_j - sum p z), shift-free
-        tl.store(dx_row + offs, (dw / temperature).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_row + offs, (dw * inv_t).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -110,9 +113,9 @@ def _logits_tile(h_ptr, stride_h, w_ptr, stride_w, rows64, row_mask, cols64, col
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "v_per_split"])  # one compile for every batch size
 def _linear_fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, part_m_ptr, part_s_ptr,
-                       part_t_ptr, x_y_ptr, N, V, H, v_per_split, temperature,
+                       part_t_ptr, x_y_ptr, N, V, H, v_per_split, inv_t,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                        RETURN_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -120,7 +123,6 @@ def _linear_fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, part_m_ptr, part
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
-    y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # as in _token_fwd_kernel, per row
     s = tl.full([BLOCK_N], 0.0, tl.float32)
     t = tl.full([BLOCK_N], 0.0, tl.float32)
@@ -134,30 +136,39 @@ def _linear_fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, part_m_ptr, part
                            H, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         x = tl.where(col_mask[None, :], acc, float("-inf"))  # [BN, BV] raw logits
         m_new = tl.maximum(m, tl.max(x, axis=1))
-        w = (x - m_new[:, None]) / temperature
+        w = (x - m_new[:, None]) * inv_t
         e = tl.exp(w)
-        shift = (m - m_new) / temperature
+        shift = (m - m_new) * inv_t
         alpha = tl.exp(shift)
         if RETURN_ENTROPY:
             t = alpha * (t + tl.where(s > 0, shift, 0.0) * s) \
                 + tl.sum(e * tl.where(col_mask[None, :], w, 0.0), axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
-        # exactly one tile of one split holds each target: no two programs write x_y[row]
-        hit = (cols[None, :] == y[:, None]) & col_mask[None, :]
-        x_y = tl.sum(tl.where(hit, acc, 0.0), axis=1)
-        tl.store(x_y_ptr + rows64, x_y, mask=row_mask & (tl.max(hit.to(tl.int32), axis=1) > 0))
     part = split.to(tl.int64) * N + rows64
     tl.store(part_m_ptr + part, m, mask=row_mask)
     tl.store(part_s_ptr + part, s, mask=row_mask)
     if RETURN_ENTROPY:
         tl.store(part_t_ptr + part, t, mask=row_mask)
+    if split == 0:
+        # The target's logit x_y = h . W[y], once per token, out of the vocabulary loop: picking
+        # it out of every tile costs a compare and a reduction per logit.
+        y = tl.load(y_ptr + rows64, mask=row_mask, other=0).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        x_y = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k = k0 + ks
+            both = row_mask[:, None] & (k < H)[None, :]
+            a = tl.load(h_ptr + rows64[:, None] * stride_h + k[None, :], mask=both, other=0.0)
+            b = tl.load(w_ptr + y[:, None] * stride_w + k[None, :], mask=both, other=0.0)
+            x_y += tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1)  # [BN]
+        tl.store(x_y_ptr + rows64, x_y, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _linear_dz_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, x_max_ptr, log_s_ptr,
                       mean_w_ptr, g_logp_ptr, g_ent_ptr, dx_ptr, stride_dx, N, V, H,
-                      temperature, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                      inv_t, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_K: tl.constexpr, HAS_ENTROPY: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     # program_id(0) walks the token tiles first, so programs running together share a
@@ -172,7 +183,7 @@ def _linear_dz_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, x_max_ptr, log_s_
     log_s = tl.load(log_s_ptr + rows64, mask=row_mask, other=0.0)
     g_lp = tl.load(g_logp_ptr + rows64, mask=row_mask, other=0.0)
     y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
-    w = tl.where(col_mask[None, :], (acc - x_max[:, None]) / temperature, 0.0)  # [BN, BV]
+    w = tl.where(col_mask[None, :], (acc - x_max[:, None]) * inv_t, 0.0)  # [BN, BV]
     p = tl.exp(w - log_s[:, None])
     dw = g_lp[:, None] * (tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
     if HAS_ENTROPY:
@@ -180,7 +191,7 @@ def _linear_dz_kernel(h_ptr, stride_h, w_ptr, stride_w, y_ptr, x_max_ptr, log_s_
         g_ent = tl.load(g_ent_ptr + rows64, mask=row_mask, other=0.0)
         dw -= g_ent[:, None] * p * (w - mean_w[:, None])
     tl.store(dx_ptr + rows64[:, None] * stride_dx + cols64[None, :],
-             (dw / temperature).to(dx_ptr.dtype.element_ty),
+             (dw * inv_t).to(dx_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -215,8 +226,8 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_opts(device: torch.device, num_warps: int) -> dict:
-    return {"num_warps": num_warps, "num_stages": 3} if device.type == "cuda" else {}
+def _launch_opts(device: torch.device, num_warps: int, num_stages: int = 3) -> dict:
+    return {"num_warps": num_warps, "num_stages": num_stages} if device.type == "cuda" else {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,7 +246,7 @@ def _token_forward(x, y, temperature, return_entropy, block_v):
     if N > 0:
         _token_fwd_kernel[(N,)](
             x, x.stride(0), y, logps, x_max, log_s, log_s if mean_w is None else mean_w, V,
-            temperature, BLOCK_V=block_v, RETURN_ENTROPY=return_entropy,
+            1.0 / temperature, BLOCK_V=block_v, RETURN_ENTROPY=return_entropy,
             **_launch_opts(x.device, 8))
     return logps, (x_max, log_s, mean_w)
 
@@ -263,7 +274,7 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         if N > 0:
             _token_bwd_kernel[(N,)](
                 x, x.stride(0), y, x_max, log_s, log_s if mean_w is None else mean_w, g_lp,
-                g_ent, grad_x, grad_x.stride(0), V, ctx.temperature,
+                g_ent, grad_x, grad_x.stride(0), V, 1.0 / ctx.temperature,
                 BLOCK_V=ctx.block_v, HAS_ENTROPY=grad_entropy is not None,
                 **_launch_opts(x.device, 8))
         return grad_x, None, None, None, None
@@ -285,17 +296,57 @@ def triton_token_logprobs(logits, targets, temperature=1.0, return_entropy=False
 # ----------------------------------------------------------------------------------------
 # fused with the LM head
 # ----------------------------------------------------------------------------------------
-def _blocks(dtype: torch.dtype) -> tuple[int, int, int]:
-    # (BLOCK_N, BLOCK_V, BLOCK_K): the usual 128 x 128 x 64 tensor-core tile for 16-bit inputs
-    # (3 stages of staged tiles: 96 KiB of shared memory); float32 tiles are twice as wide
-    # per element, so they take half the rows and half the K depth. Not autotuned.
-    return (128, 128, 64) if dtype != torch.float32 else (64, 128, 32)
+class Tiles(NamedTuple):
+    """Launch shape of the fused kernels: a [block_n tokens, block_v words] logit tile, built
+    from block_k-deep slices of H, with the warps and software-pipeline stages of one program."""
+    block_n: int
+    block_v: int
+    block_k: int
+    num_warps: int = 8
+    num_stages: int = 3
 
 
-def _linear_forward(h, w, y, temperature, return_entropy, blocks, num_splits):
+# Default launch shapes by input width and kernel, from bench/gpu_suite.py's sweep on an H200
+# (N=16384, H=896, V=151,936, bf16; bench/RESULTS.md): 128 x 256 x 64 tiles with 8 warps and 3
+# stages ran the forward in 8.9 ms (0.67 of a cuBLAS matmul's rate), the 128 x 128 x 64 tile
+# in 11.4 ms. Their staged tiles take 144 KiB of shared memory; GPUs with less (consumer
+# cards have ~100 KiB) step down to the next shape of _SMALLER that fits. float32 tiles are
+# twice as wide per element, so they take half the rows and half the K depth (not tuned).
+TILES = {
+    (16, "forward"): Tiles(128, 256, 64, 8, 3),
+    (16, "backward"): Tiles(128, 256, 64, 8, 3),
+    (32, "forward"): Tiles(64, 128, 32),
+    (32, "backward"): Tiles(64, 128, 32),
+}
+_SMALLER = (Tiles(128, 128, 64, 8, 3), Tiles(64, 128, 32, 4, 2))
+
+
+def _shared_bytes(t: Tiles, elem_bytes: int) -> int:
+    """Shared memory of the staged [BN, BK] and [BK, BV] operand tiles: what limits a shape."""
+    return t.num_stages * (t.block_n * t.block_k + t.block_k * t.block_v) * elem_bytes
+
+
+def _max_shared(device: torch.device) -> int | None:
+    try:
+        from triton.runtime import driver
+        return int(driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"])
+    except Exception:  # an old triton, or the interpreter: launch as asked
+        return None
+
+
+def _tiles(dtype: torch.dtype, backward: bool, device: torch.device | None = None) -> Tiles:
+    t = TILES[(32 if dtype == torch.float32 else 16, "backward" if backward else "forward")]
+    limit = _max_shared(device) if device is not None and device.type == "cuda" else None
+    if limit is None:
+        return t
+    esize = torch.empty(0, dtype=dtype).element_size()
+    return next((c for c in (t, *_SMALLER) if _shared_bytes(c, esize) <= limit), _SMALLER[-1])
+
+
+def _linear_forward(h, w, y, temperature, return_entropy, tiles: Tiles, num_splits):
     N, H = h.shape
     V = w.shape[0]
-    BN, BV, BK = blocks
+    BN, BV, BK = tiles[:3]
     n_tiles, v_tiles = triton.cdiv(N, BN), triton.cdiv(V, BV)
     if num_splits is None:
         # enough programs to fill the GPU a few times over; each split is a vocabulary slice
@@ -307,14 +358,14 @@ def _linear_forward(h, w, y, temperature, return_entropy, blocks, num_splits):
     part_m = torch.empty(num_splits, N, dtype=torch.float32, device=h.device)  # [S, N]
     part_s = torch.empty_like(part_m)  # [S, N]
     part_t = torch.empty_like(part_m) if return_entropy else part_s  # [S, N]
-    # NaN stays only if no tile saw the target, which validated targets rule out
-    x_y = torch.full((N,), float("nan"), dtype=torch.float32, device=h.device)  # [N]
+    x_y = torch.empty(N, dtype=torch.float32, device=h.device)  # [N], by the split-0 programs
     if N > 0:
         _linear_fwd_kernel[(n_tiles, num_splits)](
             h, h.stride(0), w, w.stride(0), y, part_m, part_s, part_t, x_y,
-            N, V, H, v_per_split, temperature,
+            N, V, H, v_per_split, 1.0 / temperature,
             BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, RETURN_ENTROPY=return_entropy,
-            DOT_PRECISION=_dot_precision(h.dtype), **_launch_opts(h.device, 8))
+            DOT_PRECISION=_dot_precision(h.dtype),
+            **_launch_opts(h.device, tiles.num_warps, tiles.num_stages))
     # merge the slices, each summed relative to its own max m_k, onto x_max = max_k m_k:
     # s = sum_k a_k s_k and t = sum_k a_k (t_k + d_k s_k), a_k = exp(d_k), d_k = (m_k - x_max)/T
     x_max = part_m.max(0).values  # [N]
@@ -329,11 +380,11 @@ def _linear_forward(h, w, y, temperature, return_entropy, blocks, num_splits):
 
 class _TritonLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, y, temperature, return_entropy, blocks, num_splits, rows_per_chunk):
-        logps, stats = _linear_forward(h, w, y, temperature, return_entropy, blocks,
-                                       num_splits)
+    def forward(ctx, h, w, y, temperature, return_entropy, tiles, bwd_tiles, num_splits,
+                rows_per_chunk):
+        logps, stats = _linear_forward(h, w, y, temperature, return_entropy, tiles, num_splits)
         ctx.save_for_backward(h, w, y, *stats)
-        ctx.temperature, ctx.blocks, ctx.rows_per_chunk = temperature, blocks, rows_per_chunk
+        ctx.temperature, ctx.tiles, ctx.rows_per_chunk = temperature, bwd_tiles, rows_per_chunk
         return _outputs(logps, stats, return_entropy)
 
     @staticmethod
@@ -342,7 +393,8 @@ class _TritonLinearLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N, H = h.shape
         V = w.shape[0]
-        BN, BV, BK = ctx.blocks
+        tiles = ctx.tiles
+        BN, BV, BK = tiles[:3]
         has_ent = grad_entropy is not None
         g_lp = grad_logps.float().contiguous()  # [N]
         g_ent = grad_entropy.float().contiguous() if has_ent else g_lp  # [N]
@@ -360,31 +412,34 @@ class _TritonLinearLogprobs(torch.autograd.Function):
             _linear_dz_kernel[(triton.cdiv(c1 - c0, BN), triton.cdiv(V, BV))](
                 h[c0:c1], h.stride(0), w, w.stride(0), y[c0:c1], x_max[c0:c1], log_s[c0:c1],
                 mean_w[c0:c1], g_lp[c0:c1], g_ent[c0:c1], dx_c, dx_c.stride(0), c1 - c0, V,
-                H, ctx.temperature, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, HAS_ENTROPY=has_ent,
-                DOT_PRECISION=_dot_precision(h.dtype), **_launch_opts(h.device, 8))
+                H, 1.0 / ctx.temperature, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, HAS_ENTROPY=has_ent,
+                DOT_PRECISION=_dot_precision(h.dtype),
+                **_launch_opts(h.device, tiles.num_warps, tiles.num_stages))
             if need_h:
                 torch.mm(dx_c, w, out=grad_h[c0:c1])  # [C, H]
             if need_w:
                 grad_w.addmm_(dx_c.T, h[c0:c1])  # [V, H]
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def triton_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False,
-                           blocks: tuple[int, int, int] | None = None,
+                           blocks: tuple[int, ...] | None = None,
                            num_splits: int | None = None, rows_per_chunk: int | None = None):
     """Triton path of `fused_linear_logprobs`: hidden [N, H], weight [V, H], targets [N].
 
-    `blocks` (BLOCK_N, BLOCK_V, BLOCK_K), `num_splits` (vocabulary slices per token tile) and
-    `rows_per_chunk` (tokens per backward chunk) override the GPU defaults, for tests.
+    `blocks` (BLOCK_N, BLOCK_V, BLOCK_K[, num_warps, num_stages]: a `Tiles`) for both kernels,
+    `num_splits` (vocabulary slices per token tile) and `rows_per_chunk` (tokens per backward
+    chunk) override the GPU defaults, for tests and tuning.
     """
     _check_dtype("hidden", hidden)
     _check_device("hidden", hidden)
     h, w = _row_major(hidden), _row_major(weight)
-    blocks = blocks or _blocks(h.dtype)
+    fwd_tiles = Tiles(*blocks) if blocks else _tiles(h.dtype, backward=False, device=h.device)
+    bwd_tiles = Tiles(*blocks) if blocks else _tiles(h.dtype, backward=True, device=h.device)
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-        return _TritonLinearLogprobs.apply(h, w, targets, temperature, return_entropy, blocks,
-                                           num_splits, rows_per_chunk)
+        return _TritonLinearLogprobs.apply(h, w, targets, temperature, return_entropy,
+                                           fwd_tiles, bwd_tiles, num_splits, rows_per_chunk)
     # old-policy / reference log-probs: nothing is kept for a backward that never comes
     logps, stats = _linear_forward(h.detach(), w.detach(), targets, temperature,
-                                   return_entropy, blocks, num_splits)
+                                   return_entropy, fwd_tiles, num_splits)
     return _outputs(logps, stats, return_entropy)

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.prompts import render_prompt
 
@@ -310,6 +311,13 @@ def cu_seqlens(segment_ids: torch.Tensor) -> list[int]:
     return torch.nonzero(starts.flatten()).flatten().tolist() + [B * L]
 
 
+# Every SDPA backend but cuDNN's. cuDNN builds an execution plan per new shape, and packed
+# documents bring new lengths every step: on an H200 (torch 2.11) its attention took 1.8 ms of
+# CPU per call, 500 calls a step, and a packed SFT step of 8 x 4096 tokens ran 2.6 s instead
+# of 0.7 s (bench/RESULTS.md, GPU suite). The backward runs the kernel its forward chose.
+_VARLEN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def varlen_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -347,12 +355,13 @@ def varlen_sdpa_attention(
     # unbind / split rather than indexing: their backward is one stack / cat, where every
     # indexed slice would add a zero-filled gradient of the whole tensor.
     rows = []
-    for b, (q, k, v) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):  # [H, L, D]
-        parts = zip(q.split(lengths[b], dim=1), k.split(lengths[b], dim=1), v.split(lengths[b], dim=1))
-        rows.append(torch.cat([
-            F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout,  # [1, H, n, D]
-                                           is_causal=True, scale=scaling, enable_gqa=gqa)[0]
-            for qs, ks, vs in parts], dim=1))  # [H, L, D]
+    with sdpa_kernel(_VARLEN_BACKENDS):
+        for b, (q, k, v) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):  # [H, L, D]
+            parts = zip(q.split(lengths[b], dim=1), k.split(lengths[b], dim=1), v.split(lengths[b], dim=1))
+            rows.append(torch.cat([
+                F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout,  # [1, H, n, D]
+                                               is_causal=True, scale=scaling, enable_gqa=gqa)[0]
+                for qs, ks, vs in parts], dim=1))  # [H, L, D]
     return torch.stack(rows).transpose(1, 2).contiguous(), None  # [B, L, H, D]
 
 

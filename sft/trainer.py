@@ -27,6 +27,7 @@ from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config
 from infra.dist import all_reduce_sum, decoder_layers, shard_model
 from infra.logging import MetricsLogger, ProgressBar, step_line
+from infra.dist import FSDP_MODES
 from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
 from sft.packing import (VARLEN_ATTENTION, collate_packed, collate_padded, pack, packed_model_inputs,
@@ -122,6 +123,8 @@ class SFTJobConfig:
             raise ConfigError(f"--optim.lr={self.optim.lr}: must be > 0")
         if self.train.max_steps < 1 and self.sft.epochs <= 0:
             raise ConfigError("--train.max_steps must be >= 1 (or set --sft.epochs)")
+        if self.train.fsdp not in FSDP_MODES:
+            raise ConfigError(f"--train.fsdp={self.train.fsdp!r}: must be one of {', '.join(FSDP_MODES)}")
 
 
 def load_conversations(cfg: SFTJobConfig) -> tuple[list[list[dict]], list[dict]]:
@@ -181,9 +184,15 @@ class SFTTrainer:
         if not s.packing:  # one conversation per row, padded per micro-batch
             self.rows = [(ids[: s.max_seq_len], labels[: s.max_seq_len]) for ids, labels in docs]
         self.rows_per_step = s.rows_per_step
-        if len(self.rows) < self.rows_per_step:
-            raise ConfigError(f"--sft.rows_per_step={s.rows_per_step}: only {len(self.rows)} packed rows; "
-                              f"add data or lower it")
+        if not self.rows:
+            raise ConfigError(f"--data.source={cfg.data.source!r}: no conversation left to train on "
+                              f"after packing ({self.pack_stats})")
+        if len(self.rows) < self.rows_per_step and self.main:
+            # A small stage (a few rejection-sampled problems) still trains: a step then reads
+            # the rows more than once, each pass in its own seeded order.
+            print(f"[sft] warning: {len(self.rows)} packed rows for --sft.rows_per_step="
+                  f"{s.rows_per_step}: each step passes over the data "
+                  f"{s.rows_per_step / len(self.rows):.1f} times", flush=True)
         if s.epochs > 0:
             cfg.train.max_steps = max(1, math.ceil(s.epochs * len(self.rows) / self.rows_per_step))
         if self.main:

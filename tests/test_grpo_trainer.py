@@ -65,6 +65,26 @@ def test_two_processes_match_one(tiny, tmp_path):
     assert r1 == pytest.approx(r2, abs=1e-9) and len(r1) == 2
 
 
+def test_fsdp_of_one_process_and_checkpointing_match_plain(tiny, tmp_path):
+    """`--train.fsdp always` shards a single process over a process group of one (FSDP2's code
+    path, gloo here) and `--model.gradient_checkpointing` recomputes activations in backward;
+    neither may change what is learned."""
+    args = [*BASE, "--model.path", tiny, "--train.max_steps", "2", "--train.save_every", "0"]
+    plain = _run([*args, "--train.output_dir", str(tmp_path / "plain")])
+    fsdp = _run([*args, "--train.output_dir", str(tmp_path / "fsdp"), "--train.fsdp", "always",
+                 "--model.gradient_checkpointing", "true"])
+    assert "FSDP2 off" in plain.stdout and "FSDP2 on" in fsdp.stdout
+    one = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    start = load_file(Path(tiny) / "model.safetensors")
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
+    r1 = [m["reward"] for m in _metrics(tmp_path / "plain") if "reward" in m]
+    r2 = [m["reward"] for m in _metrics(tmp_path / "fsdp") if "reward" in m]
+    assert r1 == pytest.approx(r2, abs=1e-9) and len(r1) == 2
+
+
 def test_resume_equals_uninterrupted_and_export_loads(tiny, tmp_path):
     args = [*BASE, "--model.path", tiny, "--train.max_steps", "4", "--train.save_every", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -267,6 +287,7 @@ ckpt.save(2, model, opt, {{"note": "two"}})
     (["--grpo.loss_type", "ppo"], "grpo.loss_type"),
     (["--grpo.nonexistent", "1"], "grpo.nonexistent"),
     (["--optim.lr", "abc"], "optim.lr"),
+    (["--train.fsdp", "sometimes"], "train.fsdp"),
 ])
 def test_bad_options_fail_at_start_naming_the_option(args, option):
     from grpo.config import GRPOJobConfig

@@ -48,6 +48,17 @@ def test_sft_lowers_loss_on_its_data(tiny, tmp_path):
     assert len(losses) == 6 and losses[-1] < 0.6 * losses[0], losses
 
 
+def test_sft_with_fewer_rows_than_a_step_trains_on_what_it_has(tiny, tmp_path):
+    """3 conversations pack into 1 row of 512 tokens, a step asks for 4 rows: the stage trains
+    (each step reads the row 4 times) and says so, instead of stopping."""
+    args = [*SFT, "--model.path", tiny, "--data.num_train", "3", "--train.max_steps", "3",
+            "--train.output_dir", str(tmp_path)]
+    res = _run("sft", args)
+    assert "1 packed rows for --sft.rows_per_step=4: each step passes over the data 4.0 times" in res.stdout
+    losses = _losses(tmp_path)
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+
+
 def test_sft_two_processes_match_one(tiny, tmp_path):
     args = [*SFT, "--model.path", tiny, "--train.max_steps", "2"]
     _run("sft", [*args, "--train.output_dir", str(tmp_path / "one")])
