@@ -1,4 +1,4 @@
-"""Entry point: `torchrun [--nproc_per_node=N] train.py [COMMAND] [--recipe FILE] [--a.b value ...]`
+"""usage: [torchrun --nproc_per_node=N] train.py [COMMAND] [--recipe FILE] [--section.field VALUE ...]
 (or plain `python train.py ...`).
 
 Commands:
@@ -24,6 +24,9 @@ DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return None
     command = argv.pop(0) if argv and not argv[0].startswith("-") else None
     from infra.config import ConfigError
 

@@ -103,12 +103,26 @@ def _zero_std(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None
     return (hi == lo) | (v.sum(-1) < 2)
 
 
+def batch_reward_std(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Unbiased std of the valid rewards of a whole batch: the divisor of `scale="batch"`.
+
+    A trainer whose batch is spread over ranks passes the rewards of *all* ranks here (gathered)
+    and hands the result to `group_advantages(..., batch_std=)`, so that the advantages do not
+    depend on how many processes share the batch.
+    """
+    w = torch.ones_like(rewards) if valid is None else valid.to(rewards.dtype)  # [N]
+    n = w.sum()
+    mean = (rewards * w).sum() / n.clamp(min=1)
+    return (((rewards - mean) * w) ** 2).sum().div((n - 1).clamp(min=1)).sqrt()  # scalar
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
     scale: str = "group",
     eps: float = 1e-4,
     valid: torch.Tensor | None = None,
+    batch_std: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Group-relative advantage, DeepSeekMath Sec. 4.1.2: A_i = (r_i - mean(r)) / (std(r) + eps).
 
@@ -121,6 +135,8 @@ def group_advantages(
         eps: added to the std.
         valid: optional bool `[N]`, False for rows with no opinion (see `combine_rewards`); such
             rows are left out of mean and std and get advantage 0.
+        batch_std: the divisor of scale="batch" when the batch is larger than `rewards` (the
+            rewards of every rank, see `batch_reward_std`); None = the std of `rewards` itself.
 
     Returns: `[N]` advantages, exactly 0 for every row of a zero-std group and every invalid row.
     """
@@ -138,10 +154,10 @@ def group_advantages(
         std = ((centered**2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # [num_groups, 1]
         advantages = centered / (std + eps)
     elif scale == "batch":
-        rv, wv = r.flatten(), w.flatten()  # [N]
-        nv = wv.sum()
-        batch_mean = rv.sum() / nv.clamp(min=1)
-        std = (((rv - batch_mean) * wv) ** 2).sum().div((nv - 1).clamp(min=1)).sqrt()  # scalar
+        if batch_std is None:
+            std = batch_reward_std(rewards, valid)  # scalar
+        else:
+            std = torch.as_tensor(batch_std, dtype=r.dtype, device=r.device)
         advantages = centered / (std + eps)
     else:
         advantages = centered

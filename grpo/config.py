@@ -33,6 +33,10 @@ class ModelConfig:
     """Attention kernel passed to from_pretrained: sdpa, eager or flash_attention_2."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (real models on small GPUs)."""
+    keep_dropout: bool = False
+    """Keep the model's dropout in training. Off by default: with dropout the policy differs
+    from the reference and from itself between forwards, so the KL and the ratio are noise even
+    on identical weights."""
     seed: int = 0
     """Seed of the embedded model's weights and tokenizer."""
     embedded_size: str = "default"

@@ -79,5 +79,10 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     result = {"accuracy": sums[0].item() / n, "format": sums[1].item() / n,
               "mean_length": sums[2].item() / n, "num_problems": int(sums[3].item())}
     if return_samples:
+        if torch.distributed.is_initialized():  # every rank's share, in problem order
+            shares = [None] * info.world_size
+            torch.distributed.all_gather_object(shares, samples)
+            w = info.world_size  # rank r evaluated problems r, r + w, r + 2w, ...
+            samples = [shares[i % w][i // w] for i in range(len(records)) if i // w < len(shares[i % w])]
         result["samples"] = samples[:return_samples]
     return result

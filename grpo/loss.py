@@ -12,7 +12,7 @@ with the per-token KL estimator of DeepSeekMath Eq. 4 (Schulman's "k3"):
 - `epsilon_high` (DAPO Sec. 3.1, "clip-higher"): upper bound 1+epsilon_high, lower 1-epsilon_low.
 - `loss_type` picks how token losses are averaged:
     "grpo"    1/N sum_i 1/|o_i| sum_t                   DeepSeekMath Eq. 3
-    "bnpo"    1/sum_i|o_i| sum_i sum_t, local batch     (per micro-batch token mean)
+    "bnpo"    1/sum_i|o_i| sum_i sum_t, local batch     (token mean of the tokens given)
     "dr_grpo" 1/(N L) sum_i sum_t, L = max_completion_length    Dr. GRPO
     "dapo"    1/num_loss_tokens sum_i sum_t             DAPO Eq. 8, token-level, whole step
 - `importance_sampling="sequence"`: GSPO's ratio s_i = exp(1/|o_i| sum_t log r_it).
@@ -34,7 +34,10 @@ Where this code departs from the papers, and why:
   constant generation budget L, which keeps the loss on the scale of "grpo". We follow the code.
 - "dapo" divides by the token count of the whole optimizer step (every micro-batch, every rank),
   passed in as `num_loss_tokens`: summing micro-batch gradients then gives exactly the
-  large-batch gradient of Eq. 8, which a per-micro-batch token mean ("bnpo") does not.
+  large-batch gradient of Eq. 8. "bnpo" is a token mean over the tokens given; the trainer
+  weights each micro-batch by its share of the rank's tokens, so one process accumulates the
+  same gradient as "dapo", and N processes average N rank-level token means (equal to "dapo"
+  when the ranks hold equal token counts).
 - GSPO: the sequence ratio s_i is broadcast to every token of o_i and gradients flow through it:
   d s_i = s_i/|o_i| sum_t d log pi_theta(o_it). This is the GSPO objective under "grpo"
   normalization (each token of o_i carries the same loss), and because A_i is one number per

@@ -11,6 +11,7 @@ reproduce a 1-process run, and a resumed run reproduce an uninterrupted one.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -45,10 +46,11 @@ class PolicyModel(nn.Module):
                 return logps, (h @ weight.T).float() / temperature
             return logps
         if targets is None:
+            cache_arg = _cache_argument(self.lm)
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, past_key_values=past_key_values,
-                          use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1].float().clone(), out.past_key_values  # clone: FSDP2 dislikes views
+                          position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                          **{cache_arg: past_key_values})
+            return out.logits[:, -1].float().clone(), out[cache_arg]  # clone: FSDP2 dislikes views
         # Completion token t sits at position target_start + t and is predicted by the hidden
         # state one position earlier.
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -61,6 +63,13 @@ class PolicyModel(nn.Module):
         if return_entropy:
             return out[0].reshape(n, t).clone(), out[1].reshape(n, t).clone()
         return out.reshape(n, t).clone()
+
+
+def _cache_argument(lm: nn.Module) -> str:
+    """The KV-cache keyword of `lm.forward` and its output: `cache` from transformers 5.2x on,
+    `past_key_values` before (still accepted, with a deprecation warning, until 5.40)."""
+    params = inspect.signature(type(lm).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -29,18 +29,20 @@ from contextlib import closing, nullcontext
 import torch
 
 from data.task import task_records
-from grpo.advantages import group_advantages, rloo_advantages, zero_std_groups, combine_rewards
+from grpo.advantages import (batch_reward_std, combine_rewards, group_advantages, rloo_advantages,
+                             zero_std_groups)
 from grpo.config import EMBEDDED, DataConfig, GRPOJobConfig
 from grpo.evaluate import all_done_fn, encode_prompts, evaluate
 from grpo.loss import policy_loss
 from grpo.rewards import get_reward_functions
 from grpo.rollout import PolicyModel, generate, pad_prompts
 from infra.checkpoint import CheckpointManager, export_hf
-from infra.config import ConfigError, format_config, load_recipe
-from infra.dist import all_reduce_sum, decoder_layers, set_gathered, shard_model
-from infra.logging import MetricsLogger, ProgressBar, clock, step_line, write_jsonl
+from infra.config import ConfigError, format_config, load_recipe, to_dict
+from infra.dist import all_gather_cat, all_reduce_sum, decoder_layers, set_gathered, shard_model
+from infra.logging import MetricsLogger, ProgressBar, clock, say, step_line, write_jsonl
 from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
+from infra.resume import apply_optimizer_options, check_resume
 
 
 def row_seed(seed: int, step: int, row: int) -> int:
@@ -167,7 +169,7 @@ class GRPOTrainer:
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.info, cfg.train.keep_last)
         self.logger = MetricsLogger(self.out, self.main,
                                     cfg.train.wandb_project if cfg.train.wandb else None,
-                                    config=None)
+                                    config=to_dict(cfg))
         self.step = 0
         self.ref_refreshes = 0  # refreshes applied to self.ref: 0 means it is the initial model
         self.nonfinite_in_row = 0
@@ -190,9 +192,11 @@ class GRPOTrainer:
         latest = self.ckpt.latest() if self.cfg.train.resume else None
         if latest is None:
             return
+        changed = check_resume(latest, self.cfg, "grpo")  # refuses a different run's options
         state = self.ckpt.load(latest, self.policy, self.optimizer,
                                extra_models={"ref": self.ref} if self.ref is not None else None)
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_options(self.optimizer, self.scheduler, self.cfg.optim)
         self.step = int(state["step"])
         self.nonfinite_in_row = int(state["nonfinite_in_row"])
         self.eval_history = json.loads(state["eval_history"])
@@ -214,11 +218,13 @@ class GRPOTrainer:
         if self.main:
             restored = f", reference refreshed {self.ref_refreshes} times" if self.ref_refreshes else ""
             print(f"[grpo] resumed from {latest} at step {self.step}{restored}", flush=True)
+            for line in changed:
+                print(line, flush=True)
 
     def _on_signal(self, signum, frame):
         self.stop_requested = True
         if self.main:
-            print(f"\n[grpo] signal {signum}: saving a checkpoint after this step, then exiting", flush=True)
+            say(f"\n[grpo] signal {signum}: saving a checkpoint after this step, then exiting")
 
     # ---------------------------------------------------------------- one step
     def rollout_step(self) -> tuple[list[dict], dict]:
@@ -270,7 +276,13 @@ class GRPOTrainer:
         if g.advantage_estimator == "rloo":
             adv = rloo_advantages(rewards, r.group_size, valid=valid)
         else:
-            adv = group_advantages(rewards, r.group_size, scale=g.scale_rewards, valid=valid)
+            std = None
+            if g.scale_rewards == "batch":  # the std of the whole global batch, every rank's rows
+                dev = info.device
+                std = batch_reward_std(all_gather_cat(rewards.to(dev)).cpu(),
+                                       all_gather_cat(valid.to(dev, rewards.dtype)).cpu() > 0)
+            adv = group_advantages(rewards, r.group_size, scale=g.scale_rewards, valid=valid,
+                                   batch_std=std)
         flat = zero_std_groups(rewards, r.group_size, valid=valid)  # [num_groups]
         for j, x in enumerate(rows):
             keep = not (g.mask_truncated and x["truncated"]) and not (g.drop_zero_std_groups and flat[j // r.group_size])
@@ -328,7 +340,9 @@ class GRPOTrainer:
                                       kl_estimator=g.kl_estimator, max_completion_length=r.max_new_tokens,
                                       num_loss_tokens=global_tokens)
                 scale = _loss_scale(g.loss_type, len(part), len(rows), mask.sum(), local_tokens, info.world_size)
-                (loss * scale / g.num_iterations).backward()
+                # Each pass ends in its own optimizer step, so each pass carries the whole
+                # batch's loss: dividing by num_iterations would shrink every update by 1/mu.
+                (loss * scale).backward()
                 # Metrics stay on the device until the step ends: one host sync per step.
                 share = len(part) / len(rows) / g.num_iterations
                 acc["loss"] += loss.detach() * share
@@ -354,9 +368,9 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
             if self.main:
-                print(f"[grpo] step {self.step}: non-finite loss/grad norm "
+                say(f"[grpo] step {self.step}: non-finite loss/grad norm "
                       f"({float(acc['loss'])}, {float(norm)}): update skipped "
-                      f"({self.nonfinite_in_row}/{self.cfg.train.max_nonfinite} in a row)", flush=True)
+                      f"({self.nonfinite_in_row}/{self.cfg.train.max_nonfinite} in a row)")
             if self.nonfinite_in_row >= self.cfg.train.max_nonfinite:
                 raise RuntimeError(
                     f"[grpo] {self.nonfinite_in_row} non-finite updates in a row at step {self.step}; "
@@ -381,7 +395,7 @@ class GRPOTrainer:
         r = self.cfg.rollout
         res = evaluate(self.policy, self.tokenizer, self.eval_records, self.eval_ids, self.info,
                        max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature,
-                       seed=self.cfg.train.seed)
+                       seed=self.cfg.train.seed, return_samples=len(self.eval_records))
         return record_eval(self, "grpo", res)
 
     def train(self) -> dict:
@@ -405,12 +419,13 @@ class GRPOTrainer:
                 metrics = step_metrics(self, rows, stats, upd, clock(self.info.device) - t0)
                 self.logger.log(metrics, self.step)
                 if self.main and (self.step % t.log_every == 0):
-                    print(step_line(self.step, t.max_steps, metrics,
+                    say(step_line(self.step, t.max_steps, metrics,
                                     ["reward", "accuracy/mean", "format/mean", "reward_std", "loss", "kl",
-                                     "completion_length/mean", "grad_norm", "lr", "time/step"]), flush=True)
+                                     "completion_length/mean", "grad_norm", "lr", "time/step"]))
                 if self.main and t.sample_every and self.step % t.sample_every == 0:
                     write_jsonl(self.out / "samples.jsonl", [
-                        {"step": self.step, "problem": x["record"]["problem"], "completion": x["text"],
+                        {"step": self.step, "problem": x["record"]["problem"],
+                         "answer": x["record"].get("answer", ""), "completion": x["text"],
                          "reward": x["reward"], "advantage": x["advantage"], **x["rewards"]} for x in rows[:8]])
                 bar.update(1, f"reward={metrics['reward']:.3f}")
                 if eval_due(self.step, t):
@@ -419,8 +434,9 @@ class GRPOTrainer:
                 if save:
                     self.save()
                 if stop:
+                    bar.close()
                     if self.main:
-                        print(f"[grpo] stopped by signal at step {self.step}; resume with the same command", flush=True)
+                        say(f"[grpo] stopped by signal at step {self.step}; resume with the same command")
                     return {"stopped": True, "step": self.step}
             bar.close()
             final = self.run_eval()
@@ -435,5 +451,5 @@ class GRPOTrainer:
 def main(argv: list[str]) -> dict:
     from infra.config import parse_args
 
-    cfg = parse_args(GRPOJobConfig, argv)
+    cfg = parse_args(GRPOJobConfig, argv, prog="grpo")
     return GRPOTrainer(cfg).train()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -142,8 +143,7 @@ def set_option(cfg, dotted: str, value: Any) -> None:
     obj, parts = cfg, dotted.split(".")
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-            valid = sorted(_option_names(cfg))
-            raise ConfigError(f"unknown option --{dotted}; valid options: {', '.join(valid)}")
+            raise ConfigError(unknown_option_message(cfg, dotted))
         if i == len(parts) - 1:
             tp = _resolved_types(type(obj))[part]
             if dataclasses.is_dataclass(tp):
@@ -155,6 +155,22 @@ def set_option(cfg, dotted: str, value: Any) -> None:
                 setattr(obj, part, _coerce(value, tp, dotted))
         else:
             obj = getattr(obj, part)
+
+
+def unknown_option_message(cfg, dotted: str) -> str:
+    """'unknown option --x; did you mean --a.b?' with the closest option names (by the whole
+    name, and by its last part alone: `--grpo.epsilonn` -> `--grpo.epsilon_low`)."""
+    names = _option_names(cfg)
+    last = {n.rsplit(".", 1)[-1]: n for n in names}
+    close = difflib.get_close_matches(dotted, names, n=3, cutoff=0.6)
+    close += [last[m] for m in difflib.get_close_matches(dotted.rsplit(".", 1)[-1], list(last), n=3,
+                                                         cutoff=0.75) if last[m] not in close]
+    aliases = [a for a, target in ALIASES.items() if target in names]
+    close = [f"{a} (= --{ALIASES[a]})" for a in difflib.get_close_matches(dotted, aliases, n=1,
+                                                                          cutoff=0.8)] + close
+    hint = f"did you mean {' or '.join('--' + c for c in close[:3])}?" if close else \
+        "`--help` lists every option"
+    return f"unknown option --{dotted}; {hint}"
 
 
 def _option_names(cfg, prefix: str = "") -> list[str]:
@@ -226,10 +242,16 @@ def split_argv(argv: list[str], help_text_fn, usage: str) -> tuple[str | None, l
     return recipe, pairs
 
 
-def parse_args(cls, argv: list[str], recipe_key: str | None = None):
-    """Build `cls()` and apply the recipe (`--recipe PATH`) and `--a.b value` overrides."""
+def parse_args(cls, argv: list[str], recipe_key: str | None = None, prog: str = ""):
+    """Build `cls()` and apply the recipe (`--recipe PATH`) and `--a.b value` overrides.
+
+    `prog`: the command's name, for the usage line of `--help`."""
     cfg = cls()
-    recipe, overrides = split_argv(argv, lambda: help_text(cfg), "--section.field value")
+    usage = (f"usage: [torchrun --nproc_per_node=N] train.py {prog or '<command>'} "
+             f"[--recipe FILE] [--section.field VALUE ...]\n\n"
+             f"Options, with their defaults. A recipe file sets them by section, the command\n"
+             f"line wins; TRL's names work too (--num_generations, --learning_rate ...: README).")
+    recipe, overrides = split_argv(argv, lambda: usage + "\n" + help_text(cfg), "--section.field value")
     if recipe is not None:
         data = load_recipe(recipe)
         if recipe_key is not None and recipe_key in data and isinstance(data[recipe_key], dict):
@@ -242,9 +264,58 @@ def parse_args(cls, argv: list[str], recipe_key: str | None = None):
     return cfg
 
 
+# Option names of TRL's GRPOConfig / SFTConfig (and common Trainer arguments) that mean the
+# same as one of ours: `--num_generations 8` is `--rollout.group_size 8`. Only exact matches
+# of meaning are here (README, "Coming from TRL, verl or OpenRLHF").
+ALIASES = {
+    "num_generations": "rollout.group_size",
+    "max_completion_length": "rollout.max_new_tokens",
+    "temperature": "rollout.temperature",
+    "top_p": "rollout.top_p",
+    "top_k": "rollout.top_k",
+    "max_prompt_length": "data.max_prompt_tokens",
+    "epsilon": "grpo.epsilon_low",
+    "epsilon_high": "grpo.epsilon_high",
+    "beta": "grpo.beta",
+    "num_iterations": "grpo.num_iterations",
+    "loss_type": "grpo.loss_type",
+    "scale_rewards": "grpo.scale_rewards",
+    "mask_truncated_completions": "grpo.mask_truncated",
+    "importance_sampling_level": "grpo.importance_sampling",
+    "reward_weights": "grpo.reward_weights",
+    "ref_model_sync_steps": "grpo.ref_refresh_steps",
+    "ref_model_mixup_alpha": "grpo.ref_mix_alpha",
+    "max_length": "sft.max_seq_len",
+    "max_seq_length": "sft.max_seq_len",
+    "packing": "sft.packing",
+    "assistant_only_loss": "sft.assistant_only",
+    "learning_rate": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "adam_beta1": "optim.beta1",
+    "adam_beta2": "optim.beta2",
+    "warmup_steps": "optim.warmup_steps",
+    "lr_scheduler_type": "optim.schedule",
+    "max_grad_norm": "optim.max_grad_norm",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "model_name_or_path": "model.path",
+    "max_steps": "train.max_steps",
+    "seed": "train.seed",
+    "output_dir": "train.output_dir",
+    "logging_steps": "train.log_every",
+    "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every",
+    "save_total_limit": "train.keep_last",
+}
+
+
 def _alias(cfg, key: str) -> str:
-    """Top-level flags that are not sections map to `train.<flag>` (e.g. `--wandb`)."""
-    if "." not in key and key not in {f.name for f in dataclasses.fields(cfg)} and hasattr(cfg, "train"):
+    """A TRL name (`ALIASES`) that this command has -> ours; other top-level flags that are not
+    sections map to `train.<flag>` (e.g. `--wandb`)."""
+    if "." in key or key in {f.name for f in dataclasses.fields(cfg)}:
+        return key
+    if key in ALIASES and ALIASES[key] in _option_names(cfg):
+        return ALIASES[key]
+    if hasattr(cfg, "train") and f"train.{key}" in _option_names(cfg):
         return f"train.{key}"
     return key
 

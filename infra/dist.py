@@ -91,6 +91,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (same shape on all ranks), concatenated along dim 0 in rank order."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

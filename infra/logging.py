@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,43 +30,80 @@ def _fmt(v) -> str:
     return str(v)
 
 
+_BAR: "ProgressBar | None" = None  # the bar on the terminal now, if any
+
+
+def say(message: str) -> None:
+    """Print a line to stdout without tearing the progress bar: on a terminal the bar (on
+    stderr) is cleared, the line printed, and the bar drawn again below it."""
+    bar = _BAR
+    if bar is not None:
+        bar.clear()
+    print(message, flush=True)
+    if bar is not None:
+        bar.draw()
+
+
 class ProgressBar:
-    """A one-line progress bar with rate and ETA; prints plain lines when not on a terminal."""
+    """A one-line progress bar with rate and ETA on stderr; plain lines every few seconds when
+    stderr is not a terminal. Lines printed meanwhile go through `say`."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True, start: int = 0):
+        global _BAR
         self.total, self.desc, self.enabled = total, desc, enabled
         self.n = start
         self.t0 = time.time()
         self.start = start
         self.tty = sys.stderr.isatty()
         self._last = 0.0
+        self._postfix = ""
+        if enabled and self.tty:
+            _BAR = self
 
-    def update(self, n: int = 1, postfix: str = "") -> None:
-        self.n += n
-        if not self.enabled:
-            return
+    def _line(self) -> str:
         now = time.time()
-        if not self.tty and now - self._last < 5 and self.n < self.total:
-            return  # in a log file, one line every few seconds is plenty
-        self._last = now
         done = self.n - self.start
         rate = done / max(now - self.t0, 1e-9)
         eta = (self.total - self.n) / rate if rate > 0 else float("inf")
         frac = self.n / max(self.total, 1)
         bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
-        eta_s = "?" if math.isinf(eta) else time.strftime("%M:%S", time.gmtime(eta))
-        line = f"{self.desc} [{bar}] {self.n}/{self.total} {rate:.2f}it/s eta {eta_s} {postfix}"
+        eta_s = "?" if math.isinf(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        return f"{self.desc} [{bar}] {self.n}/{self.total} {rate:.2f}it/s eta {eta_s} {self._postfix}"
+
+    def _width(self) -> int:
+        return max(20, shutil.get_terminal_size((100, 20)).columns - 1)  # never wrap
+
+    def draw(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\r" + self._line()[: self._width()].ljust(self._width()))
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\r" + " " * self._width() + "\r")
+            sys.stderr.flush()
+
+    def update(self, n: int = 1, postfix: str = "") -> None:
+        self.n += n
+        self._postfix = postfix
+        if not self.enabled:
+            return
+        now = time.time()
         if self.tty:
-            sys.stderr.write("\r" + line[:160].ljust(160))
-            if self.n >= self.total:
-                sys.stderr.write("\n")
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+            self.draw()
+        elif now - self._last >= 5 or self.n >= self.total:  # a log file: a line now and then
+            sys.stderr.write(self._line() + "\n")
+            sys.stderr.flush()
+        self._last = now
 
     def close(self) -> None:
-        if self.enabled and self.tty and self.n < self.total:
+        global _BAR
+        if self.enabled and self.tty:
+            self.draw()
             sys.stderr.write("\n")
+            sys.stderr.flush()
+        if _BAR is self:
+            _BAR = None
 
 
 class MetricsLogger:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from infra.dist import DistInfo, all_reduce_sum, init_distributed
+from infra.logging import say, write_jsonl
 
 if TYPE_CHECKING:  # infra must not import the trainers' packages at run time
     from grpo.config import TrainConfig
@@ -36,6 +37,7 @@ def start_run(cfg, tag: str) -> tuple[DistInfo, Path]:
     out = Path(cfg.train.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(format_config(cfg))  # the run's options, at the top
         print(f"[{tag}] world size {info.world_size}, device {info.device}, FSDP2 "
               f"{'on' if info.distributed else 'off'}\n{format_config(cfg)}", flush=True)
     return info, out
@@ -75,11 +77,14 @@ def save_and_stop(step: int, train: TrainConfig, device: torch.device,
 
 def record_eval(trainer, tag: str, res: dict) -> dict:
     """Stamp an evaluation with the trainer's step, keep it in its history, print and log it."""
+    samples = res.pop("samples", None)
     res["step"] = trainer.step
+    if samples and trainer.main:  # every held-out completion with its verdicts, per evaluation
+        write_jsonl(trainer.out / "eval_samples.jsonl", [{"step": trainer.step, **x} for x in samples])
     trainer.eval_history.append(res)
     if trainer.main:
-        print(f"[{tag}] eval step {trainer.step}: accuracy {res['accuracy']:.3f} format "
-              f"{res['format']:.3f} mean length {res['mean_length']:.1f}", flush=True)
+        say(f"[{tag}] eval step {trainer.step}: accuracy {res['accuracy']:.3f} format "
+              f"{res['format']:.3f} mean length {res['mean_length']:.1f}")
     trainer.logger.log({f"eval/{k}": v for k, v in res.items() if k != "step"}, trainer.step)
     return res
 

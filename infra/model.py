@@ -61,10 +61,17 @@ def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
 
 def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: bool = True):
     """A `ModelConfig` -> (resolved path, tokenizer, causal LM on the device)."""
+    from transformers.utils import logging as hf_logging
+
+    # transformers' own bars ("Loading weights", "Writing model shards") would tear the
+    # trainer's progress bar and fill logs; the trainer says what it loads and saves.
+    hf_logging.disable_progress_bar()
     path = resolve_model_path(m.path, output_dir, info, seed=m.seed, size=m.embedded_size)
     tokenizer = load_tokenizer(m.tokenizer or path, m.trust_remote_code)
     lm = load_causal_lm(path, dtype=m.dtype, device=info.device, trust_remote_code=m.trust_remote_code,
                         attn_implementation=m.attn_implementation)
+    if not m.keep_dropout:
+        disable_dropout(lm)
     if not trainable:
         lm.requires_grad_(False)
     elif m.gradient_checkpointing:
@@ -72,6 +79,18 @@ def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: b
         # reentrant kind also needs an input that requires grad to pass gradients through.
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return path, tokenizer, lm
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout of `model`: nn.Dropout modules and the float rates that attention
+    modules keep as attributes (Qwen2's and Llama's `attention_dropout`). The config is left
+    alone, so an exported model keeps the rates it came with."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def eos_token_ids(tokenizer, lm) -> list[int]:

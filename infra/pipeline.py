@@ -6,7 +6,11 @@
 A recipe names an output folder and a list of stages; each stage is a command (sft, grpo,
 rejection-sample, distill) with its own options. A stage writes into <output_dir>/<name>/ and
 is skipped on a re-run once its `stage.json` exists (written last, atomically, and only when the
-stage finished).
+stage finished) and records the same options as this run resolves for it (a stage.json written
+by hand, recording none, marks a stage done as it is). A finished stage whose options changed
+is not skipped silently: the run refuses, listing the changes, or with
+`--rerun_changed` runs that stage and every later one again (their old folders are kept as
+<name>.replaced-<time>), since later stages start from its output.
 
 A stage that stops early (Ctrl-C, SIGTERM, `--<stage>.train.stop_at_step N`) saves a checkpoint
 and ends the pipeline there, with exit status 0, no `stage.json` and no later stage started.
@@ -22,6 +26,8 @@ Options (`--key value`, `--key=value`, or a bare `--flag` for true, as for every
   --device auto|cpu|cuda                 overrides the recipe's `device`; every stage that does
                                          not set its own `train.device` runs on it
   --<stage>.<section>.<field> VALUE      one stage's option, e.g. --grpo.train.max_steps 50
+  --rerun_changed                        run again the finished stages whose options changed,
+                                         and every stage after the first of them
 
 The whole recipe is checked before any stage runs: stage names are unique, commands known,
 every stage's options parse and validate with its command's config (no model is loaded), and
@@ -39,7 +45,11 @@ from infra.dist import barrier, init_distributed
 
 COMMANDS = ("sft", "grpo", "rejection-sample", "distill")
 RECIPE_KEYS = ("output_dir", "model", "device", "stages")
-PIPELINE_OPTIONS = ("output_dir", "device")  # besides --recipe and --<stage>.<section>.<field>
+PIPELINE_OPTIONS = ("output_dir", "device", "rerun_changed")  # and --recipe, --<stage>.<section>.<field>
+# Options that change how a stage is watched or where it runs, not what it computes: a re-run
+# with other values still counts a finished stage as done.
+UNRECORDED = ("train.progress", "train.log_every", "train.wandb", "train.wandb_project",
+              "train.device", "train.fsdp", "train.resume")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -170,6 +180,28 @@ def check_recipe(recipe: dict, overrides: dict, world_size: int = 1) -> list[dic
     return stages
 
 
+def resolved_options(command: str, options: dict) -> dict:
+    """The flat resolved config a stage runs with (defaults filled in), minus `UNRECORDED`."""
+    from infra.config import to_dict
+    cls, _ = _command(command)
+    flat = _flatten(to_dict(parse_args(cls, _argv(options))))
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in UNRECORDED}
+
+
+def _changes(recorded: dict | None, now: dict) -> list[str]:
+    if recorded is None:  # a stage.json written by hand (a model brought in as that stage's)
+        return []
+    keys = sorted(set(recorded) | set(now))
+    return [f"--{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys if recorded.get(k) != now.get(k)]
+
+
+def _rerun_flag(overrides: dict) -> bool:
+    value = str(overrides.get("rerun_changed", "false")).lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ConfigError(f"--rerun_changed={value!r}: expected true or false")
+    return value in ("true", "1")
+
+
 def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
     """Run the stages not yet done; one row per stage. When a stage stops early the last row is
     {"stage", "command", "stopped": True, "step"} and no later stage has run."""
@@ -178,20 +210,42 @@ def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
     stages = check_recipe(recipe, overrides, info.world_size)
     out = Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
     prev = str(recipe.get("model", "embedded"))
+    rerun = _rerun_flag(overrides)
     rows = []
     t_start = time.time()
+    rerunning = False  # a stage before this one ran again: this one starts from a new model
     for i, stage in enumerate(stages):
         name, command = stage["name"], stage["command"]
         stage_dir = out / name
         done = stage_dir / "stage.json"
+        opts = stage_options(stage, prev, out, device, overrides)
+        options = resolved_options(command, opts)
         result = json.loads(done.read_text()) if done.exists() else None
         if result is not None and result.get("stopped"):
             result = None  # written by an older version that took a stopped stage for a finished one
+        if result is not None and not rerunning:
+            changes = _changes(result.get("options"), options)
+            if changes and not rerun:
+                raise ConfigError(
+                    f"stage {name} finished with other options than this run gives it: "
+                    f"{'; '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}. Pass "
+                    f"--rerun_changed to run it and the stages after it again (the old folders "
+                    f"are kept), or go back to the options it ran with")
+            rerunning = bool(changes)
+        if result is not None and rerunning:
+            if info.is_main:  # kept, not deleted: it is the user's earlier result
+                aside = stage_dir.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(stage_dir, aside)
+                print(f"[pipeline] stage {name}: options changed, running it again "
+                      f"(the earlier run is in {aside})", flush=True)
+            barrier()
+            result = None
         if result is not None:
             if info.is_main:
-                print(f"[pipeline] stage {name}: already done, skipping", flush=True)
+                unrecorded = "" if "options" in result else " (its stage.json records no options to compare)"
+                print(f"[pipeline] stage {name}: already done, skipping{unrecorded}", flush=True)
         else:
-            opts = stage_options(stage, prev, out, device, overrides)
+            rerunning = True  # the stages after this one must start from its new output
             if info.is_main:
                 print(f"\n[pipeline] ===== stage {i + 1}/{len(stages)}: {name} ({command}) =====", flush=True)
             t0 = time.time()
@@ -207,7 +261,7 @@ def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
                 rows.append({"stage": name, "command": command, "stopped": True, "step": step})
                 return rows
             result = {k: v for k, v in result.items() if isinstance(v, (int, float, str, list, dict))}
-            result.update(stage=name, command=command, wall_time_s=time.time() - t0)
+            result.update(stage=name, command=command, wall_time_s=time.time() - t0, options=options)
             # A training stage hands on its export; rejection sampling hands on the model it used.
             result.setdefault("model", str(stage_dir / "final"))
             if info.is_main:

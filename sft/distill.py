@@ -58,7 +58,7 @@ class DistillJobConfig(SFTJobConfig):
 
 def main(argv: list[str]) -> dict:
     from infra.config import parse_args
-    cfg = parse_args(DistillJobConfig, argv)
+    cfg = parse_args(DistillJobConfig, argv, prog="distill")
     info = init_distributed(cfg.train.device, cfg.train.fsdp)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -181,7 +181,7 @@ def load_sampler(model_cfg: ModelConfig, out_dir: Path, info: DistInfo):
 
 def main(argv: list[str]) -> dict:
     from infra.config import parse_args
-    cfg = parse_args(RejectionJobConfig, argv)
+    cfg = parse_args(RejectionJobConfig, argv, prog="rejection-sample")
     info = init_distributed(cfg.train.device, cfg.train.fsdp)
     cfg.validate(info.world_size)
     out = Path(cfg.train.output_dir)

@@ -24,12 +24,12 @@ from data.task import TaskConfig, task_records
 from grpo.config import EMBEDDED, ModelConfig, OptimConfig, TrainConfig
 from grpo.evaluate import encode_prompts, evaluate
 from infra.checkpoint import CheckpointManager, export_hf
-from infra.config import ConfigError, format_config
-from infra.dist import all_reduce_sum, decoder_layers, shard_model
-from infra.logging import MetricsLogger, ProgressBar, step_line
-from infra.dist import FSDP_MODES
+from infra.config import ConfigError, format_config, to_dict
+from infra.dist import FSDP_MODES, all_reduce_sum, decoder_layers, shard_model
+from infra.logging import MetricsLogger, ProgressBar, say, step_line
 from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
+from infra.resume import apply_optimizer_options, check_resume
 from sft.packing import (VARLEN_ATTENTION, collate_packed, collate_padded, pack, packed_model_inputs,
                          tokenize_conversation)
 
@@ -205,7 +205,8 @@ class SFTTrainer:
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=o.warmup_steps, max_steps=cfg.train.max_steps,
                                          schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.info, cfg.train.keep_last)
-        self.logger = MetricsLogger(self.out, self.main, cfg.train.wandb_project if cfg.train.wandb else None)
+        self.logger = MetricsLogger(self.out, self.main, cfg.train.wandb_project if cfg.train.wandb else None,
+                                    config=to_dict(cfg))
         self.step = 0
         self.last_loss = float("nan")  # loss of step `self.step`; saved so a resume at max_steps has it
         self.stop_requested = False
@@ -273,7 +274,7 @@ class SFTTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if not ok and self.main:
-            print(f"[sft] step {self.step}: non-finite loss or gradient, update skipped", flush=True)
+            say(f"[sft] step {self.step}: non-finite loss or gradient, update skipped")
         return {"loss": float(nll / num_tokens.clamp(min=1)), "grad_norm": float(norm),
                 "tokens": float(num_tokens), "skipped_update": float(not ok)}
 
@@ -283,7 +284,8 @@ class SFTTrainer:
         # Generation has no document boundaries: plain SDPA with the KV cache, then back.
         self.lm.set_attn_implementation(self.cfg.model.attn_implementation)
         res = evaluate(self.model, self.tokenizer, self.eval_records, self.eval_ids, self.info,
-                       max_new_tokens=self.cfg.sft.eval_max_new_tokens, seed=self.cfg.train.seed)
+                       max_new_tokens=self.cfg.sft.eval_max_new_tokens, seed=self.cfg.train.seed,
+                       return_samples=len(self.eval_records))
         self._training_attention()
         return record_eval(self, "sft", res)
 
@@ -303,14 +305,18 @@ class SFTTrainer:
         t = self.cfg.train
         latest = self.ckpt.latest() if t.resume else None
         if latest is not None:
+            changed = check_resume(latest, self.cfg, "sft")  # refuses a different run's options
             state = self.ckpt.load(latest, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
+            apply_optimizer_options(self.optimizer, self.scheduler, self.cfg.optim)
             self.step = int(state["step"])
             self.eval_history = json.loads(state["eval_history"])
             self.last_loss = float(state.get("last_loss", float("nan")))  # absent in older checkpoints
             self.logger.truncate_after(self.step)
             if self.main:
                 print(f"[sft] resumed from {latest} at step {self.step}", flush=True)
+                for line in changed:
+                    print(line, flush=True)
         # Exits in reverse order: the old signal handlers come back, then the logger closes.
         with closing(self.logger), stop_signals(self._on_signal):
             self._training_attention()
@@ -328,7 +334,7 @@ class SFTTrainer:
                          packing_efficiency=self.pack_stats.efficiency)
                 self.logger.log(m, self.step)
                 if self.main and self.step % t.log_every == 0:
-                    print(step_line(self.step, t.max_steps, m, ["loss", "grad_norm", "lr", "tokens_per_s"]), flush=True)
+                    say(step_line(self.step, t.max_steps, m, ["loss", "grad_norm", "lr", "tokens_per_s"]))
                 bar.update(1, f"loss={m['loss']:.3f}")
                 if eval_due(self.step, t):
                     self.run_eval()
@@ -336,6 +342,7 @@ class SFTTrainer:
                 if save:
                     self.save()
                 if stop:
+                    bar.close()
                     return {"stopped": True, "step": self.step}
             bar.close()
             # A run resumed from its last step may have evaluated it already (killed during the
@@ -354,4 +361,4 @@ class SFTTrainer:
 
 def main(argv: list[str]) -> dict:
     from infra.config import parse_args
-    return SFTTrainer(parse_args(SFTJobConfig, argv)).train()
+    return SFTTrainer(parse_args(SFTJobConfig, argv, prog="sft")).train()

@@ -48,7 +48,10 @@ def _metrics(out):
 
 
 def test_two_processes_match_one(tiny, tmp_path):
-    args = [*BASE, "--model.path", tiny, "--train.max_steps", "2", "--train.save_every", "0"]
+    # scale_rewards=batch divides by the std of the whole global batch, which each rank holds
+    # only half of: the run must gather it (it used the rank's own std before).
+    args = [*BASE, "--model.path", tiny, "--train.max_steps", "2", "--train.save_every", "0",
+            "--grpo.scale_rewards", "batch"]
     _run([*args, "--train.output_dir", str(tmp_path / "one")])
     _run([*args, "--train.output_dir", str(tmp_path / "two")], nproc=2)
     one = load_file(tmp_path / "one" / "final" / "model.safetensors")

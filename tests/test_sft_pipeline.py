@@ -119,5 +119,18 @@ def test_tiny_pipeline_runs_every_stage_and_exports_load(tmp_path):
     big = AutoModelForCausalLM.from_pretrained(out / "sft-stage-2" / "final")
     assert small.num_parameters() < big.num_parameters()  # distilled into a smaller student
     # A re-run skips the finished stages.
-    again = _run("pipeline", ["--recipe", str(ROOT / "configs" / "tiny-r1-full.yaml"), "--output_dir", str(out)])
+    recipe = ["--recipe", str(ROOT / "configs" / "tiny-r1-full.yaml"), "--output_dir", str(out)]
+    again = _run("pipeline", recipe)
     assert again.stdout.count("already done") == len(stages)
+    # A changed option of a finished stage is never skipped silently: refused, naming it ...
+    changed = [*recipe, "--distill.train.max_steps", "2"]
+    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), "pipeline", *changed],
+                             capture_output=True, text=True, env=ENV, timeout=600)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "stage distill" in refused.stderr and "--train.max_steps: 3 -> 2" in refused.stderr
+    # ... or, when asked, that stage runs again and the earlier result is kept aside.
+    rerun = _run("pipeline", [*changed, "--rerun_changed"])
+    assert rerun.stdout.count("already done") == len(stages) - 1
+    assert "stage distill: options changed, running it again" in rerun.stdout
+    assert len(list(out.glob("distill.replaced-*"))) == 1
+    assert json.loads((out / "distill" / "stage.json").read_text())["options"]["train.max_steps"] == 2

@@ -1,0 +1,76 @@
+"""The command line a new user meets: --help, TRL's option names, suggestions for typos, and a
+progress bar that printed lines do not tear."""
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpo.config import GRPOJobConfig
+from infra.config import ConfigError, parse_args
+from sft.trainer import SFTJobConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _help(*args):
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_help_lists_the_commands_and_each_command_has_a_usage_line():
+    top = _help()
+    assert top.startswith("usage:")
+    for command in ("grpo", "sft", "rejection-sample", "distill", "pipeline"):
+        assert f"\n  {command} " in top, command
+    grpo = _help("grpo")
+    assert grpo.startswith("usage: [torchrun --nproc_per_node=N] train.py grpo ")
+    assert "--rollout.group_size (default: 8)" in grpo
+
+
+def test_trl_names_are_aliases_where_the_meaning_is_the_same():
+    cfg = parse_args(GRPOJobConfig, ["--num_generations", "4", "--max_completion_length", "64",
+                                     "--epsilon", "0.3", "--learning_rate", "2e-6",
+                                     "--grpo.prompts_per_step", "4", "--grpo.micro_batch_size", "4"])
+    assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens) == (4, 64)
+    assert (cfg.grpo.epsilon_low, cfg.optim.lr) == (0.3, 2e-6)
+    assert parse_args(SFTJobConfig, ["--max_seq_length", "1024"]).sft.max_seq_len == 1024
+    # an alias of a section this command lacks is an unknown option, not a silent no-op
+    with pytest.raises(ConfigError, match="unknown option --num_generations"):
+        parse_args(SFTJobConfig, ["--num_generations", "4"])
+
+
+@pytest.mark.parametrize("typo, hint", [
+    ("--grpo.epsilonn", "did you mean --grpo.epsilon_low"),
+    ("--rollout.group_sise", "did you mean --rollout.group_size"),
+    ("--num_generation", "did you mean --num_generations (= --rollout.group_size)"),
+])
+def test_unknown_options_get_a_suggestion(typo, hint):
+    with pytest.raises(ConfigError) as e:
+        parse_args(GRPOJobConfig, [typo, "1"])
+    assert hint in str(e.value) and len(str(e.value)) < 200  # one suggestion line, not 90 names
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_lines_said_during_a_bar_do_not_tear_it(monkeypatch, capsys):
+    from infra import logging as log
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = log.ProgressBar(4, "grpo")
+    bar.update(1)
+    drawn = err.getvalue()
+    log.say("step 1/4 reward=0.5")
+    after = err.getvalue()[len(drawn):]
+    # the bar is wiped (\r + blanks + \r) before the line and drawn again after it
+    blank = "\r" + " " * bar._width() + "\r"
+    assert after.startswith(blank) and after[len(blank):].startswith("\rgrpo [")
+    assert capsys.readouterr().out == "step 1/4 reward=0.5\n"
+    bar.close()
+    assert log._BAR is None

@@ -1,0 +1,69 @@
+"""A resumed run does what was typed: options changed since the checkpoint are applied (the
+restored optimizer gets the new learning rate) or refused by name (those that define the run),
+and said either way."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.tiny import build_tiny_model
+from infra.resume import config_changes
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+GRPO = ["grpo", "--rollout.group_size", "2", "--grpo.prompts_per_step", "2",
+        "--grpo.micro_batch_size", "4", "--rollout.max_new_tokens", "8", "--data.num_train", "16",
+        "--data.num_eval", "2", "--optim.lr", "2e-4", "--optim.warmup_steps", "0",
+        "--train.max_steps", "2", "--train.save_every", "1", "--train.eval_every", "0",
+        "--train.sample_every", "1", "--train.progress", "false"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+def _train(*args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True,
+                          text=True, env=ENV, timeout=600)
+
+
+def test_resume_applies_a_new_learning_rate(tiny, tmp_path):
+    out = ["--model.path", tiny, "--train.output_dir", str(tmp_path)]
+    first = _train(*GRPO, *out, "--train.stop_at_step", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    res = _train(*GRPO, *out, "--optim.lr", "5e-5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "--optim.lr 0.0002 -> 5e-05 (re-applied to the restored optimizer)" in res.stdout
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().split("\n")[:-1])
+           if "lr" in r}
+    # step 1 trained at 2e-4 before the stop; step 2, after the resume, at the new 5e-5
+    assert lrs == {1: pytest.approx(2e-4), 2: pytest.approx(5e-5)}
+    # What a run leaves to read: its options at the top, samples with the gold answer and every
+    # reward, and each held-out evaluation's completions (2 problems, at steps 0 and 2).
+    assert "lr: 5.0e-05" in (tmp_path / "config.yaml").read_text()
+    sample = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    assert {"answer", "completion", "reward", "accuracy", "format"} <= set(sample)
+    evals = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 0, 2, 2]
+    assert {"problem", "answer", "completion", "accuracy", "format"} <= set(evals[0])
+
+
+def test_resume_refuses_options_that_define_the_run(tiny, tmp_path):
+    out = ["--model.path", tiny, "--train.output_dir", str(tmp_path)]
+    assert _train(*GRPO, *out, "--train.stop_at_step", "1").returncode == 0
+    res = _train(*GRPO, *out, "--data.num_train", "32", "--train.seed", "3")
+    assert res.returncode == 2
+    assert "--data.num_train was 16, now 32" in res.stderr and "--train.seed was 0, now 3" in res.stderr
+    assert "--train.resume false" in res.stderr
+
+
+def test_config_changes_lists_each_difference():
+    saved = {"optim": {"lr": 2e-4, "betas": [0.9, 0.99]}, "train": {"output_dir": "a", "seed": 0}}
+    now = {"optim": {"lr": 5e-5, "betas": [0.9, 0.99]}, "train": {"output_dir": "b", "seed": 0},
+           "grpo": {"beta": 0.0}}
+    # output_dir is where the run is, not what it is; a new option appears with None before it
+    assert config_changes(saved, now) == [("grpo.beta", None, 0.0), ("optim.lr", 2e-4, 5e-5)]
