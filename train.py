@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None):
         print(__doc__.strip())
         return None
     command = argv.pop(0) if argv and not argv[0].startswith("-") else None
-    from infra.config import ConfigError
+    from data.loaders import DatasetError
+    from infra.config import ConfigError, error_line
 
     try:
         if command is None:
@@ -50,8 +51,11 @@ def main(argv: list[str] | None = None):
             raise ConfigError(f"unknown command {command!r}; expected one of: grpo, sft, "
                               f"rejection-sample, distill, pipeline (or none for the tiny pipeline)")
         return run(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DatasetError) as e:
+        # A user's mistake (an option, a recipe, a data file or row, a model path): one line
+        # that names it, no traceback, and status 2 as for a usage error. Anything else is a
+        # bug or a fault and keeps its traceback.
+        print(error_line(e), file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -8,7 +8,10 @@ process and "pool" is `pool_size` workers; both with and without the in-process 
 path, with the verdict cache cleared before each run, and with warm workers (start-up is
 timed once, separately). The other rewards are pure Python in the caller's process.
 
-    python bench/bench_rewards.py [--n 1024] [--pool-size 0] [--repeats 3]
+Then the text-only rewards on hostile completions of `--hostile-chars` characters (shapes that
+made a backtracking regex quadratic), one call each, seconds (`--hostile-only` skips the rest).
+
+    python bench/bench_rewards.py [--n 1024] [--pool-size 0] [--repeats 3] [--hostile-chars N]
 """
 from __future__ import annotations
 
@@ -74,12 +77,42 @@ def best_rate(fn, comps, cols, repeats, before=None) -> float:
     return len(comps) / best
 
 
+def hostile_completions(chars: int) -> dict[str, str]:
+    """Completions of about `chars` characters that a backtracking regex can choke on."""
+    return {
+        # no </answer> at all: `.*?</answer>$` scanned to the end from every </think>
+        "'<think>' + '</think><answer>' * k": "<think>" + "</think><answer>" * (chars // 16),
+        # no closer: `\\(.*?\\)` scanned to the end from every opener
+        "'\\(' * k": "\\(" * (chars // 2),
+        "'\\[' * k": "\\[" * (chars // 2),
+    }
+
+
+def hostile_table(chars: int) -> None:
+    names = [n for n in REWARD_NAMES if n not in ("accuracy", "cosine")]
+    fns = get_reward_functions(names)
+    print(f"\ntext-only rewards on one hostile completion, seconds per call")
+    print(f"{'completion':<36} {'chars':>8} " + " ".join(f"{n[:12]:>12}" for n in names))
+    for label, text in hostile_completions(chars).items():
+        times = []
+        for _, fn, _ in fns:
+            start = time.perf_counter()
+            fn([text], prompt=["What is 2 + 2?"])
+            times.append(time.perf_counter() - start)
+        print(f"{label:<36} {len(text):>8,} " + " ".join(f"{t:>12.4f}" for t in times))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1024, help="completions in the batch")
     parser.add_argument("--pool-size", type=int, default=0, help="pool workers; 0: min(4, CPUs)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell (best is kept)")
+    parser.add_argument("--hostile-chars", type=int, default=192_000,
+                        help="length of the hostile completions")
+    parser.add_argument("--hostile-only", action="store_true", help="only the hostile table")
     args = parser.parse_args()
+    if args.hostile_only:
+        return hostile_table(args.hostile_chars)
     comps, cols = build_batch(args.n)
     pool_size = args.pool_size or min(4, os.cpu_count() or 1)
 
@@ -126,6 +159,7 @@ def main() -> None:
     print(f"\ntimeouts: {metrics.get('accuracy/timeouts', 0):.0f}, "
           f"verified by workers: {metrics.get('accuracy/verified', 0):.0f}, "
           f"fast path: {metrics.get('accuracy/fast_path', 0):.0f}")
+    hostile_table(args.hostile_chars)
 
 
 if __name__ == "__main__":

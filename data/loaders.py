@@ -32,7 +32,9 @@ one, else all of its rows.
 
 Departures from the tutorial: its `validate_dataset` prints warnings and goes on; here a bad
 file raises `DatasetError`, and a bad row raises or, with `on_bad_row="skip"`, is dropped,
-counted and reported once per file. NuminaMath's `messages` column (tool-integrated solutions
+counted and reported once per file. A bad row is also a line of a JSON-lines file that is not
+JSON, not UTF-8 text, or not an object. Errors name rows as people count them: "line N" of a
+JSON-lines file (blank lines count), "row N" (from 1) of a JSON array, parquet file or hub split. NuminaMath's `messages` column (tool-integrated solutions
 without <think> tags) is required for detection but dropped, as the tutorial drops it.
 """
 from __future__ import annotations
@@ -95,14 +97,20 @@ class Records:
 class _Table:
     name: str  # a file path, or "hub-name[split]"
     columns: list[str]
-    rows: list[dict[str, Any]]
+    rows: list[Any]  # dicts, or a _BadRow for a line that could not be read as an object
     outcomes: list[Any] = field(default_factory=list)  # per row: a record, or a _BadRow
+    labels: list[str] = field(default_factory=list)  # per row: "line 3" or "row 3", for errors
+
+    def __post_init__(self) -> None:
+        self.labels = self.labels or [f"row {i}" for i in range(1, len(self.rows) + 1)]
 
 
 class _BadRow(Exception):
-    def __init__(self, field_name: str, reason: str):
-        super().__init__(f"field {field_name!r}: {reason}")
-        self.field_name, self.reason, self.row = field_name, reason, -1
+    """What is wrong with one row: a field of it (`field_name`), or the whole row (None)."""
+
+    def __init__(self, field_name: str | None, reason: str):
+        super().__init__(reason if field_name is None else f"field {field_name!r}: {reason}")
+        self.field_name, self.reason = field_name, reason
 
 
 # Answers
@@ -237,25 +245,41 @@ def _pick_schema(table: _Table, schema: str) -> str:
 
 # Sources -> tables
 
-def _rows_to_table(name: str, rows: list[Any]) -> _Table:
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
+def _rows_to_table(name: str, rows: list[Any], labels: list[str] | None = None) -> _Table:
     columns: dict[str, None] = {}  # insertion-ordered union of keys: rows of a JSON file may differ
     for i, row in enumerate(rows):
+        if isinstance(row, _BadRow):
+            continue
         if not isinstance(row, dict):
-            raise DatasetError(f"{name}: row {i} is a JSON {type(row).__name__}, expected an object")
+            rows[i] = _BadRow(None, f"a JSON {_JSON_TYPES.get(type(row), type(row).__name__)}, "
+                                    f"expected an object")
+            continue
         columns.update(dict.fromkeys(row))
-    return _Table(name, list(columns), rows)
+    return _Table(name, list(columns), rows, labels=labels or [])
 
 
-def _json_lines(path: Path, text: str) -> list[Any]:
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+def _json_lines(data: bytes) -> tuple[list[Any], list[str]]:
+    """Rows of JSON-lines bytes, and their labels ("line N", blank lines counted). A line that is
+    not UTF-8 or not JSON becomes a _BadRow, so that on_bad_row decides, as for a bad field."""
+    rows, labels = [], []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        labels.append(f"line {lineno}")
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may open the file
+        except UnicodeDecodeError as e:
+            rows.append(_BadRow(None, f"not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)"))
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}: malformed JSON on line {lineno}: {e.msg} (column {e.colno})") from None
-    return rows
+            rows.append(_BadRow(None, f"malformed JSON: {e.msg} (column {e.colno})"))
+    return rows, labels
 
 
 def _read_file(path: Path) -> _Table:
@@ -268,24 +292,33 @@ def _read_file(path: Path) -> _Table:
             raise DatasetError(f"{path}: not a readable parquet file: {e}") from e
         return _Table(str(path), table.column_names, table.to_pylist())
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text: {e}") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read it: {e.strerror}") from None
     if path.suffix == ".jsonl":
-        return _rows_to_table(str(path), _json_lines(path, text))
+        return _rows_to_table(str(path), *_json_lines(data))
+    # A .json file is one document, or JSON lines (as Dataset.to_json writes them): a bad line of
+    # the latter is a bad row; a document that cannot be read is a bad file.
     try:
-        data = json.loads(text)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start + 1})") from None
+    try:
+        rows = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg != "Extra data":  # "Extra data": JSON lines in a .json file, as Dataset.to_json writes
+        if e.msg != "Extra data":
             raise DatasetError(f"{path}: malformed JSON on line {e.lineno}: {e.msg} (column {e.colno})") from None
-        data = _json_lines(path, text)
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if data and len(lists) == len(data) and len({len(v) for v in lists}) == 1:  # column-oriented
-            data = [dict(zip(data, values)) for values in zip(*data.values())]
+        return _rows_to_table(str(path), *_json_lines(data))
+    if isinstance(rows, dict):
+        lists = [v for v in rows.values() if isinstance(v, list)]
+        if rows and len(lists) == len(rows) and len({len(v) for v in lists}) == 1:  # column-oriented
+            rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
         else:  # a one-row JSON-lines file
-            data = [data]
-    return _rows_to_table(str(path), data)
+            rows = [rows]
+    if not isinstance(rows, list):
+        raise DatasetError(f"{path}: a JSON {_JSON_TYPES.get(type(rows), type(rows).__name__)}, "
+                           f"expected an array of objects (or JSON lines)")
+    return _rows_to_table(str(path), rows)
 
 
 def _split_tokens(path: Path, root: Path) -> set[str]:
@@ -427,16 +460,23 @@ def load_records(
     for table in tables:
         if not table.rows:
             raise DatasetError(f"{table.name}: no rows")
+        # Lines that are not objects say nothing of the columns: refuse them before the schema.
+        unreadable = [i for i, row in enumerate(table.rows) if isinstance(row, _BadRow)]
+        if unreadable and (on_bad_row == "error" or len(unreadable) == len(table.rows)):
+            first = unreadable[0]
+            none_left = "" if on_bad_row == "error" else "no readable row; first: "
+            raise DatasetError(f"{table.name}: {none_left}{table.labels[first]}, {table.rows[first]}")
         schemas[table.name] = _pick_schema(table, schema)
         to_record = _ROW_FUNCTIONS[schemas[table.name]]
         for i, row in enumerate(table.rows):
             try:
+                if isinstance(row, _BadRow):
+                    raise row
                 table.outcomes.append(to_record(row, table.columns, system_prompt))
             except _BadRow as bad:
                 if on_bad_row == "error":
-                    raise DatasetError(f"{table.name}: row {i}, {bad}") from None
-                bad.row = i
-                table.outcomes.append(bad)
+                    raise DatasetError(f"{table.name}: {table.labels[i]}, {bad}") from None
+                table.outcomes.append((table.labels[i], bad))
     if len(set(schemas.values())) > 1:
         raise DatasetError(f"{source}: files of different schemas in one split: {schemas}")
 
@@ -449,12 +489,12 @@ def load_records(
     records, skipped = [], 0
     for table in tables:
         outcomes = [table.outcomes[i] for t, i in pool if t is table]
-        bad = [o for o in outcomes if isinstance(o, _BadRow)]
-        records += [o for o in outcomes if not isinstance(o, _BadRow)]
+        bad = [o for o in outcomes if isinstance(o, tuple)]  # (label, _BadRow)
+        records += [o for o in outcomes if not isinstance(o, tuple)]
         if bad:
             skipped += len(bad)
             log.warning(f"skipped {len(bad)} of {len(outcomes)} rows of {table.name} "
-                        f"(first: row {bad[0].row}, field {bad[0].field_name}: {bad[0].reason})")
+                        f"(first: {bad[0][0]}, {bad[0][1]})")
     if limit is not None:
         records = records[:limit]
     return Records(records, next(iter(schemas.values())), str(source), split, skipped)

@@ -7,6 +7,8 @@ recipe (`configs/tiny-r1.yaml`, and what `train.py` runs with no arguments) sets
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from data.task import TaskConfig
@@ -203,12 +205,15 @@ class GRPOJobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        """Fail at start, naming the option, on combinations that cannot train."""
+        """Fail at start, naming the option, on values and combinations that cannot train.
+
+        Runs in `parse_args`, before any model or data loads. Bounds are written as
+        `not (x > 0)` where a NaN must fail too (`nan <= 0` is False)."""
         r, g, o, t = self.rollout, self.grpo, self.optim, self.train
-
-        def bad(option, value, why):
-            raise ConfigError(f"--{option}={value!r}: {why}")
-
+        check_model(self.model)
+        check_data(self.data)
+        check_optim(o)
+        check_train(t)
         if r.group_size < 2:
             bad("rollout.group_size", r.group_size, "must be >= 2 (advantages compare completions within a group)")
         if g.prompts_per_step < 1:
@@ -225,41 +230,132 @@ class GRPOJobConfig:
             bad("rollout.prompts_per_generation", r.prompts_per_generation, "must be >= 0")
         if r.max_new_tokens < 1:
             bad("rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
-        if r.temperature <= 0:
-            bad("rollout.temperature", r.temperature, "must be > 0 for GRPO sampling")
+        if not (finite(r.temperature) and r.temperature > 0):
+            bad("rollout.temperature", r.temperature, "must be a finite number > 0 for GRPO sampling")
         if not 0 < r.top_p <= 1:
             bad("rollout.top_p", r.top_p, "must be in (0, 1]")
-        if g.beta < 0:
-            bad("grpo.beta", g.beta, "must be >= 0")
+        if r.top_k < 0:
+            bad("rollout.top_k", r.top_k, "must be >= 0 (0 = off)")
+        if not (finite(r.eval_temperature) and r.eval_temperature >= 0):
+            bad("rollout.eval_temperature", r.eval_temperature, "must be a finite number >= 0 (0 = greedy)")
+        if not (finite(g.beta) and g.beta >= 0):
+            bad("grpo.beta", g.beta, "must be a finite number >= 0")
         if g.num_iterations < 1:
             bad("grpo.num_iterations", g.num_iterations, "must be >= 1")
-        if g.epsilon_low < 0 or g.epsilon_high < 0:
-            bad("grpo.epsilon_low/epsilon_high", (g.epsilon_low, g.epsilon_high), "must be >= 0")
+        for option, value in (("grpo.epsilon_low", g.epsilon_low), ("grpo.epsilon_high", g.epsilon_high)):
+            if not (finite(value) and value >= 0):
+                bad(option, value, "must be a finite number >= 0")
         for opt, val, allowed in (("grpo.loss_type", g.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
                                   ("grpo.kl_estimator", g.kl_estimator, ("k1", "k2", "k3")),
                                   ("grpo.importance_sampling", g.importance_sampling, ("token", "sequence")),
                                   ("grpo.advantage_estimator", g.advantage_estimator, ("grpo", "rloo")),
-                                  ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none")),
-                                  ("optim.schedule", o.schedule, ("constant", "cosine")),
-                                  ("data.on_bad_row", self.data.on_bad_row, ("error", "skip")),
-                                  ("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16")),
-                                  ("train.fsdp", t.fsdp, FSDP_MODES)):
-            if val not in allowed:
-                bad(opt, val, f"must be one of {', '.join(allowed)}")
+                                  ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))):
+            one_of(opt, val, allowed)
         if not g.rewards:
             bad("grpo.rewards", g.rewards, "needs at least one reward function")
         unknown = [n for n in g.rewards if n not in REWARD_NAMES]
         if unknown:
             bad("grpo.rewards", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
+        if len(set(g.rewards)) != len(g.rewards):
+            bad("grpo.rewards", g.rewards, "names a reward twice")
         if g.reward_weights and len(g.reward_weights) != len(g.rewards):
             bad("grpo.reward_weights", g.reward_weights, f"needs one weight per reward ({len(g.rewards)})")
+        if not all(finite(w) for w in g.reward_weights):
+            bad("grpo.reward_weights", g.reward_weights, "must be finite numbers")
         if not 0 <= g.ref_mix_alpha <= 1:
             bad("grpo.ref_mix_alpha", g.ref_mix_alpha, "must be in [0, 1]")
+        if g.ref_refresh_steps < 0:
+            bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "must be >= 0 (0 = never)")
         if g.ref_refresh_steps and g.beta == 0:
             bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "needs beta > 0 (no reference model otherwise)")
-        if o.lr <= 0:
-            bad("optim.lr", o.lr, "must be > 0")
+        try:
+            self.rewards.check()
+        except ValueError as e:
+            raise ConfigError(f"--rewards.{e}") from None
         if t.max_steps < 1:
             bad("train.max_steps", t.max_steps, "must be >= 1")
-        if t.keep_last < 1:
-            bad("train.keep_last", t.keep_last, "must be >= 1")
+
+
+# ---- checks shared by every command's config (grpo, sft, rejection-sample, distill) ----------
+
+def bad(option: str, value, why: str):
+    raise ConfigError(f"--{option}={value!r}: {why}")
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def one_of(option: str, value, allowed) -> None:
+    if value not in allowed:
+        bad(option, value, f"must be one of {', '.join(allowed)}")
+
+
+def check_model(m: ModelConfig, section: str = "model") -> None:
+    from data.tiny import TINY_SIZES
+
+    if not m.path.strip():
+        bad(f"{section}.path", m.path, "must name a model folder, a hub name or 'embedded'")
+    one_of(f"{section}.dtype", m.dtype, ("auto", "float32", "bfloat16"))
+    one_of(f"{section}.embedded_size", m.embedded_size, tuple(TINY_SIZES))
+
+
+def check_data(d, section: str = "data") -> None:
+    """The fields of a DataConfig or SFTDataConfig that loading would refuse later."""
+    from data.loaders import SCHEMAS
+
+    if not d.source.strip():
+        bad(f"{section}.source", d.source, "must name a file, a folder, a hub dataset or 'embedded'")
+    one_of(f"{section}.schema", d.schema, ("auto", *SCHEMAS))
+    one_of(f"{section}.on_bad_row", d.on_bad_row, ("error", "skip"))
+    for name in ("train_split", "split", "eval_split"):
+        if hasattr(d, name) and not getattr(d, name).strip():
+            bad(f"{section}.{name}", getattr(d, name), "must name a split, e.g. train, test or all")
+    if not 0 < d.test_size < 1:
+        bad(f"{section}.test_size", d.test_size, "must be a fraction in (0, 1)")
+    if d.num_train < 1:
+        bad(f"{section}.num_train", d.num_train, "must be >= 1")
+    if d.num_eval < 0:
+        bad(f"{section}.num_eval", d.num_eval, "must be >= 0")
+    if hasattr(d, "max_prompt_tokens") and d.max_prompt_tokens < 1:
+        bad(f"{section}.max_prompt_tokens", d.max_prompt_tokens, "must be >= 1")
+    try:  # TaskConfig checks itself when built; options set its fields one by one after that
+        TaskConfig(**dataclasses.asdict(d.task))
+    except ValueError as e:
+        raise ConfigError(f"--{section}.{e}") from None
+
+
+def check_optim(o: OptimConfig, section: str = "optim") -> None:
+    if not (finite(o.lr) and o.lr > 0):
+        bad(f"{section}.lr", o.lr, "must be a finite number > 0")
+    if not (finite(o.weight_decay) and o.weight_decay >= 0):
+        bad(f"{section}.weight_decay", o.weight_decay, "must be a finite number >= 0")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            bad(f"{section}.{name}", getattr(o, name), "must be in [0, 1)")
+    if o.warmup_steps < 0:
+        bad(f"{section}.warmup_steps", o.warmup_steps, "must be >= 0")
+    one_of(f"{section}.schedule", o.schedule, ("constant", "cosine"))
+    if not 0 <= o.min_lr_ratio <= 1:
+        bad(f"{section}.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    if not (finite(o.max_grad_norm) and o.max_grad_norm >= 0):
+        bad(f"{section}.max_grad_norm", o.max_grad_norm, "must be a finite number >= 0 (0 = off)")
+
+
+def check_train(t: TrainConfig, section: str = "train") -> None:
+    """Everything but max_steps (SFT may derive it from --sft.epochs)."""
+    if not t.output_dir.strip():
+        bad(f"{section}.output_dir", t.output_dir, "must name a folder")
+    one_of(f"{section}.device", t.device, ("auto", "cpu", "cuda"))
+    if t.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            bad(f"{section}.device", t.device, "CUDA is not available here (torch.cuda.is_available() "
+                                               "is False); use auto or cpu")
+    one_of(f"{section}.fsdp", t.fsdp, FSDP_MODES)
+    for name, least, note in (("eval_every", 0, " (0 = only at start and end)"),
+                              ("save_every", 0, " (0 = only at the end)"), ("keep_last", 1, ""),
+                              ("log_every", 1, ""), ("sample_every", 0, " (0 = never)"),
+                              ("max_nonfinite", 1, ""), ("stop_at_step", 0, " (0 = off)")):
+        if getattr(t, name) < least:
+            bad(f"{section}.{name}", getattr(t, name), f"must be >= {least}{note}")

@@ -131,6 +131,15 @@ class GRPOTrainer:
         self.cfg = cfg
         self.info, self.out = start_run(cfg, "grpo")
         self.main = self.info.is_main
+        # Data and rewards before the models: a bad file or row fails in seconds, not after a
+        # 7B model (and its reference copy) has loaded.
+        train, evals = load_datasets(cfg)
+        for col in ("prompt", "solution", "answer"):
+            if train and col not in train[0]:
+                raise ConfigError(f"--data.source={cfg.data.source!r}: records lack column {col!r}")
+        g = cfg.grpo
+        self.rewards = get_reward_functions(g.rewards, cfg.rewards, g.reward_weights or None)
+        self.weights = [w for _, _, w in self.rewards]
 
         m = cfg.model
         path, self.tokenizer, lm = load_model(m, self.out, self.info)
@@ -150,14 +159,6 @@ class GRPOTrainer:
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=o.warmup_steps,
                                          max_steps=cfg.train.max_steps, schedule=o.schedule,
                                          min_lr_ratio=o.min_lr_ratio)
-        g = cfg.grpo
-        self.rewards = get_reward_functions(g.rewards, cfg.rewards, g.reward_weights or None)
-        self.weights = [w for _, _, w in self.rewards]
-
-        train, evals = load_datasets(cfg)
-        for col in ("prompt", "solution", "answer"):
-            if train and col not in train[0]:
-                raise ConfigError(f"--data.source={cfg.data.source!r}: records lack column {col!r}")
         self.train_records, self.train_ids, dropped = encode_prompts(self.tokenizer, train, cfg.data.max_prompt_tokens)
         self.eval_records, self.eval_ids, _ = encode_prompts(self.tokenizer, evals, cfg.data.max_prompt_tokens)
         if not self.train_records:

@@ -185,23 +185,61 @@ def _option_names(cfg, prefix: str = "") -> list[str]:
 
 
 def load_recipe(path: str | Path) -> dict:
+    """The mapping in a recipe file (YAML, TOML or JSON). A file that cannot be read or parsed
+    is a ConfigError naming the file, and the line and column where the parser stopped."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".toml":
-        import tomllib
-        data = tomllib.loads(text)
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
+    if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError(f"recipe {path}: expected .yaml, .yml, .toml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {path}: not UTF-8 text ({e.reason} at byte {e.start + 1})") from None
+    except OSError as e:
+        raise ConfigError(f"recipe {path}: cannot read it: {e.strerror}") from None
+    data = _parse_recipe(path, text)
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
     return data
+
+
+def _parse_recipe(path: Path, text: str) -> Any:
+    """Parse by suffix; a syntax error becomes `recipe PATH: line L, column C: what`. (Parsing
+    a string, YAML would name the file `<unicode string>`.)"""
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"recipe {path}: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the same parser as the package tomli
+            try:
+                import tomli as tomllib
+            except ModuleNotFoundError:
+                raise ConfigError(f"recipe {path}: reading TOML needs Python 3.11+ or "
+                                  f"`pip install tomli` (or use a YAML recipe)") from None
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:  # its message ends "(at line L, column C)"
+            raise ConfigError(f"recipe {path}: {e}") from None
+    import yaml
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
+        raise ConfigError(f"recipe {path}: {where}{what or e}") from None
+
+
+def error_line(error: BaseException) -> str:
+    """A user error as the one line `train.py` prints before exiting with status 2: the message
+    (which names the option, file, row or field), its own line breaks turned into "; "."""
+    parts = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "error: " + ("; ".join(parts) or type(error).__name__)
 
 
 def apply_dict(cfg, data: dict, source: str = "recipe") -> None:

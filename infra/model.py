@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from infra.config import ConfigError
 from infra.dist import DistInfo, barrier
 
 EMBEDDED = "embedded"
@@ -33,13 +34,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ValueError(f"cannot load a tokenizer from {path!r}: {e}. Pass a local folder "
-                         f"(or a hub name with network access / a warm cache).") from None
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}. Pass a local folder "
+                          f"(or a hub name with network access / a warm cache).") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation appends on the right
     if not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer at {path!r} has no chat template; the R1 prompt needs one")
+        raise ConfigError(f"tokenizer at {path!r} has no chat template; the R1 prompt needs one")
     return tok
 
 
@@ -55,7 +56,7 @@ def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation, use_safetensors=None)
     except OSError as e:
-        raise ValueError(f"cannot load a model from {path!r}: {e}") from None
+        raise ConfigError(f"cannot load a model from {path!r}: {e}") from None
     return model.to(device)
 
 

@@ -12,10 +12,11 @@ student then learns from the teacher's whole distribution, not only from its sam
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grpo.config import DataConfig, ModelConfig
+from grpo.config import DataConfig, ModelConfig, check_data
 from grpo.trainer import load_train_records
 from infra.config import ConfigError
 from infra.dist import init_distributed
@@ -46,10 +47,11 @@ class DistillJobConfig(SFTJobConfig):
         super().validate(world_size)
         if not self.distill.teacher and not self.distill.traces:
             raise ConfigError("--distill.teacher is required (or --distill.traces with ready traces)")
-        if self.distill.kl_weight < 0:
-            raise ConfigError(f"--distill.kl_weight={self.distill.kl_weight}: must be >= 0")
+        if not (math.isfinite(self.distill.kl_weight) and self.distill.kl_weight >= 0):
+            raise ConfigError(f"--distill.kl_weight={self.distill.kl_weight}: must be a finite number >= 0")
         if self.distill.kl_weight > 0 and not self.distill.teacher:
             raise ConfigError("--distill.kl_weight > 0 needs --distill.teacher")
+        check_data(self.problems, "problems")
         self.sampling.validate()
         if self.sampling.output:
             raise ConfigError(f"--sampling.output={self.sampling.output!r}: not used by distill; the traces go "

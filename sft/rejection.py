@@ -66,8 +66,8 @@ class SamplingConfig:
                 bad(option, getattr(self, option), "must be >= 1")
         if self.num_prompts < 0:
             bad("num_prompts", self.num_prompts, "must be >= 0 (0 = all of the split)")
-        if not self.temperature > 0:
-            bad("temperature", self.temperature, "must be > 0")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            bad("temperature", self.temperature, "must be > 0 and finite")
         if not 0 < self.top_p <= 1:
             bad("top_p", self.top_p, "must be in (0, 1]")
         if not self.rewards:
@@ -98,6 +98,11 @@ class RejectionJobConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/rejection"))
 
     def validate(self, world_size: int = 1) -> None:
+        """Fail at start, naming the option, before the model or the prompts load."""
+        from grpo.config import check_data, check_model, check_train
+        check_model(self.model)
+        check_data(self.data)
+        check_train(self.train)
         self.sampling.validate()
 
 

@@ -25,7 +25,7 @@ from grpo.config import EMBEDDED, ModelConfig, OptimConfig, TrainConfig
 from grpo.evaluate import encode_prompts, evaluate
 from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config, to_dict
-from infra.dist import FSDP_MODES, all_reduce_sum, decoder_layers, shard_model
+from infra.dist import all_reduce_sum, decoder_layers, shard_model
 from infra.logging import MetricsLogger, ProgressBar, say, step_line
 from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
@@ -107,24 +107,32 @@ class SFTJobConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/sft", max_steps=1000))
 
     def validate(self, world_size: int = 1) -> None:
-        s = self.sft
+        """Fail at start, naming the option, before any model or data loads (NaN fails too)."""
+        from grpo.config import bad, check_data, check_model, check_optim, check_train, finite, one_of
+
+        s, d = self.sft, self.data
+        check_model(self.model)
+        check_data(d)
+        check_optim(self.optim)
+        check_train(self.train)
         if s.max_seq_len < 8:
-            raise ConfigError(f"--sft.max_seq_len={s.max_seq_len}: must be >= 8")
-        if s.rows_per_micro_batch < 1 or s.rows_per_step % (s.rows_per_micro_batch * world_size):
+            bad("sft.max_seq_len", s.max_seq_len, "must be >= 8")
+        if s.rows_per_micro_batch < 1:
+            bad("sft.rows_per_micro_batch", s.rows_per_micro_batch, "must be >= 1")
+        if s.rows_per_step < 1 or s.rows_per_step % (s.rows_per_micro_batch * world_size):
             raise ConfigError(f"--sft.rows_per_step={s.rows_per_step}: must be a multiple of "
                               f"--sft.rows_per_micro_batch ({s.rows_per_micro_batch}) x world size ({world_size})")
-        if s.overflow not in ("truncate", "split", "drop"):
-            raise ConfigError(f"--sft.overflow={s.overflow!r}: must be truncate, split or drop")
-        if not 0 <= self.data.mix_fraction < 1:
-            raise ConfigError(f"--data.mix_fraction={self.data.mix_fraction}: must be in [0, 1)")
-        if self.data.mix_fraction > 0 and not self.data.mix_source:
+        one_of("sft.overflow", s.overflow, ("truncate", "split", "drop"))
+        if not (finite(s.epochs) and s.epochs >= 0):
+            bad("sft.epochs", s.epochs, "must be a finite number >= 0 (0 = use train.max_steps)")
+        if s.eval_max_new_tokens < 1:
+            bad("sft.eval_max_new_tokens", s.eval_max_new_tokens, "must be >= 1")
+        if not 0 <= d.mix_fraction < 1:
+            raise ConfigError(f"--data.mix_fraction={d.mix_fraction}: must be in [0, 1)")
+        if d.mix_fraction > 0 and not d.mix_source:
             raise ConfigError("--data.mix_fraction > 0 needs --data.mix_source")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"--optim.lr={self.optim.lr}: must be > 0")
-        if self.train.max_steps < 1 and self.sft.epochs <= 0:
+        if self.train.max_steps < 1 and s.epochs <= 0:
             raise ConfigError("--train.max_steps must be >= 1 (or set --sft.epochs)")
-        if self.train.fsdp not in FSDP_MODES:
-            raise ConfigError(f"--train.fsdp={self.train.fsdp!r}: must be one of {', '.join(FSDP_MODES)}")
 
 
 def load_conversations(cfg: SFTJobConfig) -> tuple[list[list[dict]], list[dict]]:
@@ -138,7 +146,7 @@ def load_conversations(cfg: SFTJobConfig) -> tuple[list[list[dict]], list[dict]]
                             test_size=d.test_size, seed=cfg.train.seed).records
         missing = [i for i, r in enumerate(recs) if "messages" not in r]
         if missing:
-            raise ConfigError(f"--data.source={d.source!r}: row {missing[0]} has no assistant reply "
+            raise ConfigError(f"--data.source={d.source!r}: record {missing[0] + 1} has no assistant reply "
                               f"(SFT needs chat data, e.g. the Bespoke-Stratos layout)")
         train = [r["messages"] for r in recs]
     if d.mix_source and d.mix_fraction > 0:
@@ -169,6 +177,7 @@ class SFTTrainer:
         self.teacher, self.kl_weight = teacher, kl_weight
         self.info, self.out = start_run(cfg, "sft")
         self.main = self.info.is_main
+        train, evals = load_conversations(cfg)  # before the model: a bad file fails in seconds
         path, self.tokenizer, lm = load_model(cfg.model, self.out, self.info)
         self.hf_config = lm.config
         from grpo.rollout import PolicyModel
@@ -177,7 +186,6 @@ class SFTTrainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.info.device.type == "cuda" and not self.info.distributed else nullcontext())
 
-        train, evals = load_conversations(cfg)
         s = cfg.sft
         docs = [tokenize_conversation(self.tokenizer, conv, assistant_only=s.assistant_only) for conv in train]
         self.rows, self.pack_stats = pack(docs, s.max_seq_len, overflow=s.overflow)

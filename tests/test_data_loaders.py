@@ -320,8 +320,8 @@ def test_missing_required_column_names_file_column_and_columns_found():
 
 
 def test_bad_row_fails_with_index_and_field():
-    # Row 0 is good; row 1's worked answer has no "#### N" line.
-    with pytest.raises(DatasetError, match=r"gsm8k_bad_rows\.jsonl: row 1, field 'answer': no final '#### N'"):
+    # Line 1 is good; line 2's worked answer has no "#### N" line.
+    with pytest.raises(DatasetError, match=r"gsm8k_bad_rows\.jsonl: line 2, field 'answer': no final '#### N'"):
         load_records(FIXTURES / "gsm8k_bad_rows.jsonl", split="all")
 
 
@@ -329,7 +329,7 @@ def test_bad_row_fails_with_index_and_field():
 def test_each_kind_of_bad_field(tmp_path, row_index, reason):
     row = read_rows(FIXTURES / "gsm8k_bad_rows.jsonl")[row_index]
     path = write_jsonl(tmp_path / "one.jsonl", [read_rows(FIXTURES / "gsm8k.jsonl")[0], row])
-    with pytest.raises(DatasetError, match=f"one.jsonl: row 1, field 'question': {reason}"):
+    with pytest.raises(DatasetError, match=f"one.jsonl: line 2, field 'question': {reason}"):
         load_records(path, split="all", schema="gsm8k")
 
 
@@ -340,22 +340,22 @@ def test_skip_drops_counts_and_reports_bad_rows(caplog):
     assert records.skipped == 4 and [r["answer"] for r in records] == ["31", "-5"]
     [message] = [r.getMessage() for r in caplog.records]
     assert message.startswith("skipped 4 of 6 rows of ") and "gsm8k_bad_rows.jsonl" in message
-    assert "(first: row 1, field answer: no final '#### N' line" in message
+    assert "(first: line 2, field 'answer': no final '#### N' line" in message
 
 
 def test_bespoke_turns_out_of_order_is_a_bad_row(tmp_path):
     row = read_rows(FIXTURES / "bespoke_stratos.json")[0]
     swapped = dict(row, conversations=row["conversations"][::-1])
     path = write_jsonl(tmp_path / "b.jsonl", [row, swapped])
-    with pytest.raises(DatasetError, match=r"row 1, field 'conversations\[0\]': expected a turn from 'user'"):
+    with pytest.raises(DatasetError, match=r"line 2, field 'conversations\[0\]': expected a turn from 'user'"):
         load_records(path, split="all")
     unanswered = dict(row, conversations=row["conversations"][:1])
-    with pytest.raises(DatasetError, match="row 0, field 'conversations': ends with a user turn"):
+    with pytest.raises(DatasetError, match="line 1, field 'conversations': ends with a user turn"):
         load_records(write_jsonl(tmp_path / "c.jsonl", [unanswered]), split="all")
 
 
 def test_malformed_json_line_names_file_and_line():
-    with pytest.raises(DatasetError, match=r"malformed\.jsonl: malformed JSON on line 2"):
+    with pytest.raises(DatasetError, match=r"malformed\.jsonl: line 2, malformed JSON"):
         load_records(FIXTURES / "malformed.jsonl", split="all")
 
 
@@ -384,7 +384,7 @@ def test_unreadable_files_name_the_file(tmp_path):
     with pytest.raises(DatasetError, match=r"broken\.parquet: not a readable parquet file"):
         load_records(tmp_path / "broken.parquet", split="all")
     (tmp_path / "latin1.jsonl").write_bytes('{"question": "caf\u00e9"}\n'.encode("latin-1"))
-    with pytest.raises(DatasetError, match=r"latin1\.jsonl: not UTF-8 text"):
+    with pytest.raises(DatasetError, match=r"latin1\.jsonl: line 1, not UTF-8 text"):
         load_records(tmp_path / "latin1.jsonl", split="all")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DatasetError, match=r"empty\.jsonl: no rows"):

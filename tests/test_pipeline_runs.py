@@ -99,8 +99,10 @@ def recorder(monkeypatch):
     return calls, state
 
 
-def test_the_device_reaches_every_stage_unless_a_stage_sets_its_own(tmp_path, recorder):
+def test_the_device_reaches_every_stage_unless_a_stage_sets_its_own(tmp_path, recorder, monkeypatch):
     calls, _ = recorder
+    # The recipe check refuses a cuda stage where CUDA is missing; routing is what is tested here.
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     recipe = _recipe(tmp_path / "pipe")
     recipe["stages"].append({"name": "s3", "command": "sft", "options": copy.deepcopy(STAGE_OPTIONS)})
     recipe["stages"][1]["options"]["train"]["device"] = "cuda"  # this stage asks for its own

@@ -27,8 +27,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
-from grpo.rewards.accuracy import (UNPARSEABLE_GOLD_POLICIES, AnswerChecker, accuracy_reward,
-                                   get_accuracy_reward, get_cosine_scaled_reward)
+from grpo.rewards.accuracy import (DEFAULT_BATCH_TIMEOUT_S, UNPARSEABLE_GOLD_POLICIES,
+                                   AnswerChecker, accuracy_reward, get_accuracy_reward,
+                                   get_cosine_scaled_reward)
 from grpo.rewards.common import LENGTH_UNITS, RewardFn, pop_reward_metrics
 from grpo.rewards.format import format_reward, reasoning_steps_reward, tag_count_reward
 from grpo.rewards.language import language_consistency_reward
@@ -51,9 +52,11 @@ class RewardConfig:
     accuracy_timeout_s: float = field(default=5.0, metadata={
         "help": "bound in seconds on one answer's parse + verify; an overrun scores 0 and is "
                 "counted as accuracy/timeouts"})
-    accuracy_batch_timeout_s: float | None = field(default=None, metadata={
-        "help": "optional bound in seconds on one batch's verification; None: no batch bound "
-                "(each item is still bounded by accuracy_timeout_s)"})
+    accuracy_batch_timeout_s: float | None = field(default=DEFAULT_BATCH_TIMEOUT_S, metadata={
+        "help": "bound in seconds on one batch's verification (honest batches take a few "
+                "seconds; see accuracy.DEFAULT_BATCH_TIMEOUT_S); answers left unverified then "
+                "score 0 for that batch, are counted as accuracy/abandoned and are not cached; "
+                "None: no batch bound (each item is still bounded by accuracy_timeout_s)"})
     unparseable_gold: str = field(default="neutral", metadata={
         "help": "gold that math_verify cannot parse: 'neutral' scores 0.5 (tutorial), 'skip' "
                 "scores None"})
@@ -87,18 +90,53 @@ class RewardConfig:
         "help": "soft_overlong L_cache: the ramp from 0 to -1 over the last L_cache units"})
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError("<field>=<value>: why") for a value no reward can use, so a job
+        refuses it at start (the trainers prefix the section: --rewards.<field>). Written
+        `not (x > 0)` rather than `x <= 0` where a NaN must fail too (NaN <= 0 is False)."""
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+        def finite(name: str) -> bool:
+            value = getattr(self, name)
+            return not isinstance(value, bool) and isinstance(value, (int, float)) \
+                and math.isfinite(value)
+
         if self.unparseable_gold not in UNPARSEABLE_GOLD_POLICIES:
-            raise ValueError(f"RewardConfig.unparseable_gold must be one of "
-                             f"{UNPARSEABLE_GOLD_POLICIES}, got {self.unparseable_gold!r}")
+            bad("unparseable_gold", f"must be one of {', '.join(UNPARSEABLE_GOLD_POLICIES)}")
         if self.length_unit not in LENGTH_UNITS:
-            raise ValueError(f"RewardConfig.length_unit must be one of {LENGTH_UNITS}, got "
-                             f"{self.length_unit!r}")
-        if not self.accuracy_timeout_s > 0:
-            raise ValueError(f"RewardConfig.accuracy_timeout_s must be > 0, got "
-                             f"{self.accuracy_timeout_s!r}")
+            bad("length_unit", f"must be one of {', '.join(LENGTH_UNITS)}")
+        if not (finite("accuracy_timeout_s") and self.accuracy_timeout_s > 0):
+            bad("accuracy_timeout_s", "must be a finite number of seconds > 0")
+        if self.accuracy_batch_timeout_s is not None and not (
+                finite("accuracy_batch_timeout_s") and self.accuracy_batch_timeout_s > 0):
+            bad("accuracy_batch_timeout_s", "must be a finite number of seconds > 0, or None")
+        if self.accuracy_pool_size < 0:
+            bad("accuracy_pool_size", "must be >= 0 (0 = min(4, CPU count))")
+        if self.accuracy_pool_threshold < 1:
+            bad("accuracy_pool_threshold", "must be >= 1")
+        for name in ("cosine_min_value_wrong", "cosine_max_value_wrong",
+                     "cosine_min_value_correct", "cosine_max_value_correct",
+                     "repetition_max_penalty"):
+            if not finite(name):
+                bad(name, "must be a finite number")
+        if self.cosine_min_value_wrong > self.cosine_max_value_wrong:
+            bad("cosine_min_value_wrong", f"must be <= cosine_max_value_wrong "
+                                          f"({self.cosine_max_value_wrong})")
+        if self.cosine_min_value_correct > self.cosine_max_value_correct:
+            bad("cosine_min_value_correct", f"must be <= cosine_max_value_correct "
+                                            f"({self.cosine_max_value_correct})")
+        for name in ("cosine_max_len", "repetition_ngram_size", "overlong_max_length",
+                     "overlong_cache_length"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
         if self.repetition_max_penalty > 0:
-            raise ValueError(f"RewardConfig.repetition_max_penalty must be <= 0, got "
-                             f"{self.repetition_max_penalty!r}")
+            bad("repetition_max_penalty", "must be <= 0 (it is a penalty)")
+        if self.overlong_cache_length >= self.overlong_max_length:
+            bad("overlong_cache_length", f"must be < overlong_max_length "
+                                         f"({self.overlong_max_length})")
 
     def checker(self) -> AnswerChecker:
         return AnswerChecker(timeout_s=self.accuracy_timeout_s, pool_size=self.accuracy_pool_size,

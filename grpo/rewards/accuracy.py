@@ -27,12 +27,20 @@ from typing import Any
 
 from grpo.rewards.common import (RewardFn, add_metric, check_length_unit, column,
                                  completion_texts, lengths)
-from grpo.rewards.math_answer import (CORRECT, CRASHED, ERROR, GOLD_UNPARSEABLE, NO_ANSWER,
-                                      OUTCOME_NAMES, WRONG, extract_answer_span,
+from grpo.rewards.math_answer import (ABANDONED, CORRECT, CRASHED, ERROR, GOLD_UNPARSEABLE,
+                                      NO_ANSWER, OUTCOME_NAMES, WRONG, extract_answer_span,
                                       gold_final_span, plain_number)
 from grpo.rewards.verifier_pool import VerifierPool, shared_pool
 
 UNPARSEABLE_GOLD_POLICIES = ("neutral", "skip")
+# Default bound on one batch's verification. Honest batches need a small fraction of it: one
+# worker verifies about 1,900 answers/s through math_verify (bench/RESULTS.md, fast path off),
+# so even 4,096 distinct answers take ~2 s, and 60 s leaves 30x for slow expressions, a loaded
+# machine and worker start-up. A batch of hostile answers (each held to `timeout_s`, 5 s) costs
+# at most this instead of len(batch) * 5 s / workers: 256 of them took 708 s unbounded. What is
+# left when it runs out scores 0 for this batch, is counted as accuracy/abandoned, and is asked
+# again next time (never cached).
+DEFAULT_BATCH_TIMEOUT_S = 60.0
 
 
 class AnswerChecker:
@@ -44,13 +52,15 @@ class AnswerChecker:
         pool_threshold: batches with at least this many distinct jobs left for math_verify use
             `pool_size` workers; smaller ones use one (no fan-out cost).
         fast_path: settle "number vs number" in-process with exact Decimal equality.
-        batch_timeout_s: optional bound on one whole `check`; jobs left then score TIMEOUT.
+        batch_timeout_s: bound on one whole `check` (None: none); jobs left then score ABANDONED
+            (0 for this batch, not cached).
         cache_size: entries of the (gold, answer) -> outcome LRU cache; 0 disables it.
         pool: the VerifierPool to use; default the process-wide shared one.
     """
 
     def __init__(self, timeout_s: float = 5.0, pool_size: int = 0, pool_threshold: int = 64,
-                 fast_path: bool = True, batch_timeout_s: float | None = None,
+                 fast_path: bool = True,
+                 batch_timeout_s: float | None = DEFAULT_BATCH_TIMEOUT_S,
                  cache_size: int = 16384, pool: VerifierPool | None = None):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
@@ -90,7 +100,7 @@ class AnswerChecker:
         return job, code
 
     def check(self, golds: Sequence[str], texts: Sequence[str]) -> list[int]:
-        """Outcome code (math_answer.CORRECT, WRONG, ..., TIMEOUT) per (gold, completion text)."""
+        """Outcome code (math_answer.CORRECT, WRONG, ..., ABANDONED) per (gold, completion)."""
         codes: list[int | None] = [None] * len(texts)
         pending: dict[tuple, list[int]] = {}
         for i, (gold, text) in enumerate(zip(golds, texts, strict=True)):
@@ -110,9 +120,11 @@ class AnswerChecker:
                 for job, code in zip(jobs, results):
                     for i in pending[job]:
                         codes[i] = code
-                    # A crash says nothing about the pair; a timeout is kept so that `cosine`
-                    # does not wait a second time on the same hostile answer.
-                    if self.cache_size and code != CRASHED:
+                    # A crash or an abandoned job says nothing about the pair (an abandoned one
+                    # may be a right answer queued behind hostile ones): never cached, asked
+                    # again next time. A timeout is a verdict, kept so that `cosine` does not
+                    # wait a second time on the same hostile answer.
+                    if self.cache_size and code not in (CRASHED, ABANDONED):
                         self._cache[job] = code
                         self._cache.move_to_end(job)
                 while len(self._cache) > self.cache_size:
@@ -167,8 +179,9 @@ def get_accuracy_reward(unparseable_gold: str = "neutral",
     """Accuracy reward: 1.0 when the final answer equals the gold (math_verify), else 0.0.
 
     A gold that cannot be parsed scores 0.5 under "neutral" (the tutorial's choice, so an
-    unverifiable row pushes no group member up or down) or None under "skip". Timed-out and
-    unanswered items score 0.0 and are counted in `pop_reward_metrics()`.
+    unverifiable row pushes no group member up or down) or None under "skip". Timed-out,
+    abandoned (batch budget spent) and unanswered items score 0.0 and are counted in
+    `pop_reward_metrics()`.
     """
     policy = _check_policy(unparseable_gold)
 

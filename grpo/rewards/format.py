@@ -2,9 +2,12 @@
 `<think>...</think>` and the answer inside `<answer>...</answer>`?
 
 - `format_reward`: strict 0/1, the tutorial's `^<think>.*?</think>\\s*<answer>.*?</answer>$`
-  with DOTALL. Departure: the tutorial also passed MULTILINE, which lets `$` match at any line
+  with DOTALL. Departures: the tutorial also passed MULTILINE, which lets `$` match at any line
   end, so `...</answer>\\nanything` passed; here only the end of the text (or one final newline,
-  as Python's `$` allows) does.
+  as Python's `$` allows) does. And the pattern is not run as a regex: on a completion such as
+  `'<think>' + '</think><answer>' * 12000` its backtracking tries every `</think>` and scans to
+  the end from each, quadratic in the length (9.5 s for 96k characters, in the trainer's
+  process); `is_r1_format` decides the same in a few linear scans.
 - `tag_count_reward`: partial credit, 0.25 per well-placed tag, so a model that gets some tags
   right sees a gradient before it masters the whole format.
 - `reasoning_steps_reward`: the tutorial's step-marker count, min(1, n / 3).
@@ -17,15 +20,34 @@ from typing import Any
 
 from grpo.rewards.common import completion_texts
 
-_FORMAT_RE = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>$", re.DOTALL)
+# `</think>`, optional whitespace, `<answer>`. Linear: sre finds each `</think>` by its literal
+# prefix, and whitespace runs after distinct `</think>`s do not overlap.
+_THINK_THEN_ANSWER_RE = re.compile(r"</think>\s*<answer>")
 # "Step 1:", "1." at a line start, "-"/"*" bullets, and transition words (tutorial's list).
 _STEP_RE = re.compile(r"(Step \d+:|^\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,)", re.MULTILINE)
 STEPS_FOR_FULL_CREDIT = 3
 
 
+def is_r1_format(text: str) -> bool:
+    """`re.match(r"^<think>.*?</think>\\s*<answer>.*?</answer>$", text, re.DOTALL)`, in linear time.
+
+    The regex matches when the text opens with `<think>`, closes with `</answer>` (`$` also
+    allows one final newline), and a `</think>\\s*<answer>` lies between the two (the lazy
+    `.*?` parts take anything, tags included). The first such separator is the one to test: a
+    later one cannot end sooner, since two of them cannot overlap.
+    """
+    if not text.startswith("<think>"):
+        return False
+    body = text[:-1] if text.endswith("\n") else text
+    if not body.endswith("</answer>"):
+        return False
+    separator = _THINK_THEN_ANSWER_RE.search(text, len("<think>"))
+    return separator is not None and separator.end() <= len(body) - len("</answer>")
+
+
 def format_reward(completions: Sequence[Any], **columns: Any) -> list[float]:
     """1.0 when the whole completion is `<think>...</think>` then `<answer>...</answer>`."""
-    return [1.0 if _FORMAT_RE.match(t) else 0.0 for t in completion_texts(completions)]
+    return [1.0 if is_r1_format(t) else 0.0 for t in completion_texts(completions)]
 
 
 def _tag_score(text: str) -> float:

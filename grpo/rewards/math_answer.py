@@ -31,10 +31,12 @@ import sys
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 
-# Outcome codes, shared by the worker (which returns them) and the parent (which adds the last two).
-CORRECT, WRONG, GOLD_UNPARSEABLE, NO_ANSWER, ERROR, TIMEOUT, CRASHED = range(7)
+# Outcome codes, shared by the worker (which returns them) and the parent (which adds the last
+# three). TIMEOUT: the job ran for its whole bound (a verdict on the answer); CRASHED and
+# ABANDONED (the batch budget ran out before the job finished, or started) are not verdicts.
+CORRECT, WRONG, GOLD_UNPARSEABLE, NO_ANSWER, ERROR, TIMEOUT, CRASHED, ABANDONED = range(8)
 OUTCOME_NAMES = ("correct", "wrong", "gold_unparseable", "no_answer", "errors", "timeouts",
-                 "worker_crashes")
+                 "worker_crashes", "abandoned")
 
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 # `1,450,000` -> `1450000`: commas only when they group digits by three, so a pair `(1,2)` stays.

@@ -29,12 +29,14 @@ import time
 from collections import deque
 from pathlib import Path
 
-from grpo.rewards.math_answer import CRASHED, TIMEOUT
+from grpo.rewards.math_answer import ABANDONED, CRASHED, TIMEOUT
 
 _WORKER_FILE = str(Path(__file__).with_name("math_answer.py"))
 # Load the worker module by path: `-m grpo.rewards...` would import grpo/__init__ (and maybe torch).
-_BOOT = ("import importlib.util as u, sys; s = u.spec_from_file_location('r1_math_worker', "
-         "sys.argv[1]); m = u.module_from_spec(s); s.loader.exec_module(m); m.serve()")
+# The import path comes in argv[2] (see _worker_path), set before anything else is imported.
+_BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[2]); import importlib.util as u; "
+         "s = u.spec_from_file_location('r1_math_worker', sys.argv[1]); m = u.module_from_spec(s); "
+         "s.loader.exec_module(m); m.serve()")
 _MAX_CHUNK = 16
 
 
@@ -42,14 +44,33 @@ class VerifierStartupError(RuntimeError):
     """A verifier worker died or hung before it was ready (e.g. math_verify is not installed)."""
 
 
+def _worker_path() -> list[str]:
+    """The parent's import path, absolute, without the current directory.
+
+    `python -c` would put the current directory first on the worker's path, so a
+    `math_verify.py` in the folder a user trains from would run in the worker; `-I` (isolated
+    mode, Python 3.4+, unlike `-P` which needs 3.11) leaves it out, and also PYTHONPATH and the
+    user site-packages, which this list brings back as the parent resolved them. The current
+    directory is left out of the list too (the parent's first entry under `python -c` / `-m`):
+    the worker needs only the standard library and math_verify.
+    """
+    cwd = os.getcwd()
+    path = []
+    for p in sys.path:
+        p = os.path.abspath(p) if p else cwd
+        if p != cwd and p not in path and os.path.exists(p):
+            path.append(p)
+    return path
+
+
 class _Worker:
     """One worker process and the parent's view of it (its chunk in flight, its deadline)."""
 
     def __init__(self, memory_limit_mb: int, start_timeout_s: float):
-        env = dict(os.environ, R1_VERIFIER_MEMORY_MB=str(memory_limit_mb), PYTHONUNBUFFERED="1")
-        # Mirror the parent's import path, as multiprocessing's spawn does.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, _WORKER_FILE],
+        env = dict(os.environ, R1_VERIFIER_MEMORY_MB=str(memory_limit_mb))
+        # -I: isolated from the current directory and PYTHON* variables; -u: unbuffered pipes.
+        self.proc = subprocess.Popen([sys.executable, "-I", "-u", "-c", _BOOT, _WORKER_FILE,
+                                      json.dumps(_worker_path())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                      close_fds=True, start_new_session=True)
         self.fd = self.proc.stdout.fileno()
@@ -100,7 +121,7 @@ class VerifierPool:
 
     Thread-safe: concurrent `run` calls are served one after the other. A job is a tuple
     `(gold, span, tagged)` for `math_answer.check_answer`; the result is its outcome code, or
-    TIMEOUT / CRASHED. Counters of timeouts, crashes and restarts: `pop_events()`.
+    TIMEOUT / CRASHED / ABANDONED. Counters of each, and of restarts: `pop_events()`.
     """
 
     def __init__(self, memory_limit_mb: int = 4096, start_timeout_s: float = 120.0):
@@ -111,7 +132,8 @@ class VerifierPool:
         self._pid = os.getpid()
         # Separate lock: reading the counters must not wait for a batch in progress.
         self._events_lock = threading.Lock()
-        self._events = {"timeouts": 0, "worker_crashes": 0, "worker_restarts": 0}
+        self._events = {"timeouts": 0, "abandoned": 0, "worker_crashes": 0,
+                        "worker_restarts": 0}
 
     def _count(self, event: str) -> None:
         with self._events_lock:
@@ -128,8 +150,9 @@ class VerifierPool:
     def run(self, jobs: list[tuple[str, str | None, bool]], timeout_s: float,
             n_workers: int = 1, budget_s: float | None = None) -> list[int]:
         """Outcome codes of `jobs`, each bounded by `timeout_s`; with `budget_s`, jobs still
-        unfinished that long after the call starts score TIMEOUT too (a batch full of hostile
-        answers costs at most `budget_s`, not `len(jobs) * timeout_s / n_workers`)."""
+        unfinished that long after the call starts score ABANDONED (a batch full of hostile
+        answers costs at most `budget_s`, not `len(jobs) * timeout_s / n_workers`). ABANDONED
+        is not a verdict: the job may be fine and merely queued behind hostile ones."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if n_workers < 1:
@@ -215,7 +238,7 @@ class VerifierPool:
         return results  # type: ignore[return-value]
 
     def _abandon(self, active: range, queue: deque, results: list) -> list[int]:
-        """Batch budget spent: every unfinished job scores TIMEOUT; busy workers restart."""
+        """Batch budget spent: every unfinished job scores ABANDONED; busy workers restart."""
         for i in active:
             w = self._workers[i]
             if w.inflight:
@@ -223,8 +246,8 @@ class VerifierPool:
                 w.inflight.clear()
                 self._restart(i)
         for j in queue:
-            results[j] = TIMEOUT
-            self._count("timeouts")
+            results[j] = ABANDONED
+            self._count("abandoned")
         return results
 
     def _fail_head(self, i: int, queue: deque, results: list, code: int, event: str) -> int:
@@ -241,7 +264,7 @@ class VerifierPool:
         return n_failed
 
     def pop_events(self) -> dict[str, int]:
-        """Counters of timeouts, crashes and restarts since the last call."""
+        """Counters of timeouts, abandoned jobs, crashes and restarts since the last call."""
         with self._events_lock:
             events = self._events
             self._events = dict.fromkeys(events, 0)

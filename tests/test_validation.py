@@ -1,0 +1,235 @@
+"""Validation and error reporting (issue 13, items 14 and 15): every bad value is refused at
+start, before any model or data loads, naming the option; every user error (option, recipe,
+data file or row, model path) is one line `error: ...` with exit status 2; rows are counted from
+1 ("line N" of a JSON-lines file); `--data.on_bad_row skip` also covers lines that are not JSON,
+not UTF-8 or not objects."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data import DatasetError, load_records
+from grpo.config import GRPOJobConfig
+from infra.config import ConfigError, parse_args
+from sft.distill import DistillJobConfig
+from sft.rejection import RejectionJobConfig
+from sft.trainer import SFTJobConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+# --- item 14: bad values fail at start, naming the option ---------------------------------------
+
+# (arguments, the option the one-line error must name). Each was accepted before, or failed
+# later without naming the option: log_every 0 divided by zero after step 1, top_k -5 crashed
+# in sampling, inf / NaN passed `x <= 0` style checks (NaN <= 0 is False), duplicate rewards
+# and an unknown device failed after the model loaded.
+GRPO_BAD = [
+    (["--train.log_every", "0"], "train.log_every"),
+    (["--rollout.top_k", "-5"], "rollout.top_k"),
+    (["--train.save_every", "-1"], "train.save_every"),
+    (["--train.sample_every", "-3"], "train.sample_every"),
+    (["--train.eval_every", "-1"], "train.eval_every"),
+    (["--optim.warmup_steps", "-1"], "optim.warmup_steps"),
+    (["--optim.max_grad_norm", "nan"], "optim.max_grad_norm"),
+    (["--optim.lr", "nan"], "optim.lr"),
+    (["--optim.lr", "inf"], "optim.lr"),
+    (["--optim.beta2", "1"], "optim.beta2"),
+    (["--rollout.temperature", "inf"], "rollout.temperature"),
+    (["--rollout.eval_temperature", "-1"], "rollout.eval_temperature"),
+    (["--grpo.beta", "nan"], "grpo.beta"),
+    (["--grpo.epsilon_low", "nan"], "grpo.epsilon_low"),
+    (["--grpo.rewards", "accuracy,format,accuracy"], "grpo.rewards"),
+    (["--grpo.reward_weights", "1,nan"], "grpo.reward_weights"),
+    (["--grpo.ref_refresh_steps", "-2"], "grpo.ref_refresh_steps"),
+    (["--train.device", "tpu"], "train.device"),
+    (["--rewards.accuracy_timeout_s", "nan"], "rewards.accuracy_timeout_s"),
+    (["--rewards.accuracy_batch_timeout_s", "-1"], "rewards.accuracy_batch_timeout_s"),
+    (["--rewards.unparseable_gold", "drop"], "rewards.unparseable_gold"),
+    (["--rewards.cosine_max_len", "0"], "rewards.cosine_max_len"),
+    (["--data.schema", "sharegpt"], "data.schema"),
+    (["--data.test_size", "nan"], "data.test_size"),
+    (["--data.task.max_value", "0"], "data.task.max_value"),
+    (["--model.embedded_size", "huge"], "model.embedded_size"),
+]
+SFT_BAD = [
+    (["--train.log_every", "0"], "train.log_every"),
+    (["--optim.lr", "nan"], "optim.lr"),
+    (["--optim.max_grad_norm", "nan"], "optim.max_grad_norm"),
+    (["--optim.warmup_steps", "-5"], "optim.warmup_steps"),
+    (["--train.device", "tpu"], "train.device"),
+    (["--train.save_every", "-1"], "train.save_every"),
+    (["--sft.epochs", "nan"], "sft.epochs"),
+    (["--sft.rows_per_step", "0"], "sft.rows_per_step"),
+    (["--data.on_bad_row", "ignore"], "data.on_bad_row"),
+    (["--data.schema", "sharegpt"], "data.schema"),
+]
+REJECTION_BAD = [
+    (["--sampling.temperature", "inf"], "sampling.temperature"),
+    (["--train.device", "tpu"], "train.device"),
+    (["--data.on_bad_row", "ignore"], "data.on_bad_row"),
+    (["--data.test_size", "0"], "data.test_size"),
+    (["--model.dtype", "float16"], "model.dtype"),
+]
+DISTILL_BAD = [
+    (["--distill.kl_weight", "nan"], "distill.kl_weight"),
+    (["--problems.schema", "sharegpt"], "problems.schema"),
+    (["--sampling.temperature", "inf"], "sampling.temperature"),
+    (["--train.log_every", "0"], "train.log_every"),
+    (["--optim.lr", "inf"], "optim.lr"),
+]
+CASES = ([(GRPOJobConfig, a, o) for a, o in GRPO_BAD] + [(SFTJobConfig, a, o) for a, o in SFT_BAD]
+         + [(RejectionJobConfig, a, o) for a, o in REJECTION_BAD]
+         + [(DistillJobConfig, [*a, "--distill.teacher", "t"], o) for a, o in DISTILL_BAD])
+
+
+@pytest.mark.parametrize("cls,args,option", CASES,
+                         ids=[f"{c.__name__}:{' '.join(a[:2])}" for c, a, _ in CASES])
+def test_bad_value_is_refused_naming_the_option(cls, args, option):
+    with pytest.raises(ConfigError) as e:
+        parse_args(cls, args)
+    assert f"--{option}" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda_is_refused_at_start():
+    with pytest.raises(ConfigError, match=r"--train\.device='cuda': CUDA is not available"):
+        parse_args(GRPOJobConfig, ["--train.device", "cuda"])
+
+
+def test_valid_edge_values_still_pass():
+    """0 means "off" or "only at the end" for these; the defaults validate in every command."""
+    parse_args(GRPOJobConfig, ["--train.save_every", "0", "--train.sample_every", "0",
+                               "--train.eval_every", "0", "--optim.max_grad_norm", "0",
+                               "--optim.warmup_steps", "0", "--rollout.top_k", "0",
+                               "--rewards.accuracy_batch_timeout_s", "none"])
+    parse_args(SFTJobConfig, [])
+    parse_args(RejectionJobConfig, [])
+    parse_args(DistillJobConfig, ["--distill.teacher", "t"])
+
+
+# --- item 15: one line, exit status 2, for every user error -------------------------------------
+
+def _train(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)],
+                          capture_output=True, text=True, env=ENV, timeout=300, cwd=cwd)
+
+
+def _one_line_error(res) -> str:
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    [line] = [l for l in res.stderr.splitlines() if l.startswith("error: ")]
+    return line
+
+
+def test_data_errors_are_one_line_and_come_before_the_model(tmp_path):
+    """A bad row (line 3 of the file: line 2 is blank) fails with its file and line, exit 2,
+    although --model.path names no model: the data was read first (before, the model loaded
+    first and this run ended in a tokenizer traceback; a data error was a traceback too)."""
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2\n#### 2"}) + "\n\n"
+                    + json.dumps({"question": "What is 2 + 2?", "answer": "four"}) + "\n")
+    for command in ("grpo", "sft"):
+        res = _train(command, "--model.path", tmp_path / "no-such-model", "--data.source", data,
+                     "--train.output_dir", tmp_path / command)
+        assert _one_line_error(res) == \
+            f"error: {data}: line 3, field 'answer': no final '#### N' line: ...'four'"
+    missing = _train("grpo", "--data.source", tmp_path / "missing.jsonl",
+                     "--train.output_dir", tmp_path / "out")
+    assert _one_line_error(missing) == f"error: no such file or folder: {tmp_path / 'missing.jsonl'}"
+
+
+def test_bad_option_and_model_path_are_one_line(tmp_path):
+    line = _one_line_error(_train("grpo", "--train.log_every", "0", "--train.max_steps", "1",
+                                  "--train.output_dir", tmp_path / "grpo"))
+    assert line.startswith("error: --train.log_every=0: must be >= 1")
+    line = _one_line_error(_train("rejection-sample", "--model.path", tmp_path / "nothing",
+                                  "--data.source", ROOT / "tests/assets/gsm8k_test_sample.jsonl",
+                                  "--train.output_dir", tmp_path / "out"))
+    assert line.startswith(f"error: cannot load a tokenizer from '{tmp_path / 'nothing'}'")
+
+
+@pytest.mark.parametrize("suffix,text,where", [
+    (".yaml", "train:\n  max_steps: 3\n   bad: [\n", "line 3, column 7: mapping values are not allowed here"),
+    (".toml", "[train]\nmax_steps = \n", "Invalid value (at line 2, column 13)"),
+    (".json", '{"train": {"max_steps": 3,}}', "line 1, column 27: Expecting property name"),
+])
+def test_recipe_syntax_error_names_file_line_and_column(tmp_path, suffix, text, where):
+    recipe = tmp_path / f"recipe{suffix}"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        parse_args(GRPOJobConfig, ["--recipe", str(recipe)])
+    assert str(e.value).startswith(f"recipe {recipe}: {where}"), str(e.value)
+    assert "<unicode string>" not in str(e.value)
+
+
+def test_recipe_syntax_error_through_train_py(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - name: a\n    command: grpo\n  options: {\n")
+    line = _one_line_error(_train("pipeline", "--recipe", recipe))
+    assert line.startswith(f"error: recipe {recipe}: line "), line
+
+
+# --- item 15: rows counted from 1, on_bad_row skip covers unreadable lines ---------------------
+
+GOOD = {"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}
+
+
+def _mixed_file(tmp_path) -> Path:
+    """Lines: 1 good, 2 blank, 3 not JSON, 4 latin-1 bytes, 5 a JSON array, 6 null, 7 good."""
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps(GOOD).encode()
+    path.write_bytes(b"\n".join([good, b"", b'{"question": "x", ', '{"question": "caf\u00e9"}'.encode("latin-1"),
+                                 b"[1, 2]", b"null", good]) + b"\n")
+    return path
+
+
+def test_skip_covers_malformed_non_utf8_and_non_object_lines(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="data.loaders"):
+        records = load_records(_mixed_file(tmp_path), split="all", on_bad_row="skip")
+    assert len(records) == 2 and records.skipped == 4  # lines 3, 4, 5 and 6
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith("skipped 4 of 6 rows of ") and "(first: line 3, malformed JSON" in message
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("line 3", "malformed JSON: Expecting property name enclosed in double quotes"),
+])
+def test_error_names_the_first_unreadable_line(tmp_path, line, reason):
+    with pytest.raises(DatasetError) as e:
+        load_records(_mixed_file(tmp_path), split="all")
+    assert str(e.value).startswith(f"{tmp_path / 'mixed.jsonl'}: {line}, {reason}"), str(e.value)
+
+
+@pytest.mark.parametrize("content,expected", [
+    # `{"question": "caf` is 17 bytes, so the latin-1 é is byte 18
+    (b'{"question": "caf\xe9"}\n', "line 1, not UTF-8 text (invalid continuation byte at byte 18 of the line)"),
+    (b"\n\n[1, 2]\n", "line 3, a JSON array, expected an object"),
+    (b"null\n", "line 1, a JSON null, expected an object"),
+])
+def test_each_unreadable_line_is_named(tmp_path, content, expected):
+    path = tmp_path / "one.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError) as e:
+        load_records(path, split="all")
+    assert str(e.value) == f"{path}: {expected}"
+
+
+def test_rows_of_a_json_array_count_from_one(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([GOOD, dict(GOOD, answer="no final line"), GOOD]))
+    with pytest.raises(DatasetError, match=r"rows\.json: row 2, field 'answer': no final"):
+        load_records(path, split="all")
+
+
+def test_all_lines_unreadable_with_skip_says_so(tmp_path):
+    path = tmp_path / "junk.jsonl"
+    path.write_text("not json\n{also not\n")
+    with pytest.raises(DatasetError, match=r"junk\.jsonl: no readable row; first: line 1, malformed JSON"):
+        load_records(path, split="all", on_bad_row="skip")
