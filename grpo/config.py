@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from data.task import TaskConfig
-from grpo.rewards import REWARD_NAMES, RewardConfig
+from rewards import REWARD_NAMES, RewardConfig
 from infra.config import ConfigError
 from infra.dist import FSDP_MODES
 
@@ -128,7 +128,7 @@ class GRPOConfig:
     ref_mix_alpha: float = 0.6
     """alpha: reference <- alpha * policy + (1 - alpha) * reference at each refresh."""
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
-    """Reward functions, by name (see grpo/rewards)."""
+    """Reward functions, by name (see rewards)."""
     reward_weights: list[float] = field(default_factory=list)
     """One weight per reward (empty = all 1.0)."""
 
@@ -252,12 +252,12 @@ class GRPOJobConfig:
                                   ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))):
             one_of(opt, val, allowed)
         if not g.rewards:
-            bad("grpo.rewards", g.rewards, "needs at least one reward function")
+            bad("rewards", g.rewards, "needs at least one reward function")
         unknown = [n for n in g.rewards if n not in REWARD_NAMES]
         if unknown:
-            bad("grpo.rewards", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
+            bad("rewards", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
         if len(set(g.rewards)) != len(g.rewards):
-            bad("grpo.rewards", g.rewards, "names a reward twice")
+            bad("rewards", g.rewards, "names a reward twice")
         if g.reward_weights and len(g.reward_weights) != len(g.rewards):
             bad("grpo.reward_weights", g.reward_weights, f"needs one weight per reward ({len(g.rewards)})")
         if not all(finite(w) for w in g.reward_weights):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo.rewards import accuracy_reward, format_reward
+from rewards import accuracy_reward, format_reward
 from grpo.rollout import generate, pad_prompts
 from infra.dist import DistInfo, all_reduce_sum, set_gathered
 

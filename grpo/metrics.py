@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from grpo.advantages import zero_std_groups
-from grpo.rewards import pop_reward_metrics
+from rewards import pop_reward_metrics
 
 
 def _gather_rows(values: list) -> list:

@@ -3,7 +3,7 @@
 One optimizer step, in named phases:
   1. sample prompts   - this step's slice of a seeded, epoch-wise permutation of the train set
   2. generate         - group_size completions per prompt (grpo/rollout.py), KV cache, seeded per row
-  3. score            - every reward function, weighted, NaN = no opinion (grpo/rewards)
+  3. score            - every reward function, weighted, NaN = no opinion (rewards)
   4. advantages       - group-normalized (grpo/advantages.py), on whole groups of one rank
   5. old / ref logps  - no grad, fused log-prob kernel at the sampling temperature
   6. update           - num_iterations passes over micro-batches, gradient accumulation,
@@ -34,7 +34,7 @@ from grpo.advantages import (batch_reward_std, combine_rewards, group_advantages
 from grpo.config import EMBEDDED, DataConfig, GRPOJobConfig
 from grpo.evaluate import all_done_fn, encode_prompts, evaluate
 from grpo.loss import policy_loss
-from grpo.rewards import get_reward_functions
+from rewards import get_reward_functions
 from grpo.rollout import PolicyModel, generate, pad_prompts
 from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config, load_recipe, to_dict

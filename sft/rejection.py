@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from grpo.config import DataConfig, ModelConfig, TrainConfig
 from grpo.evaluate import all_done_fn, encode_prompts
-from grpo.rewards import REWARD_NAMES, get_reward_functions
+from rewards import REWARD_NAMES, get_reward_functions
 from grpo.rollout import PolicyModel, generate, pad_prompts
 from grpo.trainer import load_train_records, row_seed
 from infra.config import ConfigError, format_config
@@ -57,7 +57,7 @@ class SamplingConfig:
         """Fail at start, naming the option, before a model is loaded or a sample drawn.
 
         Shared by `rejection-sample` and `distill`; reward names are checked as GRPO checks
-        `--grpo.rewards` (grpo/config.py)."""
+        `--rewards` (grpo/config.py)."""
         def bad(option, value, why):
             raise ConfigError(f"--sampling.{option}={value!r}: {why}")
 

@@ -27,13 +27,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
-from grpo.rewards.accuracy import (DEFAULT_BATCH_TIMEOUT_S, UNPARSEABLE_GOLD_POLICIES,
+from rewards.accuracy import (DEFAULT_BATCH_TIMEOUT_S, UNPARSEABLE_GOLD_POLICIES,
                                    AnswerChecker, accuracy_reward, get_accuracy_reward,
                                    get_cosine_scaled_reward)
-from grpo.rewards.common import LENGTH_UNITS, RewardFn, pop_reward_metrics
-from grpo.rewards.format import format_reward, reasoning_steps_reward, tag_count_reward
-from grpo.rewards.language import language_consistency_reward
-from grpo.rewards.penalties import get_repetition_penalty_reward, get_soft_overlong_punishment
+from rewards.common import LENGTH_UNITS, RewardFn, pop_reward_metrics
+from rewards.format import format_reward, reasoning_steps_reward, tag_count_reward
+from rewards.language import language_consistency_reward
+from rewards.penalties import get_repetition_penalty_reward, get_soft_overlong_punishment
 
 REWARD_NAMES = ("accuracy", "format", "tag_count", "reasoning_steps", "cosine",
                 "repetition_penalty", "language_consistency", "soft_overlong")
