@@ -28,7 +28,8 @@ from infra.config import ConfigError, format_config
 from infra.dist import all_reduce_sum, decoder_layers, shard_model
 from infra.logging import MetricsLogger, ProgressBar, step_line
 from infra.dist import FSDP_MODES
-from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
+from infra.loop import (StepInterrupted, check_finite_params, epoch_order, eval_due, open_run, record_eval,
+                        save_and_stop, start_run, stop_agreed, stop_before_update, stop_signals)
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
 from sft.packing import (VARLEN_ATTENTION, collate_packed, collate_padded, pack, packed_model_inputs,
                          tokenize_conversation)
@@ -261,6 +262,9 @@ class SFTTrainer:
         num_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=info.device))
         nll = torch.zeros((), device=info.device)
         for b in batches:
+            # A safe point: no update yet this step, so a stop saves the previous step (infra/loop.py).
+            if stop_agreed(self.stop_requested, info.device):
+                raise StepInterrupted
             with self.autocast:
                 loss, part = self.micro_loss(b, num_tokens)
             # FSDP averages gradients over ranks; the normalization is already global.
@@ -271,6 +275,7 @@ class SFTTrainer:
         ok = bool(torch.isfinite(norm)) and bool(torch.isfinite(nll))
         if ok:
             self.optimizer.step()
+            check_finite_params(self.model.parameters(), self.step, self.ckpt, info.device, "sft")
         self.optimizer.zero_grad(set_to_none=True)
         if not ok and self.main:
             print(f"[sft] step {self.step}: non-finite loss or gradient, update skipped", flush=True)
@@ -301,7 +306,7 @@ class SFTTrainer:
 
     def train(self) -> dict:
         t = self.cfg.train
-        latest = self.ckpt.latest() if t.resume else None
+        latest = open_run(self.ckpt, self.out, t.resume, "sft")
         if latest is not None:
             state = self.ckpt.load(latest, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -320,7 +325,10 @@ class SFTTrainer:
             while self.step < t.max_steps:
                 self.step += 1
                 t0 = time.perf_counter()
-                m = self.train_step()
+                try:
+                    m = self.train_step()
+                except StepInterrupted:
+                    return stop_before_update(self, "sft")
                 self.last_loss = m["loss"]
                 self.scheduler.step()
                 dt = time.perf_counter() - t0
