@@ -30,7 +30,6 @@ after removing its temporary folder; the previous checkpoint is untouched.
 from __future__ import annotations
 
 import errno
-import io
 import os
 import random
 import re
@@ -50,7 +49,7 @@ from infra.dcp_safe import read_metadata, safe_load
 from infra.dist import DistInfo, barrier, broadcast_object
 from infra.run_folder import (
     CHECKPOINT_FILE, MANIFEST, check_export_folder, file_digest, files_under, foreign_file, fsync_path,
-    manifest_problems, on_main, read_manifest, write_manifest)
+    manifest_problems, on_main, read_manifest, refuse_foreign, write_manifest)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -161,7 +160,7 @@ class CheckpointManager:
         # Each rank hashes (and fsyncs) a share of the files; rank 0 writes the manifest last.
         entries, err = {}, None
         try:
-            names = [n for n in files_under(tmp)][self.info.rank::self.info.world_size]
+            names = files_under(tmp)[self.info.rank::self.info.world_size]
             for n in names:
                 fsync_path(tmp / n)
                 entries[n] = file_digest(tmp / n)
@@ -171,9 +170,13 @@ class CheckpointManager:
         self._raise_if_any([e for e, _ in parts], final, tmp)
 
         def publish():
+            if final.exists():  # re-saving a step (the last one, after its final evaluation)
+                name = foreign_file(final, lambda n: CHECKPOINT_FILE.match(n) is not None)
+                if name is not None:
+                    raise refuse_foreign(final, name, "not a checkpoint file")
             try:
                 write_manifest(tmp, {n: v for _, part in parts for n, v in part.items()})
-                if final.exists():  # re-saving a step: only ever a checkpoint folder of ours
+                if final.exists():
                     self._delete(final)
                 os.replace(tmp, final)
                 fsync_path(self.root)
