@@ -192,6 +192,10 @@ class TrainConfig:
     stop_at_step: int = 0
     """Stop after this step as if SIGTERM had arrived (checkpoint, clean exit); for testing
     preemption and resume. 0 = off."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in a collective before the run fails: a frozen (not dead) rank is
+    detected in minutes. Raise it when rank 0 alone writes a very large export (~100 GB at
+    200 MB/s takes 8 minutes while the others wait). A pipeline's process group keeps the default."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ from data.task import task_records
 from grpo.advantages import (batch_reward_std, combine_rewards, group_advantages, rloo_advantages,
                              zero_std_groups)
 from grpo.config import EMBEDDED, DataConfig, GRPOJobConfig
-from grpo.evaluate import all_done_fn, encode_prompts, evaluate
+from grpo.evaluate import encode_prompts, evaluate
 from grpo.loss import policy_loss
 from rewards import get_reward_functions
 from grpo.rollout import PolicyModel, generate, pad_prompts
@@ -40,7 +40,9 @@ from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config, load_recipe, to_dict
 from infra.dist import all_gather_cat, all_reduce_sum, decoder_layers, set_gathered, shard_model
 from infra.logging import MetricsLogger, ProgressBar, clock, say, step_line, write_jsonl
-from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
+from infra.loop import (StepInterrupted, check_finite_params, epoch_order, eval_due, generation_all_done,
+                        open_run, record_eval, save_and_stop, start_run, stop_agreed, stop_before_update,
+                        stop_signals)
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
 from infra.resume import apply_optimizer_options, check_resume
 
@@ -190,7 +192,7 @@ class GRPOTrainer:
                        format_config(self.cfg), extra_models=extra)
 
     def maybe_resume(self) -> None:
-        latest = self.ckpt.latest() if self.cfg.train.resume else None
+        latest = open_run(self.ckpt, self.out, self.cfg.train.resume, "grpo", format_config(self.cfg))
         if latest is None:
             return
         changed = check_resume(latest, self.cfg, "grpo")  # refuses a different run's options
@@ -225,7 +227,12 @@ class GRPOTrainer:
     def _on_signal(self, signum, frame):
         self.stop_requested = True
         if self.main:
-            say(f"\n[grpo] signal {signum}: saving a checkpoint after this step, then exiting")
+            say(f"\n[grpo] signal {signum}: saving a checkpoint at the next safe point, then exiting")
+
+    def _stop_point(self) -> None:
+        """A safe point before the step's first update (infra/loop.py): stop if any rank got a signal."""
+        if stop_agreed(self.stop_requested, self.info.device):
+            raise StepInterrupted
 
     # ---------------------------------------------------------------- one step
     def rollout_step(self) -> tuple[list[dict], dict]:
@@ -253,7 +260,8 @@ class GRPOTrainer:
                 out = generate(self.policy, self.tokenizer, ids, mask, seeds=seeds,
                                max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                top_k=r.top_k, top_p=r.top_p,
-                               stop_strings=r.stop_strings, all_done=all_done_fn(info, info.device))
+                               stop_strings=r.stop_strings,
+                               all_done=generation_all_done(info.device, lambda: self.stop_requested))
             for j in range(len(prompts)):
                 m = out.completion_mask[j].bool()
                 rows.append({"record": self.train_records[idx[j // r.group_size]],
@@ -262,6 +270,7 @@ class GRPOTrainer:
         set_gathered(self.policy, False)
         self.policy.train()
         timings["time/generate"] = clock(info.device) - t0
+        self._stop_point()
 
         # 3. score: [N, F], NaN where a reward has no opinion
         t0 = clock(info.device)
@@ -271,6 +280,7 @@ class GRPOTrainer:
         per_fn = torch.tensor([[math.nan if v is None else float(v) for v in fn(texts, **columns)]
                                for _, fn, _ in self.rewards], dtype=torch.float64).T  # [N, F]
         timings["time/score"] = clock(info.device) - t0
+        self._stop_point()
 
         # 4. advantages on this rank's whole groups
         rewards, valid = combine_rewards(per_fn, self.weights)  # [N], [N]
@@ -302,6 +312,7 @@ class GRPOTrainer:
         t0 = clock(info.device)
         with torch.no_grad(), self.autocast:
             for part in micro:
+                self._stop_point()
                 batch = _collate(part, pad, info.device)
                 if g.num_iterations > 1:
                     old = _seq_logps(self.policy, batch, r.temperature)
@@ -325,6 +336,8 @@ class GRPOTrainer:
             order = torch.randperm(len(rows), generator=gen).tolist() if g.num_iterations > 1 else list(range(len(rows)))
             parts = [[rows[i] for i in order[k:k + mb]] for k in range(0, len(rows), mb)]
             for part in parts:
+                if it == 0:  # before the step's first update the previous step's state is intact
+                    self._stop_point()
                 batch = _collate(part, pad, info.device)
                 with self.autocast:
                     logps, entropy = _seq_logps(self.policy, batch, r.temperature, with_entropy=True)
@@ -381,6 +394,7 @@ class GRPOTrainer:
         self.nonfinite_in_row = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        check_finite_params(self.policy.parameters(), self.step, self.ckpt, self.info.device, "grpo")
         return True
 
     def refresh_reference(self) -> None:
@@ -412,8 +426,11 @@ class GRPOTrainer:
             while self.step < t.max_steps:
                 self.step += 1
                 t0 = clock(self.info.device)
-                rows, stats = self.rollout_step()
-                upd = self.update_step(rows)
+                try:
+                    rows, stats = self.rollout_step()
+                    upd = self.update_step(rows)
+                except StepInterrupted:
+                    return stop_before_update(self, "grpo")
                 if cfg.grpo.ref_refresh_steps and self.ref is not None and self.step % cfg.grpo.ref_refresh_steps == 0:
                     self.refresh_reference()
                 self.scheduler.step()
@@ -443,7 +460,8 @@ class GRPOTrainer:
             final = self.run_eval()
             self.save()
             if t.export:
-                export_hf(self.policy, self.hf_config, self.tokenizer, self.out / "final", self.info, prefix="lm.")
+                export_hf(self.policy, self.hf_config, self.tokenizer, self.out / "final", self.info, prefix="lm.",
+                          config_text=format_config(self.cfg))
                 if self.main:
                     print(f"[grpo] exported {self.out / 'final'}", flush=True)
             return {**final, "initial": self.eval_history[0], "eval_history": self.eval_history}

@@ -37,7 +37,15 @@ class DistInfo:
 FSDP_MODES = ("auto", "always")
 
 
-def init_distributed(device: str = "auto", fsdp: str = "auto") -> DistInfo:
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+"""How long a rank waits in a collective for the others before failing. Long enough for the
+longest legitimate one-sided wait (rank 0 alone writes an export or builds the tiny model while
+the others wait: ~100 GB at 200 MB/s is ~8 minutes); short enough that a frozen rank costs minutes,
+not the 30 minutes of torch's default for gloo."""
+
+
+def init_distributed(device: str = "auto", fsdp: str = "auto",
+                     timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistInfo:
     """Initialise the process group when launched by torchrun; return rank, world size, device.
 
     `device`: "auto" (CUDA when available, else CPU), "cpu" or "cuda". CPU runs use gloo, CUDA
@@ -45,6 +53,8 @@ def init_distributed(device: str = "auto", fsdp: str = "auto") -> DistInfo:
     `fsdp`: "auto" shards with FSDP2 when there is more than one process; "always" also shards a
     single process, over a process group of one: the multi-GPU code path (NCCL, FSDP2's bf16
     mixed precision instead of autocast) on one GPU.
+    `timeout_s`: collective timeout of the process group (`--train.collective_timeout_s`); a no-op
+    when the group exists already (a pipeline creates it once, for all of its stages).
     """
     if fsdp not in FSDP_MODES:
         raise ValueError(f"fsdp must be one of {', '.join(FSDP_MODES)}, got {fsdp!r}")
@@ -69,7 +79,7 @@ def init_distributed(device: str = "auto", fsdp: str = "auto") -> DistInfo:
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             # plain `python`, no torchrun: a group of one needs no rendezvous, just a store
             rendezvous = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 **rendezvous, **({"device_id": dev} if device == "cuda" else {}))
     return DistInfo(rank, world_size, local_rank, dev, fsdp=shard)
 

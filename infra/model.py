@@ -16,14 +16,24 @@ EMBEDDED = "embedded"
 
 def resolve_model_path(path: str, output_dir: str | os.PathLike, info: DistInfo, seed: int = 0,
                        size: str = "default") -> str:
-    """'embedded' -> build (once, on rank 0) the tiny model under <output_dir>/tiny-model."""
+    """'embedded' -> build (once, on rank 0) the tiny model under <output_dir>/tiny-model.
+
+    A `tiny-model/` holding files the build did not write is never replaced: ConfigError naming
+    the file, raised on every rank (the others would otherwise wait for rank 0 forever)."""
     if path != EMBEDDED:
         return path
     from data.tiny import ensure_tiny_model
+    from infra.config import ConfigError
+    from infra.run_folder import on_main
 
     target = Path(output_dir) / "tiny-model"
-    if info.is_main:
-        ensure_tiny_model(target, seed=seed, size=size)
+
+    def build():
+        try:
+            ensure_tiny_model(target, seed=seed, size=size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    on_main(info, build)
     barrier()
     return str(target)
 

@@ -27,7 +27,8 @@ from infra.checkpoint import CheckpointManager, export_hf
 from infra.config import ConfigError, format_config, to_dict
 from infra.dist import all_reduce_sum, decoder_layers, shard_model
 from infra.logging import MetricsLogger, ProgressBar, say, step_line
-from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
+from infra.loop import (StepInterrupted, check_finite_params, epoch_order, eval_due, open_run, record_eval,
+                        save_and_stop, start_run, stop_agreed, stop_before_update, stop_signals)
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
 from infra.resume import apply_optimizer_options, check_resume
 from sft.packing import (VARLEN_ATTENTION, collate_packed, collate_padded, pack, packed_model_inputs,
@@ -270,6 +271,9 @@ class SFTTrainer:
         num_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=info.device))
         nll = torch.zeros((), device=info.device)
         for b in batches:
+            # A safe point: no update yet this step, so a stop saves the previous step (infra/loop.py).
+            if stop_agreed(self.stop_requested, info.device):
+                raise StepInterrupted
             with self.autocast:
                 loss, part = self.micro_loss(b, num_tokens)
             # FSDP averages gradients over ranks; the normalization is already global.
@@ -280,6 +284,7 @@ class SFTTrainer:
         ok = bool(torch.isfinite(norm)) and bool(torch.isfinite(nll))
         if ok:
             self.optimizer.step()
+            check_finite_params(self.model.parameters(), self.step, self.ckpt, info.device, "sft")
         self.optimizer.zero_grad(set_to_none=True)
         if not ok and self.main:
             say(f"[sft] step {self.step}: non-finite loss or gradient, update skipped")
@@ -311,7 +316,7 @@ class SFTTrainer:
 
     def train(self) -> dict:
         t = self.cfg.train
-        latest = self.ckpt.latest() if t.resume else None
+        latest = open_run(self.ckpt, self.out, t.resume, "sft", format_config(self.cfg))
         if latest is not None:
             changed = check_resume(latest, self.cfg, "sft")  # refuses a different run's options
             state = self.ckpt.load(latest, self.model, self.optimizer)
@@ -334,7 +339,10 @@ class SFTTrainer:
             while self.step < t.max_steps:
                 self.step += 1
                 t0 = time.perf_counter()
-                m = self.train_step()
+                try:
+                    m = self.train_step()
+                except StepInterrupted:
+                    return stop_before_update(self, "sft")
                 self.last_loss = m["loss"]
                 self.scheduler.step()
                 dt = time.perf_counter() - t0
@@ -359,7 +367,8 @@ class SFTTrainer:
             final = (self.eval_history[-1] if done else self.run_eval()) or {}
             self.save()
             if t.export:
-                export_hf(self.model, self.hf_config, self.tokenizer, self.out / "final", self.info, prefix="lm.")
+                export_hf(self.model, self.hf_config, self.tokenizer, self.out / "final", self.info, prefix="lm.",
+                          config_text=format_config(self.cfg))
             result = {**final, "final_loss": self.last_loss,
                       "eval_history": self.eval_history}
             if self.eval_history:

@@ -216,6 +216,8 @@ def test_resume_without_saved_reference(tiny, tmp_path):
     state = _trainer_state(ckpt)
     del state["ref_refreshes"], state["extra_models"]
     torch.save(state, ckpt / "trainer_state.pt")
+    from infra.run_folder import write_manifest
+    write_manifest(ckpt)  # an older version's checkpoint has no manifest: vouched for by hand
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "grpo", *args, *REFRESH,
                           "--train.max_steps", "5", "--train.output_dir", str(legacy)],
