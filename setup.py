@@ -11,7 +11,7 @@ setup(
     description="DeepSeek-R1-style GRPO and SFT in plain PyTorch, with Triton kernels and FSDP2",
     python_requires=">=3.10",
     packages=find_packages(include=["grpo", "grpo.*", "sft", "sft.*", "kernels", "kernels.*", "data", "data.*", "infra", "infra.*",
-                                    "rewards", "rewards.*"]),
+                                    "rewards", "rewards.*", "pipeline", "pipeline.*"]),
     py_modules=["train"],
     package_data={"data": ["*.txt"]},
     install_requires=[

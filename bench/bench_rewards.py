@@ -91,7 +91,7 @@ def hostile_completions(chars: int) -> dict[str, str]:
 def hostile_table(chars: int) -> None:
     names = [n for n in REWARD_NAMES if n not in ("accuracy", "cosine")]
     fns = get_reward_functions(names)
-    print(f"\ntext-only rewards on one hostile completion, seconds per call")
+    print("\ntext-only rewards on one hostile completion, seconds per call")
     print(f"{'completion':<36} {'chars':>8} " + " ".join(f"{n[:12]:>12}" for n in names))
     for label, text in hostile_completions(chars).items():
         times = []

@@ -280,7 +280,7 @@ def split_argv(argv: list[str], help_text_fn, usage: str) -> tuple[str | None, l
     return recipe, pairs
 
 
-def parse_args(cls, argv: list[str], recipe_key: str | None = None, prog: str = ""):
+def parse_args(cls, argv: list[str], prog: str = ""):
     """Build `cls()` and apply the recipe (`--recipe PATH`) and `--a.b value` overrides.
 
     `prog`: the command's name, for the usage line of `--help`."""
@@ -292,8 +292,6 @@ def parse_args(cls, argv: list[str], recipe_key: str | None = None, prog: str = 
     recipe, overrides = split_argv(argv, lambda: usage + "\n" + help_text(cfg), "--section.field value")
     if recipe is not None:
         data = load_recipe(recipe)
-        if recipe_key is not None and recipe_key in data and isinstance(data[recipe_key], dict):
-            data = data[recipe_key]
         apply_dict(cfg, data, source=f"recipe {recipe}")
     for key, val in overrides:
         set_option(cfg, _alias(cfg, key), val)

@@ -84,11 +84,6 @@ def init_distributed(device: str = "auto", fsdp: str = "auto",
     return DistInfo(rank, world_size, local_rank, dev, fsdp=shard)
 
 
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -137,19 +132,28 @@ def shard_model(root: nn.Module, layers: list[nn.Module], info: DistInfo, *,
     """FSDP2: `fully_shard` each decoder layer, then the root (which holds embeddings and head).
 
     On CUDA, parameters compute in bf16 and gradients reduce in float32; on CPU (gloo) all is
-    float32. Without a process group the model is returned unchanged.
+    float32. Gradients are *summed* over ranks, not averaged: every loss of this project divides
+    by the count of the whole optimizer step (tokens or sequences, all micro-batches, all ranks),
+    so the sum is the global mean and nothing needs undoing (torchtitan's
+    `set_gradient_divide_factor`). The root's named forwards (`FORWARD_METHODS`, e.g.
+    `PolicyModel.completion_logprobs`) gather its parameters as `forward` would. Without a
+    process group the model is returned unchanged.
     """
     if not info.distributed:
         return root
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if bf16 is None:
         bf16 = info.device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    for layer in layers:
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for module in (*layers, root):
+        fully_shard(module, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        module.set_gradient_divide_factor(1.0)
+        if hasattr(module, "set_force_sum_reduction_for_comms"):  # a plain SUM: gloo has no PREMUL_SUM
+            module.set_force_sum_reduction_for_comms(True)
+    for name in getattr(root, "FORWARD_METHODS", ()):
+        register_fsdp_forward_method(root, name)
     return root
 
 

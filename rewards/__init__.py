@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from rewards.accuracy import (DEFAULT_BATCH_TIMEOUT_S, UNPARSEABLE_GOLD_POLICIES,
                                    AnswerChecker, accuracy_reward, get_accuracy_reward,
@@ -191,8 +191,3 @@ def get_reward_functions(names: Sequence[str] | str, config: RewardConfig | None
     config = config or RewardConfig()
     builders = _builders(config, config.checker())
     return [(n, builders[n](), w) for n, w in zip(names, weights)]
-
-
-def config_help() -> dict[str, str]:
-    """Field name -> help text, for command-line parsers."""
-    return {f.name: f.metadata.get("help", "") for f in fields(RewardConfig)}

@@ -1,13 +1,38 @@
-"""Held-out evaluation: greedy (or sampled) completions on problems the model never trains on,
-scored with the same reward code as training. Shared by GRPO, SFT and the pipeline.
+"""Problems in, verdicts out: the training and held-out problems of a data section, their
+prompts as token ids, and the held-out evaluation that GRPO, SFT and the pipeline report.
+
+Held-out means never trained on: `held_out_records` applies one rule to every stage
+(`data.loaders.load_held_out`): the same source's test split, or the other side of training's
+seeded cut; another source's test split, else all of its rows.
 """
 from __future__ import annotations
 
 import torch
 
+from data.task import task_records
+from infra.dist import DistInfo, all_reduce_sum
+from infra.engine import Engine
+from infra.sections import EMBEDDED, DataConfig
 from rewards import accuracy_reward, format_reward
-from grpo.rollout import generate, pad_prompts
-from infra.dist import DistInfo, all_reduce_sum, set_gathered
+
+
+def train_records(d: DataConfig, seed: int) -> list[dict]:
+    """The training problems of a data section (GRPO prompts, rejection sampling, distillation)."""
+    if d.source == EMBEDDED:
+        return task_records(d.task, d.num_train, seed=seed, split="train")
+    from data import load_records
+    return list(load_records(d.source, schema=d.schema, split=d.train_split, on_bad_row=d.on_bad_row,
+                             test_size=d.test_size, seed=seed).records)
+
+
+def held_out_records(d: DataConfig, seed: int) -> list[dict]:
+    """The first `num_eval` held-out problems of a data section (module docstring)."""
+    if d.source == EMBEDDED:
+        return task_records(d.task, d.num_eval, seed=seed, split="test")
+    from data import load_held_out
+    return list(load_held_out(d.source, d.eval_source, train_split=d.train_split,
+                              eval_split=d.eval_split, schema=d.schema, on_bad_row=d.on_bad_row,
+                              test_size=d.test_size, seed=seed).records[: d.num_eval])
 
 
 def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None = None):
@@ -27,41 +52,24 @@ def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None
     return kept, ids, dropped
 
 
-def all_done_fn(info: DistInfo, device):
-    """Ranks agree to stop generating only when every rank is done (FSDP needs equal forwards)."""
-    if not info.distributed:
-        return None
-
-    def all_done(local: bool) -> bool:
-        flag = torch.tensor([0.0 if local else 1.0], device=device)
-        return all_reduce_sum(flag).item() == 0
-
-    return all_done
-
-
 @torch.no_grad()
-def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], info: DistInfo, *,
+def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], info: DistInfo, *,
              max_new_tokens: int, batch_size: int = 64, temperature: float = 0.0, seed: int = 0,
-             eos_token_ids=None, return_samples: int = 0) -> dict:
+             return_samples: int = 0) -> dict:
     """Accuracy (math_verify against the gold), format rate (strict R1 format) and mean length.
 
     Each rank evaluates a strided shard; the sums are all-reduced, so every rank gets the same
-    numbers. Ranks with fewer rows still join every generation call (FSDP needs it).
+    numbers. `return_samples`: also the first N completions with their verdicts (every rank's).
     """
-    model.eval()
-    set_gathered(model, True)
     mine = list(range(info.rank, len(records), info.world_size))
     n_batches = -(-len(records) // (info.world_size * batch_size))
     sums = torch.zeros(4, dtype=torch.float64)  # correct, formatted, tokens, count
     samples = []
     for b in range(n_batches):
         idx = mine[b * batch_size:(b + 1) * batch_size]
-        rows = idx if idx else mine[:1] or [0]  # an idle rank generates a dummy row
-        ids, mask = pad_prompts([prompt_ids[i] for i in rows], tokenizer.pad_token_id, info.device)
-        out = generate(model, tokenizer, ids, mask, seeds=[seed * 1_000_003 + i for i in rows],
-                       max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_token_ids=eos_token_ids, all_done=all_done_fn(info, info.device))
-        if not idx:
+        out = engine.generate([prompt_ids[i] for i in idx], [seed * 1_000_003 + i for i in idx],
+                              max_new_tokens=max_new_tokens, temperature=temperature)
+        if out is None:  # this rank had no problem left; it joined the generation all the same
             continue
         recs = [records[i] for i in idx]
         acc = accuracy_reward(out.texts, solution=[r["solution"] for r in recs],
@@ -72,8 +80,6 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
         if len(samples) < return_samples:
             samples += [{"problem": r["problem"], "answer": r["answer"], "completion": t,
                          "accuracy": a, "format": f} for r, t, a, f in zip(recs, out.texts, acc, fmt)]
-    set_gathered(model, False)
-    model.train()
     sums = all_reduce_sum(sums.to(info.device)).cpu()
     n = max(sums[3].item(), 1.0)
     result = {"accuracy": sums[0].item() / n, "format": sums[1].item() / n,
