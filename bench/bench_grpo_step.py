@@ -156,7 +156,7 @@ def main() -> None:
     cfg.rollout.group_size, cfg.rollout.max_new_tokens = args.group, args.max_new
     cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = args.prompts, args.prompts * args.group // 4
     cfg.grpo.beta, cfg.grpo.num_iterations = 0.04, 2
-    cfg.rewards = ["accuracy"] + TEXT_REWARDS
+    cfg.grpo.rewards = ["accuracy"] + TEXT_REWARDS
     cfg.train.output_dir, cfg.train.progress = str(tmp / "run"), False
     result = time_grpo_steps(GRPOTrainer(cfg), args.repeats)
     print(f"\nOne GRPO step: {result['rows']} completions, beta 0.04 (reference model), "

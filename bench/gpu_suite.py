@@ -241,7 +241,7 @@ def part_grpo(dry: bool, workdir: Path) -> dict:
         cfg.data.num_train, cfg.data.num_eval = 64, 4
         cfg.rollout.group_size, cfg.rollout.max_new_tokens = group, max_new
         cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = prompts, micro
-        cfg.grpo.beta, cfg.rewards = beta, TEXT_REWARDS
+        cfg.grpo.beta, cfg.grpo.rewards = beta, TEXT_REWARDS
         cfg.train.device, cfg.train.fsdp, cfg.train.progress = device(dry), fsdp, False
         cfg.train.output_dir = str(workdir / f"grpo-{len(rows)}")
         try:

@@ -256,12 +256,12 @@ class GRPOJobConfig:
                                   ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))):
             one_of(opt, val, allowed)
         if not g.rewards:
-            bad("rewards", g.rewards, "needs at least one reward function")
+            bad("grpo.rewards", g.rewards, "needs at least one reward function")
         unknown = [n for n in g.rewards if n not in REWARD_NAMES]
         if unknown:
-            bad("rewards", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
+            bad("grpo.rewards", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
         if len(set(g.rewards)) != len(g.rewards):
-            bad("rewards", g.rewards, "names a reward twice")
+            bad("grpo.rewards", g.rewards, "names a reward twice")
         if g.reward_weights and len(g.reward_weights) != len(g.rewards):
             bad("grpo.reward_weights", g.reward_weights, f"needs one weight per reward ({len(g.rewards)})")
         if not all(finite(w) for w in g.reward_weights):

@@ -57,7 +57,7 @@ class SamplingConfig:
         """Fail at start, naming the option, before a model is loaded or a sample drawn.
 
         Shared by `rejection-sample` and `distill`; reward names are checked as GRPO checks
-        `--rewards` (grpo/config.py)."""
+        `--grpo.rewards` (grpo/config.py)."""
         def bad(option, value, why):
             raise ConfigError(f"--sampling.{option}={value!r}: {why}")
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # repetition and language rewards vary between its completions and give non-zero advantages.
 BASE = ["--rollout.group_size", "4", "--grpo.prompts_per_step", "4", "--grpo.micro_batch_size", "4",
         "--rollout.prompts_per_generation", "1", "--rollout.max_new_tokens", "12",
-        "--rewards", "accuracy,repetition_penalty,language_consistency",
+        "--grpo.rewards", "accuracy,repetition_penalty,language_consistency",
         "--grpo.beta", "0.04", "--optim.lr", "1e-3", "--optim.warmup_steps", "0",
         "--data.num_train", "64", "--data.num_eval", "4", "--train.eval_every", "0",
         "--train.progress", "false", "--train.sample_every", "1"]
@@ -288,7 +288,7 @@ ckpt.save(2, model, opt, {{"note": "two"}})
     (["--rollout.group_size", "1"], "rollout.group_size"),
     (["--grpo.prompts_per_step", "3", "--grpo.micro_batch_size", "7"], "grpo.micro_batch_size"),
     (["--grpo.beta", "-0.1"], "grpo.beta"),
-    (["--rewards", "accuracy,shiny"], "rewards"),
+    (["--grpo.rewards", "accuracy,shiny"], "grpo.rewards"),
     (["--grpo.loss_type", "ppo"], "grpo.loss_type"),
     (["--grpo.nonexistent", "1"], "grpo.nonexistent"),
     (["--optim.lr", "abc"], "optim.lr"),

@@ -29,7 +29,7 @@ def _trainer(model_path, out, keep_dropout=False, **grpo):
     cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = 4, 4
     # A random model is never right; these two rewards vary between its completions, so the
     # advantages, and the gradients compared below, are not zero.
-    cfg.rewards = ["repetition_penalty", "language_consistency"]
+    cfg.grpo.rewards = ["repetition_penalty", "language_consistency"]
     cfg.grpo.beta = 0.04
     for k, v in grpo.items():
         setattr(cfg.grpo, k, v)

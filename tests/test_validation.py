@@ -45,7 +45,7 @@ GRPO_BAD = [
     (["--rollout.eval_temperature", "-1"], "rollout.eval_temperature"),
     (["--grpo.beta", "nan"], "grpo.beta"),
     (["--grpo.epsilon_low", "nan"], "grpo.epsilon_low"),
-    (["--rewards", "accuracy,format,accuracy"], "rewards"),
+    (["--grpo.rewards", "accuracy,format,accuracy"], "grpo.rewards"),
     (["--grpo.reward_weights", "1,nan"], "grpo.reward_weights"),
     (["--grpo.ref_refresh_steps", "-2"], "grpo.ref_refresh_steps"),
     (["--train.device", "tpu"], "train.device"),
