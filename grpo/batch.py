@@ -8,7 +8,7 @@ collated from those rows alone would (and the same numbers).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,7 +31,6 @@ class GRPOBatch:
     loss_weight: torch.Tensor | None = None  # [N] 1.0, or 0.0 for rows left out of the loss
     old_logps: torch.Tensor | None = None    # [N, T] log pi_old, when num_iterations > 1
     ref_logps: torch.Tensor | None = None    # [N, T] log pi_ref, when beta > 0
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_rollouts(cls, rollouts: list[Rollout], records: list[dict], pad_id: int) -> "GRPOBatch":
@@ -69,6 +68,10 @@ class GRPOBatch:
         weight = self.loss_weight.to(self.completion_mask.device, torch.float32)
         return self.completion_mask.float() * weight[:, None]
 
+    def completion_lists(self) -> list[list[int]]:
+        """Each completion's tokens, without padding."""
+        return [ids[m.bool()].tolist() for ids, m in zip(self.completion_ids, self.completion_mask)]
+
     def micro(self, rows: list[int]) -> "GRPOBatch":
         """Rows `rows`, trimmed to their longest prompt and completion (module docstring)."""
         idx = torch.tensor(rows, device=self.input_ids.device)
@@ -89,7 +92,7 @@ class GRPOBatch:
                        records=[self.records[i] for i in rows], per_fn=pick(self.per_fn),
                        rewards=pick(self.rewards), advantages=pick(self.advantages),
                        loss_weight=pick(self.loss_weight), old_logps=take(self.old_logps),
-                       ref_logps=take(self.ref_logps), extra={})
+                       ref_logps=take(self.ref_logps))
 
     def set_logps(self, name: str, rows: list[int], values: torch.Tensor) -> None:
         """Store a micro-batch's [n, t] log-probs into the [N, T] tensor `name` (zero elsewhere)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from infra.config import ConfigError
-from infra.sections import (DataConfig, ModelConfig, OptimConfig, TrainConfig, bad, check_data,
+from infra.sections import (DataConfig, ModelConfig, OptimConfig, TrainConfig, at_least, bad, check_data,
                             check_model, check_optim, check_rewards, check_train, finite, one_of)
 from rewards import RewardConfig
 
@@ -93,10 +93,8 @@ class GRPOJobConfig:
         check_data(self.data)
         check_optim(o)
         check_train(t)
-        if r.group_size < 2:
-            bad("rollout.group_size", r.group_size, "must be >= 2 (advantages compare completions within a group)")
-        if g.prompts_per_step < 1:
-            bad("grpo.prompts_per_step", g.prompts_per_step, "must be >= 1")
+        at_least("rollout.group_size", r.group_size, 2, "(advantages compare completions within a group)")
+        at_least("grpo.prompts_per_step", g.prompts_per_step, 1)
         if g.prompts_per_step % world_size:
             bad("grpo.prompts_per_step", g.prompts_per_step,
                 f"must be divisible by the world size {world_size} (each rank scores whole groups)")
@@ -105,25 +103,18 @@ class GRPOJobConfig:
             bad("grpo.micro_batch_size", g.micro_batch_size,
                 f"must divide the per-rank batch of {local} completions "
                 f"(prompts_per_step / world_size * group_size)")
-        if r.prompts_per_generation < 0:
-            bad("rollout.prompts_per_generation", r.prompts_per_generation, "must be >= 0")
-        if r.max_new_tokens < 1:
-            bad("rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+        at_least("rollout.prompts_per_generation", r.prompts_per_generation, 0)
+        at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
         if not (finite(r.temperature) and r.temperature > 0):
             bad("rollout.temperature", r.temperature, "must be a finite number > 0 for GRPO sampling")
         if not 0 < r.top_p <= 1:
             bad("rollout.top_p", r.top_p, "must be in (0, 1]")
-        if r.top_k < 0:
-            bad("rollout.top_k", r.top_k, "must be >= 0 (0 = off)")
-        if not (finite(r.eval_temperature) and r.eval_temperature >= 0):
-            bad("rollout.eval_temperature", r.eval_temperature, "must be a finite number >= 0 (0 = greedy)")
-        if not (finite(g.beta) and g.beta >= 0):
-            bad("grpo.beta", g.beta, "must be a finite number >= 0")
-        if g.num_iterations < 1:
-            bad("grpo.num_iterations", g.num_iterations, "must be >= 1")
+        at_least("rollout.top_k", r.top_k, 0, "(0 = off)")
+        at_least("rollout.eval_temperature", r.eval_temperature, 0, "(0 = greedy)", finite_only=True)
+        at_least("grpo.beta", g.beta, 0, finite_only=True)
+        at_least("grpo.num_iterations", g.num_iterations, 1)
         for option, value in (("grpo.epsilon_low", g.epsilon_low), ("grpo.epsilon_high", g.epsilon_high)):
-            if not (finite(value) and value >= 0):
-                bad(option, value, "must be a finite number >= 0")
+            at_least(option, value, 0, finite_only=True)
         for opt, val, allowed in (("grpo.loss_type", g.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
                                   ("grpo.kl_estimator", g.kl_estimator, ("k1", "k2", "k3")),
                                   ("grpo.importance_sampling", g.importance_sampling, ("token", "sequence")),
@@ -133,13 +124,11 @@ class GRPOJobConfig:
         check_rewards("grpo.rewards", g.rewards, g.reward_weights)
         if not 0 <= g.ref_mix_alpha <= 1:
             bad("grpo.ref_mix_alpha", g.ref_mix_alpha, "must be in [0, 1]")
-        if g.ref_refresh_steps < 0:
-            bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "must be >= 0 (0 = never)")
+        at_least("grpo.ref_refresh_steps", g.ref_refresh_steps, 0, "(0 = never)")
         if g.ref_refresh_steps and g.beta == 0:
             bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "needs beta > 0 (no reference model otherwise)")
         try:
             self.rewards.check()
         except ValueError as e:
             raise ConfigError(f"--rewards.{e}") from None
-        if t.max_steps < 1:
-            bad("train.max_steps", t.max_steps, "must be >= 1")
+        at_least("train.max_steps", t.max_steps, 1)

@@ -23,8 +23,6 @@ Departures from DeepSeekMath's GRPO, said out loud:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from grpo.advantages import (batch_reward_std, combine_rewards, group_advantages, rloo_advantages,
@@ -36,12 +34,12 @@ from grpo.metrics import reward_metrics, update_metrics
 from infra.config import ConfigError
 from infra.dist import all_gather_cat, all_reduce_sum, decoder_layers, shard_model
 from infra.engine import Engine, row_seed
-from infra.evaluate import encode_prompts, evaluate, held_out_records, train_records
+from infra.evaluate import encode_prompts, evaluate, held_out_records, train_records, training_prompts
 from infra.logging import clock, write_jsonl
 from infra.loop import Trainer, epoch_order
 from infra.model import load_model
 from infra.policy import PolicyModel
-from rewards import get_reward_functions
+from rewards import get_reward_functions, score_completions
 
 STATS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
 
@@ -74,13 +72,9 @@ class GRPOTrainer(Trainer):
         self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast)
         self.setup_training(self.policy, lm.config, tokenizer)
 
-        self.train_records, self.train_ids, dropped = encode_prompts(tokenizer, train, cfg.data.max_prompt_tokens)
+        self.train_records, self.train_ids, _ = training_prompts(tokenizer, train, cfg.data, "data", "grpo",
+                                                                 self.main)
         self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, evals, cfg.data.max_prompt_tokens)
-        if not self.train_records:
-            raise ConfigError(f"--data.source={cfg.data.source!r}: no training prompts left "
-                              f"(dropped {dropped} longer than --data.max_prompt_tokens)")
-        if self.main and dropped:
-            print(f"[grpo] dropped {dropped} prompts longer than {cfg.data.max_prompt_tokens} tokens")
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
@@ -94,16 +88,14 @@ class GRPOTrainer(Trainer):
         g = self.cfg.grpo
         if g.ref_refresh_steps and self.ref is not None and self.step % g.ref_refresh_steps == 0:
             self.refresh_reference()  # phase 7
-        t = self.cfg.train
+        t, names = self.cfg.train, [n for n, _, _ in self.rewards]
         if self.main and t.sample_every and self.step % t.sample_every == 0:
-            names = [n for n, _, _ in self.rewards]
             write_jsonl(self.out / "samples.jsonl", [
                 {"step": self.step, "problem": batch.records[j]["problem"],
                  "answer": batch.records[j].get("answer", ""), "completion": batch.texts[j],
                  "reward": float(batch.rewards[j]), "advantage": float(batch.advantages[j]),
                  **{n: float(batch.per_fn[j, f]) for f, n in enumerate(names)}}
                 for j in range(min(8, len(batch)))])
-        names = [n for n, _, _ in self.rewards]
         return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
                                  names, self.cfg.rollout.group_size, self.info.device),
                 **update_metrics(update, self.info.world_size, self.info.device),
@@ -136,11 +128,7 @@ class GRPOTrainer(Trainer):
 
         # 3. score: [N, F], NaN where a reward has no opinion
         t0 = clock(info.device)
-        columns = {k: [x.get(k, "") for x in records] for k in ("solution", "answer", "problem", "prompt")}
-        columns["completion_ids"] = [ids[m.bool()].tolist()
-                                     for ids, m in zip(batch.completion_ids, batch.completion_mask)]
-        batch.per_fn = torch.tensor([[math.nan if v is None else float(v) for v in fn(batch.texts, **columns)]
-                                     for _, fn, _ in self.rewards], dtype=torch.float64).T  # [N, F]
+        batch.per_fn = score_completions(self.rewards, batch.texts, records, batch.completion_lists())  # [N, F]
         timings["time/score"] = clock(info.device) - t0
         self.stop_point()
 

@@ -47,10 +47,6 @@ def _own_field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _resolved_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Turn a string (command line) or a parsed recipe value into the field's type.
 
@@ -145,7 +141,7 @@ def set_option(cfg, dotted: str, value: Any) -> None:
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
             raise ConfigError(unknown_option_message(cfg, dotted))
         if i == len(parts) - 1:
-            tp = _resolved_types(type(obj))[part]
+            tp = typing.get_type_hints(type(obj))[part]
             if dataclasses.is_dataclass(tp):
                 if not isinstance(value, dict):
                     raise ConfigError(f"option {dotted} is a section; set its fields instead")

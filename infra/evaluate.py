@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from data.task import task_records
+from infra.config import ConfigError
 from infra.dist import DistInfo, all_reduce_sum
 from infra.engine import Engine
 from infra.sections import EMBEDDED, DataConfig
@@ -33,6 +34,19 @@ def held_out_records(d: DataConfig, seed: int) -> list[dict]:
     return list(load_held_out(d.source, d.eval_source, train_split=d.train_split,
                               eval_split=d.eval_split, schema=d.schema, on_bad_row=d.on_bad_row,
                               test_size=d.test_size, seed=seed).records[: d.num_eval])
+
+
+def training_prompts(tokenizer, records: list[dict], d: DataConfig, option: str, tag: str,
+                     main: bool) -> tuple[list[dict], list[list[int]], int]:
+    """`encode_prompts` for training or sampling: refuses a source left with no prompt, says how
+    many were dropped for length."""
+    kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens)
+    if not kept:
+        raise ConfigError(f"--{option}.source={d.source!r}: no prompts left (dropped {dropped} longer than "
+                          f"--{option}.max_prompt_tokens={d.max_prompt_tokens})")
+    if main and dropped:
+        print(f"[{tag}] dropped {dropped} prompts longer than {d.max_prompt_tokens} tokens", flush=True)
+    return kept, ids, dropped
 
 
 def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None = None):

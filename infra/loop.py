@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 import torch
 
 from infra.checkpoint import CheckpointManager, export_hf
-from infra.config import ConfigError, format_config, to_dict
+from infra.config import format_config, to_dict
 from infra.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from infra.logging import MetricsLogger, ProgressBar, clock, say, step_line, write_jsonl
 from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip
@@ -236,8 +236,7 @@ class Trainer:
         """Save every `save_every` steps and before stopping; stop when any rank got a signal
         or this is `stop_at_step`. Collective: every rank calls it after every step."""
         t = self.cfg.train
-        flag = torch.tensor([float(self.stop_requested or self.step == t.stop_at_step)], device=self.info.device)
-        stop = all_reduce_sum(flag).item() > 0
+        stop = stop_agreed(self.stop_requested or self.step == t.stop_at_step, self.info.device)
         if (t.save_every and self.step % t.save_every == 0) or stop:
             self.save()
         return stop
@@ -259,8 +258,6 @@ class Trainer:
 # ---------------------------------------------------------------- helpers of the loop
 def start_run(cfg, tag: str) -> tuple[DistInfo, Path]:
     """Process group, config check for this world size, seed, output folder, config printout."""
-    if not cfg.train.collective_timeout_s > 0:
-        raise ConfigError(f"--train.collective_timeout_s={cfg.train.collective_timeout_s}: must be > 0")
     info = init_distributed(cfg.train.device, cfg.train.fsdp, timeout_s=cfg.train.collective_timeout_s)
     cfg.validate(info.world_size)
     torch.manual_seed(cfg.train.seed)

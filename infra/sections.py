@@ -144,6 +144,13 @@ def bad(option: str, value, why: str):
     raise ConfigError(f"--{option}={value!r}: {why}")
 
 
+def at_least(option: str, value, least: int, note: str = "", finite_only: bool = False) -> None:
+    """`note` explains a special value, e.g. "(0 = off)"; `finite_only` refuses inf (NaN always fails)."""
+    if not value >= least or (finite_only and not finite(value)):
+        kind, note = "a finite number " if finite_only else "", f" {note}" if note else ""
+        bad(option, value, f"must be {kind}>= {least}{note}")
+
+
 def finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -193,10 +200,8 @@ def check_data(d, section: str = "data") -> None:
             bad(f"{section}.{name}", getattr(d, name), "must name a split, e.g. train, test or all")
     if not 0 < d.test_size < 1:
         bad(f"{section}.test_size", d.test_size, "must be a fraction in (0, 1)")
-    if d.num_train < 1:
-        bad(f"{section}.num_train", d.num_train, "must be >= 1")
-    if d.num_eval < 0:
-        bad(f"{section}.num_eval", d.num_eval, "must be >= 0")
+    at_least(f"{section}.num_train", d.num_train, 1)
+    at_least(f"{section}.num_eval", d.num_eval, 0)
     if hasattr(d, "max_prompt_tokens") and d.max_prompt_tokens < 1:
         bad(f"{section}.max_prompt_tokens", d.max_prompt_tokens, "must be >= 1")
     try:  # TaskConfig checks itself when built; options set its fields one by one after that
@@ -208,18 +213,15 @@ def check_data(d, section: str = "data") -> None:
 def check_optim(o: OptimConfig, section: str = "optim") -> None:
     if not (finite(o.lr) and o.lr > 0):
         bad(f"{section}.lr", o.lr, "must be a finite number > 0")
-    if not (finite(o.weight_decay) and o.weight_decay >= 0):
-        bad(f"{section}.weight_decay", o.weight_decay, "must be a finite number >= 0")
+    at_least(f"{section}.weight_decay", o.weight_decay, 0, finite_only=True)
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(o, name) < 1:
             bad(f"{section}.{name}", getattr(o, name), "must be in [0, 1)")
-    if o.warmup_steps < 0:
-        bad(f"{section}.warmup_steps", o.warmup_steps, "must be >= 0")
+    at_least(f"{section}.warmup_steps", o.warmup_steps, 0)
     one_of(f"{section}.schedule", o.schedule, ("constant", "cosine"))
     if not 0 <= o.min_lr_ratio <= 1:
         bad(f"{section}.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-    if not (finite(o.max_grad_norm) and o.max_grad_norm >= 0):
-        bad(f"{section}.max_grad_norm", o.max_grad_norm, "must be a finite number >= 0 (0 = off)")
+    at_least(f"{section}.max_grad_norm", o.max_grad_norm, 0, "(0 = off)", finite_only=True)
 
 
 def check_train(t: TrainConfig, section: str = "train") -> None:
@@ -233,9 +235,10 @@ def check_train(t: TrainConfig, section: str = "train") -> None:
             bad(f"{section}.device", t.device, "CUDA is not available here (torch.cuda.is_available() "
                                                "is False); use auto or cpu")
     one_of(f"{section}.fsdp", t.fsdp, FSDP_MODES)
-    for name, least, note in (("eval_every", 0, " (0 = only at start and end)"),
-                              ("save_every", 0, " (0 = only at the end)"), ("keep_last", 1, ""),
-                              ("log_every", 1, ""), ("sample_every", 0, " (0 = never)"),
-                              ("max_nonfinite", 1, ""), ("stop_at_step", 0, " (0 = off)")):
-        if getattr(t, name) < least:
-            bad(f"{section}.{name}", getattr(t, name), f"must be >= {least}{note}")
+    for name, least, note in (("eval_every", 0, "(0 = only at start and end)"),
+                              ("save_every", 0, "(0 = only at the end)"), ("keep_last", 1, ""),
+                              ("log_every", 1, ""), ("sample_every", 0, "(0 = never)"),
+                              ("max_nonfinite", 1, ""), ("stop_at_step", 0, "(0 = off)")):
+        at_least(f"{section}.{name}", getattr(t, name), least, note)
+    if not t.collective_timeout_s > 0:
+        bad(f"{section}.collective_timeout_s", t.collective_timeout_s, "must be > 0")

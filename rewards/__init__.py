@@ -191,3 +191,17 @@ def get_reward_functions(names: Sequence[str] | str, config: RewardConfig | None
     config = config or RewardConfig()
     builders = _builders(config, config.checker())
     return [(n, builders[n](), w) for n, w in zip(names, weights)]
+
+
+def score_completions(reward_fns: Sequence[tuple[str, RewardFn, float]], texts: list[str], records: list[dict],
+                      completion_ids: list[list[int]]):
+    """[N, F] float64 tensor: reward function f on completion i, NaN where it has no opinion.
+
+    `records[i]` is completion i's problem: every function gets its columns (problem, solution,
+    answer, prompt) and `completion_ids` (token lists) as keyword lists."""
+    import torch
+
+    columns = {k: [r.get(k, "") for r in records] for k in ("solution", "answer", "problem", "prompt")}
+    columns["completion_ids"] = completion_ids
+    return torch.tensor([[math.nan if v is None else float(v) for v in fn(texts, **columns)]
+                         for _, fn, _ in reward_fns], dtype=torch.float64).T.reshape(len(texts), len(reward_fns))

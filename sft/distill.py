@@ -12,17 +12,16 @@ student then learns from the teacher's whole distribution, not only from its sam
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.config import ConfigError
-from infra.evaluate import train_records
-from infra.sections import DataConfig, ModelConfig, check_data
+from infra.evaluate import train_records, training_prompts
 from infra.loop import start_run
+from infra.sections import DataConfig, ModelConfig, at_least, check_data
 from sft.cold_start import write_sft_jsonl
 from sft.packing import VARLEN_ATTENTION
-from sft.rejection import SamplingConfig, encode_sampling_prompts, load_sampler, sample_and_filter
+from sft.rejection import SamplingConfig, load_sampler, sample_and_filter
 from sft.trainer import SFTJobConfig, SFTTrainer
 
 
@@ -47,8 +46,7 @@ class DistillJobConfig(SFTJobConfig):
         super().validate(world_size)
         if not self.distill.teacher and not self.distill.traces:
             raise ConfigError("--distill.teacher is required (or --distill.traces with ready traces)")
-        if not (math.isfinite(self.distill.kl_weight) and self.distill.kl_weight >= 0):
-            raise ConfigError(f"--distill.kl_weight={self.distill.kl_weight}: must be a finite number >= 0")
+        at_least("distill.kl_weight", self.distill.kl_weight, 0, finite_only=True)
         if self.distill.kl_weight > 0 and not self.distill.teacher:
             raise ConfigError("--distill.kl_weight > 0 needs --distill.teacher")
         check_data(self.problems, "problems")
@@ -76,7 +74,7 @@ def main(argv: list[str]) -> dict:
         t_tok = teacher.tokenizer
     if not cfg.distill.traces:
         # 1. the teacher writes traces for the problems
-        records, prompt_ids, dropped = encode_sampling_prompts(t_tok, problems, cfg.problems, "problems",
+        records, prompt_ids, dropped = training_prompts(t_tok, problems, cfg.problems, "problems",
                                                                "distill", info.is_main)
         kept, stats = sample_and_filter(teacher, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
         stats["dropped_long_prompts"] = dropped

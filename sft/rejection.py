@@ -17,17 +17,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from infra.config import ConfigError
 from infra.dist import DistInfo, decoder_layers, shard_model
 from infra.engine import Engine, row_seed
-from infra.evaluate import encode_prompts, train_records
+from infra.evaluate import train_records, training_prompts
 from infra.loop import start_run
 from infra.model import load_model
 from infra.policy import PolicyModel
-from infra.sections import DataConfig, ModelConfig, TrainConfig, check_rewards
-from rewards import REWARD_NAMES, get_reward_functions
+from infra.sections import (DataConfig, ModelConfig, TrainConfig, at_least, bad, check_rewards)
+from rewards import REWARD_NAMES, get_reward_functions, score_completions
 from sft.cold_start import write_sft_jsonl
 
 
@@ -59,28 +60,23 @@ class SamplingConfig:
 
         Shared by `rejection-sample` and `distill`; reward names are checked as GRPO checks
         `--grpo.rewards` (grpo/config.py)."""
-        def bad(option, value, why):
-            raise ConfigError(f"--sampling.{option}={value!r}: {why}")
-
         for option in ("samples_per_prompt", "prompts_per_batch", "max_new_tokens"):
-            if getattr(self, option) < 1:
-                bad(option, getattr(self, option), "must be >= 1")
-        if self.num_prompts < 0:
-            bad("num_prompts", self.num_prompts, "must be >= 0 (0 = all of the split)")
+            at_least(f"sampling.{option}", getattr(self, option), 1)
+        at_least("sampling.num_prompts", self.num_prompts, 0, "(0 = all of the split)")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            bad("temperature", self.temperature, "must be > 0 and finite")
+            bad("sampling.temperature", self.temperature, "must be > 0 and finite")
         if not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "must be in (0, 1]")
+            bad("sampling.top_p", self.top_p, "must be in (0, 1]")
         check_rewards("sampling.rewards", self.rewards, self.reward_weights)
         unknown = [n for n in self.require if n not in REWARD_NAMES]
         if unknown:
-            bad("require", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
+            bad("sampling.require", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
         missing = [r for r in self.require if r not in self.rewards]
         if missing:
-            bad("require", self.require, f"{missing} not in --sampling.rewards={self.rewards}")
+            bad("sampling.require", self.require, f"{missing} not in --sampling.rewards={self.rewards}")
         # write_sft_jsonl takes only .jsonl; finding out after hours of sampling loses them.
         if self.output and Path(self.output).suffix != ".jsonl":
-            bad("output", self.output, "must be a .jsonl path (the SFT set is written as JSONL)")
+            bad("sampling.output", self.output, "must be a .jsonl path (the SFT set is written as JSONL)")
 
 
 @dataclass
@@ -97,18 +93,6 @@ class RejectionJobConfig:
         check_data(self.data)
         check_train(self.train)
         self.sampling.validate()
-
-
-def encode_sampling_prompts(tokenizer, records: list[dict], d: DataConfig, option: str, tag: str,
-                            main: bool) -> tuple[list[dict], list[list[int]], int]:
-    """`encode_prompts`, saying how many prompts were dropped for length (as GRPO does)."""
-    kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens)
-    if not kept:
-        raise ConfigError(f"--{option}.source={d.source!r}: no prompts left (dropped {dropped} longer than "
-                          f"--{option}.max_prompt_tokens={d.max_prompt_tokens})")
-    if main and dropped:
-        print(f"[{tag}] dropped {dropped} prompts longer than {d.max_prompt_tokens} tokens", flush=True)
-    return kept, ids, dropped
 
 
 def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list[int]], info: DistInfo,
@@ -131,19 +115,19 @@ def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list
         if out is None:  # an idle rank joined the generation all the same (FSDP)
             continue
         recs = [records[i] for i in idx for _ in range(s.samples_per_prompt)]
-        cols = {k: [r.get(k, "") for r in recs] for k in ("solution", "answer", "problem", "prompt")}
-        cols["completion_ids"] = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
-        scores = [fn(out.texts, **cols) for _, fn, _ in rewards]  # [F][N]
+        ids = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
+        scores = score_completions(rewards, out.texts, recs, ids)  # [N, F], NaN = no opinion
+        totals = scores.nan_to_num(0.0) @ torch.tensor([w for _, _, w in rewards], dtype=torch.float64)  # [N]
         sampled += len(recs)
         for p, i in enumerate(idx):
             best = None
             for k in range(s.samples_per_prompt):
                 j = p * s.samples_per_prompt + k
-                vals = {n: scores[f][j] for f, n in enumerate(names)}
+                vals = {n: None if math.isnan(v) else v for n, v in zip(names, scores[j].tolist())}
                 if out.truncated[j] or any(vals[n] != 1.0 for n in s.require):
                     continue
                 accepted_samples += 1
-                total = sum(w * (v or 0.0) for (_, _, w), v in zip(rewards, vals.values()))
+                total = float(totals[j])
                 key = (-total, int(out.lengths[j]), k)
                 if best is None or key < best[0]:
                     best = (key, out.texts[j], vals, int(out.lengths[j]))
@@ -181,7 +165,7 @@ def main(argv: list[str]) -> dict:
     if cfg.sampling.num_prompts:
         train = train[: cfg.sampling.num_prompts]
     path, engine = load_sampler(cfg.model, out, info)
-    records, prompt_ids, dropped = encode_sampling_prompts(engine.tokenizer, train, cfg.data, "data",
+    records, prompt_ids, dropped = training_prompts(engine.tokenizer, train, cfg.data, "data",
                                                            "rejection", info.is_main)
     kept, stats = sample_and_filter(engine, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
     stats["dropped_long_prompts"] = dropped

@@ -104,25 +104,21 @@ class SFTJobConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the option, before any model or data loads (NaN fails too)."""
-        from infra.sections import bad, check_data, check_model, check_optim, check_train, finite, one_of
+        from infra.sections import (at_least, check_data, check_model, check_optim, check_train, one_of)
 
         s, d = self.sft, self.data
         check_model(self.model)
         check_data(d)
         check_optim(self.optim)
         check_train(self.train)
-        if s.max_seq_len < 8:
-            bad("sft.max_seq_len", s.max_seq_len, "must be >= 8")
-        if s.rows_per_micro_batch < 1:
-            bad("sft.rows_per_micro_batch", s.rows_per_micro_batch, "must be >= 1")
+        at_least("sft.max_seq_len", s.max_seq_len, 8)
+        at_least("sft.rows_per_micro_batch", s.rows_per_micro_batch, 1)
         if s.rows_per_step < 1 or s.rows_per_step % (s.rows_per_micro_batch * world_size):
             raise ConfigError(f"--sft.rows_per_step={s.rows_per_step}: must be a multiple of "
                               f"--sft.rows_per_micro_batch ({s.rows_per_micro_batch}) x world size ({world_size})")
         one_of("sft.overflow", s.overflow, ("truncate", "split", "drop"))
-        if not (finite(s.epochs) and s.epochs >= 0):
-            bad("sft.epochs", s.epochs, "must be a finite number >= 0 (0 = use train.max_steps)")
-        if s.eval_max_new_tokens < 1:
-            bad("sft.eval_max_new_tokens", s.eval_max_new_tokens, "must be >= 1")
+        at_least("sft.epochs", s.epochs, 0, "(0 = use train.max_steps)", finite_only=True)
+        at_least("sft.eval_max_new_tokens", s.eval_max_new_tokens, 1)
         if not 0 <= d.mix_fraction < 1:
             raise ConfigError(f"--data.mix_fraction={d.mix_fraction}: must be in [0, 1)")
         if d.mix_fraction > 0 and not d.mix_source:
@@ -213,16 +209,17 @@ class SFTTrainer(Trainer):
         per_rank = k // self.info.world_size
         return out[self.info.rank * per_rank:(self.info.rank + 1) * per_rank]
 
-    def micro_loss(self, rows: list, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed NLL of the label tokens / the step's global label-token count, the NLL sum)."""
-        dev = self.info.device
+    def collate(self, rows: list) -> tuple[dict, dict]:
+        """(a micro-batch's tensors, its attention arguments)."""
         if self.cfg.sft.packing:
             # Documents of a packed row never see each other: one causal SDPA call per document.
             batch = collate_packed(rows, self.tokenizer.pad_token_id)
-            attention = {"cu_seqlens": packed_model_inputs(batch, VARLEN_ATTENTION)["cu_seqlens"]}
-        else:
-            batch = collate_padded(rows, self.tokenizer.pad_token_id)
-            attention = {}  # right padding: causal attention suffices
+            return batch, {"cu_seqlens": packed_model_inputs(batch, VARLEN_ATTENTION)["cu_seqlens"]}
+        return collate_padded(rows, self.tokenizer.pad_token_id), {}  # right padding: causal suffices
+
+    def micro_loss(self, batch: dict, attention: dict, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL of the label tokens / the step's global label-token count, the NLL sum)."""
+        dev = self.info.device
         ids, pos, labels = batch["input_ids"].to(dev), batch["position_ids"].to(dev), batch["labels"].to(dev)
         if self.teacher is None:
             logps = self.policy.label_logprobs(ids, pos, labels, use_cache=False, **attention)  # [M]
@@ -239,24 +236,19 @@ class SFTTrainer(Trainer):
         loss = (-logps.sum() + self.kl_weight * kl.sum()) / num_tokens.clamp(min=1)
         return loss, -logps.detach().sum()
 
-    def _label_tokens(self, rows: list) -> int:
-        if self.cfg.sft.packing:
-            return sum(sum(1 for l in r.labels[1:] if l != -100) for r in rows)
-        return sum(sum(1 for l in labels[1:] if l != -100) for _, labels in rows)
-
     def train_step(self) -> dict:
         """Rows, forward, the step's token-level NLL (global count), one optimizer update."""
         s, info = self.cfg.sft, self.info
         idx = self.step_rows(self.step)
         micro = [idx[i:i + s.rows_per_micro_batch] for i in range(0, len(idx), s.rows_per_micro_batch)]
-        batches = [[self.rows[i] for i in m] for m in micro]
-        local_tokens = sum(self._label_tokens(b) for b in batches)
+        batches = [self.collate([self.rows[i] for i in m]) for m in micro]
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in batches)
         num_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=info.device))
         nll = torch.zeros((), device=info.device)
-        for b in batches:
+        for batch, attention in batches:
             self.stop_point()  # no update yet this step: a stop saves the previous step
             with self.autocast():
-                loss, part = self.micro_loss(b, num_tokens)
+                loss, part = self.micro_loss(batch, attention, num_tokens)
             loss.backward()  # FSDP sums the ranks' gradients: the count above is global
             nll += part
         nll = all_reduce_sum(nll) / num_tokens.clamp(min=1)
