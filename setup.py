@@ -10,7 +10,8 @@ setup(
     version="0.1.0",
     description="DeepSeek-R1-style GRPO and SFT in plain PyTorch, with Triton kernels and FSDP2",
     python_requires=">=3.10",
-    packages=find_packages(include=["grpo", "grpo.*", "sft", "sft.*", "kernels", "kernels.*", "data", "data.*", "infra", "infra.*"]),
+    packages=find_packages(include=["grpo", "grpo.*", "sft", "sft.*", "kernels", "kernels.*", "data", "data.*", "infra", "infra.*",
+                                    "rewards", "rewards.*", "pipeline", "pipeline.*"]),
     py_modules=["train"],
     package_data={"data": ["*.txt"]},
     install_requires=[

@@ -33,23 +33,12 @@ def main(argv: list[str] | None = None):
 
     try:
         if command is None:
-            from infra.pipeline import main as run
+            from pipeline import main as run
             if "--recipe" not in argv and not any(a.startswith("--recipe=") for a in argv):
                 argv = ["--recipe", DEFAULT_RECIPE, *argv]
             return run(argv)
-        if command == "grpo":
-            from grpo.trainer import main as run
-        elif command == "sft":
-            from sft.trainer import main as run
-        elif command == "rejection-sample":
-            from sft.rejection import main as run
-        elif command == "distill":
-            from sft.distill import main as run
-        elif command == "pipeline":
-            from infra.pipeline import main as run
-        else:
-            raise ConfigError(f"unknown command {command!r}; expected one of: grpo, sft, "
-                              f"rejection-sample, distill, pipeline (or none for the tiny pipeline)")
+        from pipeline import command_entry, main as run_pipeline
+        run = run_pipeline if command == "pipeline" else command_entry(command)[1]
         return run(argv)
     except (ConfigError, DatasetError) as e:
         # A user's mistake (an option, a recipe, a data file or row, a model path): one line

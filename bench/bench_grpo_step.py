@@ -1,6 +1,6 @@
-"""One GRPO step on the embedded tiny model, split by phase, and rollout throughput of
-`grpo.rollout.generate` against Hugging Face `model.generate` with the same settings, measured
-side by side in one run.
+"""One GRPO step on the embedded tiny model, split by phase, and rollout throughput of the
+project's generation engine (`infra.engine.generate`) against Hugging Face `model.generate`
+with the same settings, measured side by side in one run.
 
     python bench/bench_grpo_step.py [--prompts 16] [--group 8] [--max-new 48] [--repeats 3]
 
@@ -27,7 +27,7 @@ TEXT_REWARDS = ["format", "tag_count", "reasoning_steps", "repetition_penalty"]
 
 def rollout_generators(policy, lm, tok, prompt_ids, prompt_mask, max_new: int, eos_ids: list[int]):
     """{name: fn() -> completion tokens}: the project's generator and HF's, same settings."""
-    from grpo.rollout import generate
+    from infra.engine import generate
 
     n = prompt_ids.shape[0]
 
@@ -47,7 +47,7 @@ def rollout_generators(policy, lm, tok, prompt_ids, prompt_mask, max_new: int, e
                             torch.full_like(comp[:, 0], comp.shape[1]))
         return int(first.sum())
 
-    return {"grpo.rollout.generate": ours, "HF model.generate": hf}
+    return {"infra.engine.generate": ours, "HF model.generate": hf}
 
 
 @torch.no_grad()
@@ -84,19 +84,20 @@ def time_grpo_steps(trainer, repeats: int) -> dict:
     for step in range(1, repeats + 2):
         trainer.step = step
         t0 = clock(device)
-        rows, stats = trainer.rollout_step()
-        upd = trainer.update_step(rows)
+        batch, timings = trainer.rollout()
+        t1 = clock(device)
+        trainer.logprobs(batch)
+        t2 = clock(device)
+        trainer.update(batch)
         trainer.scheduler.step()
         total = clock(device) - t0
         if step == 1:
             continue  # warm-up: compilation of the kernels, allocator growth
-        for k, v in {"generate": stats["time/generate"], "score": stats["time/score"],
-                     "old/ref log-probs": upd["time/logprob"], "update": upd["time/update"],
-                     "total": total}.items():
+        for k, v in {"generate": timings["time/generate"], "score": timings["time/score"],
+                     "old/ref log-probs": t2 - t1, "update": total - (t2 - t0), "total": total}.items():
             phases.setdefault(k, []).append(v)
-        prompt = sum(len(x["prompt_ids"]) for x in rows)
-        completion = sum(len(x["completion_ids"]) for x in rows)
-        counts = {"rows": len(rows), "prompt_tokens": prompt, "completion_tokens": completion}
+        prompt = int(batch.attention_mask[:, : batch.prompt_len].sum())
+        counts = {"rows": len(batch), "prompt_tokens": prompt, "completion_tokens": int(batch.lengths.sum())}
     if device.type == "cuda":
         counts["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return {"phases": phases, **counts}
@@ -125,10 +126,11 @@ def main() -> None:
     from data.task import TaskConfig, task_records
     from data.tiny import build_tiny_model
     from grpo.config import GRPOJobConfig
-    from grpo.evaluate import encode_prompts
-    from grpo.rollout import PolicyModel, pad_prompts
     from grpo.trainer import GRPOTrainer
+    from infra.engine import pad_prompts
+    from infra.evaluate import encode_prompts
     from infra.model import load_tokenizer
+    from infra.policy import PolicyModel
 
     tmp = Path(tempfile.mkdtemp())
     path = args.model or str(build_tiny_model(tmp / "tiny", seed=0))

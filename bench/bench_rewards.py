@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grpo.rewards import (REWARD_NAMES, AnswerChecker, RewardConfig,  # noqa: E402
+from rewards import (REWARD_NAMES, AnswerChecker, RewardConfig,  # noqa: E402
                           get_accuracy_reward, get_cosine_scaled_reward, get_reward_functions,
                           pop_reward_metrics)
-from grpo.rewards.verifier_pool import shared_pool  # noqa: E402
+from rewards.verifier_pool import shared_pool  # noqa: E402
 
 SYSTEM = "Think in <think></think>, then answer in <answer></answer>."
 
@@ -91,7 +91,7 @@ def hostile_completions(chars: int) -> dict[str, str]:
 def hostile_table(chars: int) -> None:
     names = [n for n in REWARD_NAMES if n not in ("accuracy", "cosine")]
     fns = get_reward_functions(names)
-    print(f"\ntext-only rewards on one hostile completion, seconds per call")
+    print("\ntext-only rewards on one hostile completion, seconds per call")
     print(f"{'completion':<36} {'chars':>8} " + " ".join(f"{n[:12]:>12}" for n in names))
     for label, text in hostile_completions(chars).items():
         times = []

@@ -17,7 +17,7 @@ CUDA error in one part does not hide the others:
   grpo      GRPO steps of the trainer itself on that model, FSDP2 over NCCL in one process
             (`--train.fsdp always`), bf16: time by phase, tokens/s, peak memory; then again
             with a reference model (beta 0.04) and gradient checkpointing
-  rollout   completion tokens/s of grpo.rollout.generate against HF `generate` at 64 and 256
+  rollout   completion tokens/s of infra.engine.generate against HF `generate` at 64 and 256
             rows (bf16 weights, sampling at T = 1, the same prompts)
   sft       packed SFT steps of the trainer (rows of 4096 tokens, varlen attention, autocast
             bf16): tokens/s and peak memory; and one forward+backward of the same rows with the
@@ -286,8 +286,9 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
 
     from bench_grpo_step import rollout_generators, time_rollouts
     from data.task import TaskConfig, task_records
-    from grpo.evaluate import encode_prompts
-    from grpo.rollout import PolicyModel, pad_prompts
+    from infra.engine import pad_prompts
+    from infra.evaluate import encode_prompts
+    from infra.policy import PolicyModel
     from infra.model import eos_token_ids, load_tokenizer
 
     dev = device(dry)
@@ -303,13 +304,13 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
         pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
         gens = rollout_generators(policy, lm, tok, pid, pmask, max_new, eos_token_ids(tok, lm))
         if not dry:  # does cuDNN's per-shape attention plan cost decoding what it cost SFT?
-            ours = gens["grpo.rollout.generate"]
+            ours = gens["infra.engine.generate"]
 
             def ours_no_cudnn():
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                   SDPBackend.MATH]):
                     return ours()
-            gens["grpo.rollout.generate, cuDNN SDPA off"] = ours_no_cudnn
+            gens["infra.engine.generate, cuDNN SDPA off"] = ours_no_cudnn
         for r in time_rollouts(gens, repeats=2, device=dev):
             rows.append([n, r["generator"], r["seconds"], f"{r['tokens']:.0f}",
                          f"{r['tokens_per_s']:.0f}", f"{r['vs_hf']:.2f}"])
@@ -395,8 +396,8 @@ def part_sft(dry: bool, workdir: Path) -> dict:
         mask = inputs.pop("attention_mask", None)
 
         def fwd_bwd():
-            with trainer.autocast:
-                logps = model(ids, mask, pos, labels=labels, **inputs)
+            with trainer.autocast():
+                logps = model.label_logprobs(ids, pos, labels, attention_mask=mask, **inputs)
             (-logps.mean()).backward()
             model.zero_grad(set_to_none=True)
         fwd_bwd()
@@ -433,8 +434,8 @@ def run_part(name: str, args) -> None:
     res["seconds"] = time.perf_counter() - t0
     Path(args.result).write_text(json.dumps(res, default=str))
     if name == "grpo":
-        from infra.dist import destroy_distributed
-        destroy_distributed()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def versions() -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+MARKER = "tiny_model.json"  # the build's settings and the files it wrote; written last
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -127,31 +128,55 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    (path / "tiny_model.json").write_text(json.dumps({"seed": seed, **TINY_MODEL_CONFIG, **overrides}))
+    # Written last, listing what was built: ensure_tiny_model replaces only a folder of these files.
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    (path / MARKER).write_text(json.dumps({"seed": seed, **TINY_MODEL_CONFIG, **overrides, "files": files}))
     return path
+
+
+def _unlisted_file(path: Path) -> str | None:
+    """The first file in `path` that its marker does not list as built by `build_tiny_model`."""
+    try:
+        listed = set(json.loads((path / MARKER).read_text())["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()  # no marker, or one written before markers listed their files
+    return next((n for n in sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+                 if n not in listed), None)
 
 
 def ensure_tiny_model(path: str | os.PathLike, seed: int = 0, size: str = "default") -> Path:
     """Build the tiny model at `path` unless a complete one with the same seed is already there.
 
     Builds into a temporary sibling folder and renames it into place, so that two ranks or an
-    interrupted build never leave a half-written model that the next run would load.
+    interrupted build never leave a half-written model that the next run would load. A folder
+    that must be replaced (another seed or size) is deleted only if every file in it is one its
+    marker lists as built here: anything else there is the user's, and a ValueError names it.
     """
+    import shutil
+
     path = Path(path)
-    marker = path / "tiny_model.json"
+    marker = path / MARKER
     if size not in TINY_SIZES:
         raise ValueError(f"embedded model size must be one of {sorted(TINY_SIZES)}, got {size!r}")
     want = {"seed": seed, **TINY_MODEL_CONFIG, **TINY_SIZES[size]}
-    if marker.exists() and json.loads(marker.read_text()) == want:
+    if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k != "files"} == want:
         return path
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    build_tiny_model(tmp, seed=seed, **TINY_SIZES[size])
     if path.exists():
-        import shutil
+        name = _unlisted_file(path) if path.is_dir() else path.name
+        if name is not None:
+            raise ValueError(f"{path} holds {name}, which the embedded-model build did not write (or an "
+                             f"older version built it); the build would replace the folder. Move it out "
+                             f"of {path}, or use another --train.output_dir")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        build_tiny_model(tmp, seed=seed, **TINY_SIZES[size])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
         shutil.rmtree(path)
     try:
         os.replace(tmp, path)
     except OSError:  # another process won the race with an identical build
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -10,11 +10,16 @@ with the per-token KL estimator of DeepSeekMath Eq. 4 (Schulman's "k3"):
 `policy_loss` returns -J and lets each piece be swapped for a published variant:
 
 - `epsilon_high` (DAPO Sec. 3.1, "clip-higher"): upper bound 1+epsilon_high, lower 1-epsilon_low.
-- `loss_type` picks how token losses are averaged:
+- `loss_type` picks how token losses are summed and what the sum is divided by:
     "grpo"    1/N sum_i 1/|o_i| sum_t                   DeepSeekMath Eq. 3
-    "bnpo"    1/sum_i|o_i| sum_i sum_t, local batch     (token mean of the tokens given)
+    "bnpo"    1/sum_i|o_i| sum_i sum_t, per process     TRL's "bnpo": each rank's token mean
     "dr_grpo" 1/(N L) sum_i sum_t, L = max_completion_length    Dr. GRPO
-    "dapo"    1/num_loss_tokens sum_i sum_t             DAPO Eq. 8, token-level, whole step
+    "dapo"    1/sum_i|o_i| sum_i sum_t, whole step      DAPO Eq. 8, token-level
+- Normalization in one place: `policy_loss` returns (its batch's sum) / `denominator`, the count
+  of the whole optimizer step (`loss_denominator`: sequences or tokens over every micro-batch
+  and rank). Summing the micro-batch losses, and the ranks' gradients (FSDP sums, see
+  `infra.dist.shard_model`), then gives exactly the loss and gradient of the whole batch.
+  Without a denominator the batch is its own step.
 - `importance_sampling="sequence"`: GSPO's ratio s_i = exp(1/|o_i| sum_t log r_it).
 - `kl_estimator`: "k1", "k2" or "k3" against the frozen reference policy.
 
@@ -29,15 +34,12 @@ Where this code departs from the papers, and why:
 - Padded positions are replaced by 0 *before* `exp`: padding may hold any finite log-prob, and
   exp(large) * 0 = inf * 0 = NaN would poison the loss and the gradient.
 - "grpo" clamps |o_i| at 1, so an empty completion contributes 0 (still counted in 1/N: N is the
-  batch the sampler produced). "bnpo" and "dapo" clamp their token count at 1 likewise.
+  batch the sampler produced). Token counts are clamped at 1 likewise.
 - "dr_grpo": the paper's Eq. sums tokens with no length division; its released code divides by a
   constant generation budget L, which keeps the loss on the scale of "grpo". We follow the code.
-- "dapo" divides by the token count of the whole optimizer step (every micro-batch, every rank),
-  passed in as `num_loss_tokens`: summing micro-batch gradients then gives exactly the
-  large-batch gradient of Eq. 8. "bnpo" is a token mean over the tokens given; the trainer
-  weights each micro-batch by its share of the rank's tokens, so one process accumulates the
-  same gradient as "dapo", and N processes average N rank-level token means (equal to "dapo"
-  when the ranks hold equal token counts).
+- "bnpo" and "dapo" differ only in their denominator: "dapo" divides by the tokens of the whole
+  step, "bnpo" by each rank's own tokens times the number of ranks (TRL normalizes "bnpo" per
+  process and then averages the processes' gradients). On one process they are the same.
 - GSPO: the sequence ratio s_i is broadcast to every token of o_i and gradients flow through it:
   d s_i = s_i/|o_i| sum_t d log pi_theta(o_it). This is the GSPO objective under "grpo"
   normalization (each token of o_i carries the same loss), and because A_i is one number per
@@ -80,8 +82,25 @@ def _shape(x: object) -> object:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def loss_denominator(loss_type: str, *, sequences, tokens, rank_tokens, world_size: int,
+                     max_completion_length: int | None = None):
+    """The count one optimizer step's summed losses are divided by (module docstring).
+
+    `sequences`, `tokens`: completions and loss tokens of the whole step, all micro-batches and
+    ranks; `rank_tokens`: this rank's loss tokens (numbers or 0-d tensors)."""
+    if loss_type == "grpo":
+        return sequences
+    if loss_type == "dr_grpo":
+        return sequences * max_completion_length
+    if loss_type == "dapo":
+        return tokens
+    if loss_type == "bnpo":
+        return rank_tokens * world_size
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
 def _check_args(logps, old_logps, advantages, mask, ref_logps, beta, epsilon_low, epsilon_high,
-                loss_type, importance_sampling, kl_estimator, max_completion_length, num_loss_tokens):
+                loss_type, importance_sampling, kl_estimator, max_completion_length, denominator):
     if not isinstance(logps, torch.Tensor) or logps.dim() != 2 or not logps.is_floating_point():
         raise ValueError(f"logps must be a floating 2-D tensor [N, T], got {_shape(logps)}")
     n, t = logps.shape
@@ -117,15 +136,13 @@ def _check_args(logps, old_logps, advantages, mask, ref_logps, beta, epsilon_low
         raise ValueError(f"max_completion_length must be an int >= 1, got {max_completion_length!r}")
     if loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (its constant divisor)")
-    if num_loss_tokens is not None:
-        if isinstance(num_loss_tokens, torch.Tensor):
-            if num_loss_tokens.numel() != 1:
-                raise ValueError(
-                    f"num_loss_tokens must be a scalar, got shape {_shape(num_loss_tokens)}"
-                )
-        elif isinstance(num_loss_tokens, bool) or not isinstance(num_loss_tokens, numbers.Real) \
-                or not num_loss_tokens >= 0:
-            raise ValueError(f"num_loss_tokens must be a number >= 0, got {num_loss_tokens!r}")
+    if denominator is not None:
+        if isinstance(denominator, torch.Tensor):
+            if denominator.numel() != 1:
+                raise ValueError(f"denominator must be a scalar, got shape {_shape(denominator)}")
+        elif isinstance(denominator, bool) or not isinstance(denominator, numbers.Real) \
+                or not denominator >= 0:
+            raise ValueError(f"denominator must be a number >= 0, got {denominator!r}")
 
 
 def policy_loss(
@@ -142,7 +159,7 @@ def policy_loss(
     importance_sampling: str = "token",
     kl_estimator: str = "k3",
     max_completion_length: int | None = None,
-    num_loss_tokens: int | float | torch.Tensor | None = None,
+    denominator: int | float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Negative clipped surrogate plus beta * KL: -J of DeepSeekMath Eq. 3 and its variants.
 
@@ -164,9 +181,10 @@ def policy_loss(
         importance_sampling: "token" (PPO/GRPO) or "sequence" (GSPO).
         kl_estimator: "k1", "k2" or "k3" (see `kl_penalty`).
         max_completion_length: L of "dr_grpo" (ignored by the others).
-        num_loss_tokens: "dapo" divisor: mask sum over the whole optimizer step, all micro-batches
-            and ranks (int or 0-d tensor, so the trainer can all-reduce it without a host sync).
-            None = the local mask sum. Ignored by the other loss types.
+        denominator: what the summed losses are divided by, the whole optimizer step's count
+            (`loss_denominator`; int or 0-d tensor, so the trainer can all-reduce it without a
+            host sync). None = this batch's own: N for "grpo", N L for "dr_grpo", its mask sum
+            for "bnpo" and "dapo".
 
     Returns:
         loss: scalar.
@@ -175,7 +193,7 @@ def policy_loss(
             r>1+epsilon_high), "clip_frac" (either), and "kl" when ref_logps is given.
     """
     _check_args(logps, old_logps, advantages, mask, ref_logps, beta, epsilon_low, epsilon_high,
-                loss_type, importance_sampling, kl_estimator, max_completion_length, num_loss_tokens)
+                loss_type, importance_sampling, kl_estimator, max_completion_length, denominator)
     if epsilon_high is None:
         epsilon_high = epsilon_low
     n = logps.shape[0]
@@ -207,22 +225,19 @@ def policy_loss(
         if beta > 0:
             per_token_loss = per_token_loss + beta * kl
 
-    # --- normalization ---
+    # --- normalization: this batch's sum over the step's count ---
     per_token_loss = torch.where(mask, per_token_loss, 0.0)  # [N, T]
     if loss_type == "grpo":
-        loss = (per_token_loss.sum(-1) / tokens_per_seq.clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = per_token_loss.sum() / mask_f.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = per_token_loss.sum() / (n * max_completion_length)
-    else:  # dapo
-        if num_loss_tokens is None:
-            denom = mask_f.sum().clamp(min=1)
-        elif isinstance(num_loss_tokens, torch.Tensor):
-            denom = num_loss_tokens.detach().to(logps.dtype).reshape(()).clamp(min=1)
-        else:
-            denom = max(float(num_loss_tokens), 1.0)
-        loss = per_token_loss.sum() / denom
+        total = (per_token_loss.sum(-1) / tokens_per_seq.clamp(min=1)).sum()  # sum of sequence means
+    else:
+        total = per_token_loss.sum()
+    if denominator is None:
+        denominator = {"grpo": n, "dr_grpo": n * (max_completion_length or 1)}.get(loss_type, mask_f.sum())
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.detach().to(logps.dtype).reshape(()).clamp(min=1)
+    else:
+        denominator = max(float(denominator), 1.0)
+    loss = total / denominator
 
     # --- metrics: detached, no host sync ---
     with torch.no_grad():

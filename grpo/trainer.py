@@ -1,139 +1,60 @@
 """The GRPO trainer (R1-Zero stage): `torchrun train.py grpo [--recipe ...] [--section.field v]`.
 
-One optimizer step, in named phases:
+One optimizer step, in named phases (`train_step`; the loop around it is `infra.loop.Trainer`):
   1. sample prompts   - this step's slice of a seeded, epoch-wise permutation of the train set
-  2. generate         - group_size completions per prompt (grpo/rollout.py), KV cache, seeded per row
-  3. score            - every reward function, weighted, NaN = no opinion (grpo/rewards)
+  2. generate         - group_size completions per prompt (infra/engine.py), seeded per row
+  3. score            - every reward function, weighted, NaN = no opinion (rewards/)
   4. advantages       - group-normalized (grpo/advantages.py), on whole groups of one rank
   5. old / ref logps  - no grad, fused log-prob kernel at the sampling temperature
   6. update           - num_iterations passes over micro-batches, gradient accumulation,
                         clipped policy loss + beta * KL (grpo/loss.py), AdamW, grad clipping
   7. ref refresh      - optional: ref <- alpha * policy + (1 - alpha) * ref every tau steps;
                         once refreshed, the reference is saved in the checkpoints too
-  8. log, evaluate, checkpoint
 
 Departures from DeepSeekMath's GRPO, said out loud:
 - with num_iterations == 1 the old policy is the current one, so old_logps = logps.detach():
   the ratio is 1 and the clip never binds (TRL and verl do the same); no extra forward.
 - micro-batches are shuffled only when num_iterations > 1: with one pass the order cannot change
   the summed gradient, and a fixed order keeps runs of different world sizes bit-comparable.
-- the loss of each micro-batch is rescaled so that the accumulated, rank-averaged gradient equals
-  the gradient of the loss on the whole global batch (see `_loss_scale`).
+- each of the num_iterations passes ends in its own optimizer step and carries the whole batch's
+  loss (TRL's num_iterations, verl's ppo_epochs): micro-batch losses are divided by the count of
+  the whole step (`loss_denominator`) and FSDP sums the ranks' gradients, so a pass's gradient
+  is the gradient of the whole batch's loss.
 """
 from __future__ import annotations
 
-import json
-import math
-from contextlib import closing, nullcontext
-
 import torch
 
-from data.task import task_records
 from grpo.advantages import (batch_reward_std, combine_rewards, group_advantages, rloo_advantages,
                              zero_std_groups)
-from grpo.config import EMBEDDED, DataConfig, GRPOJobConfig
-from grpo.evaluate import all_done_fn, encode_prompts, evaluate
-from grpo.loss import policy_loss
-from grpo.rewards import get_reward_functions
-from grpo.rollout import PolicyModel, generate, pad_prompts
-from infra.checkpoint import CheckpointManager, export_hf
-from infra.config import ConfigError, format_config, load_recipe, to_dict
-from infra.dist import all_gather_cat, all_reduce_sum, decoder_layers, set_gathered, shard_model
-from infra.logging import MetricsLogger, ProgressBar, clock, say, step_line, write_jsonl
-from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
-from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
-from infra.resume import apply_optimizer_options, check_resume
+from grpo.batch import GRPOBatch
+from grpo.config import GRPOJobConfig
+from grpo.loss import loss_denominator, policy_loss
+from grpo.metrics import reward_metrics, update_metrics
+from infra.config import ConfigError
+from infra.dist import all_gather_cat, all_reduce_sum, decoder_layers, shard_model
+from infra.engine import Engine, row_seed
+from infra.evaluate import encode_prompts, evaluate, held_out_records, train_records, training_prompts
+from infra.logging import clock, write_jsonl
+from infra.loop import Trainer, epoch_order
+from infra.model import load_model
+from infra.policy import PolicyModel
+from rewards import get_reward_functions, score_completions
+
+STATS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
 
 
-def row_seed(seed: int, step: int, row: int) -> int:
-    """Seed of one completion's sampler: depends on (seed, step, global row) only."""
-    return (seed * 0x9E3779B1 + step * 0x85EBCA77 + row * 0xC2B2AE3D) % (2**61 - 1)
+class GRPOTrainer(Trainer):
+    tag = "grpo"
+    step_keys = ("reward", "accuracy/mean", "format/mean", "reward_std", "loss", "kl",
+                 "completion_length/mean", "grad_norm")
+    bar_key = "reward"
 
-
-def load_train_records(d: DataConfig, seed: int) -> list[dict]:
-    """The training problems of `d` alone (rejection sampling and distillation need no more)."""
-    if d.source == EMBEDDED:
-        return task_records(d.task, d.num_train, seed=seed, split="train")
-    from data import load_records
-    return list(load_records(d.source, schema=d.schema, split=d.train_split, on_bad_row=d.on_bad_row,
-                             test_size=d.test_size, seed=seed).records)
-
-
-def load_datasets(cfg: GRPOJobConfig) -> tuple[list[dict], list[dict]]:
-    d = cfg.data
-    train = load_train_records(d, cfg.train.seed)
-    if d.source == EMBEDDED:
-        return train, task_records(d.task, d.num_eval, seed=cfg.train.seed, split="test")
-    from data import load_held_out
-    # The same rule as SFT's held-out problems (data.loaders.load_held_out): never a row trained on.
-    evals = load_held_out(d.source, d.eval_source, train_split=d.train_split, eval_split=d.eval_split,
-                          schema=d.schema, on_bad_row=d.on_bad_row, test_size=d.test_size,
-                          seed=cfg.train.seed).records[: d.num_eval]
-    return train, list(evals)
-
-
-def prompt_order(n: int, seed: int, step: int, count: int) -> list[int]:
-    """Indices of the `count` prompts of `step` (1-based) in a stream of seeded epoch permutations."""
-    return epoch_order(n, seed, (step - 1) * count, count)
-
-
-def _saved_ref_refreshes(path, state: dict) -> int:
-    """Reference refreshes applied before checkpoint `path` was taken."""
-    if "ref_refreshes" in state:
-        return int(state["ref_refreshes"])
-    # Older checkpoints did not count them: take the count the checkpoint's config implies.
-    g = load_recipe(path / "config.yaml").get("grpo") or {}
-    tau, beta = int(g.get("ref_refresh_steps", 0)), float(g.get("beta", 0))
-    return int(state["step"]) // tau if tau and beta > 0 else 0
-
-
-def _loss_scale(loss_type: str, rows: int, local_rows: int, tokens, local_tokens, world: int):
-    """Factor that turns one micro-batch's loss into its share of the global-batch loss.
-
-    FSDP averages gradients over ranks, so a loss whose normalization is already global (dapo's
-    num_loss_tokens) is multiplied by the world size; the per-rank means (grpo, dr_grpo: over
-    sequences; bnpo: over tokens) are weighted by the micro-batch's share of the rank's batch.
-    """
-    if loss_type == "dapo":
-        return float(world)
-    if loss_type == "bnpo":
-        return tokens / local_tokens.clamp(min=1)
-    return rows / local_rows
-
-
-def _collate(rows: list[dict], pad_id: int, device):
-    """Left-pad prompts and right-pad completions of a micro-batch into one sequence tensor."""
-    p = max(len(r["prompt_ids"]) for r in rows)
-    t = max(len(r["completion_ids"]) for r in rows)
-    ids = torch.full((len(rows), p + t), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), p + t), dtype=torch.long)
-    targets = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), t))
-    for i, r in enumerate(rows):
-        pi, ci = r["prompt_ids"], r["completion_ids"]
-        ids[i, p - len(pi):p] = torch.tensor(pi)
-        ids[i, p:p + len(ci)] = torch.tensor(ci)
-        attn[i, p - len(pi):p + len(ci)] = 1
-        targets[i, :len(ci)] = torch.tensor(ci)
-        mask[i, :len(ci)] = r["loss_weight"]
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), attn.to(device), pos.to(device), targets.to(device), mask.to(device), p
-
-
-def _seq_logps(model, batch, temperature, with_entropy=False):
-    ids, attn, pos, targets, mask, p = batch
-    return model(ids, attn, pos, targets=targets, target_start=p, temperature=temperature,
-                 return_entropy=with_entropy)
-
-
-class GRPOTrainer:
     def __init__(self, cfg: GRPOJobConfig):
-        self.cfg = cfg
-        self.info, self.out = start_run(cfg, "grpo")
-        self.main = self.info.is_main
+        super().__init__(cfg)
         # Data and rewards before the models: a bad file or row fails in seconds, not after a
         # 7B model (and its reference copy) has loaded.
-        train, evals = load_datasets(cfg)
+        train, evals = train_records(cfg.data, cfg.train.seed), held_out_records(cfg.data, cfg.train.seed)
         for col in ("prompt", "solution", "answer"):
             if train and col not in train[0]:
                 raise ConfigError(f"--data.source={cfg.data.source!r}: records lack column {col!r}")
@@ -141,247 +62,157 @@ class GRPOTrainer:
         self.rewards = get_reward_functions(g.rewards, cfg.rewards, g.reward_weights or None)
         self.weights = [w for _, _, w in self.rewards]
 
-        m = cfg.model
-        path, self.tokenizer, lm = load_model(m, self.out, self.info)
-        self.hf_config = lm.config
+        _, tokenizer, lm = load_model(cfg.model, self.out, self.info)
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
         self.ref = None
-        if cfg.grpo.beta > 0:
-            _, _, ref_lm = load_model(m, self.out, self.info, trainable=False)
-            self.ref = shard_model(PolicyModel(ref_lm), decoder_layers(ref_lm), self.info,
-                                   reshard_after_forward=True).eval()
-        # Single-GPU runs compute in bf16 through autocast; FSDP runs through its MixedPrecisionPolicy.
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.info.device.type == "cuda" and not self.info.distributed else nullcontext())
-
-        o = cfg.optim
-        self.optimizer = build_optimizer(self.policy.parameters(), o.lr, o.weight_decay, (o.beta1, o.beta2))
-        self.scheduler = build_scheduler(self.optimizer, warmup_steps=o.warmup_steps,
-                                         max_steps=cfg.train.max_steps, schedule=o.schedule,
-                                         min_lr_ratio=o.min_lr_ratio)
-        self.train_records, self.train_ids, dropped = encode_prompts(self.tokenizer, train, cfg.data.max_prompt_tokens)
-        self.eval_records, self.eval_ids, _ = encode_prompts(self.tokenizer, evals, cfg.data.max_prompt_tokens)
-        if not self.train_records:
-            raise ConfigError(f"--data.source={cfg.data.source!r}: no training prompts left "
-                              f"(dropped {dropped} longer than --data.max_prompt_tokens)")
-        if self.main and dropped:
-            print(f"[grpo] dropped {dropped} prompts longer than {cfg.data.max_prompt_tokens} tokens")
-
-        self.ckpt = CheckpointManager(self.out / "checkpoints", self.info, cfg.train.keep_last)
-        self.logger = MetricsLogger(self.out, self.main,
-                                    cfg.train.wandb_project if cfg.train.wandb else None,
-                                    config=to_dict(cfg))
-        self.step = 0
+        if g.beta > 0:
+            _, _, ref_lm = load_model(cfg.model, self.out, self.info, trainable=False)
+            self.ref = shard_model(PolicyModel(ref_lm), decoder_layers(ref_lm), self.info).eval()
         self.ref_refreshes = 0  # refreshes applied to self.ref: 0 means it is the initial model
-        self.nonfinite_in_row = 0
-        self.stop_requested = False
-        self.eval_history: list[dict] = []
+        self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast)
+        self.setup_training(self.policy, lm.config, tokenizer)
 
-    # ---------------------------------------------------------------- checkpoints
-    def _trainer_state(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
-                "eval_history": json.dumps(self.eval_history), "ref_refreshes": self.ref_refreshes}
-
-    def save(self) -> None:
-        # The reference is saved only once a refresh has moved it: until then it is the initial
-        # model, which resume loads from model.path anyway.
-        extra = {"ref": self.ref} if self.ref is not None and self.ref_refreshes else None
-        self.ckpt.save(self.step, self.policy, self.optimizer, self._trainer_state(),
-                       format_config(self.cfg), extra_models=extra)
-
-    def maybe_resume(self) -> None:
-        latest = self.ckpt.latest() if self.cfg.train.resume else None
-        if latest is None:
-            return
-        changed = check_resume(latest, self.cfg, "grpo")  # refuses a different run's options
-        state = self.ckpt.load(latest, self.policy, self.optimizer,
-                               extra_models={"ref": self.ref} if self.ref is not None else None)
-        self.scheduler.load_state_dict(state["scheduler"])
-        apply_optimizer_options(self.optimizer, self.scheduler, self.cfg.optim)
-        self.step = int(state["step"])
-        self.nonfinite_in_row = int(state["nonfinite_in_row"])
-        self.eval_history = json.loads(state["eval_history"])
-        self.logger.truncate_after(self.step)
-        if self.ref is not None:
-            self.ref_refreshes = _saved_ref_refreshes(latest, state)
-            # A checkpoint without reference weights is exact only if its reference was never
-            # refreshed (it is then the initial model, just loaded from model.path). That holds
-            # when refreshes are turned on at resume: they start from the initial reference, as
-            # if the run had had them from this step on. A refreshed reference that was not saved
-            # (checkpoints from before references were saved) cannot be rebuilt: the initial one
-            # would silently change the KL term, so refuse.
-            if self.ref_refreshes and "ref" not in state["extra_models"]:
-                raise ConfigError(
-                    f"--grpo.ref_refresh_steps: checkpoint {latest} was taken after "
-                    f"{self.ref_refreshes} reference refreshes but does not hold the refreshed "
-                    f"reference model, and the initial one would change the KL term. Start over "
-                    f"with --train.resume false, or resume without a reference with --grpo.beta 0.")
-        if self.main:
-            restored = f", reference refreshed {self.ref_refreshes} times" if self.ref_refreshes else ""
-            print(f"[grpo] resumed from {latest} at step {self.step}{restored}", flush=True)
-            for line in changed:
-                print(line, flush=True)
-
-    def _on_signal(self, signum, frame):
-        self.stop_requested = True
-        if self.main:
-            say(f"\n[grpo] signal {signum}: saving a checkpoint after this step, then exiting")
+        self.train_records, self.train_ids, _ = training_prompts(tokenizer, train, cfg.data, "data", "grpo",
+                                                                 self.main)
+        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, evals, cfg.data.max_prompt_tokens)
 
     # ---------------------------------------------------------------- one step
-    def rollout_step(self) -> tuple[list[dict], dict]:
-        """Phases 1-4: prompts, generation, rewards, advantages. Returns this rank's rows."""
+    def train_step(self) -> dict:
+        batch, timings = self.rollout()  # phases 1-4
+        t0 = clock(self.info.device)
+        self.logprobs(batch)  # phase 5
+        timings["time/logprob"] = clock(self.info.device) - t0
+        t0 = clock(self.info.device)
+        update = self.update(batch)  # phase 6
+        timings["time/update"] = clock(self.info.device) - t0
+        g = self.cfg.grpo
+        if g.ref_refresh_steps and self.ref is not None and self.step % g.ref_refresh_steps == 0:
+            self.refresh_reference()  # phase 7
+        t, names = self.cfg.train, [n for n, _, _ in self.rewards]
+        if self.main and t.sample_every and self.step % t.sample_every == 0:
+            write_jsonl(self.out / "samples.jsonl", [
+                {"step": self.step, "problem": batch.records[j]["problem"],
+                 "answer": batch.records[j].get("answer", ""), "completion": batch.texts[j],
+                 "reward": float(batch.rewards[j]), "advantage": float(batch.advantages[j]),
+                 **{n: float(batch.per_fn[j, f]) for f, n in enumerate(names)}}
+                for j in range(min(8, len(batch)))])
+        return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
+                                 names, self.cfg.rollout.group_size, self.info.device),
+                **update_metrics(update, self.info.world_size, self.info.device),
+                "grad_norm": update["grad_norm"], "skipped_update": update["skipped_update"], **timings}
+
+    def rollout(self) -> tuple[GRPOBatch, dict]:
+        """Phases 1-4: this rank's prompts, their completions, rewards and advantages."""
         cfg, info, g, r = self.cfg, self.info, self.cfg.grpo, self.cfg.rollout
-        timings = {}
         # 1. sample prompts: this rank's whole groups
         t0 = clock(info.device)
         per_rank = g.prompts_per_step // info.world_size
-        order = prompt_order(len(self.train_records), cfg.train.seed, self.step, g.prompts_per_step)
+        order = epoch_order(len(self.train_records), cfg.train.seed, (self.step - 1) * g.prompts_per_step,
+                            g.prompts_per_step)
         mine = order[info.rank * per_rank:(info.rank + 1) * per_rank]
-        first_prompt = info.rank * per_rank
         # 2. generate, in chunks of prompts_per_generation prompts
         chunk = r.prompts_per_generation or per_rank
-        rows = []
-        self.policy.eval()
-        set_gathered(self.policy, True)
+        rollouts, records = [], []
         for c in range(0, per_rank, chunk):
-            idx = mine[c:c + chunk]
-            prompts = [self.train_ids[i] for i in idx for _ in range(r.group_size)]
-            ids, mask = pad_prompts(prompts, self.tokenizer.pad_token_id, info.device)
-            g0 = (first_prompt + c) * r.group_size
-            seeds = [row_seed(cfg.train.seed, self.step, g0 + j) for j in range(len(prompts))]
-            with self.autocast:
-                out = generate(self.policy, self.tokenizer, ids, mask, seeds=seeds,
-                               max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                               top_k=r.top_k, top_p=r.top_p,
-                               stop_strings=r.stop_strings, all_done=all_done_fn(info, info.device))
-            for j in range(len(prompts)):
-                m = out.completion_mask[j].bool()
-                rows.append({"record": self.train_records[idx[j // r.group_size]],
-                             "prompt_ids": prompts[j], "completion_ids": out.completion_ids[j][m].tolist(),
-                             "text": out.texts[j], "truncated": bool(out.truncated[j])})
-        set_gathered(self.policy, False)
-        self.policy.train()
-        timings["time/generate"] = clock(info.device) - t0
+            idx = [i for i in mine[c:c + chunk] for _ in range(r.group_size)]
+            first_row = (info.rank * per_rank + c) * r.group_size  # global row index: seeds
+            rollouts.append(self.engine.generate(
+                [self.train_ids[i] for i in idx], [row_seed(cfg.train.seed, self.step, first_row + j)
+                                                   for j in range(len(idx))],
+                max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
+                top_p=r.top_p, stop_strings=r.stop_strings, stop_requested=lambda: self.stop_requested))
+            records += [self.train_records[i] for i in idx]
+        batch = GRPOBatch.from_rollouts(rollouts, records, self.tokenizer.pad_token_id)
+        timings = {"time/generate": clock(info.device) - t0}
+        self.stop_point()
 
         # 3. score: [N, F], NaN where a reward has no opinion
         t0 = clock(info.device)
-        texts = [x["text"] for x in rows]
-        columns = {k: [x["record"].get(k, "") for x in rows] for k in ("solution", "answer", "problem", "prompt")}
-        columns["completion_ids"] = [x["completion_ids"] for x in rows]
-        per_fn = torch.tensor([[math.nan if v is None else float(v) for v in fn(texts, **columns)]
-                               for _, fn, _ in self.rewards], dtype=torch.float64).T  # [N, F]
+        batch.per_fn = score_completions(self.rewards, batch.texts, records, batch.completion_lists())  # [N, F]
         timings["time/score"] = clock(info.device) - t0
+        self.stop_point()
 
         # 4. advantages on this rank's whole groups
-        rewards, valid = combine_rewards(per_fn, self.weights)  # [N], [N]
+        batch.rewards, valid = combine_rewards(batch.per_fn, self.weights)  # [N], [N]
         if g.advantage_estimator == "rloo":
-            adv = rloo_advantages(rewards, r.group_size, valid=valid)
+            batch.advantages = rloo_advantages(batch.rewards, r.group_size, valid=valid)
         else:
             std = None
             if g.scale_rewards == "batch":  # the std of the whole global batch, every rank's rows
                 dev = info.device
-                std = batch_reward_std(all_gather_cat(rewards.to(dev)).cpu(),
-                                       all_gather_cat(valid.to(dev, rewards.dtype)).cpu() > 0)
-            adv = group_advantages(rewards, r.group_size, scale=g.scale_rewards, valid=valid,
-                                   batch_std=std)
-        flat = zero_std_groups(rewards, r.group_size, valid=valid)  # [num_groups]
-        for j, x in enumerate(rows):
-            keep = not (g.mask_truncated and x["truncated"]) and not (g.drop_zero_std_groups and flat[j // r.group_size])
-            x.update(advantage=float(adv[j]), reward=float(rewards[j]), loss_weight=1.0 if keep else 0.0,
-                     rewards={name: float(per_fn[j, f]) for f, (name, _, _) in enumerate(self.rewards)})
-        stats = {"per_fn": per_fn, "rewards": rewards, "flat": flat.double(), **timings}
-        return rows, stats
+                std = batch_reward_std(all_gather_cat(batch.rewards.to(dev)).cpu(),
+                                       all_gather_cat(valid.to(dev, batch.rewards.dtype)).cpu() > 0)
+            batch.advantages = group_advantages(batch.rewards, r.group_size, scale=g.scale_rewards,
+                                                valid=valid, batch_std=std)
+        flat = zero_std_groups(batch.rewards, r.group_size, valid=valid).repeat_interleave(r.group_size)  # [N]
+        drop = (g.mask_truncated & batch.truncated.cpu()) | (g.drop_zero_std_groups & flat)
+        batch.loss_weight = (~drop).double()  # [N]
+        return batch, timings
 
-    def update_step(self, rows: list[dict]) -> dict:
-        """Phases 5-6: old/ref log-probs, then num_iterations passes of accumulated updates."""
-        cfg, info, g, r = self.cfg, self.info, self.cfg.grpo, self.cfg.rollout
-        mb = g.micro_batch_size
-        pad = self.tokenizer.pad_token_id
-        micro = [rows[i:i + mb] for i in range(0, len(rows), mb)]
-        # 5. old-policy and reference log-probs, no grad
-        t0 = clock(info.device)
-        with torch.no_grad(), self.autocast:
-            for part in micro:
-                batch = _collate(part, pad, info.device)
-                if g.num_iterations > 1:
-                    old = _seq_logps(self.policy, batch, r.temperature)
-                    for x, lp in zip(part, old):
-                        x["old_logps"] = lp
+    def _micro_batches(self, n: int, order: list[int] | None = None) -> list[list[int]]:
+        order = list(range(n)) if order is None else order
+        mb = self.cfg.grpo.micro_batch_size
+        return [order[k:k + mb] for k in range(0, n, mb)]
+
+    def _logps(self, model, mb: GRPOBatch, with_entropy: bool = False):
+        return model.completion_logprobs(mb.input_ids, mb.attention_mask, mb.position_ids,
+                                         mb.completion_ids, mb.prompt_len,
+                                         temperature=self.cfg.rollout.temperature,
+                                         return_entropy=with_entropy)
+
+    @torch.no_grad()
+    def logprobs(self, batch: GRPOBatch) -> None:
+        """Phase 5: old-policy (num_iterations > 1) and reference log-probs, [N, T] each."""
+        with self.autocast():
+            for rows in self._micro_batches(len(batch)):
+                self.stop_point()
+                mb = batch.micro(rows)
+                if self.cfg.grpo.num_iterations > 1:
+                    batch.set_logps("old_logps", rows, self._logps(self.policy, mb))
                 if self.ref is not None:
-                    ref = _seq_logps(self.ref, batch, r.temperature)
-                    for x, lp in zip(part, ref):
-                        x["ref_logps"] = lp
-        t_logp = clock(info.device) - t0
+                    batch.set_logps("ref_logps", rows, self._logps(self.ref, mb))
 
-        # 6. update
-        t0 = clock(info.device)
-        local_tokens = torch.tensor(float(sum(len(x["completion_ids"]) * x["loss_weight"] for x in rows)))
-        global_tokens = all_reduce_sum(local_tokens.clone().to(info.device))
-        acc = {k: torch.zeros((), device=info.device) for k in
-               ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy")}
-        gen = torch.Generator().manual_seed(row_seed(cfg.train.seed, self.step, 7))
-        skipped = False
+    def update(self, batch: GRPOBatch) -> dict:
+        """Phase 6: num_iterations passes, each accumulating the whole batch's gradient over
+        micro-batches and ending in one optimizer step."""
+        info, g, r = self.info, self.cfg.grpo, self.cfg.rollout
+        local_tokens = batch.loss_mask.sum()  # this rank's loss tokens
+        denominator = loss_denominator(
+            g.loss_type, sequences=len(batch) * info.world_size, tokens=all_reduce_sum(local_tokens.clone()),
+            rank_tokens=local_tokens, world_size=info.world_size, max_completion_length=r.max_new_tokens)
+        acc = {k: torch.zeros((), device=info.device) for k in ("loss", "entropy", *STATS)}
+        gen = torch.Generator().manual_seed(row_seed(self.cfg.train.seed, self.step, 7))
+        skipped, norm = False, torch.zeros(())
         for it in range(g.num_iterations):
-            order = torch.randperm(len(rows), generator=gen).tolist() if g.num_iterations > 1 else list(range(len(rows)))
-            parts = [[rows[i] for i in order[k:k + mb]] for k in range(0, len(rows), mb)]
-            for part in parts:
-                batch = _collate(part, pad, info.device)
-                with self.autocast:
-                    logps, entropy = _seq_logps(self.policy, batch, r.temperature, with_entropy=True)
-                mask = batch[4]
-                t = logps.shape[1]
-                old = (torch.stack([torch.nn.functional.pad(x["old_logps"], (0, t - len(x["old_logps"])))[:t] for x in part])
-                       if g.num_iterations > 1 else logps.detach())
-                ref = (torch.stack([torch.nn.functional.pad(x["ref_logps"], (0, t - len(x["ref_logps"])))[:t] for x in part])
-                       if self.ref is not None else None)
-                adv = torch.tensor([x["advantage"] for x in part], device=info.device)
-                loss, m = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=g.beta,
-                                      epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high or None,
-                                      loss_type=g.loss_type, importance_sampling=g.importance_sampling,
+            order = torch.randperm(len(batch), generator=gen).tolist() if g.num_iterations > 1 else None
+            pass_loss = torch.zeros((), device=info.device)
+            for rows in self._micro_batches(len(batch), order):
+                if it == 0:  # before the step's first update the previous step's state is intact
+                    self.stop_point()
+                mb = batch.micro(rows)
+                with self.autocast():
+                    logps, entropy = self._logps(self.policy, mb, with_entropy=True)  # [n, t] each
+                mask = mb.loss_mask  # [n, t]
+                loss, m = policy_loss(logps, mb.old_logps if mb.old_logps is not None else logps.detach(),
+                                      mb.advantages.to(info.device, torch.float32), mask,
+                                      ref_logps=mb.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
+                                      epsilon_high=g.epsilon_high or None, loss_type=g.loss_type,
+                                      importance_sampling=g.importance_sampling,
                                       kl_estimator=g.kl_estimator, max_completion_length=r.max_new_tokens,
-                                      num_loss_tokens=global_tokens)
-                scale = _loss_scale(g.loss_type, len(part), len(rows), mask.sum(), local_tokens, info.world_size)
-                # Each pass ends in its own optimizer step, so each pass carries the whole
-                # batch's loss: dividing by num_iterations would shrink every update by 1/mu.
-                (loss * scale).backward()
+                                      denominator=denominator)
+                loss.backward()
+                pass_loss += loss.detach()
                 # Metrics stay on the device until the step ends: one host sync per step.
-                share = len(part) / len(rows) / g.num_iterations
-                acc["loss"] += loss.detach() * share
+                share = len(rows) / len(batch) / g.num_iterations
                 acc["entropy"] += (entropy.detach() * mask).sum() / mask.sum().clamp(min=1) * share
-                for k in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean"):
+                for k in STATS:
                     if k in m:
                         acc[k] += m[k] * share
-            if not self._optimizer_step(acc):
-                skipped = True
-        acc = {k: float(v) for k, v in acc.items()}
-        acc["time/logprob"] = t_logp
-        acc["time/update"] = clock(info.device) - t0
-        acc["skipped_update"] = float(skipped)
-        return acc
-
-    def _optimizer_step(self, acc: dict) -> bool:
-        """Clip, check for non-finite values, step. False (and no update) when non-finite."""
-        norm = grad_norm_and_clip(self.policy.parameters(), self.cfg.optim.max_grad_norm)
-        acc["grad_norm"] = norm.detach()
-        finite = (torch.isfinite(norm) & torch.isfinite(torch.as_tensor(acc["loss"]))).float().reshape(1)
-        finite = all_reduce_sum(finite.to(self.info.device)).item() == self.info.world_size
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_row += 1
-            if self.main:
-                say(f"[grpo] step {self.step}: non-finite loss/grad norm "
-                      f"({float(acc['loss'])}, {float(norm)}): update skipped "
-                      f"({self.nonfinite_in_row}/{self.cfg.train.max_nonfinite} in a row)")
-            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite:
-                raise RuntimeError(
-                    f"[grpo] {self.nonfinite_in_row} non-finite updates in a row at step {self.step}; "
-                    f"stopping. The last checkpoint in {self.ckpt.root} is intact. Lower --optim.lr, "
-                    f"check the rewards for NaN, or raise --train.max_nonfinite.")
-            return False
-        self.nonfinite_in_row = 0
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return True
+            acc["loss"] += pass_loss / g.num_iterations
+            norm, stepped = self.optimizer_step(pass_loss)
+            skipped |= not stepped
+        return {**{k: float(v) for k, v in acc.items()}, "grad_norm": float(norm),
+                "skipped_update": float(skipped)}
 
     def refresh_reference(self) -> None:
         """Phase 7 (TR-DPO style): ref <- alpha * policy + (1 - alpha) * ref, shard by shard."""
@@ -391,66 +222,30 @@ class GRPOTrainer:
                 p_ref.mul_(1 - a).add_(p.detach(), alpha=a)
         self.ref_refreshes += 1
 
-    # ---------------------------------------------------------------- the loop
-    def run_eval(self) -> dict:
+    # ---------------------------------------------------------------- what the loop asks
+    def evaluate(self) -> dict:
         r = self.cfg.rollout
-        res = evaluate(self.policy, self.tokenizer, self.eval_records, self.eval_ids, self.info,
-                       max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature,
-                       seed=self.cfg.train.seed, return_samples=len(self.eval_records))
-        return record_eval(self, "grpo", res)
+        return evaluate(self.engine, self.eval_records, self.eval_ids, self.info,
+                        max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature,
+                        seed=self.cfg.train.seed, return_samples=len(self.eval_records))
 
-    def train(self) -> dict:
-        from grpo.metrics import step_metrics
+    def trainer_state(self) -> dict:
+        return {"ref_refreshes": self.ref_refreshes}
 
-        cfg, t = self.cfg, self.cfg.train
-        self.maybe_resume()
-        # Exits in reverse order: the old signal handlers come back, then the logger closes.
-        with closing(self.logger), stop_signals(self._on_signal):
-            if self.step == 0:
-                self.run_eval()
-            bar = ProgressBar(t.max_steps, "grpo", enabled=self.main and t.progress, start=self.step)
-            while self.step < t.max_steps:
-                self.step += 1
-                t0 = clock(self.info.device)
-                rows, stats = self.rollout_step()
-                upd = self.update_step(rows)
-                if cfg.grpo.ref_refresh_steps and self.ref is not None and self.step % cfg.grpo.ref_refresh_steps == 0:
-                    self.refresh_reference()
-                self.scheduler.step()
-                metrics = step_metrics(self, rows, stats, upd, clock(self.info.device) - t0)
-                self.logger.log(metrics, self.step)
-                if self.main and (self.step % t.log_every == 0):
-                    say(step_line(self.step, t.max_steps, metrics,
-                                    ["reward", "accuracy/mean", "format/mean", "reward_std", "loss", "kl",
-                                     "completion_length/mean", "grad_norm", "lr", "time/step"]))
-                if self.main and t.sample_every and self.step % t.sample_every == 0:
-                    write_jsonl(self.out / "samples.jsonl", [
-                        {"step": self.step, "problem": x["record"]["problem"],
-                         "answer": x["record"].get("answer", ""), "completion": x["text"],
-                         "reward": x["reward"], "advantage": x["advantage"], **x["rewards"]} for x in rows[:8]])
-                bar.update(1, f"reward={metrics['reward']:.3f}")
-                if eval_due(self.step, t):
-                    self.run_eval()
-                save, stop = save_and_stop(self.step, t, self.info.device, self.stop_requested)
-                if save:
-                    self.save()
-                if stop:
-                    bar.close()
-                    if self.main:
-                        say(f"[grpo] stopped by signal at step {self.step}; resume with the same command")
-                    return {"stopped": True, "step": self.step}
-            bar.close()
-            final = self.run_eval()
-            self.save()
-            if t.export:
-                export_hf(self.policy, self.hf_config, self.tokenizer, self.out / "final", self.info, prefix="lm.")
-                if self.main:
-                    print(f"[grpo] exported {self.out / 'final'}", flush=True)
-            return {**final, "initial": self.eval_history[0], "eval_history": self.eval_history}
+    def load_trainer_state(self, state: dict, checkpoint) -> None:
+        self.ref_refreshes = int(state["ref_refreshes"]) if self.ref is not None else 0
+        if self.main and self.ref_refreshes:
+            print(f"[grpo] reference refreshed {self.ref_refreshes} times", flush=True)
+
+    def checkpoint_models(self, saving: bool) -> dict | None:
+        # The reference is saved only once a refresh has moved it: until then it is the initial
+        # model, which a resume loads from model.path anyway. Loading takes it when it is there.
+        if self.ref is None or (saving and not self.ref_refreshes):
+            return None
+        return {"ref": self.ref}
 
 
 def main(argv: list[str]) -> dict:
     from infra.config import parse_args
 
-    cfg = parse_args(GRPOJobConfig, argv, prog="grpo")
-    return GRPOTrainer(cfg).train()
+    return GRPOTrainer(parse_args(GRPOJobConfig, argv, prog="grpo")).train()

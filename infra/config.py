@@ -47,10 +47,6 @@ def _own_field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _resolved_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Turn a string (command line) or a parsed recipe value into the field's type.
 
@@ -145,7 +141,7 @@ def set_option(cfg, dotted: str, value: Any) -> None:
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
             raise ConfigError(unknown_option_message(cfg, dotted))
         if i == len(parts) - 1:
-            tp = _resolved_types(type(obj))[part]
+            tp = typing.get_type_hints(type(obj))[part]
             if dataclasses.is_dataclass(tp):
                 if not isinstance(value, dict):
                     raise ConfigError(f"option {dotted} is a section; set its fields instead")
@@ -280,7 +276,7 @@ def split_argv(argv: list[str], help_text_fn, usage: str) -> tuple[str | None, l
     return recipe, pairs
 
 
-def parse_args(cls, argv: list[str], recipe_key: str | None = None, prog: str = ""):
+def parse_args(cls, argv: list[str], prog: str = ""):
     """Build `cls()` and apply the recipe (`--recipe PATH`) and `--a.b value` overrides.
 
     `prog`: the command's name, for the usage line of `--help`."""
@@ -292,8 +288,6 @@ def parse_args(cls, argv: list[str], recipe_key: str | None = None, prog: str = 
     recipe, overrides = split_argv(argv, lambda: usage + "\n" + help_text(cfg), "--section.field value")
     if recipe is not None:
         data = load_recipe(recipe)
-        if recipe_key is not None and recipe_key in data and isinstance(data[recipe_key], dict):
-            data = data[recipe_key]
         apply_dict(cfg, data, source=f"recipe {recipe}")
     for key, val in overrides:
         set_option(cfg, _alias(cfg, key), val)

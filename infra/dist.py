@@ -37,7 +37,15 @@ class DistInfo:
 FSDP_MODES = ("auto", "always")
 
 
-def init_distributed(device: str = "auto", fsdp: str = "auto") -> DistInfo:
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+"""How long a rank waits in a collective for the others before failing. Long enough for the
+longest legitimate one-sided wait (rank 0 alone writes an export or builds the tiny model while
+the others wait: ~100 GB at 200 MB/s is ~8 minutes); short enough that a frozen rank costs minutes,
+not the 30 minutes of torch's default for gloo."""
+
+
+def init_distributed(device: str = "auto", fsdp: str = "auto",
+                     timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistInfo:
     """Initialise the process group when launched by torchrun; return rank, world size, device.
 
     `device`: "auto" (CUDA when available, else CPU), "cpu" or "cuda". CPU runs use gloo, CUDA
@@ -45,6 +53,8 @@ def init_distributed(device: str = "auto", fsdp: str = "auto") -> DistInfo:
     `fsdp`: "auto" shards with FSDP2 when there is more than one process; "always" also shards a
     single process, over a process group of one: the multi-GPU code path (NCCL, FSDP2's bf16
     mixed precision instead of autocast) on one GPU.
+    `timeout_s`: collective timeout of the process group (`--train.collective_timeout_s`); a no-op
+    when the group exists already (a pipeline creates it once, for all of its stages).
     """
     if fsdp not in FSDP_MODES:
         raise ValueError(f"fsdp must be one of {', '.join(FSDP_MODES)}, got {fsdp!r}")
@@ -69,14 +79,9 @@ def init_distributed(device: str = "auto", fsdp: str = "auto") -> DistInfo:
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             # plain `python`, no torchrun: a group of one needs no rendezvous, just a store
             rendezvous = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 **rendezvous, **({"device_id": dev} if device == "cuda" else {}))
     return DistInfo(rank, world_size, local_rank, dev, fsdp=shard)
-
-
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -127,19 +132,28 @@ def shard_model(root: nn.Module, layers: list[nn.Module], info: DistInfo, *,
     """FSDP2: `fully_shard` each decoder layer, then the root (which holds embeddings and head).
 
     On CUDA, parameters compute in bf16 and gradients reduce in float32; on CPU (gloo) all is
-    float32. Without a process group the model is returned unchanged.
+    float32. Gradients are *summed* over ranks, not averaged: every loss of this project divides
+    by the count of the whole optimizer step (tokens or sequences, all micro-batches, all ranks),
+    so the sum is the global mean and nothing needs undoing (torchtitan's
+    `set_gradient_divide_factor`). The root's named forwards (`FORWARD_METHODS`, e.g.
+    `PolicyModel.completion_logprobs`) gather its parameters as `forward` would. Without a
+    process group the model is returned unchanged.
     """
     if not info.distributed:
         return root
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if bf16 is None:
         bf16 = info.device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    for layer in layers:
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for module in (*layers, root):
+        fully_shard(module, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        module.set_gradient_divide_factor(1.0)
+        if hasattr(module, "set_force_sum_reduction_for_comms"):  # a plain SUM: gloo has no PREMUL_SUM
+            module.set_force_sum_reduction_for_comms(True)
+    for name in getattr(root, "FORWARD_METHODS", ()):
+        register_fsdp_forward_method(root, name)
     return root
 
 

@@ -106,6 +106,38 @@ class ProgressBar:
             _BAR = None
 
 
+PER_STEP_LOGS = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl")
+"""The logs of an output folder with rows stamped by step; a resumed run truncates each to its step."""
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
+    """Keep the rows of the JSONL file `path` whose "step" is <= `step`; return how many lines
+    were dropped as unreadable (not a JSON object with a numeric step: a torn write).
+
+    Rewritten to a temporary file and renamed over the old one, so a crash during the truncation
+    leaves either file whole."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    keep, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            torn += 1
+            continue
+        if not isinstance(row_step, (int, float)):
+            torn += 1
+        elif row_step <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+    return torn
+
+
 class MetricsLogger:
     """Appends one JSON object per step to `metrics.jsonl`; mirrors to wandb when enabled."""
 
@@ -138,12 +170,17 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint so metrics.jsonl has no duplicates."""
-        if not self.enabled or not self.path.exists():
+        """On resume, drop the rows logged after the checkpoint from every per-step log in the
+        folder (`PER_STEP_LOGS`), so that the resumed steps appear once; a torn last line (a crash
+        in the middle of a write) is dropped too, and said."""
+        if not self.enabled:
             return
-        keep = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        for name in PER_STEP_LOGS:
+            path = self.path.parent / name
+            torn = truncate_jsonl(path, step)
+            if torn:
+                print(f"[log] {path}: dropped {torn} unreadable line(s), left by a write that a crash "
+                      f"cut short", flush=True)
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -34,11 +34,12 @@ OPTIMIZER = ("optim.lr", "optim.beta1", "optim.beta2", "optim.weight_decay")
 QUIET = ("train.output_dir", "train.resume", "train.progress", "train.stop_at_step")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested config as `section.field` options."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
@@ -50,7 +51,7 @@ def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
 
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
     """[(option, checkpoint's value, current value)] for every option that differs."""
-    old, new = _flatten(saved), _flatten(now)
+    old, new = flatten(saved), flatten(now)
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not _matches(k, QUIET)]
 

@@ -8,7 +8,7 @@ fine-tune on before RL, plus a ready-made set; each is one function here:
     direct_messages        direct prompting: "solve, show your reasoning step by step, verify"
     refine_output          post-processing of R1-Zero style outputs (fillers out, summary line)
     to_r1_format           any of those outputs -> the R1-format SFT target
-    generate_sft_set       a model + a prompt builder -> generations -> R1 format -> JSONL
+    generate_sft_set       an engine + a prompt builder -> generations -> R1 format -> JSONL
     write_sft_jsonl        SFT records -> JSONL in Bespoke's layout, which `data.load_records` reads
 
 Departures from the tutorial. Its `refine_output` splits on the tags and so raises IndexError
@@ -318,8 +318,7 @@ class SFTSetStats:
 
 
 def generate_sft_set(
-    model: Any,
-    tokenizer: Any,
+    engine: Any,
     problems: Sequence[str | dict[str, Any]],
     builder: Callable[[str], list[dict[str, str]]],
     out_path: str | os.PathLike,
@@ -336,38 +335,30 @@ def generate_sft_set(
 ) -> SFTSetStats:
     """Generate a reply to each problem, turn it into an R1-format SFT row and write the JSONL.
 
-    `problems`: strings, or records with a `problem` field. Each batch is the builder's chats
-    (`few_shot_messages`, `direct_messages`, ...) through the chat template, left-padded, and
-    `model.generate` (greedy, or sampled with `temperature` / `top_p`). Each reply goes through
-    `to_r1_format`; `keep(record, r1_reply)` may refuse it too (rejection sampling: keep only
-    replies whose answer verifies). Written rows are [system_prompt, problem, R1 reply].
-    `seed` seeds torch before generating, so that sampled sets are reproducible.
+    `engine`: an `infra.engine.Engine` (the project's one generator). `problems`: strings, or
+    records with a `problem` field. Each batch is the builder's chats (`few_shot_messages`,
+    `direct_messages`, ...) through the chat template, greedy or sampled with `temperature` /
+    `top_p`, problem i seeded with `seed * 1_000_003 + i` (so a sampled set is reproducible and
+    does not depend on `batch_size`). Each reply goes through `to_r1_format`;
+    `keep(record, r1_reply)` may refuse it too (rejection sampling: keep only replies whose
+    answer verifies). Written rows are [system_prompt, problem, R1 reply].
     """
-    import torch
-
-    from infra.model import eos_token_ids
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"generate_sft_set: batch_size must be a positive int, got {batch_size!r}")
     records = [p if isinstance(p, dict) else {"problem": p} for p in problems]
     for i, record in enumerate(records):
         if not isinstance(record.get("problem"), str) or not record["problem"].strip():
             raise ValueError(f"generate_sft_set: problems[{i}] has no non-empty 'problem' text")
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
+    tokenizer = engine.tokenizer
     rows, skipped = [], 0
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        texts = [render_prompt(tokenizer, builder(r["problem"]), add_generation_prompt=True) for r in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos_token_ids(tokenizer, model), **sampling)
-        replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for record, reply in zip(batch, replies):
+        prompts = [tokenizer(render_prompt(tokenizer, builder(r["problem"]), add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"] for r in batch]
+        out = engine.generate(prompts, [seed * 1_000_003 + start + i for i in range(len(batch))],
+                              max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                              top_p=top_p)
+        for record, reply in zip(batch, out.texts):
             try:
                 target = to_r1_format(reply, require_answer=require_answer)
             except ValueError:

@@ -12,17 +12,16 @@ student then learns from the teacher's whole distribution, not only from its sam
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grpo.config import DataConfig, ModelConfig, check_data
-from grpo.trainer import load_train_records
 from infra.config import ConfigError
-from infra.dist import init_distributed
+from infra.evaluate import train_records, training_prompts
+from infra.loop import start_run
+from infra.sections import DataConfig, ModelConfig, at_least, check_data
 from sft.cold_start import write_sft_jsonl
 from sft.packing import VARLEN_ATTENTION
-from sft.rejection import SamplingConfig, encode_sampling_prompts, load_sampler, sample_and_filter
+from sft.rejection import SamplingConfig, load_sampler, sample_and_filter
 from sft.trainer import SFTJobConfig, SFTTrainer
 
 
@@ -47,8 +46,7 @@ class DistillJobConfig(SFTJobConfig):
         super().validate(world_size)
         if not self.distill.teacher and not self.distill.traces:
             raise ConfigError("--distill.teacher is required (or --distill.traces with ready traces)")
-        if not (math.isfinite(self.distill.kl_weight) and self.distill.kl_weight >= 0):
-            raise ConfigError(f"--distill.kl_weight={self.distill.kl_weight}: must be a finite number >= 0")
+        at_least("distill.kl_weight", self.distill.kl_weight, 0, finite_only=True)
         if self.distill.kl_weight > 0 and not self.distill.teacher:
             raise ConfigError("--distill.kl_weight > 0 needs --distill.teacher")
         check_data(self.problems, "problems")
@@ -61,25 +59,24 @@ class DistillJobConfig(SFTJobConfig):
 def main(argv: list[str]) -> dict:
     from infra.config import parse_args
     cfg = parse_args(DistillJobConfig, argv, prog="distill")
-    info = init_distributed(cfg.train.device, cfg.train.fsdp)
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    info, out = start_run(cfg, "distill")
     teacher = None
     traces = Path(cfg.distill.traces) if cfg.distill.traces else out / "traces.jsonl"
     stats = {}
     if not cfg.distill.traces:  # the problems load before the teacher: a bad source fails fast
-        problems = load_train_records(cfg.problems, cfg.train.seed)
+        problems = train_records(cfg.problems, cfg.train.seed)
         if cfg.sampling.num_prompts:
             problems = problems[: cfg.sampling.num_prompts]
     if cfg.distill.teacher:
         tcfg = ModelConfig(path=cfg.distill.teacher, dtype=cfg.model.dtype,
                            trust_remote_code=cfg.model.trust_remote_code)
-        _, t_tok, teacher = load_sampler(tcfg, out, info)
+        _, teacher = load_sampler(tcfg, out, info)
+        t_tok = teacher.tokenizer
     if not cfg.distill.traces:
         # 1. the teacher writes traces for the problems
-        records, prompt_ids, dropped = encode_sampling_prompts(t_tok, problems, cfg.problems, "problems",
+        records, prompt_ids, dropped = training_prompts(t_tok, problems, cfg.problems, "problems",
                                                                "distill", info.is_main)
-        kept, stats = sample_and_filter(teacher, t_tok, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
+        kept, stats = sample_and_filter(teacher, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
         stats["dropped_long_prompts"] = dropped
         if not kept:
             raise ConfigError(f"distill: the teacher passed none of {stats['samples']} samples "
@@ -102,7 +99,7 @@ def main(argv: list[str]) -> dict:
         if s_tok.get_vocab() != t_tok.get_vocab():
             raise ConfigError("--distill.kl_weight > 0: teacher and student tokenizers differ; "
                               "a token-level KL needs the same vocabulary (use kl_weight 0)")
-        kl_teacher = teacher.eval()
+        kl_teacher = teacher.model.eval()
         if cfg.sft.packing:
             kl_teacher.lm.set_attn_implementation(VARLEN_ATTENTION)
     else:

@@ -17,16 +17,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from grpo.config import DataConfig, ModelConfig, TrainConfig
-from grpo.evaluate import all_done_fn, encode_prompts
-from grpo.rewards import REWARD_NAMES, get_reward_functions
-from grpo.rollout import PolicyModel, generate, pad_prompts
-from grpo.trainer import load_train_records, row_seed
-from infra.config import ConfigError, format_config
-from infra.dist import DistInfo, decoder_layers, init_distributed, set_gathered, shard_model
+from infra.config import ConfigError
+from infra.dist import DistInfo, decoder_layers, shard_model
+from infra.engine import Engine, row_seed
+from infra.evaluate import train_records, training_prompts
+from infra.loop import start_run
 from infra.model import load_model
+from infra.policy import PolicyModel
+from infra.sections import (DataConfig, ModelConfig, TrainConfig, at_least, bad, check_rewards)
+from rewards import REWARD_NAMES, get_reward_functions, score_completions
 from sft.cold_start import write_sft_jsonl
 
 
@@ -58,36 +60,23 @@ class SamplingConfig:
 
         Shared by `rejection-sample` and `distill`; reward names are checked as GRPO checks
         `--grpo.rewards` (grpo/config.py)."""
-        def bad(option, value, why):
-            raise ConfigError(f"--sampling.{option}={value!r}: {why}")
-
         for option in ("samples_per_prompt", "prompts_per_batch", "max_new_tokens"):
-            if getattr(self, option) < 1:
-                bad(option, getattr(self, option), "must be >= 1")
-        if self.num_prompts < 0:
-            bad("num_prompts", self.num_prompts, "must be >= 0 (0 = all of the split)")
+            at_least(f"sampling.{option}", getattr(self, option), 1)
+        at_least("sampling.num_prompts", self.num_prompts, 0, "(0 = all of the split)")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            bad("temperature", self.temperature, "must be > 0 and finite")
+            bad("sampling.temperature", self.temperature, "must be > 0 and finite")
         if not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "must be in (0, 1]")
-        if not self.rewards:
-            bad("rewards", self.rewards, "needs at least one reward function")
-        for option, names in (("rewards", self.rewards), ("require", self.require)):
-            unknown = [n for n in names if n not in REWARD_NAMES]
-            if unknown:
-                bad(option, unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
-        if len(set(self.rewards)) != len(self.rewards):
-            bad("rewards", self.rewards, "names a reward twice")
+            bad("sampling.top_p", self.top_p, "must be in (0, 1]")
+        check_rewards("sampling.rewards", self.rewards, self.reward_weights)
+        unknown = [n for n in self.require if n not in REWARD_NAMES]
+        if unknown:
+            bad("sampling.require", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
         missing = [r for r in self.require if r not in self.rewards]
         if missing:
-            bad("require", self.require, f"{missing} not in --sampling.rewards={self.rewards}")
-        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
-            bad("reward_weights", self.reward_weights, f"needs one weight per reward ({len(self.rewards)})")
-        if not all(math.isfinite(w) for w in self.reward_weights):
-            bad("reward_weights", self.reward_weights, "must be finite numbers")
+            bad("sampling.require", self.require, f"{missing} not in --sampling.rewards={self.rewards}")
         # write_sft_jsonl takes only .jsonl; finding out after hours of sampling loses them.
         if self.output and Path(self.output).suffix != ".jsonl":
-            bad("output", self.output, "must be a .jsonl path (the SFT set is written as JSONL)")
+            bad("sampling.output", self.output, "must be a .jsonl path (the SFT set is written as JSONL)")
 
 
 @dataclass
@@ -99,26 +88,14 @@ class RejectionJobConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the option, before the model or the prompts load."""
-        from grpo.config import check_data, check_model, check_train
+        from infra.sections import check_data, check_model, check_train
         check_model(self.model)
         check_data(self.data)
         check_train(self.train)
         self.sampling.validate()
 
 
-def encode_sampling_prompts(tokenizer, records: list[dict], d: DataConfig, option: str, tag: str,
-                            main: bool) -> tuple[list[dict], list[list[int]], int]:
-    """`encode_prompts`, saying how many prompts were dropped for length (as GRPO does)."""
-    kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens)
-    if not kept:
-        raise ConfigError(f"--{option}.source={d.source!r}: no prompts left (dropped {dropped} longer than "
-                          f"--{option}.max_prompt_tokens={d.max_prompt_tokens})")
-    if main and dropped:
-        print(f"[{tag}] dropped {dropped} prompts longer than {d.max_prompt_tokens} tokens", flush=True)
-    return kept, ids, dropped
-
-
-def sample_and_filter(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], info: DistInfo,
+def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list[int]], info: DistInfo,
                       s: SamplingConfig, seed: int, system_prompt: str | None = None) -> tuple[list[dict], dict]:
     """K samples per prompt; keep the best accepted one per prompt. Returns (kept, stats) on every rank.
 
@@ -129,32 +106,28 @@ def sample_and_filter(model, tokenizer, records: list[dict], prompt_ids: list[li
     mine = list(range(info.rank, len(records), info.world_size))
     n_batches = -(-len(records) // (info.world_size * s.prompts_per_batch))
     kept, sampled, accepted_samples = [], 0, 0
-    model.eval()
-    set_gathered(model, True)
     for b in range(n_batches):
         idx = mine[b * s.prompts_per_batch:(b + 1) * s.prompts_per_batch]
-        rows = idx or mine[:1] or [0]  # an idle rank still joins every generation (FSDP)
-        prompts = [prompt_ids[i] for i in rows for _ in range(s.samples_per_prompt)]
-        ids, mask = pad_prompts(prompts, tokenizer.pad_token_id, info.device)
-        seeds = [row_seed(seed, 0, i * s.samples_per_prompt + k) for i in rows for k in range(s.samples_per_prompt)]
-        out = generate(model, tokenizer, ids, mask, seeds=seeds, max_new_tokens=s.max_new_tokens,
-                       temperature=s.temperature, top_p=s.top_p, all_done=all_done_fn(info, info.device))
-        if not idx:
+        prompts = [prompt_ids[i] for i in idx for _ in range(s.samples_per_prompt)]
+        seeds = [row_seed(seed, 0, i * s.samples_per_prompt + k) for i in idx for k in range(s.samples_per_prompt)]
+        out = engine.generate(prompts, seeds, max_new_tokens=s.max_new_tokens,
+                              temperature=s.temperature, top_p=s.top_p)
+        if out is None:  # an idle rank joined the generation all the same (FSDP)
             continue
         recs = [records[i] for i in idx for _ in range(s.samples_per_prompt)]
-        cols = {k: [r.get(k, "") for r in recs] for k in ("solution", "answer", "problem", "prompt")}
-        cols["completion_ids"] = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
-        scores = [fn(out.texts, **cols) for _, fn, _ in rewards]  # [F][N]
+        ids = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
+        scores = score_completions(rewards, out.texts, recs, ids)  # [N, F], NaN = no opinion
+        totals = scores.nan_to_num(0.0) @ torch.tensor([w for _, _, w in rewards], dtype=torch.float64)  # [N]
         sampled += len(recs)
         for p, i in enumerate(idx):
             best = None
             for k in range(s.samples_per_prompt):
                 j = p * s.samples_per_prompt + k
-                vals = {n: scores[f][j] for f, n in enumerate(names)}
+                vals = {n: None if math.isnan(v) else v for n, v in zip(names, scores[j].tolist())}
                 if out.truncated[j] or any(vals[n] != 1.0 for n in s.require):
                     continue
                 accepted_samples += 1
-                total = sum(w * (v or 0.0) for (_, _, w), v in zip(rewards, vals.values()))
+                total = float(totals[j])
                 key = (-total, int(out.lengths[j]), k)
                 if best is None or key < best[0]:
                     best = (key, out.texts[j], vals, int(out.lengths[j]))
@@ -165,7 +138,6 @@ def sample_and_filter(model, tokenizer, records: list[dict], prompt_ids: list[li
                 kept.append({"index": i, "messages": [*prompt, {"role": "assistant", "content": best[1]}],
                              "problem": r["problem"], "answer": r.get("answer", ""), "rewards": best[2],
                              "length": best[3]})
-    set_gathered(model, False)
     if dist.is_initialized():
         parts = [None] * info.world_size
         dist.all_gather_object(parts, (kept, sampled, accepted_samples))
@@ -178,28 +150,24 @@ def sample_and_filter(model, tokenizer, records: list[dict], prompt_ids: list[li
     return kept, stats
 
 
-def load_sampler(model_cfg: ModelConfig, out_dir: Path, info: DistInfo):
-    """A frozen model for sampling, kept gathered between forwards (no resharding per token)."""
+def load_sampler(model_cfg: ModelConfig, out_dir: Path, info: DistInfo) -> tuple[str, Engine]:
+    """A frozen model for sampling: (its resolved path, its engine)."""
     path, tokenizer, lm = load_model(model_cfg, out_dir, info, trainable=False)
-    return path, tokenizer, shard_model(PolicyModel(lm), decoder_layers(lm), info, reshard_after_forward=False)
+    policy = shard_model(PolicyModel(lm), decoder_layers(lm), info, reshard_after_forward=False)
+    return path, Engine(policy, tokenizer, info)
 
 
 def main(argv: list[str]) -> dict:
     from infra.config import parse_args
     cfg = parse_args(RejectionJobConfig, argv, prog="rejection-sample")
-    info = init_distributed(cfg.train.device, cfg.train.fsdp)
-    cfg.validate(info.world_size)
-    out = Path(cfg.train.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"[rejection] world size {info.world_size}\n{format_config(cfg)}", flush=True)
-    train = load_train_records(cfg.data, cfg.train.seed)  # before the model: a bad source fails fast
+    info, out = start_run(cfg, "rejection")
+    train = train_records(cfg.data, cfg.train.seed)  # before the model: a bad source fails fast
     if cfg.sampling.num_prompts:
         train = train[: cfg.sampling.num_prompts]
-    path, tokenizer, model = load_sampler(cfg.model, out, info)
-    records, prompt_ids, dropped = encode_sampling_prompts(tokenizer, train, cfg.data, "data", "rejection",
-                                                           info.is_main)
-    kept, stats = sample_and_filter(model, tokenizer, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
+    path, engine = load_sampler(cfg.model, out, info)
+    records, prompt_ids, dropped = training_prompts(engine.tokenizer, train, cfg.data, "data",
+                                                           "rejection", info.is_main)
+    kept, stats = sample_and_filter(engine, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
     stats["dropped_long_prompts"] = dropped
     target = Path(cfg.sampling.output or out / "sft.jsonl")
     if info.is_main:

@@ -1,6 +1,6 @@
 """Supervised fine-tuning with packing (R1's cold start and SFT stage 2): `train.py sft`.
 
-One optimizer step, in named phases:
+One optimizer step, in named phases (`train_step`; the loop around it is `infra.loop.Trainer`):
   1. rows     - this step's packed rows, from a seeded epoch-wise permutation (resumable)
   2. forward  - decoder hidden states; log-probs of the label tokens only, through the fused
                 log-prob kernel (no [tokens, vocab] logits)
@@ -12,24 +12,20 @@ One optimizer step, in named phases:
 """
 from __future__ import annotations
 
-import json
 import math
-import time
-from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from data.task import TaskConfig, task_records
-from grpo.config import EMBEDDED, ModelConfig, OptimConfig, TrainConfig
-from grpo.evaluate import encode_prompts, evaluate
-from infra.checkpoint import CheckpointManager, export_hf
-from infra.config import ConfigError, format_config, to_dict
+from infra.config import ConfigError
 from infra.dist import all_reduce_sum, decoder_layers, shard_model
-from infra.logging import MetricsLogger, ProgressBar, say, step_line
-from infra.loop import epoch_order, eval_due, record_eval, save_and_stop, start_run, stop_signals
-from infra.model import build_optimizer, build_scheduler, grad_norm_and_clip, load_model
-from infra.resume import apply_optimizer_options, check_resume
+from infra.engine import Engine
+from infra.evaluate import encode_prompts, evaluate
+from infra.loop import Trainer, epoch_order
+from infra.model import load_model
+from infra.policy import PolicyModel
+from infra.sections import EMBEDDED, ModelConfig, OptimConfig, TrainConfig
 from sft.packing import (VARLEN_ATTENTION, collate_packed, collate_padded, pack, packed_model_inputs,
                          tokenize_conversation)
 
@@ -108,25 +104,21 @@ class SFTJobConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the option, before any model or data loads (NaN fails too)."""
-        from grpo.config import bad, check_data, check_model, check_optim, check_train, finite, one_of
+        from infra.sections import (at_least, check_data, check_model, check_optim, check_train, one_of)
 
         s, d = self.sft, self.data
         check_model(self.model)
         check_data(d)
         check_optim(self.optim)
         check_train(self.train)
-        if s.max_seq_len < 8:
-            bad("sft.max_seq_len", s.max_seq_len, "must be >= 8")
-        if s.rows_per_micro_batch < 1:
-            bad("sft.rows_per_micro_batch", s.rows_per_micro_batch, "must be >= 1")
+        at_least("sft.max_seq_len", s.max_seq_len, 8)
+        at_least("sft.rows_per_micro_batch", s.rows_per_micro_batch, 1)
         if s.rows_per_step < 1 or s.rows_per_step % (s.rows_per_micro_batch * world_size):
             raise ConfigError(f"--sft.rows_per_step={s.rows_per_step}: must be a multiple of "
                               f"--sft.rows_per_micro_batch ({s.rows_per_micro_batch}) x world size ({world_size})")
         one_of("sft.overflow", s.overflow, ("truncate", "split", "drop"))
-        if not (finite(s.epochs) and s.epochs >= 0):
-            bad("sft.epochs", s.epochs, "must be a finite number >= 0 (0 = use train.max_steps)")
-        if s.eval_max_new_tokens < 1:
-            bad("sft.eval_max_new_tokens", s.eval_max_new_tokens, "must be >= 1")
+        at_least("sft.epochs", s.epochs, 0, "(0 = use train.max_steps)", finite_only=True)
+        at_least("sft.eval_max_new_tokens", s.eval_max_new_tokens, 1)
         if not 0 <= d.mix_fraction < 1:
             raise ConfigError(f"--data.mix_fraction={d.mix_fraction}: must be in [0, 1)")
         if d.mix_fraction > 0 and not d.mix_source:
@@ -170,201 +162,124 @@ def load_conversations(cfg: SFTJobConfig) -> tuple[list[list[dict]], list[dict]]
     return train, list(evals)
 
 
-class SFTTrainer:
+class SFTTrainer(Trainer):
+    tag = "sft"
+    step_keys = ("loss", "grad_norm", "tokens_per_s")
+
     def __init__(self, cfg: SFTJobConfig, teacher=None, kl_weight: float = 0.0):
         """`teacher`: a PolicyModel (sharded like the student) for distillation's token-level KL."""
-        self.cfg = cfg
+        super().__init__(cfg)
         self.teacher, self.kl_weight = teacher, kl_weight
-        self.info, self.out = start_run(cfg, "sft")
-        self.main = self.info.is_main
         train, evals = load_conversations(cfg)  # before the model: a bad file fails in seconds
-        path, self.tokenizer, lm = load_model(cfg.model, self.out, self.info)
-        self.hf_config = lm.config
-        from grpo.rollout import PolicyModel
+        _, tokenizer, lm = load_model(cfg.model, self.out, self.info)
         self.lm = lm
-        self.model = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.info.device.type == "cuda" and not self.info.distributed else nullcontext())
+        self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
+        self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast)
 
         s = cfg.sft
-        docs = [tokenize_conversation(self.tokenizer, conv, assistant_only=s.assistant_only) for conv in train]
+        docs = [tokenize_conversation(tokenizer, conv, assistant_only=s.assistant_only) for conv in train]
         self.rows, self.pack_stats = pack(docs, s.max_seq_len, overflow=s.overflow)
         if not s.packing:  # one conversation per row, padded per micro-batch
             self.rows = [(ids[: s.max_seq_len], labels[: s.max_seq_len]) for ids, labels in docs]
-        self.rows_per_step = s.rows_per_step
         if not self.rows:
             raise ConfigError(f"--data.source={cfg.data.source!r}: no conversation left to train on "
                               f"after packing ({self.pack_stats})")
-        if len(self.rows) < self.rows_per_step and self.main:
+        if len(self.rows) < s.rows_per_step and self.main:
             # A small stage (a few rejection-sampled problems) still trains: a step then reads
             # the rows more than once, each pass in its own seeded order.
             print(f"[sft] warning: {len(self.rows)} packed rows for --sft.rows_per_step="
                   f"{s.rows_per_step}: each step passes over the data "
                   f"{s.rows_per_step / len(self.rows):.1f} times", flush=True)
         if s.epochs > 0:
-            cfg.train.max_steps = max(1, math.ceil(s.epochs * len(self.rows) / self.rows_per_step))
+            cfg.train.max_steps = max(1, math.ceil(s.epochs * len(self.rows) / s.rows_per_step))
         if self.main:
             print(f"[sft] {len(train)} conversations -> {len(self.rows)} rows of {s.max_seq_len} tokens; "
                   f"{self.pack_stats}", flush=True)
-        self.eval_records, self.eval_ids, _ = encode_prompts(self.tokenizer, evals)
-
-        o = cfg.optim
-        self.optimizer = build_optimizer(self.model.parameters(), o.lr, o.weight_decay, (o.beta1, o.beta2))
-        self.scheduler = build_scheduler(self.optimizer, warmup_steps=o.warmup_steps, max_steps=cfg.train.max_steps,
-                                         schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
-        self.ckpt = CheckpointManager(self.out / "checkpoints", self.info, cfg.train.keep_last)
-        self.logger = MetricsLogger(self.out, self.main, cfg.train.wandb_project if cfg.train.wandb else None,
-                                    config=to_dict(cfg))
-        self.step = 0
+        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, evals)
+        self.setup_training(self.policy, lm.config, tokenizer)
         self.last_loss = float("nan")  # loss of step `self.step`; saved so a resume at max_steps has it
-        self.stop_requested = False
-        self.eval_history: list[dict] = []
+        self._training_attention()
 
     def step_rows(self, step: int) -> list[int]:
         """Row indices of this rank for `step` (1-based), from seeded epoch permutations."""
-        k = self.rows_per_step
+        k = self.cfg.sft.rows_per_step
         out = epoch_order(len(self.rows), self.cfg.train.seed, (step - 1) * k, k)
         # Contiguous per-rank slices: rank r's micro-batches are the ones a single process would
         # run in positions r*per_rank.., so N ranks and one process compute the same micro-batches.
         per_rank = k // self.info.world_size
         return out[self.info.rank * per_rank:(self.info.rank + 1) * per_rank]
 
-    def micro_loss(self, rows: list, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed NLL of the label tokens / the step's global label-token count."""
-        dev = self.info.device
+    def collate(self, rows: list) -> tuple[dict, dict]:
+        """(a micro-batch's tensors, its attention arguments)."""
         if self.cfg.sft.packing:
             # Documents of a packed row never see each other: one causal SDPA call per document.
             batch = collate_packed(rows, self.tokenizer.pad_token_id)
-            inputs = packed_model_inputs(batch, VARLEN_ATTENTION)
-            extra = {"cu_seqlens": inputs["cu_seqlens"], "use_cache": False}
-            mask = None
-        else:
-            batch = collate_padded(rows, self.tokenizer.pad_token_id)
-            extra, mask = {"use_cache": False}, None  # right padding: causal attention suffices
-        args = (batch["input_ids"].to(dev), mask, batch["position_ids"].to(dev))
-        labels = batch["labels"].to(dev)
+            return batch, {"cu_seqlens": packed_model_inputs(batch, VARLEN_ATTENTION)["cu_seqlens"]}
+        return collate_padded(rows, self.tokenizer.pad_token_id), {}  # right padding: causal suffices
+
+    def micro_loss(self, batch: dict, attention: dict, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL of the label tokens / the step's global label-token count, the NLL sum)."""
+        dev = self.info.device
+        ids, pos, labels = batch["input_ids"].to(dev), batch["position_ids"].to(dev), batch["labels"].to(dev)
         if self.teacher is None:
-            logps = self.model(*args, labels=labels, **extra)  # [M]
+            logps = self.policy.label_logprobs(ids, pos, labels, use_cache=False, **attention)  # [M]
             return -logps.sum() / num_tokens.clamp(min=1), -logps.detach().sum()
         # Distillation with a token-level KL(teacher || student) on the same label positions.
-        logps, logits = self.model(*args, labels=labels, return_logits=True, **extra)  # [M], [M, V]
+        logps, logits = self.policy.label_logprobs(ids, pos, labels, return_logits=True, use_cache=False,
+                                                   **attention)  # [M], [M, V]
         with torch.no_grad():
-            _, t_logits = self.teacher(*args, labels=labels, return_logits=True, **extra)
+            _, t_logits = self.teacher.label_logprobs(ids, pos, labels, return_logits=True, use_cache=False,
+                                                      **attention)
         v = min(logits.shape[-1], t_logits.shape[-1])  # embedding tables may be padded differently
         t_logp = t_logits[:, :v].log_softmax(-1)
         kl = (t_logp.exp() * (t_logp - logits[:, :v].log_softmax(-1))).sum(-1)  # [M]
         loss = (-logps.sum() + self.kl_weight * kl.sum()) / num_tokens.clamp(min=1)
         return loss, -logps.detach().sum()
 
-    def _label_tokens(self, rows: list) -> int:
-        if self.cfg.sft.packing:
-            return sum(sum(1 for l in r.labels[1:] if l != -100) for r in rows)
-        return sum(sum(1 for l in labels[1:] if l != -100) for _, labels in rows)
-
     def train_step(self) -> dict:
+        """Rows, forward, the step's token-level NLL (global count), one optimizer update."""
         s, info = self.cfg.sft, self.info
         idx = self.step_rows(self.step)
         micro = [idx[i:i + s.rows_per_micro_batch] for i in range(0, len(idx), s.rows_per_micro_batch)]
-        batches = [[self.rows[i] for i in m] for m in micro]
-        local_tokens = sum(self._label_tokens(b) for b in batches)
+        batches = [self.collate([self.rows[i] for i in m]) for m in micro]
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in batches)
         num_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=info.device))
         nll = torch.zeros((), device=info.device)
-        for b in batches:
-            with self.autocast:
-                loss, part = self.micro_loss(b, num_tokens)
-            # FSDP averages gradients over ranks; the normalization is already global.
-            (loss * info.world_size).backward()
+        for batch, attention in batches:
+            self.stop_point()  # no update yet this step: a stop saves the previous step
+            with self.autocast():
+                loss, part = self.micro_loss(batch, attention, num_tokens)
+            loss.backward()  # FSDP sums the ranks' gradients: the count above is global
             nll += part
-        norm = grad_norm_and_clip(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        nll = all_reduce_sum(nll)
-        ok = bool(torch.isfinite(norm)) and bool(torch.isfinite(nll))
-        if ok:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if not ok and self.main:
-            say(f"[sft] step {self.step}: non-finite loss or gradient, update skipped")
-        return {"loss": float(nll / num_tokens.clamp(min=1)), "grad_norm": float(norm),
-                "tokens": float(num_tokens), "skipped_update": float(not ok)}
+        nll = all_reduce_sum(nll) / num_tokens.clamp(min=1)
+        norm, stepped = self.optimizer_step(nll)
+        self.last_loss = float(nll)
+        return {"loss": self.last_loss, "grad_norm": float(norm), "tokens": float(num_tokens),
+                "skipped_update": float(not stepped), "packing_efficiency": self.pack_stats.efficiency}
 
-    def run_eval(self) -> dict | None:
+    def evaluate(self) -> dict | None:
         if not self.eval_records:
             return None
         # Generation has no document boundaries: plain SDPA with the KV cache, then back.
         self.lm.set_attn_implementation(self.cfg.model.attn_implementation)
-        res = evaluate(self.model, self.tokenizer, self.eval_records, self.eval_ids, self.info,
+        res = evaluate(self.engine, self.eval_records, self.eval_ids, self.info,
                        max_new_tokens=self.cfg.sft.eval_max_new_tokens, seed=self.cfg.train.seed,
                        return_samples=len(self.eval_records))
         self._training_attention()
-        return record_eval(self, "sft", res)
+        return res
 
     def _training_attention(self):
         if self.cfg.sft.packing:
             self.lm.set_attn_implementation(VARLEN_ATTENTION)
 
-    def _on_signal(self, signum, frame):
-        self.stop_requested = True
+    def trainer_state(self) -> dict:
+        return {"last_loss": self.last_loss}
 
-    def save(self):
-        state = {"scheduler": self.scheduler.state_dict(), "eval_history": json.dumps(self.eval_history),
-                 "last_loss": self.last_loss}
-        self.ckpt.save(self.step, self.model, self.optimizer, state, format_config(self.cfg))
+    def load_trainer_state(self, state: dict, checkpoint) -> None:
+        self.last_loss = float(state["last_loss"])
 
-    def train(self) -> dict:
-        t = self.cfg.train
-        latest = self.ckpt.latest() if t.resume else None
-        if latest is not None:
-            changed = check_resume(latest, self.cfg, "sft")  # refuses a different run's options
-            state = self.ckpt.load(latest, self.model, self.optimizer)
-            self.scheduler.load_state_dict(state["scheduler"])
-            apply_optimizer_options(self.optimizer, self.scheduler, self.cfg.optim)
-            self.step = int(state["step"])
-            self.eval_history = json.loads(state["eval_history"])
-            self.last_loss = float(state.get("last_loss", float("nan")))  # absent in older checkpoints
-            self.logger.truncate_after(self.step)
-            if self.main:
-                print(f"[sft] resumed from {latest} at step {self.step}", flush=True)
-                for line in changed:
-                    print(line, flush=True)
-        # Exits in reverse order: the old signal handlers come back, then the logger closes.
-        with closing(self.logger), stop_signals(self._on_signal):
-            self._training_attention()
-            if self.step == 0:
-                self.run_eval()
-            bar = ProgressBar(t.max_steps, "sft", enabled=self.main and t.progress, start=self.step)
-            while self.step < t.max_steps:
-                self.step += 1
-                t0 = time.perf_counter()
-                m = self.train_step()
-                self.last_loss = m["loss"]
-                self.scheduler.step()
-                dt = time.perf_counter() - t0
-                m.update(lr=self.scheduler.get_last_lr()[0], tokens_per_s=m["tokens"] / dt, **{"time/step": dt},
-                         packing_efficiency=self.pack_stats.efficiency)
-                self.logger.log(m, self.step)
-                if self.main and self.step % t.log_every == 0:
-                    say(step_line(self.step, t.max_steps, m, ["loss", "grad_norm", "lr", "tokens_per_s"]))
-                bar.update(1, f"loss={m['loss']:.3f}")
-                if eval_due(self.step, t):
-                    self.run_eval()
-                save, stop = save_and_stop(self.step, t, self.info.device, self.stop_requested)
-                if save:
-                    self.save()
-                if stop:
-                    bar.close()
-                    return {"stopped": True, "step": self.step}
-            bar.close()
-            # A run resumed from its last step may have evaluated it already (killed during the
-            # export, or run again once finished): reuse that result rather than log it twice.
-            done = bool(self.eval_history) and self.eval_history[-1]["step"] == self.step
-            final = (self.eval_history[-1] if done else self.run_eval()) or {}
-            self.save()
-            if t.export:
-                export_hf(self.model, self.hf_config, self.tokenizer, self.out / "final", self.info, prefix="lm.")
-            result = {**final, "final_loss": self.last_loss,
-                      "eval_history": self.eval_history}
-            if self.eval_history:
-                result["initial"] = self.eval_history[0]
-            return result
+    def final_result(self) -> dict:
+        return {"final_loss": self.last_loss}
 
 
 def main(argv: list[str]) -> dict:

@@ -227,8 +227,12 @@ def test_write_sft_jsonl_refuses_bad_records(tmp_path):
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from infra.engine import Engine
+    from infra.policy import PolicyModel
+
     path = build_tiny_model(tmp_path_factory.mktemp("tiny_cold_start") / "model")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return Engine(PolicyModel(model), AutoTokenizer.from_pretrained(path))
 
 
 PROBLEMS = ["What is 2 + 3?", "Tom has 3 apples and buys 4 more bags of 5 apples each. How many apples now?",
@@ -236,9 +240,9 @@ PROBLEMS = ["What is 2 + 3?", "Tom has 3 apples and buys 4 more bags of 5 apples
 
 
 def test_generate_sft_set_writes_loadable_r1_rows(tiny, tmp_path):
-    model, tokenizer = tiny
+    engine = tiny
     out = tmp_path / "gen.jsonl"
-    stats = generate_sft_set(model, tokenizer, PROBLEMS, direct_messages, out, batch_size=2,
+    stats = generate_sft_set(engine, PROBLEMS, direct_messages, out, batch_size=2,
                              max_new_tokens=6, require_answer=False)
     assert (stats.problems, stats.written, stats.skipped) == (3, 3, 0)
     loaded = load_records(out, schema="bespoke", split="all")
@@ -249,21 +253,21 @@ def test_generate_sft_set_writes_loadable_r1_rows(tiny, tmp_path):
         assert reply.startswith("<think>\n") and "\n</think>\n<answer>\n" in reply and reply.endswith("\n</answer>")
     # Left padding: the short prompts, batched with the long one, get the greedy replies they get alone.
     alone = tmp_path / "alone.jsonl"
-    generate_sft_set(model, tokenizer, PROBLEMS, direct_messages, alone, batch_size=1,
+    generate_sft_set(engine, PROBLEMS, direct_messages, alone, batch_size=1,
                      max_new_tokens=6, require_answer=False)
     assert alone.read_text() == out.read_text()
 
 
 def test_generate_sft_set_skips_replies_without_answer(tiny, tmp_path):
-    model, tokenizer = tiny
+    engine = tiny
     out = tmp_path / "gen.jsonl"
-    stats = generate_sft_set(model, tokenizer, PROBLEMS, few_shot_messages, out, max_new_tokens=6,
+    stats = generate_sft_set(engine, PROBLEMS, few_shot_messages, out, max_new_tokens=6,
                              do_sample=True, seed=1)
     assert stats.written + stats.skipped == 3
     assert len(out.read_text().splitlines()) == stats.written
-    refuse_all = generate_sft_set(model, tokenizer, PROBLEMS, direct_messages, out, max_new_tokens=4,
+    refuse_all = generate_sft_set(engine, PROBLEMS, direct_messages, out, max_new_tokens=4,
                                   require_answer=False, keep=lambda record, reply: False)
     assert (refuse_all.written, refuse_all.skipped) == (0, 3)
     assert out.read_text() == ""
     with pytest.raises(ValueError, match=r"problems\[0\]"):
-        generate_sft_set(model, tokenizer, [" "], direct_messages, out)
+        generate_sft_set(engine, [" "], direct_messages, out)

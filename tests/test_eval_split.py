@@ -18,7 +18,7 @@ import pytest
 
 from data import DatasetError
 from grpo.config import GRPOJobConfig
-from grpo.trainer import load_datasets
+from infra.evaluate import held_out_records, train_records
 from sft.trainer import SFTJobConfig, load_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def problem_sets(trainer: str, **data) -> tuple[list[str], list[str]]:
     if trainer == "sft":
         train, evals = load_conversations(cfg)
         return [conv[1]["content"] for conv in train], [e["problem"] for e in evals]
-    train, evals = load_datasets(cfg)
+    train, evals = train_records(cfg.data, cfg.train.seed), held_out_records(cfg.data, cfg.train.seed)
     return [r["problem"] for r in train], [e["problem"] for e in evals]
 
 

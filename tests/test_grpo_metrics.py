@@ -1,30 +1,21 @@
 """Logged GRPO reward statistics, hand-worked, with rows on which every reward abstained."""
 import math
-import types
 
 import pytest
 import torch
 
-from grpo.metrics import step_metrics
+from grpo.metrics import reward_metrics, update_metrics
 
 NAN = math.nan
-UPDATE_KEYS = ["loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean",
-               "entropy", "grad_norm", "skipped_update", "time/logprob", "time/update"]
 
 
 def _metrics(per_fn_rows: list[list[float]], weights: list[float], names: list[str], G: int):
-    """step_metrics on rows as the trainer builds them (total reward 0.0 where all abstain)."""
-    rows = []
-    for vals in per_fn_rows:
-        total = sum(w * v for w, v in zip(weights, vals) if not math.isnan(v))
-        rows.append({"reward": total, "rewards": dict(zip(names, vals)),
-                     "completion_ids": [1, 2, 3], "truncated": False})
-    trainer = types.SimpleNamespace(
-        cfg=types.SimpleNamespace(rollout=types.SimpleNamespace(group_size=G)),
-        rewards=[(n, None, w) for n, w in zip(names, weights)], info=None,
-        scheduler=types.SimpleNamespace(get_last_lr=lambda: [1e-6]))
-    upd = {k: 0.0 for k in UPDATE_KEYS}
-    return step_metrics(trainer, rows, {"time/generate": 0.0, "time/score": 0.0}, upd, 1.0)
+    """reward_metrics on rows as the trainer builds them (total reward 0.0 where all abstain)."""
+    per_fn = torch.tensor(per_fn_rows, dtype=torch.float64)  # [N, F]
+    totals = [sum(w * v for w, v in zip(weights, vals) if not math.isnan(v)) for vals in per_fn_rows]
+    n = len(per_fn_rows)
+    return reward_metrics(per_fn, torch.tensor(totals, dtype=torch.float64), torch.full((n,), 3.0),
+                          torch.zeros(n, dtype=torch.bool), names, G)
 
 
 def test_reward_statistics_skip_rows_without_any_opinion():
@@ -59,3 +50,11 @@ def test_no_valid_row_at_all_gives_nan_reward_not_zero():
     m = _metrics([[NAN]] * 4, [1.0], ["accuracy"], G=4)
     assert math.isnan(m["reward"]) and m["reward_std"] == 0.0 and m["frac_reward_zero_std"] == 1.0
     assert torch.isnan(torch.tensor(m["accuracy/mean"]))
+
+
+def test_update_metrics_sum_the_loss_and_average_the_means():
+    # One process: the loss is the whole step's (each rank would hold a share of it and the
+    # shares add up); the per-token statistics are means, averaged over ranks (here one).
+    m = update_metrics({"loss": -0.25, "kl": 0.5, "clip_frac": 0.1, "clip_frac_low": 0.05,
+                        "clip_frac_high": 0.05, "ratio_mean": 1.0, "entropy": 2.0}, world_size=1)
+    assert m["loss"] == -0.25 and m["kl"] == 0.5 and m["entropy"] == 2.0

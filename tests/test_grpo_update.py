@@ -12,7 +12,7 @@ import torch
 from data.tiny import build_tiny_model
 from grpo.config import GRPOJobConfig
 from grpo.loss import policy_loss
-from grpo.trainer import GRPOTrainer, _collate, _seq_logps
+from grpo.trainer import GRPOTrainer
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +39,18 @@ def _trainer(model_path, out, keep_dropout=False, **grpo):
     return GRPOTrainer(cfg)
 
 
-def _whole_batch_grads(trainer, rows) -> dict[str, torch.Tensor]:
-    """d loss / d theta of the whole batch as ONE micro-batch, at the current weights."""
+def _whole_batch_grads(trainer, batch) -> dict[str, torch.Tensor]:
+    """d loss / d theta of the whole batch as ONE micro-batch, at the current weights: one
+    process, so the batch's own counts are the step's (policy_loss's default denominator)."""
     g, r = trainer.cfg.grpo, trainer.cfg.rollout
     trainer.optimizer.zero_grad(set_to_none=True)
-    batch = _collate(rows, trainer.tokenizer.pad_token_id, trainer.info.device)
-    logps = _seq_logps(trainer.policy, batch, r.temperature)  # [N, T]
-    t = logps.shape[1]
-
-    def stacked(key):
-        return torch.stack([torch.nn.functional.pad(x[key], (0, t - len(x[key])))[:t] for x in rows])
-    old = stacked("old_logps") if g.num_iterations > 1 else logps.detach()
-    mask = batch[4]
-    loss, _ = policy_loss(logps, old, torch.tensor([x["advantage"] for x in rows]), mask,
-                          ref_logps=stacked("ref_logps"), beta=g.beta, loss_type=g.loss_type,
-                          max_completion_length=r.max_new_tokens, num_loss_tokens=mask.sum())
+    whole = batch.micro(list(range(len(batch))))
+    logps = trainer.policy.completion_logprobs(whole.input_ids, whole.attention_mask, whole.position_ids,
+                                               whole.completion_ids, whole.prompt_len,
+                                               temperature=r.temperature)  # [N, T]
+    old = whole.old_logps if g.num_iterations > 1 else logps.detach()
+    loss, _ = policy_loss(logps, old, whole.advantages.float(), whole.loss_mask, ref_logps=whole.ref_logps,
+                          beta=g.beta, loss_type=g.loss_type, max_completion_length=r.max_new_tokens)
     loss.backward()
     return {n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}
 
@@ -62,14 +59,15 @@ def _whole_batch_grads(trainer, rows) -> dict[str, torch.Tensor]:
 def test_each_optimizer_step_follows_the_whole_batch_gradient(tiny, tmp_path, loss_type, mu):
     trainer = _trainer(tiny, tmp_path, loss_type=loss_type, num_iterations=mu)
     trainer.step = 1
-    rows, _ = trainer.rollout_step()
-    assert len({x["advantage"] for x in rows}) > 1, "all advantages equal: a vacuous comparison"
-    real_step, checked = trainer._optimizer_step, []
+    batch, _ = trainer.rollout()
+    assert len(set(batch.advantages.tolist())) > 1, "all advantages equal: a vacuous comparison"
+    trainer.logprobs(batch)
+    real_step, checked = trainer.optimizer_step, []
 
-    def checking_step(acc):
+    def checking_step(loss):
         params = dict(trainer.policy.named_parameters())
         accumulated = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
-        want = _whole_batch_grads(trainer, rows)
+        want = _whole_batch_grads(trainer, batch)
         scale = max(v.abs().max().item() for v in want.values())
         assert scale > 0
         for n, w in want.items():
@@ -77,10 +75,10 @@ def test_each_optimizer_step_follows_the_whole_batch_gradient(tiny, tmp_path, lo
         for n, p in params.items():  # the step itself runs on what the trainer accumulated
             p.grad = accumulated.get(n)
         checked.append(scale)
-        return real_step(acc)
+        return real_step(loss)
 
-    trainer._optimizer_step = checking_step
-    trainer.update_step(rows)
+    trainer.optimizer_step = checking_step
+    trainer.update(batch)
     assert len(checked) == mu  # one optimizer step per pass, each checked
 
 
@@ -92,7 +90,8 @@ def test_dropout_is_off_by_default(tmp_path):
     for keep in (False, True):
         trainer = _trainer(path, tmp_path / f"run-{keep}", keep_dropout=keep)
         trainer.step = 1
-        rows, _ = trainer.rollout_step()
-        kl[keep] = trainer.update_step(rows)["kl"]
+        batch, _ = trainer.rollout()
+        trainer.logprobs(batch)
+        kl[keep] = trainer.update(batch)["kl"]
     assert kl[False] == 0.0
     assert kl[True] != 0.0

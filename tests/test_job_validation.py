@@ -74,14 +74,14 @@ def _gsm8k_row(question: str, answer: int) -> str:
     return json.dumps({"question": question, "answer": f"w\n#### {answer}"}) + "\n"
 
 
-def test_load_train_records_reads_only_the_train_split(tmp_path):
-    from grpo.trainer import load_train_records
+def test_train_records_reads_only_the_train_split(tmp_path):
+    from infra.evaluate import train_records
     only = tmp_path / "only-train"
     only.mkdir()
     (only / "train.jsonl").write_text("".join(_gsm8k_row(f"What is {i} + 1?", i + 1) for i in range(5)))
     cfg = RejectionJobConfig()
     cfg.data.source, cfg.data.schema = str(only), "gsm8k"
-    assert [r["answer"] for r in load_train_records(cfg.data, seed=0)] == ["1", "2", "3", "4", "5"]
+    assert [r["answer"] for r in train_records(cfg.data, seed=0)] == ["1", "2", "3", "4", "5"]
 
 
 def test_rejection_sample_runs_on_a_train_only_source(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grpo.advantages import group_advantages
-from grpo.loss import policy_loss
+from grpo.loss import loss_denominator, policy_loss
 
 F64 = torch.float64
 LN2 = math.log(2.0)
@@ -23,7 +23,7 @@ LN2 = math.log(2.0)
 
 def reference_loss(logps, old_logps, advantages, mask, ref_logps=None, beta=0.0, epsilon_low=0.2,
                    epsilon_high=None, loss_type="grpo", importance_sampling="token",
-                   kl_estimator="k3", max_completion_length=None, num_loss_tokens=None):
+                   kl_estimator="k3", max_completion_length=None, denominator=None):
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     N, T = logps.shape
     seq_sums, seq_lens = [], []
@@ -53,12 +53,10 @@ def reference_loss(logps, old_logps, advantages, mask, ref_logps=None, beta=0.0,
         seq_lens.append(len(tokens))
     total_tokens = sum(seq_lens)
     if loss_type == "grpo":
-        return sum(s / max(n, 1) for s, n in zip(seq_sums, seq_lens)) / N
-    if loss_type == "bnpo":
-        return sum(seq_sums) / max(total_tokens, 1)
+        return sum(s / max(n, 1) for s, n in zip(seq_sums, seq_lens)) / (denominator or N)
     if loss_type == "dr_grpo":
-        return sum(seq_sums) / (N * max_completion_length)
-    return sum(seq_sums) / (total_tokens if num_loss_tokens is None else num_loss_tokens)
+        return sum(seq_sums) / (denominator or N * max_completion_length)
+    return sum(seq_sums) / (denominator or max(total_tokens, 1))  # bnpo, dapo
 
 
 def random_batch(seed, N=8, T=6, dtype=F64):
@@ -149,10 +147,12 @@ def _loss_type_case():
         # dr_grpo, L=4: -3.85 / (2 * 4) = -0.48125; weight 1/8
         ("dr_grpo", {"max_completion_length": 4}, -0.48125, (1 / 8, 1 / 8)),
         # dapo with the step's token count 10: -3.85 / 10 = -0.385; weight 1/10
-        ("dapo", {"num_loss_tokens": 10}, -0.385, (1 / 10, 1 / 10)),
-        ("dapo", {"num_loss_tokens": torch.tensor(10)}, -0.385, (1 / 10, 1 / 10)),
-        # dapo without a global count falls back to the local 5 tokens: = bnpo
+        ("dapo", {"denominator": 10}, -0.385, (1 / 10, 1 / 10)),
+        ("dapo", {"denominator": torch.tensor(10)}, -0.385, (1 / 10, 1 / 10)),
+        # dapo without a step count falls back to the local 5 tokens: = bnpo
         ("dapo", {}, -0.77, (1 / 5, 1 / 5)),
+        # grpo within a step of 4 sequences: the 2 sequence means sum to -0.925, / 4
+        ("grpo", {"denominator": 4}, -0.23125, (1 / 12, 1 / 8)),
     ],
 )
 def test_loss_types_hand_case(loss_type, kwargs, expected_loss, token_weights):
@@ -228,7 +228,8 @@ CONFIGS = [
     dict(loss_type=lt, importance_sampling=is_, kl_estimator=kl, beta=0.04)
     for lt, is_, kl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo"), ("token", "sequence"),
                                          ("k1", "k2", "k3"))
-] + [dict(loss_type="dapo", num_loss_tokens=123, beta=0.0), dict(loss_type="grpo", epsilon_high=0.28)]
+] + [dict(loss_type="dapo", denominator=123, beta=0.0), dict(loss_type="grpo", epsilon_high=0.28),
+      dict(loss_type="grpo", denominator=20, beta=0.04)]
 
 
 def _extra(cfg):
@@ -378,23 +379,35 @@ def _accumulated_grad(logps, old, A, mask, ref, splits, **kw):
     return torch.cat(grads)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
-def test_dapo_micro_batches_sum_to_full_batch_gradient(importance_sampling):
+def test_micro_batches_with_the_step_denominator_sum_to_the_full_batch(loss_type, importance_sampling):
+    """Normalization in one place: each micro-batch's sum over the step's count adds up to the
+    whole batch's loss and gradient, for every loss type (the trainer's accumulation)."""
     logps, old, ref, A, mask = random_batch(seed=11, N=10, T=7)
-    kw = dict(beta=0.04, importance_sampling=importance_sampling, epsilon_high=0.28)
+    kw = dict(beta=0.04, importance_sampling=importance_sampling, epsilon_high=0.28,
+              max_completion_length=9)
     full_loss, full_grad = loss_and_grad(policy_loss, logps, old, A, mask, ref_logps=ref,
-                                         loss_type="dapo", **kw)
-    # the trainer would all-reduce this count over micro-batches and ranks
-    num_loss_tokens = mask.sum()
-    micro = _accumulated_grad(logps, old, A, mask, ref, [4, 3, 3], loss_type="dapo",
-                              num_loss_tokens=num_loss_tokens, **kw)
+                                         loss_type=loss_type, **kw)
+    # one rank: the step's counts are the batch's (the trainer all-reduces them over ranks)
+    denominator = loss_denominator(loss_type, sequences=10, tokens=mask.sum(), rank_tokens=mask.sum(),
+                                   world_size=1, max_completion_length=9)
+    micro = _accumulated_grad(logps, old, A, mask, ref, [4, 3, 3], loss_type=loss_type,
+                              denominator=denominator, **kw)
     torch.testing.assert_close(micro, full_grad, rtol=0, atol=1e-12)
-    # Control: a per-micro-batch token mean (bnpo) does not have this property, which is why
-    # dapo takes the global count.
-    _, bnpo_full = loss_and_grad(policy_loss, logps, old, A, mask, ref_logps=ref, loss_type="bnpo",
-                                 **kw)
-    bnpo_micro = _accumulated_grad(logps, old, A, mask, ref, [4, 3, 3], loss_type="bnpo", **kw)
-    assert (bnpo_micro - bnpo_full).abs().max() > 1e-3
+    # Control: without the step's count each micro-batch is its own step, and the sum is not
+    # the whole batch's gradient.
+    alone = _accumulated_grad(logps, old, A, mask, ref, [4, 3, 3], loss_type=loss_type, **kw)
+    assert (alone - full_grad).abs().max() > 1e-3
+
+
+def test_loss_denominators_hand_worked():
+    # 2 ranks, 6 sequences and 40 tokens in the step, 15 of them on this rank, L = 8
+    kw = dict(sequences=6, tokens=40, rank_tokens=15, world_size=2, max_completion_length=8)
+    assert loss_denominator("grpo", **kw) == 6
+    assert loss_denominator("dr_grpo", **kw) == 48
+    assert loss_denominator("dapo", **kw) == 40
+    assert loss_denominator("bnpo", **kw) == 30  # this rank's token mean, averaged over 2 ranks
 
 
 # ---------------------------------------------------------------------------
@@ -426,8 +439,8 @@ def _good():
         ({"importance_sampling": "seq"}, "importance_sampling.*'seq'"),
         ({"loss_type": "dr_grpo"}, "dr_grpo.*max_completion_length"),
         ({"max_completion_length": 0}, "max_completion_length.*0"),
-        ({"num_loss_tokens": -5}, "num_loss_tokens.*-5"),
-        ({"num_loss_tokens": torch.ones(2)}, r"num_loss_tokens must be a scalar.*\(2,\)"),
+        ({"denominator": -5}, "denominator.*-5"),
+        ({"denominator": torch.ones(2)}, r"denominator must be a scalar.*\(2,\)"),
         ({"logps": torch.zeros(0, 3), "old_logps": torch.zeros(0, 3), "mask": torch.ones(0, 3),
           "ref_logps": None, "advantages": torch.zeros(0)}, "N=0"),
     ],

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import pipeline
+import pipeline
 from infra.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,15 +119,13 @@ def test_stage_options_without_a_device_leave_the_stage_default():
     assert pipeline.stage_options(stage, "p", Path("out"), "cpu", {})["train.device"] == "cpu"
 
 
-def test_a_stopped_stage_is_not_recorded_and_a_stale_stopped_record_is_rerun(tmp_path, recorder):
+def test_a_stopped_stage_is_not_recorded_and_runs_again(tmp_path, recorder):
     calls, state = recorder
     out = tmp_path / "pipe"
     state["stop_at"] = "s1"
     rows = pipeline.run_pipeline(_recipe(out), {})
     assert rows == [{"stage": "s1", "command": "sft", "stopped": True, "step": 2}]
     assert [n for n, _ in calls] == ["s1"] and not (out / "s1" / "stage.json").exists()
-    # An older version wrote stage.json for stopped stages; such a record does not count as done.
-    (out / "s1" / "stage.json").write_text(json.dumps({"stopped": True, "step": 2, "stage": "s1"}))
     state["stop_at"] = None
     rows = pipeline.run_pipeline(_recipe(out), {})
     assert [n for n, _ in calls] == ["s1", "s1", "s2"] and [r["stage"] for r in rows] == ["s1", "s2"]

@@ -116,7 +116,8 @@ def test_chat_template_is_chatml(smol):
 
 
 def test_greedy_generation_stops_at_im_end_as_hf_generate_does(smol):
-    from grpo.rollout import PolicyModel, generate, pad_prompts
+    from infra.engine import generate, pad_prompts
+    from infra.policy import PolicyModel
 
     tok, lm = smol
     chats = [[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
@@ -145,8 +146,8 @@ class _Scripted(torch.nn.Module):
         super().__init__()
         self.script, self.vocab = script, vocab
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None):
-        t = 0 if past_key_values is None else past_key_values
+    def next_token_logits(self, input_ids, attention_mask, position_ids, cache=None):
+        t = 0 if cache is None else cache
         logits = torch.zeros(len(self.script), self.vocab)
         for b, row in enumerate(self.script):
             logits[b, row[t]] = 1.0
@@ -161,8 +162,8 @@ def test_eos_equal_to_pad_masks_only_what_follows_the_first_im_end(smol):
              [100 200 300 400 2]      [1 1 1 1 1]
              [500 600 700 800 900]    [1 1 1 1 1]  truncated
     """
-    from grpo.rollout import generate, pad_prompts
-    from grpo.trainer import _collate
+    from grpo.batch import GRPOBatch
+    from infra.engine import generate, pad_prompts
 
     tok, _ = smol
     script = [[100, 200, IM_END, IM_END, 300], [100, 200, 300, 400, IM_END], [500, 600, 700, 800, 900]]
@@ -174,12 +175,13 @@ def test_eos_equal_to_pad_masks_only_what_follows_the_first_im_end(smol):
     assert out.truncated.tolist() == [False, False, True]
     assert out.lengths.tolist() == [3, 5, 5]
     assert out.texts == [tok.decode([100, 200]), tok.decode([100, 200, 300, 400]), tok.decode([500, 600, 700, 800, 900])]
-    # The trainer keeps completion_ids[mask] and re-pads with PAD: the loss mask must still
-    # cover each row's one <|im_end|>.
-    rows = [{"prompt_ids": [1, 9], "completion_ids": out.completion_ids[i][out.completion_mask[i].bool()].tolist(),
-             "loss_weight": 1.0} for i in range(3)]
-    _, _, _, targets, loss_mask, _ = _collate(rows, tok.pad_token_id, "cpu")
-    assert targets[0].tolist() == [100, 200, 2, 2, 2] and loss_mask.tolist() == out.completion_mask.float().tolist()
+    # The trainer's batch carries the mask through, and a micro-batch trimmed to its rows' longest
+    # completion must still cover each row's one <|im_end|>.
+    batch = GRPOBatch.from_rollouts([out], [{}] * 3, tok.pad_token_id)
+    batch.loss_weight = torch.ones(3, dtype=torch.float64)
+    assert batch.loss_mask.tolist() == out.completion_mask.float().tolist()
+    first = batch.micro([0])
+    assert first.completion_ids.tolist() == [[100, 200, 2]] and first.loss_mask.tolist() == [[1, 1, 1]]
 
 
 def test_sft_labels_keep_the_turn_ending_im_end(smol):
@@ -251,7 +253,8 @@ def test_export_loads_in_a_fresh_process_and_generates_the_same_greedy_text(grpo
 import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.prompts import make_conversation
-from grpo.rollout import PolicyModel, generate, pad_prompts
+from infra.engine import generate, pad_prompts
+from infra.policy import PolicyModel
 tok = AutoTokenizer.from_pretrained({str(final)!r}, padding_side="left")
 lm = AutoModelForCausalLM.from_pretrained({str(final)!r}, dtype=torch.float32).eval()
 problems = json.loads({json.dumps([r["problem"] for r in rows])!r})

@@ -45,6 +45,7 @@ def test_resume_applies_a_new_learning_rate(tiny, tmp_path):
     # What a run leaves to read: its options at the top, samples with the gold answer and every
     # reward, and each held-out evaluation's completions (2 problems, at steps 0 and 2).
     assert "lr: 5.0e-05" in (tmp_path / "config.yaml").read_text()
+    assert "lr: 5.0e-05" in (tmp_path / "final" / "training_config.yaml").read_text()
     sample = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
     assert {"answer", "completion", "reward", "accuracy", "format"} <= set(sample)
     evals = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""grpo/rewards: format, tag_count, reasoning_steps, cosine, repetition, language, overlong,
+"""rewards: format, tag_count, reasoning_steps, cosine, repetition, language, overlong,
 the registry and the edge inputs every reward must survive. Expected values are derived by hand
 in the comments. Accuracy itself (math_verify, timeouts, datasets): test_rewards_accuracy.py."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from grpo.rewards import (REWARD_NAMES, RewardConfig, format_reward, get_cosine_scaled_reward,
+from rewards import (REWARD_NAMES, RewardConfig, format_reward, get_cosine_scaled_reward,
                           get_repetition_penalty_reward, get_reward_functions,
                           get_soft_overlong_punishment, language_consistency_reward,
                           reasoning_steps_reward, tag_count_reward)

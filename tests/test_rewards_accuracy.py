@@ -1,4 +1,4 @@
-"""grpo/rewards accuracy: answer and gold forms, the tutorial's bare-answer bug, time bounds on
+"""rewards accuracy: answer and gold forms, the tutorial's bare-answer bug, time bounds on
 hostile input from the main thread and a worker thread, worker crashes, metrics, and the rates
 on the committed GSM8K / AIME 2024 / AMC 2023 samples (full files: bench/reward_rates.py)."""
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-import grpo.rewards.verifier_pool as verifier_pool
-from grpo.rewards import (AnswerChecker, RewardConfig, get_accuracy_reward, get_reward_functions,
+import rewards.verifier_pool as verifier_pool
+from rewards import (AnswerChecker, RewardConfig, get_accuracy_reward, get_reward_functions,
                           pop_reward_metrics)
-from grpo.rewards.verifier_pool import VerifierPool, VerifierStartupError
+from rewards.verifier_pool import VerifierPool, VerifierStartupError
 
 ASSETS = Path(__file__).parent / "assets"
 HOSTILE = "<answer>\\boxed{9^{9^{9^{9}}}}</answer>"
@@ -230,8 +230,8 @@ def test_worker_starts_while_parent_torch_has_threads():
 EXIT_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from grpo.rewards import AnswerChecker, get_accuracy_reward
-from grpo.rewards.verifier_pool import shared_pool
+from rewards import AnswerChecker, get_accuracy_reward
+from rewards.verifier_pool import shared_pool
 fn = get_accuracy_reward(checker=AnswerChecker(fast_path=False))
 assert fn(["<answer>$1$</answer>"], answer=["1"]) == [1.0]
 print(" ".join(str(w.proc.pid) for w in shared_pool()._workers), flush=True)

@@ -1,4 +1,4 @@
-"""The sampler of grpo/rollout.py against references that share none of its code: Hugging Face
+"""The generation engine's sampler (infra/engine.py) against references that share none of its code: Hugging Face
 `generate` on each prompt alone (no padding, no batch), softmax in float64, and cases worked out
 by hand.
 
@@ -13,8 +13,9 @@ import torch
 
 from data.prompts import make_conversation, render_prompt
 from data.task import TaskConfig, generate_problems
-from grpo.rollout import (PolicyModel, filter_logits, generate, pad_prompts, position_ids_from_mask,
-                          row_uniforms, sample_tokens)
+from infra.engine import (filter_logits, generate, pad_prompts, position_ids_from_mask, row_uniforms,
+                          sample_tokens)
+from infra.policy import PolicyModel
 
 ASSET = Path(__file__).resolve().parent / "assets" / "tiny-r1-sft"
 # The task the checkpoint was trained on (configs/tiny-r1.yaml).
@@ -87,7 +88,7 @@ def test_greedy_left_padded_batch_equals_hf_generate_per_prompt(tiny):
 
 def test_policy_logprobs_of_a_rollout_equal_hf_log_softmax(tiny):
     # The training forward of PolicyModel on a left-padded prompt + right-padded completion
-    # batch (laid out as grpo/trainer.py does) against each row run alone through the HF model.
+    # batch (laid out as grpo/batch.py does) against each row run alone through the HF model.
     tok, lm, policy = tiny
     prompts = [_prompt(tok, 1), _prompt(tok, 2, system=False)]
     r = _generate(tiny, prompts, max_new_tokens=32, temperature=0.0)
@@ -95,8 +96,8 @@ def test_policy_logprobs_of_a_rollout_equal_hf_log_softmax(tiny):
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
     attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
     with torch.no_grad():
-        logps = policy(ids, attn, position_ids_from_mask(attn), targets=r.completion_ids,
-                       target_start=p, temperature=temperature)  # [B, T]
+        logps = policy.completion_logprobs(ids, attn, position_ids_from_mask(attn), r.completion_ids, p,
+                                           temperature=temperature)  # [B, T]
         for i, prompt in enumerate(prompts):
             completion = _row(r, i)
             logits = lm(torch.tensor([prompt + completion])).logits[0].double() / temperature
@@ -115,11 +116,11 @@ def test_policy_logprobs_under_bf16_autocast(tiny):
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
     attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
     args = (ids, attn, position_ids_from_mask(attn))
-    kw = dict(targets=r.completion_ids, target_start=r.prompt_ids.shape[1], temperature=0.7)
+    args = (*args, r.completion_ids, r.prompt_ids.shape[1])
     with torch.no_grad():
-        exact = policy(*args, **kw)
+        exact = policy.completion_logprobs(*args, temperature=0.7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logps = policy(*args, **kw)
+        logps = policy.completion_logprobs(*args, temperature=0.7)
     assert logps.dtype == torch.float32
     mask = r.completion_mask.bool()
     err = (logps - exact)[mask].abs()

@@ -93,7 +93,7 @@ def test_rejection_sampling_keeps_only_samples_that_pass(tiny, tmp_path):
                               "--sampling.require", "language_consistency", "--train.output_dir", str(out)])
     stats = json.loads((out / "rejection_stats.json").read_text())
     from data import load_records
-    from grpo.rewards import language_consistency_reward
+    from rewards import language_consistency_reward
     kept = load_records(out / "sft.jsonl", schema="bespoke", split="all").records
     assert stats["prompts"] == 12 and stats["kept"] == len(kept) >= 1
     assert stats["acceptance_rate"] == pytest.approx(len(kept) / 12)
@@ -105,8 +105,8 @@ def test_rejection_sampling_keeps_only_samples_that_pass(tiny, tmp_path):
 
 def test_tiny_pipeline_runs_every_stage_and_exports_load(tmp_path):
     out = tmp_path / "pipe"
-    res = _run("pipeline", ["--recipe", str(ROOT / "configs" / "tiny-r1-full.yaml"), "--output_dir", str(out)],
-               timeout=900)
+    _run("pipeline", ["--recipe", str(ROOT / "configs" / "tiny-r1-full.yaml"), "--output_dir", str(out)],
+         timeout=900)
     stages = ["cold-start-sft", "reasoning-rl", "rejection", "sft-stage-2", "distill"]
     for s in stages:
         assert (out / s / "stage.json").exists(), s

@@ -81,7 +81,7 @@ def test_build_is_deterministic(tmp_path):
 
 
 def test_task_solutions_are_correct_and_scored_by_the_reward():
-    from grpo.rewards import accuracy_reward, format_reward
+    from rewards import accuracy_reward, format_reward
     cfg = TaskConfig(min_operands=3, max_operands=4, max_value=9)
     recs = task_records(cfg, 50, seed=1)
     for r in recs:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from grpo.rewards.common import completion_texts
+from rewards.common import completion_texts
 
 # `</think>`, optional whitespace, `<answer>`. Linear: sre finds each `</think>` by its literal
 # prefix, and whitespace runs after distinct `</think>`s do not overlap.

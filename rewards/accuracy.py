@@ -25,12 +25,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from grpo.rewards.common import (RewardFn, add_metric, check_length_unit, column,
+from rewards.common import (RewardFn, add_metric, check_length_unit, column,
                                  completion_texts, lengths)
-from grpo.rewards.math_answer import (ABANDONED, CORRECT, CRASHED, ERROR, GOLD_UNPARSEABLE,
+from rewards.math_answer import (ABANDONED, CORRECT, CRASHED, ERROR, GOLD_UNPARSEABLE,
                                       NO_ANSWER, OUTCOME_NAMES, WRONG, extract_answer_span,
                                       gold_final_span, plain_number)
-from grpo.rewards.verifier_pool import VerifierPool, shared_pool
+from rewards.verifier_pool import VerifierPool, shared_pool
 
 UNPARSEABLE_GOLD_POLICIES = ("neutral", "skip")
 # Default bound on one batch's verification. Honest batches need a small fraction of it: one

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from grpo.rewards.common import RewardFn, check_length_unit, completion_texts, lengths
+from rewards.common import RewardFn, check_length_unit, completion_texts, lengths
 
 
 def get_repetition_penalty_reward(ngram_size: int = 3, max_penalty: float = -0.1) -> RewardFn:

@@ -20,7 +20,7 @@ Sympy can hang on hostile input (`\\boxed{9^{9^{9^{9}}}}`), and math_verify's ow
 verifying run here, inside a worker *process* (`serve()`, started by `verifier_pool.py`) that
 the parent kills when an item overruns its bound. Only the standard library is imported at
 module level: the parent imports this file for the string helpers without loading sympy, and
-the worker runs it by file path so that it does not import the `grpo` package (or torch).
+the worker runs it by file path so that it does not import the `rewards` package (or torch).
 """
 from __future__ import annotations
 

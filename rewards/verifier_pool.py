@@ -29,10 +29,10 @@ import time
 from collections import deque
 from pathlib import Path
 
-from grpo.rewards.math_answer import ABANDONED, CRASHED, TIMEOUT
+from rewards.math_answer import ABANDONED, CRASHED, TIMEOUT
 
 _WORKER_FILE = str(Path(__file__).with_name("math_answer.py"))
-# Load the worker module by path: `-m grpo.rewards...` would import grpo/__init__ (and maybe torch).
+# Load the worker module by path: `-m rewards...` would import rewards/__init__ (and maybe torch).
 # The import path comes in argv[2] (see _worker_path), set before anything else is imported.
 _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[2]); import importlib.util as u; "
          "s = u.spec_from_file_location('r1_math_worker', sys.argv[1]); m = u.module_from_spec(s); "

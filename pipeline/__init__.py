@@ -42,6 +42,7 @@ from pathlib import Path
 
 from infra.config import ConfigError, load_recipe, parse_args, split_argv
 from infra.dist import barrier, init_distributed
+from infra.resume import flatten
 
 COMMANDS = ("sft", "grpo", "rejection-sample", "distill")
 RECIPE_KEYS = ("output_dir", "model", "device", "stages")
@@ -53,8 +54,9 @@ UNRECORDED = ("train.progress", "train.log_every", "train.wandb", "train.wandb_p
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _command(command: str):
-    """(config class, entry point) of a stage command; imported late: they pull in the trainers."""
+def command_entry(command: str):
+    """(config class, entry point) of a command (train.py's too); imported late: they pull in
+    the trainers."""
     if command == "grpo":
         from grpo.config import GRPOJobConfig as cls
         from grpo.trainer import main
@@ -62,8 +64,11 @@ def _command(command: str):
         from sft.trainer import SFTJobConfig as cls, main
     elif command == "rejection-sample":
         from sft.rejection import RejectionJobConfig as cls, main
-    else:
+    elif command == "distill":
         from sft.distill import DistillJobConfig as cls, main
+    else:
+        raise ConfigError(f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}, "
+                          f"pipeline (or none for the tiny pipeline)")
     return cls, main
 
 
@@ -77,16 +82,6 @@ def _argv(options: dict) -> list[str]:
             v = ",".join(str(x) for x in v)
         argv += [f"--{k}", str(v)]
     return argv
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _subst(value, prev: str, out: str):
@@ -109,7 +104,7 @@ def stage_options(stage: dict, prev: str, out: Path, device: str | None, overrid
     pipeline's device when the stage sets no `train.device`, then `--<stage>.x` overrides.
     `train.output_dir` is always <out>/<name>: the pipeline finds stage.json and exports there."""
     name = stage["name"]
-    opts = {k: _subst(v, prev, str(out)) for k, v in _flatten(stage.get("options") or {}).items()}
+    opts = {k: _subst(v, prev, str(out)) for k, v in flatten(stage.get("options") or {}).items()}
     opts.setdefault("model.path", prev)
     if device is not None:
         # Without this the stages would pick "auto" (CUDA when present) whatever --device said.
@@ -166,11 +161,11 @@ def check_recipe(recipe: dict, overrides: dict, world_size: int = 1) -> list[dic
     prev = str(recipe.get("model", "embedded"))
     for stage in stages:
         name = stage["name"]
-        if ("train.output_dir" in _flatten(stage.get("options") or {})
+        if ("train.output_dir" in flatten(stage.get("options") or {})
                 or f"{name}.train.output_dir" in overrides):
             raise ConfigError(f"stage {name}: train.output_dir is set by the pipeline to <output_dir>/{name}; "
                               f"set the pipeline's output_dir instead")
-        cls, _ = _command(stage["command"])
+        cls, _ = command_entry(stage["command"])
         try:
             cfg = parse_args(cls, _argv(stage_options(stage, prev, out, device, overrides)))
             cfg.validate(world_size)
@@ -183,8 +178,8 @@ def check_recipe(recipe: dict, overrides: dict, world_size: int = 1) -> list[dic
 def resolved_options(command: str, options: dict) -> dict:
     """The flat resolved config a stage runs with (defaults filled in), minus `UNRECORDED`."""
     from infra.config import to_dict
-    cls, _ = _command(command)
-    flat = _flatten(to_dict(parse_args(cls, _argv(options))))
+    cls, _ = command_entry(command)
+    flat = flatten(to_dict(parse_args(cls, _argv(options))))
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in UNRECORDED}
 
 
@@ -221,8 +216,6 @@ def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
         opts = stage_options(stage, prev, out, device, overrides)
         options = resolved_options(command, opts)
         result = json.loads(done.read_text()) if done.exists() else None
-        if result is not None and result.get("stopped"):
-            result = None  # written by an older version that took a stopped stage for a finished one
         if result is not None and not rerunning:
             changes = _changes(result.get("options"), options)
             if changes and not rerun:
@@ -278,7 +271,7 @@ def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
 
 
 def _run_stage(command: str, options: dict) -> dict:
-    _, main = _command(command)
+    _, main = command_entry(command)
     return main(_argv(options)) or {}
 
 
@@ -296,6 +289,6 @@ def main(argv: list[str]) -> list[dict]:
     rows = run_pipeline(recipe, overrides)
     if rows and rows[-1].get("stopped"):
         return rows  # no report on a partial run; the next run writes it
-    from infra.report import finish_report
+    from pipeline.report import finish_report
     finish_report(recipe, overrides, rows)
     return rows

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from grpo.rewards.common import column, completion_texts
+from rewards.common import column, completion_texts
 
 # Code-point ranges per script (Unicode blocks). Only letters are counted (see _LETTER_RE), so
 # punctuation inside a block (e.g. CJK 、。) does not count.

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from grpo.rewards.accuracy import (DEFAULT_BATCH_TIMEOUT_S, UNPARSEABLE_GOLD_POLICIES,
+from rewards.accuracy import (DEFAULT_BATCH_TIMEOUT_S, UNPARSEABLE_GOLD_POLICIES,
                                    AnswerChecker, accuracy_reward, get_accuracy_reward,
                                    get_cosine_scaled_reward)
-from grpo.rewards.common import LENGTH_UNITS, RewardFn, pop_reward_metrics
-from grpo.rewards.format import format_reward, reasoning_steps_reward, tag_count_reward
-from grpo.rewards.language import language_consistency_reward
-from grpo.rewards.penalties import get_repetition_penalty_reward, get_soft_overlong_punishment
+from rewards.common import LENGTH_UNITS, RewardFn, pop_reward_metrics
+from rewards.format import format_reward, reasoning_steps_reward, tag_count_reward
+from rewards.language import language_consistency_reward
+from rewards.penalties import get_repetition_penalty_reward, get_soft_overlong_punishment
 
 REWARD_NAMES = ("accuracy", "format", "tag_count", "reasoning_steps", "cosine",
                 "repetition_penalty", "language_consistency", "soft_overlong")
@@ -193,6 +193,15 @@ def get_reward_functions(names: Sequence[str] | str, config: RewardConfig | None
     return [(n, builders[n](), w) for n, w in zip(names, weights)]
 
 
-def config_help() -> dict[str, str]:
-    """Field name -> help text, for command-line parsers."""
-    return {f.name: f.metadata.get("help", "") for f in fields(RewardConfig)}
+def score_completions(reward_fns: Sequence[tuple[str, RewardFn, float]], texts: list[str], records: list[dict],
+                      completion_ids: list[list[int]]):
+    """[N, F] float64 tensor: reward function f on completion i, NaN where it has no opinion.
+
+    `records[i]` is completion i's problem: every function gets its columns (problem, solution,
+    answer, prompt) and `completion_ids` (token lists) as keyword lists."""
+    import torch
+
+    columns = {k: [r.get(k, "") for r in records] for k in ("solution", "answer", "problem", "prompt")}
+    columns["completion_ids"] = completion_ids
+    return torch.tensor([[math.nan if v is None else float(v) for v in fn(texts, **columns)]
+                         for _, fn, _ in reward_fns], dtype=torch.float64).T.reshape(len(texts), len(reward_fns))

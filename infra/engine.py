@@ -1,0 +1,217 @@
+"""The generation engine: how every stage samples from a policy.
+
+GRPO rollouts, held-out evaluation, rejection sampling, distillation traces and cold-start data
+all call `Engine.generate(prompts, seeds, ...)`. The engine owns what each of them would
+otherwise repeat around the token loop: eval mode and FSDP gathering for the call (parameters
+stay gathered between tokens instead of being all-gathered once per token), autocast, the EOS
+ids, and rank agreement: FSDP ranks must run the same number of forwards, so a rank with no
+prompt left generates a dummy row, and ranks stop together when all are done (or when a stop
+signal arrives on any of them).
+
+`generate` below is the token loop itself: prefill, then one decode step per token with a KV
+cache. Sampling is seeded per sequence, not per batch: each completion draws its uniforms from a
+generator seeded by its own seed (`row_seed(seed, step, global row)` in training) and samples by
+inverse CDF. The same row gets the same completion whatever batch or rank it lands on, which is
+what makes a 2-process run reproduce a 1-process run, and a resumed run an uninterrupted one.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from infra.dist import DistInfo, all_reduce_sum, set_gathered
+from infra.model import eos_token_ids as default_eos_ids
+
+
+def row_seed(seed: int, step: int, row: int) -> int:
+    """Seed of one completion's sampler: depends on (seed, step, global row) only."""
+    return (seed * 0x9E3779B1 + step * 0x85EBCA77 + row * 0xC2B2AE3D) % (2**61 - 1)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: positions count real tokens only, so position 0 is each prompt's first."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_prompts(token_lists: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into [B, P] ids and mask."""
+    p = max(len(x) for x in token_lists)
+    ids = torch.full((len(token_lists), p), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), p), dtype=torch.long)
+    for i, x in enumerate(token_lists):
+        ids[i, p - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, p - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def row_uniforms(seeds: list[int], n: int, device) -> torch.Tensor:
+    """[B, n] uniforms in [0, 1), row b drawn from its own generator seeded by seeds[b]."""
+    rows = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s) % (2**63 - 1))
+        rows.append(torch.rand(n, generator=g, dtype=torch.float64))
+    return torch.stack(rows).to(device)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: tokens outside are set to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int,
+                  top_p: float) -> torch.Tensor:
+    """One token per row by inverse CDF with the row's own uniform `u` [B]; greedy at T=0."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)  # [B, V]
+    cdf = probs.cumsum(-1)
+    # the first token whose cdf exceeds u (right=True): a filtered-out token adds nothing to
+    # the cdf, so it is never picked, not even at u = 0
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return idx.clamp(max=logits.shape[-1] - 1)
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor       # [B, P] left-padded
+    prompt_mask: torch.Tensor      # [B, P]
+    completion_ids: torch.Tensor   # [B, T] right-padded with pad_token_id
+    completion_mask: torch.Tensor  # [B, T] 1 up to and including EOS / the stop string
+    truncated: torch.Tensor        # [B] bool: hit max_new_tokens without EOS or stop
+    texts: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)  # [B]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+             seeds: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, eos_token_ids: list[int] | None = None,
+             stop_strings: list[str] | None = None, all_done=None) -> Rollout:
+    """Sample one completion per row of the left-padded `prompt_ids` with a KV cache.
+
+    `model` has `PolicyModel.next_token_logits`. `all_done(bool) -> bool` lets ranks agree to
+    stop together. `eos_token_ids` defaults to every EOS id of the tokenizer and of the model's
+    generation config (`infra.model.eos_token_ids`): Qwen2.5-Instruct ends turns with either of two.
+    """
+    device = prompt_ids.device
+    b, p = prompt_ids.shape
+    pad = tokenizer.pad_token_id
+    if eos_token_ids is None:
+        eos_token_ids = default_eos_ids(tokenizer, getattr(model, "lm", None))
+    eos = torch.tensor(eos_token_ids, device=device)
+    u = row_uniforms(seeds, max_new_tokens, device)  # [B, max_new]
+    # One mask for the whole run, sliced per step (no re-allocation per token).
+    full_mask = torch.cat([prompt_mask, torch.ones((b, max_new_tokens), dtype=prompt_mask.dtype,
+                                                    device=device)], dim=1)  # [B, P + max_new]
+    # prefill: every prompt token at once; the logits of its last position
+    logits, cache = model.next_token_logits(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))
+    next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: position of the first completion token
+    out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)  # [B, max_new]
+    finish_at = torch.full((b,), -1, dtype=torch.long, device=device)  # [B] token that ended the row
+    steps = 0
+    for t in range(max_new_tokens):
+        done = finish_at >= 0  # [B]
+        tok = sample_tokens(logits, u[:, t], temperature, top_k, top_p)  # [B]
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        out[:, t] = tok
+        hit = torch.isin(tok, eos)
+        if stop_strings:
+            hit |= _stop_hit(tokenizer, out[:, : t + 1], stop_strings)
+        finish_at = torch.where(hit & ~done, torch.full_like(finish_at, t), finish_at)
+        done = finish_at >= 0
+        steps = t + 1
+        local_done = bool(done.all())
+        if (all_done(local_done) if all_done is not None else local_done) or t + 1 == max_new_tokens:
+            break
+        # decode: one token per row against the cache
+        logits, cache = model.next_token_logits(tok[:, None], full_mask[:, : p + t + 1], next_pos + t,
+                                                cache=cache)
+    out = out[:, :steps]
+    truncated = finish_at < 0  # [B] no EOS or stop string within max_new_tokens
+    last = torch.where(truncated, torch.full_like(finish_at, steps - 1), finish_at)  # [B]
+    # Mask: every token up to and including the one that finished the row (all when truncated).
+    completion_mask = (torch.arange(steps, device=device)[None, :] <= last[:, None]).long()
+    out = out.masked_fill(completion_mask == 0, pad)
+    texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(out, completion_mask)],
+                                   skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, out, completion_mask, truncated, texts)
+
+
+def _stop_hit(tokenizer, ids: torch.Tensor, stop_strings: list[str], window: int = 16) -> torch.Tensor:
+    tails = tokenizer.batch_decode(ids[:, -window:].tolist(), skip_special_tokens=False)
+    return torch.tensor([any(s in tail for s in stop_strings) for tail in tails], device=ids.device)
+
+
+class Engine:
+    """`generate` for a policy, with everything around it that every caller needs (module doc).
+
+    `autocast`: a context-manager factory for the forwards (bf16 on a single GPU); `info`: the
+    rank layout (None = one process).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, info: DistInfo | None = None, *,
+                 autocast: Callable[[], object] = nullcontext, eos_token_ids: list[int] | None = None):
+        self.model, self.tokenizer, self.info, self.autocast = model, tokenizer, info, autocast
+        self.eos_token_ids = eos_token_ids or default_eos_ids(tokenizer, getattr(model, "lm", None))
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device if self.info is not None else next(self.model.parameters()).device
+
+    def _all_done(self, stop_requested: Callable[[], bool] | None):
+        """Stop when every rank is done, or as soon as any rank got a stop signal: one
+        all-reduce per token (FSDP ranks must run the same number of forwards)."""
+        distributed = self.info is not None and self.info.distributed
+        if not distributed and stop_requested is None:
+            return None
+
+        def all_done(local_done: bool) -> bool:
+            flags = torch.tensor([0.0 if local_done else 1.0,
+                                  float(stop_requested()) if stop_requested else 0.0], device=self.device)
+            running, stopping = all_reduce_sum(flags).tolist()
+            return running == 0 or stopping > 0
+        return all_done
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 stop_strings: list[str] | None = None,
+                 stop_requested: Callable[[], bool] | None = None) -> Rollout | None:
+        """One completion per prompt (token lists), row i sampled with seeds[i]. Collective under
+        FSDP: every rank calls it the same number of times; a rank with no prompts joins with a
+        dummy row and gets None back."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"Engine.generate: {len(prompts)} prompts but {len(seeds)} seeds")
+        idle = not prompts
+        if idle:
+            prompts, seeds = [[self.tokenizer.pad_token_id]], [0]
+        was_training = self.model.training
+        self.model.eval()
+        set_gathered(self.model, True)
+        try:
+            ids, mask = pad_prompts(prompts, self.tokenizer.pad_token_id, self.device)
+            with self.autocast():
+                out = generate(self.model, self.tokenizer, ids, mask, seeds=seeds,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, eos_token_ids=self.eos_token_ids,
+                               stop_strings=stop_strings, all_done=self._all_done(stop_requested))
+        finally:
+            set_gathered(self.model, False)
+            self.model.train(was_training)
+        return None if idle else out

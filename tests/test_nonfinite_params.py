@@ -1,0 +1,86 @@
+"""An update that makes parameters NaN/Inf stops the run before anything is saved or exported.
+
+The loss / gradient-norm guard cannot see it: with `--optim.lr inf` the loss and gradients of the
+step are finite and only the update is not (the issue's run exited 0 with an all-NaN export)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.tiny import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+ARGS = {
+    "grpo": ["--rollout.group_size", "4", "--grpo.prompts_per_step", "2", "--grpo.micro_batch_size", "8",
+             "--rollout.max_new_tokens", "8", "--grpo.beta", "0", "--grpo.rewards", "accuracy,repetition_penalty",
+             "--optim.warmup_steps", "0", "--data.num_train", "16", "--data.num_eval", "2"],
+    "sft": ["--data.num_train", "16", "--data.num_eval", "2", "--sft.max_seq_len", "256",
+            "--sft.rows_per_step", "2", "--sft.eval_max_new_tokens", "4", "--optim.warmup_steps", "0"],
+}
+COMMON = ["--train.max_steps", "2", "--train.save_every", "1", "--train.eval_every", "0",
+          "--train.progress", "false"]
+
+# An update that overflows: the real step, then one weight becomes inf, as a float32 overflow would.
+OVERFLOW = """
+import sys, torch
+real_step = torch.optim.AdamW.step
+def overflowing_step(self, *a, **k):
+    out = real_step(self, *a, **k)
+    with torch.no_grad():
+        p = self.param_groups[0]["params"][0]
+        (p.to_local() if hasattr(p, "to_local") else p).view(-1)[0] = float("inf")
+    return out
+torch.optim.AdamW.step = overflowing_step
+sys.argv = ["train.py", *sys.argv[1:]]
+sys.path.insert(0, {root!r})
+import train
+train.main()
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+def test_check_finite_params_finds_one_bad_value():
+    from infra.checkpoint import CheckpointManager
+    from infra.dist import init_distributed
+    from infra.loop import NonFiniteParameters, check_finite_params
+    info = init_distributed("cpu")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    ckpt = CheckpointManager("/nonexistent/checkpoints", info)
+    check_finite_params(model.parameters(), 3, ckpt, info.device, "test")  # all finite: no error
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with torch.no_grad():
+            model[1].bias[1] = bad
+        with pytest.raises(NonFiniteParameters, match=r"\[test\] step 3: .*non-finite.*none yet"):
+            check_finite_params(model.parameters(), 3, ckpt, info.device, "test")
+
+
+@pytest.mark.parametrize("command", ["grpo", "sft"])
+def test_an_update_that_overflows_stops_before_saving_or_exporting(tiny, tmp_path, command):
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-c", OVERFLOW.format(root=str(ROOT)), command, *ARGS[command],
+                          *COMMON, "--model.path", tiny, "--train.output_dir", str(out)],
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert f"[{command}] step 1: the optimizer update made parameters non-finite" in res.stderr, res.stderr[-3000:]
+    assert f"none yet in {out / 'checkpoints'}" in res.stderr
+    assert not (out / "final").exists()
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("command", ["grpo", "sft"])
+def test_lr_inf_never_exits_zero_with_an_export(tiny, tmp_path, command):
+    """The issue's reproduction, whichever check (option validation or this guard) stops it."""
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), command, *ARGS[command], *COMMON,
+                          "--optim.lr", "inf", "--model.path", tiny, "--train.output_dir", str(out)],
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert not (out / "final").exists()

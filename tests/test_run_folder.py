@@ -1,0 +1,161 @@
+"""The run folder: nothing the project did not write is deleted, replaced or appended to; starting
+over never mixes two runs; logs survive a torn write and a resume truncates every per-step log."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.tiny import build_tiny_model, ensure_tiny_model
+from infra.config import ConfigError
+from infra.dist import init_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+GRPO = ["--rollout.group_size", "4", "--grpo.prompts_per_step", "2", "--grpo.micro_batch_size", "8",
+        "--rollout.max_new_tokens", "8", "--grpo.beta", "0", "--grpo.rewards", "accuracy,repetition_penalty",
+        "--optim.warmup_steps", "0", "--data.num_train", "16", "--data.num_eval", "2",
+        "--train.eval_every", "0", "--train.progress", "false", "--train.sample_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+def _grpo(tiny, out, *extra, ok=True):
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "grpo", *GRPO, "--model.path", tiny,
+                          "--train.output_dir", str(out), *extra],
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    if ok:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _steps(path, key="reward"):
+    return [r["step"] for r in _rows(path) if key in r]
+
+
+# ---------------------------------------------------------------- 3. foreign files
+def test_tiny_model_build_never_deletes_a_foreign_file(tmp_path):
+    target = tmp_path / "tiny-model"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"tiny-model holds keep\.txt"):
+        ensure_tiny_model(target, seed=0)
+    assert (target / "keep.txt").read_text() == "mine"
+
+    shutil.rmtree(target)
+    ensure_tiny_model(target, seed=0)
+    (target / "keep.txt").write_text("mine")
+    assert ensure_tiny_model(target, seed=0) == target  # same build: reused as it is
+    with pytest.raises(ValueError, match=r"keep\.txt"):  # another seed would rebuild: refused
+        ensure_tiny_model(target, seed=1)
+    assert (target / "keep.txt").read_text() == "mine"
+    (target / "keep.txt").unlink()
+    ensure_tiny_model(target, seed=1)  # only the build's own files: replaced
+    assert json.loads((target / "tiny_model.json").read_text())["seed"] == 1
+
+
+def test_embedded_model_in_a_foreign_folder_is_a_config_error(tmp_path):
+    from infra.model import resolve_model_path
+    (tmp_path / "tiny-model").mkdir()
+    (tmp_path / "tiny-model" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"tiny-model holds keep\.txt"):
+        resolve_model_path("embedded", tmp_path, init_distributed("cpu"))
+    assert (tmp_path / "tiny-model" / "keep.txt").exists()
+
+
+def test_export_never_replaces_a_foreign_final_folder(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from infra.checkpoint import export_hf
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    info, out = init_distributed("cpu"), tmp_path / "final"
+    export_hf(model, model.config, tok, out, info)
+    export_hf(model, model.config, tok, out, info)  # its own export, listed in its manifest: replaced
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    (out / "model.bin").write_bytes(b"a user's weights")
+    with pytest.raises(ConfigError, match=r"final holds model\.bin"):
+        export_hf(model, model.config, tok, out, info)
+    assert (out / "model.bin").read_bytes() == b"a user's weights"
+
+
+def test_foreign_files_are_moved_aside_or_refused_never_deleted_or_appended(tiny, tmp_path):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.bin").write_bytes(b"a user's weights")
+    (out / "metrics.jsonl").write_text("my notes, not JSON\n")
+    res = _grpo(tiny, out, "--train.max_steps", "2", "--train.save_every", "2")
+    old = [p for p in out.iterdir() if p.name.startswith("old-")]
+    assert len(old) == 1 and f"moved the earlier run's files in {out} to {old[0]}" in res.stdout
+    assert (old[0] / "final" / "model.bin").read_bytes() == b"a user's weights"
+    assert (old[0] / "metrics.jsonl").read_text() == "my notes, not JSON\n"
+    assert _steps(out / "metrics.jsonl") == [1, 2]  # the new run's rows only, all of them JSON
+
+    # Resuming would replace final/ and prune step folders: a foreign file there is refused.
+    (out / "final" / "notes.txt").write_text("mine")
+    res = _grpo(tiny, out, "--train.max_steps", "3", ok=False)
+    assert res.returncode == 2 and f"{out / 'final'} holds notes.txt" in res.stderr, res.stderr[-2000:]
+    (out / "final" / "notes.txt").unlink()
+    (out / "checkpoints" / "step-2" / "notes.txt").write_text("mine")
+    res = _grpo(tiny, out, "--train.max_steps", "3", ok=False)
+    assert res.returncode == 2 and f"{out / 'checkpoints' / 'step-2'} holds notes.txt" in res.stderr
+    assert (out / "checkpoints" / "step-2" / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- 4. starting over
+def test_starting_over_moves_the_earlier_run_aside_and_never_mixes_with_it(tiny, tmp_path):
+    out = tmp_path / "run"
+    _grpo(tiny, out, "--train.max_steps", "4", "--train.save_every", "2", "--train.export", "false")
+    res = _grpo(tiny, out, "--train.resume", "false", "--train.max_steps", "3", "--train.save_every", "1",
+                "--train.export", "false")
+    assert "starting a new run (--train.resume false)" in res.stdout
+    old = next(p for p in out.iterdir() if p.name.startswith("old-"))
+    assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert _steps(old / "metrics.jsonl") == [1, 2, 3, 4]
+    # The new run's newest checkpoints are its own (the old code pruned them against step-4).
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert "max_steps: 3" in (out / "checkpoints" / "step-3" / "config.yaml").read_text()
+    assert _steps(out / "metrics.jsonl") == [1, 2, 3]
+
+    res = _grpo(tiny, out, "--train.max_steps", "4", "--train.export", "false")
+    assert f"resumed from {out / 'checkpoints' / 'step-3'} at step 3" in res.stdout
+    assert _steps(out / "metrics.jsonl") == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- 6. torn logs
+def test_truncation_drops_later_steps_and_torn_lines(tmp_path, capsys):
+    from infra.logging import MetricsLogger
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
+    (tmp_path / "samples.jsonl").write_text(
+        "".join(json.dumps({"step": s, "completion": f"c{s}{i}"}) + "\n" for s in (1, 2, 3) for i in range(2)))
+    MetricsLogger(tmp_path, enabled=True).truncate_after(2)
+    assert _rows(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    assert [r["completion"] for r in _rows(tmp_path / "samples.jsonl")] == ["c10", "c11", "c20", "c21"]
+    assert "dropped 1 unreadable line" in capsys.readouterr().out
+
+
+def test_resume_survives_a_torn_metrics_line_and_logs_each_step_once(tiny, tmp_path):
+    out = tmp_path / "run"
+    # A run that logged step 3, then died before saving it (its checkpoint is gone) in the middle
+    # of writing a line.
+    _grpo(tiny, out, "--train.max_steps", "4", "--train.save_every", "2", "--train.stop_at_step", "3")
+    shutil.rmtree(out / "checkpoints" / "step-3")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "reward": 0.')
+    res = _grpo(tiny, out, "--train.max_steps", "4", "--train.save_every", "2")
+    assert f"resumed from {out / 'checkpoints' / 'step-2'} at step 2" in res.stdout
+    assert _steps(out / "metrics.jsonl") == [1, 2, 3, 4]
+    samples = _steps(out / "samples.jsonl", key="completion")
+    per_step = {s: samples.count(s) for s in set(samples)}
+    assert sorted(per_step) == [1, 2, 3, 4] and len(set(per_step.values())) == 1, per_step
