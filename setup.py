@@ -30,6 +30,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "matplotlib"],  # the main-job test checks the curves PNG
         "plot": ["matplotlib"],
+        # GGUF files as --model.path (infra/gguf.py): transformers dequantizes them with the
+        # gguf reader and needs accelerate to build the model.
+        "gguf": ["gguf>=0.10", "accelerate"],
     },
     entry_points={"console_scripts": ["r1-train=train:main"]},
 )

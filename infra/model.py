@@ -16,10 +16,15 @@ EMBEDDED = "embedded"
 
 def resolve_model_path(path: str, output_dir: str | os.PathLike, info: DistInfo, seed: int = 0,
                        size: str = "default") -> str:
-    """'embedded' -> build (once, on rank 0) the tiny model under <output_dir>/tiny-model.
+    """'embedded' -> build (once, on rank 0) the tiny model under <output_dir>/tiny-model;
+    a .gguf file or a packaged model's name -> its converted, cached folder (infra/gguf.py).
 
     A `tiny-model/` holding files the build did not write is never replaced: ConfigError naming
     the file, raised on every rank (the others would otherwise wait for rank 0 forever)."""
+    from infra.gguf import is_gguf_source, resolve_gguf
+
+    if is_gguf_source(path):
+        return resolve_gguf(path, info)
     if path != EMBEDDED:
         return path
     from data.tiny import ensure_tiny_model

