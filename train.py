@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None):
     command = argv.pop(0) if argv and not argv[0].startswith("-") else None
     from data.loaders import DatasetError
     from infra.config import ConfigError, error_line
+    from rewards.custom import RewardError
 
     try:
         if command is None:
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None):
         from pipeline import command_entry, main as run_pipeline
         run = run_pipeline if command == "pipeline" else command_entry(command)[1]
         return run(argv)
-    except (ConfigError, DatasetError) as e:
-        # A user's mistake (an option, a recipe, a data file or row, a model path): one line
+    except (ConfigError, DatasetError, RewardError) as e:
+        # A user's mistake (an option, a recipe, a data file or row, a model path, a reward
+        # function that broke its contract): one line
         # that names it, no traceback, and status 2 as for a usage error. Anything else is a
         # bug or a fault and keeps its traceback.
         print(error_line(e), file=sys.stderr)

@@ -1,5 +1,5 @@
-"""The data layer: R1 prompts and dataset loaders that turn every supported schema into one
-record layout (`prompt`, `problem`, `solution`, `answer`, and `messages` for SFT data)."""
+"""The data layer: R1 prompts and dataset loaders that turn every supported layout (schemas.py)
+into one record layout (`prompt`, `problem`, `solution`, `answer`, and `messages` for SFT data)."""
 from data.loaders import (
     SCHEMAS,
     DatasetError,

@@ -9,14 +9,10 @@ or a folder of them, and returns `Records`: one dict per problem with
     answer    the final answer as a string (what the accuracy reward compares against), or "",
     messages  SFT schemas only: the whole chat [system, user, assistant, ...].
 
-Schemas (detected from the columns, most specific first, or chosen with `schema=`):
-
-    bespoke  Bespoke-Stratos-17k: system, conversations [{"from": "user"|"assistant", "value"}]
-    numina   NuminaMath-TIR: problem, solution, messages; answer = last \\boxed{} of solution
-    math     MATH / AIME / AMC: problem and solution and/or answer; without an answer column,
-             answer = last \\boxed{} of solution; numeric answers (AMC's 27.0) become "27"
-    gsm8k    GSM8K: question, answer = worked text ending in "#### N"; N loses its thousands
-             separators
+Layouts (schemas), detected from the columns or chosen with `schema=`, and the `columns=`
+mapping that renames a file's columns first: data/schemas.py (bespoke, numina, verl,
+conversational, messages, math, gsm8k, qa). Columns a layout does not read stay in the record
+for reward functions. Several sources with weights (`a.jsonl:0.7,b.jsonl:0.3`): data/mixing.py.
 
 Splits. A source that names its splits (an HF dataset; a folder whose files are named like
 `train-00000-of-00001.parquet`, `data/test.jsonl`) gives them as they are, and `split="all"`
@@ -49,24 +45,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
 
-from data.prompts import SYSTEM_PROMPT, make_conversation
+from data.prompts import SYSTEM_PROMPT
+from data.schemas import (GSM8K_FINAL, ROW_FUNCTIONS, SCHEMAS, DatasetError, _BadRow, describe_schemas,
+                          last_boxed, map_columns, normalize_answer, parse_column_map, pick_schema,
+                          with_extra_columns)
 
 log = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
-    """A dataset source, file, column or row that cannot be read into records."""
-
-
-# Each schema is a tuple of column groups; a file needs at least one column of every group.
-# Detection tries them in this order because the AIME/AMC copies carry `question` + `answer`
-# (the GSM8K columns) next to `problem`, and NuminaMath's columns contain MATH's.
-SCHEMAS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "bespoke": (("system",), ("conversations",)),
-    "numina": (("problem",), ("solution",), ("messages",)),
-    "math": (("problem",), ("solution", "answer")),
-    "gsm8k": (("question",), ("answer",)),
-}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Names that mark a folder's files as split files (HF hub layouts use these).
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
@@ -103,144 +89,6 @@ class _Table:
 
     def __post_init__(self) -> None:
         self.labels = self.labels or [f"row {i}" for i in range(1, len(self.rows) + 1)]
-
-
-class _BadRow(Exception):
-    """What is wrong with one row: a field of it (`field_name`), or the whole row (None)."""
-
-    def __init__(self, field_name: str | None, reason: str):
-        super().__init__(reason if field_name is None else f"field {field_name!r}: {reason}")
-        self.field_name, self.reason = field_name, reason
-
-
-# Answers
-
-GSM8K_FINAL = re.compile(r"####[ \t]*(\S[^\n]*?)\s*$")
-THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-
-
-def last_boxed(text: str) -> str:
-    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; "" if none.
-
-    `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`: a regex up to the first "}" would cut it.
-    """
-    found = ""
-    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                found = text[start:i].strip()
-                break
-    return found
-
-
-def normalize_answer(value: Any) -> str:
-    """A gold answer as a string: AMC stores 27.0 (-> "27"), AIME "025" (kept), 0.5 -> "0.5"."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"answer must be a string or a number, got {type(value).__name__} {value!r:.60}")
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"answer must be finite, got {value!r}")
-        return str(int(value)) if value.is_integer() else repr(value)
-    return str(value).strip()
-
-
-# Rows -> records, one function per schema
-
-def _text(row: dict, key: str, field_name: str | None = None) -> str:
-    name = field_name or key
-    if key not in row or row[key] is None:
-        raise _BadRow(name, "missing")
-    value = row[key]
-    if not isinstance(value, str):
-        raise _BadRow(name, f"not a string: {type(value).__name__} {value!r:.60}")
-    if not value.strip():
-        raise _BadRow(name, "empty")
-    return value.strip()
-
-
-def _answer_field(row: dict) -> str:
-    if row.get("answer") is None:
-        raise _BadRow("answer", "missing")
-    try:
-        answer = normalize_answer(row["answer"])
-    except ValueError as e:
-        raise _BadRow("answer", str(e)) from None
-    if not answer:
-        raise _BadRow("answer", "empty")
-    return answer
-
-
-def _rl_record(problem: str, solution: str, answer: str, system_prompt: str) -> dict[str, Any]:
-    prompt = make_conversation(problem, system_prompt)
-    return {"prompt": prompt, "problem": problem, "solution": solution, "answer": answer}
-
-
-def _numina_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
-    problem, solution = _text(row, "problem"), _text(row, "solution")
-    return _rl_record(problem, solution, last_boxed(solution), system_prompt)
-
-
-def _math_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
-    problem = _text(row, "problem")
-    solution = _text(row, "solution") if "solution" in columns else ""
-    answer = _answer_field(row) if "answer" in columns else last_boxed(solution)
-    return _rl_record(problem, solution, answer, system_prompt)
-
-
-def _gsm8k_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
-    question, worked = _text(row, "question"), _text(row, "answer")
-    final = GSM8K_FINAL.search(worked)
-    if final is None:
-        raise _BadRow("answer", f"no final '#### N' line: ...{worked[-60:]!r}")
-    answer = THOUSANDS_SEPARATOR.sub("", final.group(1))  # "#### 2,125" -> "2125"
-    return _rl_record(question, worked[: final.start()].rstrip(), answer, system_prompt)
-
-
-def _bespoke_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
-    # The row brings its own system prompt (Bespoke's "Your role as an assistant ..."): SFT
-    # teaches the model that conversation, so `system_prompt` is not applied here.
-    messages = [{"role": "system", "content": _text(row, "system")}]
-    turns = row.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise _BadRow("conversations", f"not a non-empty list: {turns!r:.60}")
-    for j, turn in enumerate(turns):
-        expected = ("user", "assistant")[j % 2]  # user asks, assistant answers, in turn
-        if not isinstance(turn, dict) or turn.get("from") != expected:
-            raise _BadRow(f"conversations[{j}]", f"expected a turn from {expected!r}, got {turn!r:.60}")
-        messages.append({"role": expected, "content": _text(turn, "value", f"conversations[{j}].value")})
-    if messages[-1]["role"] != "assistant":
-        raise _BadRow("conversations", "ends with a user turn: no assistant reply to learn from")
-    reply = messages[2]["content"]
-    return {"prompt": messages[:2], "problem": messages[1]["content"], "solution": reply,
-            "answer": last_boxed(reply), "messages": messages}
-
-
-_ROW_FUNCTIONS = {"bespoke": _bespoke_row, "numina": _numina_row, "math": _math_row, "gsm8k": _gsm8k_row}
-
-
-def _describe_schemas() -> str:
-    return "; ".join(f"{name} ({', '.join('|'.join(g) for g in groups)})" for name, groups in SCHEMAS.items())
-
-
-def _pick_schema(table: _Table, schema: str) -> str:
-    present = set(table.columns)
-    if schema == "auto":
-        for name, groups in SCHEMAS.items():
-            if all(present & set(group) for group in groups):
-                return name
-        raise DatasetError(
-            f"{table.name}: unknown schema; columns found: {table.columns}; expected one of: "
-            f"{_describe_schemas()}; pass schema= to choose one"
-        )
-    missing = [" or ".join(repr(c) for c in group) for group in SCHEMAS[schema] if not present & set(group)]
-    if missing:
-        raise DatasetError(
-            f"{table.name}: missing required column {', '.join(missing)} of schema {schema!r}; "
-            f"columns found: {table.columns}"
-        )
-    return schema
 
 
 # Sources -> tables
@@ -415,7 +263,7 @@ def seeded_split(n: int, test_size: float | int, seed: int) -> dict[str, list[in
 
 def _check_args(schema, split, on_bad_row, test_size, seed, system_prompt, limit) -> None:
     if schema != "auto" and schema not in SCHEMAS:
-        raise DatasetError(f"schema={schema!r}: expected 'auto' or one of: {_describe_schemas()}")
+        raise DatasetError(f"schema={schema!r}: expected 'auto' or one of: {describe_schemas()}")
     if not isinstance(split, str) or not split:
         raise DatasetError(f"split={split!r}: expected a split name such as 'train', 'test' or 'all'")
     if on_bad_row not in ("error", "skip"):
@@ -442,6 +290,8 @@ def load_records(
     seed: int = 0,
     system_prompt: str = SYSTEM_PROMPT,
     limit: int | None = None,
+    columns: dict[str, str] | list[str] | None = None,
+    strict_columns: bool = True,
 ) -> Records:
     """Read `split` of `source` (HF dataset name, data file or folder) into normalized records.
 
@@ -450,8 +300,15 @@ def load_records(
     or "all". `on_bad_row`: "error" raises on the first bad row of any file read (also one on
     the other side of a seeded split, so train and test fail alike); "skip" drops bad rows,
     counts them in `Records.skipped` and logs one warning per file. `limit`: first N records.
+    `columns`: {record column: file column} (or ["problem=question", ...]) renaming columns
+    before detection; `strict_columns=False` skips the entries whose column a file lacks.
+    `system_prompt`: opens RL prompts (data/schemas.py says which layouts); "" for none.
     """
     _check_args(schema, split, on_bad_row, test_size, seed, system_prompt, limit)
+    try:
+        columns = parse_column_map(columns)
+    except ValueError as e:
+        raise DatasetError(f"columns={e}") from None
     tables, unsplit = _open_source(source, split)
     if unsplit and split not in ("train", "test", "all"):
         raise DatasetError(f"split={split!r}: {source} names no splits; expected 'train', 'test' or 'all'")
@@ -466,13 +323,17 @@ def load_records(
             first = unreadable[0]
             none_left = "" if on_bad_row == "error" else "no readable row; first: "
             raise DatasetError(f"{table.name}: {none_left}{table.labels[first]}, {table.rows[first]}")
-        schemas[table.name] = _pick_schema(table, schema)
-        to_record = _ROW_FUNCTIONS[schemas[table.name]]
+        if columns:
+            table.columns, table.rows = map_columns(table.name, table.columns, table.rows, columns,
+                                                    strict=strict_columns)
+        layout = schemas[table.name] = pick_schema(table.name, table.columns, table.rows, schema)
+        to_record = ROW_FUNCTIONS[layout]
         for i, row in enumerate(table.rows):
             try:
                 if isinstance(row, _BadRow):
                     raise row
-                table.outcomes.append(to_record(row, table.columns, system_prompt))
+                table.outcomes.append(with_extra_columns(to_record(row, table.columns, system_prompt),
+                                                         row, layout))
             except _BadRow as bad:
                 if on_bad_row == "error":
                     raise DatasetError(f"{table.name}: {table.labels[i]}, {bad}") from None
@@ -517,6 +378,8 @@ def load_held_out(
     on_bad_row: str = "error",
     test_size: float | int = 0.1,
     seed: int = 0,
+    system_prompt: str = SYSTEM_PROMPT,
+    columns: dict[str, str] | list[str] | None = None,
 ) -> Records:
     """The held-out problems of a run that trains on `train_split` of `source`; the one rule
     every trainer evaluates by:
@@ -533,7 +396,8 @@ def load_held_out(
 
     `eval_split` other than "auto" names the split of the eval source instead. `schema` is the
     training source's: it applies to the same source, while another source's columns are
-    detected (train on Bespoke chats, evaluate on NuminaMath problems).
+    detected (train on Bespoke chats, evaluate on NuminaMath problems); `columns` applies to
+    another source where it has the columns named.
     """
     same = not eval_source or _same_source(eval_source, source)
     src = source if same else eval_source
@@ -545,4 +409,5 @@ def load_held_out(
             f"nothing would be held out; train on 'train', or evaluate another source"
         )
     return load_records(src, schema=schema if same else "auto", split=eval_split, on_bad_row=on_bad_row,
-                        test_size=test_size, seed=seed)
+                        test_size=test_size, seed=seed, system_prompt=system_prompt, columns=columns,
+                        strict_columns=same)

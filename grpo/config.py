@@ -68,7 +68,8 @@ class GRPOConfig:
     ref_mix_alpha: float = 0.6
     """alpha: reference <- alpha * policy + (1 - alpha) * reference at each refresh."""
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
-    """Reward functions, by name (see rewards)."""
+    """Reward functions: built-in names (see rewards), module:function, path/to/file.py:function,
+    or name=<either> to set the metric name (rewards/custom.py)."""
     reward_weights: list[float] = field(default_factory=list)
     """One weight per reward (empty = all 1.0)."""
 

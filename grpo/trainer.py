@@ -39,7 +39,7 @@ from infra.logging import clock, write_jsonl
 from infra.loop import Trainer, epoch_order
 from infra.model import load_model
 from infra.policy import PolicyModel
-from rewards import get_reward_functions, score_completions
+from rewards import entry_text, get_reward_functions, score_completions
 
 STATS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
 
@@ -50,16 +50,28 @@ class GRPOTrainer(Trainer):
                  "completion_length/mean", "grad_norm")
     bar_key = "reward"
 
-    def __init__(self, cfg: GRPOJobConfig):
+    def __init__(self, cfg: GRPOJobConfig, reward_funcs: list | None = None):
+        """`reward_funcs`: the rewards, from Python, instead of `cfg.grpo.rewards`: built-in
+        names, references (`module:fn`, `file.py:fn`), callables `fn(completions, **columns)`
+        or `(name, fn)` pairs, weighted by `cfg.grpo.reward_weights`. The run's config.yaml then
+        lists them (a callable as `name=module:qualname`; rewards/custom.py)."""
+        if reward_funcs is not None:
+            cfg.grpo.rewards = [entry_text(e) for e in reward_funcs]  # before the config is printed, saved
         super().__init__(cfg)
         # Data and rewards before the models: a bad file or row fails in seconds, not after a
         # 7B model (and its reference copy) has loaded.
-        train, evals = train_records(cfg.data, cfg.train.seed), held_out_records(cfg.data, cfg.train.seed)
+        say = (lambda line: print(f"[grpo] {line}", flush=True)) if self.main else None
+        train = train_records(cfg.data, cfg.train.seed, say=say)
+        evals = held_out_records(cfg.data, cfg.train.seed)
         for col in ("prompt", "solution", "answer"):
             if train and col not in train[0]:
                 raise ConfigError(f"--data.source={cfg.data.source!r}: records lack column {col!r}")
         g = cfg.grpo
-        self.rewards = get_reward_functions(g.rewards, cfg.rewards, g.reward_weights or None)
+        try:
+            self.rewards = get_reward_functions(g.rewards if reward_funcs is None else reward_funcs,
+                                                cfg.rewards, g.reward_weights or None)
+        except ValueError as e:
+            raise ConfigError(f"--grpo.rewards: {e}") from None
         self.weights = [w for _, _, w in self.rewards]
 
         _, tokenizer, lm = load_model(cfg.model, self.out, self.info)

@@ -142,6 +142,10 @@ def set_option(cfg, dotted: str, value: Any) -> None:
             raise ConfigError(unknown_option_message(cfg, dotted))
         if i == len(parts) - 1:
             tp = typing.get_type_hints(type(obj))[part]
+            if isinstance(value, (list, tuple)) and tp is str and _field(obj, part).metadata.get("list"):
+                # A text option that holds a list (`data.source: [a.jsonl:0.7, b.jsonl:0.3]`)
+                # reads a recipe's list as the command line writes it: comma-separated.
+                value = ",".join(str(v) for v in value)
             if dataclasses.is_dataclass(tp):
                 if not isinstance(value, dict):
                     raise ConfigError(f"option {dotted} is a section; set its fields instead")
@@ -151,6 +155,10 @@ def set_option(cfg, dotted: str, value: Any) -> None:
                 setattr(obj, part, _coerce(value, tp, dotted))
         else:
             obj = getattr(obj, part)
+
+
+def _field(obj, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(obj) if f.name == name)
 
 
 def unknown_option_message(cfg, dotted: str) -> str:

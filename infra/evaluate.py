@@ -7,8 +7,11 @@ seeded cut; another source's test split, else all of its rows.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from data.prompts import render_prompt
 from data.task import task_records
 from infra.config import ConfigError
 from infra.dist import DistInfo, all_reduce_sum
@@ -17,23 +20,55 @@ from infra.sections import EMBEDDED, DataConfig
 from rewards import accuracy_reward, format_reward
 
 
-def train_records(d: DataConfig, seed: int) -> list[dict]:
-    """The training problems of a data section (GRPO prompts, rejection sampling, distillation)."""
-    if d.source == EMBEDDED:
-        return task_records(d.task, d.num_train, seed=seed, split="train")
+def _single(d: DataConfig, source: str) -> DataConfig:
+    return dataclasses.replace(d, source=source)
+
+
+def _load_train(d: DataConfig, seed: int) -> list[dict]:
     from data import load_records
+    from data.prompts import resolve_system_prompt
+    system_prompt = resolve_system_prompt(d.system_prompt)
+    if d.source == EMBEDDED:
+        return task_records(d.task, d.num_train, seed=seed, split="train", system_prompt=system_prompt)
     return list(load_records(d.source, schema=d.schema, split=d.train_split, on_bad_row=d.on_bad_row,
-                             test_size=d.test_size, seed=seed).records)
+                             test_size=d.test_size, seed=seed, system_prompt=system_prompt,
+                             columns=d.columns).records)
+
+
+def train_records(d: DataConfig, seed: int, say=None) -> list[dict]:
+    """The training problems of a data section (GRPO prompts, rejection sampling, distillation).
+    Several weighted sources (`a.jsonl:0.7,b.jsonl:0.3`) are mixed by data/mixing.py; `say`
+    (a print function, or None) then gets one line per source."""
+    from data.mixing import mix_records, parse_sources
+    parts = parse_sources(d.source)
+    if len(parts) == 1:
+        return _load_train(_single(d, parts[0][0]), seed)
+    pool, lines = mix_records([(s, _load_train(_single(d, s), seed), w) for s, w in parts], seed)
+    if say is not None:
+        say(f"data mix of {len(parts)} sources, {len(pool)} problems: {'; '.join(lines)}")
+    return pool
 
 
 def held_out_records(d: DataConfig, seed: int) -> list[dict]:
-    """The first `num_eval` held-out problems of a data section (module docstring)."""
-    if d.source == EMBEDDED:
-        return task_records(d.task, d.num_eval, seed=seed, split="test")
+    """The first `num_eval` held-out problems of a data section (module docstring). Of several
+    weighted sources without an `eval_source`: each one's held-out problems, in the share of
+    its weight."""
     from data import load_held_out
-    return list(load_held_out(d.source, d.eval_source, train_split=d.train_split,
+    from data.mixing import parse_sources, shares
+    from data.prompts import resolve_system_prompt
+    system_prompt = resolve_system_prompt(d.system_prompt)
+    parts = parse_sources(d.source)
+    if len(parts) > 1 and not d.eval_source:
+        counts = shares(d.num_eval, [w for _, w in parts])
+        return [r for (s, _), n in zip(parts, counts)
+                for r in held_out_records(dataclasses.replace(d, source=s, num_eval=n), seed)]
+    source = parts[0][0] if len(parts) == 1 else d.source  # several: evaluated on eval_source alone
+    if source == EMBEDDED:
+        return task_records(d.task, d.num_eval, seed=seed, split="test", system_prompt=system_prompt)
+    return list(load_held_out(source, d.eval_source, train_split=d.train_split,
                               eval_split=d.eval_split, schema=d.schema, on_bad_row=d.on_bad_row,
-                              test_size=d.test_size, seed=seed).records[: d.num_eval])
+                              test_size=d.test_size, seed=seed, system_prompt=system_prompt,
+                              columns=d.columns).records[: d.num_eval])
 
 
 def training_prompts(tokenizer, records: list[dict], d: DataConfig, option: str, tag: str,
@@ -50,13 +85,14 @@ def training_prompts(tokenizer, records: list[dict], d: DataConfig, option: str,
 
 
 def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None = None):
-    """Render each record's [system, user] prompt with the chat template and tokenize it.
+    """Render each record's prompt ([system, user] chat) with the chat template (`render_prompt`:
+    merged into the user turn where the template has no system role) and tokenize it.
 
     Returns (kept records, their token lists, number dropped for length).
     """
     kept, ids, dropped = [], [], 0
     for r in records:
-        text = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        text = render_prompt(tokenizer, r["prompt"], add_generation_prompt=True)
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
         if max_prompt_tokens and len(toks) > max_prompt_tokens:
             dropped += 1

@@ -25,7 +25,8 @@ from infra.config import ConfigError, load_recipe, to_dict
 IDENTITY = ("model.path", "model.tokenizer", "model.seed", "model.embedded_size",
             "model.trust_remote_code", "data.source", "data.schema", "data.train_split",
             "data.split", "data.test_size", "data.num_train", "data.task.", "data.mix_source",
-            "data.mix_fraction", "data.max_prompt_tokens", "data.on_bad_row", "problems.",
+            "data.mix_fraction", "data.max_prompt_tokens", "data.on_bad_row", "data.columns",
+            "data.system_prompt", "model.chat_template", "model.system_role", "problems.",
             "train.seed", "sft.max_seq_len", "sft.packing", "sft.assistant_only", "sft.overflow",
             "distill.teacher")
 # Options the checkpoint restores (optimizer param groups, scheduler base_lrs): re-applied.
@@ -64,7 +65,12 @@ def check_resume(checkpoint: str | Path, cfg, tag: str) -> list[str]:
     if not path.exists():
         raise ConfigError(f"{checkpoint}: no config.yaml, so the options it was trained with are "
                           f"unknown; start over with --train.resume false")
-    changes = config_changes(load_recipe(path), _plain(to_dict(cfg)))
+    saved = load_recipe(path)
+    # An option added since the checkpoint was written (absent from its config) at its default
+    # is no change: the run then goes on as it was (data.columns, data.system_prompt, ...).
+    defaults, known = flatten(_plain(to_dict(type(cfg)()))), flatten(saved)
+    changes = [c for c in config_changes(saved, _plain(to_dict(cfg)))
+               if c[0] in known or c[2] != defaults.get(c[0])]
     refused = [c for c in changes if _matches(c[0], IDENTITY)]
     if refused:
         listed = "; ".join(f"--{k} was {a!r}, now {b!r}" for k, a, b in refused)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from data.prompts import SYSTEM_PROMPT
 from data.task import TaskConfig
 from infra.config import ConfigError
 from infra.dist import FSDP_MODES
@@ -44,15 +46,24 @@ class ModelConfig:
     """Seed of the embedded model's weights and tokenizer."""
     embedded_size: str = "default"
     """Size of the embedded model: default (~0.85M parameters) or small (the distillation student)."""
+    chat_template: str = ""
+    """A Jinja chat template file (e.g. template.jinja) used instead of the tokenizer's own; the
+    exported tokenizer keeps it. Empty: the tokenizer's."""
+    system_role: str = "auto"
+    """A chat template without a system role (Gemma's raises on one, some drop it): auto merges
+    the system text into the first user turn when the template has none; merge always does;
+    error refuses such a template at start."""
 
 
 @dataclass
 class DataConfig:
-    source: str = EMBEDDED
+    source: str = field(default=EMBEDDED, metadata={"list": True})
     """'embedded' (the synthetic arithmetic task), a local .jsonl/.json/.parquet file or folder,
-    or a Hugging Face dataset name (e.g. AI-MO/NuminaMath-TIR)."""
+    or a Hugging Face dataset name (e.g. AI-MO/NuminaMath-TIR); several with weights:
+    a.jsonl:0.7,b.jsonl:0.3 (data/mixing.py)."""
     schema: str = "auto"
-    """Column layout: auto, numina, gsm8k, math or bespoke."""
+    """Column layout: auto, bespoke, numina, verl, conversational, messages, math, gsm8k or qa
+    (data/schemas.py)."""
     train_split: str = "train"
     """Split used for training prompts."""
     eval_source: str = ""
@@ -71,6 +82,12 @@ class DataConfig:
     """Held-out problems evaluated (first N of the eval split)."""
     on_bad_row: str = "error"
     """What a malformed row does: error (stop, naming file/row/field) or skip (count it)."""
+    columns: list[str] = field(default_factory=list)
+    """Rename the file's columns to the ones a layout reads: problem=question,answer=target
+    (nested: answer=reward_model.ground_truth). Empty: the columns as they are."""
+    system_prompt: str = SYSTEM_PROMPT
+    """System prompt of the RL prompts (default: DeepSeek-R1's); @path reads it from a file;
+    empty: no system turn. Prompts that bring their own system turn keep it."""
     max_prompt_tokens: int = 512
     """Prompts longer than this are dropped with a count (they would crowd out completions)."""
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -163,16 +180,27 @@ def one_of(option: str, value, allowed) -> None:
 
 
 def check_rewards(option: str, names: list[str], weights: list[float] | None = None) -> None:
-    """Reward names known, none twice, at least one; one finite weight per name when given."""
-    from rewards import REWARD_NAMES
+    """Rewards known or loadable, no metric name twice, at least one; one finite weight per
+    reward when given. A reference (`module:fn`, `file.py:fn`) is imported here, so a wrong
+    module, file or attribute fails at start, before any model loads (rewards/custom.py)."""
+    from rewards import REWARD_NAMES, RewardError, entry_name, is_reference
+    from rewards.custom import from_python, load_reference
 
     if not names:
         bad(option, names, "needs at least one reward function")
-    unknown = [n for n in names if n not in REWARD_NAMES]
+    unknown = [n for n in names if not is_reference(n) and n not in REWARD_NAMES]
     if unknown:
-        bad(option, unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
-    if len(set(names)) != len(names):
-        bad(option, names, "names a reward twice")
+        bad(option, unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}, or a function as "
+                             f"module:function or path/to/file.py:function")
+    for n in names:
+        if is_reference(n) and not from_python(n):  # a callable's record is checked by the trainer
+            try:
+                load_reference(n)
+            except RewardError as e:
+                raise ConfigError(f"--{option}: {e}") from None
+    labels = [entry_name(n) for n in names]
+    if len(set(labels)) != len(labels):
+        bad(option, names, f"names a reward twice (metric names {labels}; rename one as name=module:function)")
     option = option.replace("rewards", "reward_weights")
     if weights and len(weights) != len(names):
         bad(option, weights, f"needs one weight per reward ({len(names)})")
@@ -187,14 +215,26 @@ def check_model(m: ModelConfig, section: str = "model") -> None:
         bad(f"{section}.path", m.path, "must name a model folder, a hub name or 'embedded'")
     one_of(f"{section}.dtype", m.dtype, ("auto", "float32", "bfloat16"))
     one_of(f"{section}.embedded_size", m.embedded_size, tuple(TINY_SIZES))
+    one_of(f"{section}.system_role", m.system_role, ("auto", "merge", "error"))
+    if m.chat_template and not Path(m.chat_template).expanduser().is_file():
+        bad(f"{section}.chat_template", m.chat_template, "no such file (a Jinja chat template, e.g. template.jinja)")
 
 
 def check_data(d, section: str = "data") -> None:
     """The fields of a DataConfig or SFTDataConfig that loading would refuse later."""
-    from data.loaders import SCHEMAS
+    from data.mixing import parse_sources
+    from data.prompts import resolve_system_prompt
+    from data.schemas import SCHEMAS, parse_column_map
 
     if not d.source.strip():
         bad(f"{section}.source", d.source, "must name a file, a folder, a hub dataset or 'embedded'")
+    for name, check in (("source", lambda: parse_sources(d.source)),
+                        ("columns", lambda: parse_column_map(getattr(d, "columns", None))),
+                        ("system_prompt", lambda: resolve_system_prompt(getattr(d, "system_prompt", "")))):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"--{section}.{name}={e}") from None
     one_of(f"{section}.schema", d.schema, ("auto", *SCHEMAS))
     one_of(f"{section}.on_bad_row", d.on_bad_row, ("error", "skip"))
     for name in ("train_split", "split", "eval_split"):

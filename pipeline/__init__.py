@@ -183,11 +183,14 @@ def resolved_options(command: str, options: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in UNRECORDED}
 
 
-def _changes(recorded: dict | None, now: dict) -> list[str]:
+def _changes(recorded: dict | None, now: dict, command: str = "") -> list[str]:
     if recorded is None:  # a stage.json written by hand (a model brought in as that stage's)
         return []
     keys = sorted(set(recorded) | set(now))
-    return [f"--{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys if recorded.get(k) != now.get(k)]
+    # An option added since the stage ran (absent from its record) at its default is no change.
+    defaults = resolved_options(command, {}) if command else {}
+    return [f"--{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys if recorded.get(k) != now.get(k)
+            and (k in recorded or now.get(k) != defaults.get(k))]
 
 
 def _rerun_flag(overrides: dict) -> bool:
@@ -217,7 +220,7 @@ def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
         options = resolved_options(command, opts)
         result = json.loads(done.read_text()) if done.exists() else None
         if result is not None and not rerunning:
-            changes = _changes(result.get("options"), options)
+            changes = _changes(result.get("options"), options, command)
             if changes and not rerun:
                 raise ConfigError(
                     f"stage {name} finished with other options than this run gives it: "

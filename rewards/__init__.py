@@ -18,19 +18,22 @@ per completion, None for "no opinion". The trainer sums them with weights:
 | soft_overlong        | penalties.py | [-1, 0]          | DAPO Eq. (13)                           |
 
 (*) 0.5 for an unparseable gold under the default "neutral" policy; ranges are for the
-default config. Worker processes, timeouts and the verdict cache: verifier_pool.py, accuracy.py.
+default config. Next to these names, a reward may be a function the user brings: `module:fn`,
+`path/to/file.py:fn`, `name=...` or, from Python, a callable (custom.py). Worker processes, timeouts and the verdict cache: verifier_pool.py, accuracy.py.
 `pop_reward_metrics()` returns counters (timeouts, unparseable golds, ...) since its last call.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 from rewards.accuracy import (DEFAULT_BATCH_TIMEOUT_S, UNPARSEABLE_GOLD_POLICIES,
                                    AnswerChecker, accuracy_reward, get_accuracy_reward,
                                    get_cosine_scaled_reward)
 from rewards.common import LENGTH_UNITS, RewardFn, pop_reward_metrics
+from rewards.custom import RewardError, checked_values, entry_name, entry_text, is_reference, load_reference
 from rewards.format import format_reward, reasoning_steps_reward, tag_count_reward
 from rewards.language import language_consistency_reward
 from rewards.penalties import get_repetition_penalty_reward, get_soft_overlong_punishment
@@ -38,7 +41,8 @@ from rewards.penalties import get_repetition_penalty_reward, get_soft_overlong_p
 REWARD_NAMES = ("accuracy", "format", "tag_count", "reasoning_steps", "cosine",
                 "repetition_penalty", "language_consistency", "soft_overlong")
 
-__all__ = ["REWARD_NAMES", "RewardConfig", "get_reward_functions", "pop_reward_metrics",
+__all__ = ["REWARD_NAMES", "RewardConfig", "RewardError", "get_reward_functions", "pop_reward_metrics",
+           "score_completions", "entry_name", "entry_text",
            "AnswerChecker", "accuracy_reward", "get_accuracy_reward", "format_reward",
            "tag_count_reward", "reasoning_steps_reward", "get_cosine_scaled_reward",
            "get_repetition_penalty_reward", "language_consistency_reward",
@@ -164,44 +168,68 @@ def _builders(config: RewardConfig, checker: AnswerChecker) -> dict[str, Callabl
     }
 
 
-def get_reward_functions(names: Sequence[str] | str, config: RewardConfig | None = None,
+def get_reward_functions(names: Sequence[Any] | str, config: RewardConfig | None = None,
                          weights: Sequence[float] | None = None
                          ) -> list[tuple[str, RewardFn, float]]:
     """`(name, fn, weight)` per requested reward, in order; weights default to 1.0.
 
-    `names` may be a list or a comma-separated string ("accuracy,format"). `accuracy` and
-    `cosine` share one AnswerChecker, so cosine reuses accuracy's verdicts from its cache.
+    `names` may be a list or a comma-separated string ("accuracy,format"). An entry is a
+    built-in name, a reference (`module:fn`, `file.py:fn`, `name=...`), a callable or a
+    `(name, callable)` pair (custom.py); names must be distinct. `accuracy` and `cosine` share
+    one AnswerChecker, so cosine reuses accuracy's verdicts from its cache.
     """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     names = list(names)
-    unknown = [n for n in names if n not in REWARD_NAMES]
+    unknown = [n for n in names if isinstance(n, str) and not is_reference(n) and n not in REWARD_NAMES]
     if unknown:
-        raise ValueError(f"unknown reward name(s) {unknown}; valid names: {list(REWARD_NAMES)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"reward names must be distinct, got {names}")
+        raise ValueError(f"unknown reward name(s) {unknown}; valid names: {list(REWARD_NAMES)}, or a "
+                         f"function as module:function or path/to/file.py:function")
+    labels = [entry_name(n) for n in names]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"reward names must be distinct, got {labels}")
     if weights is None:
         weights = [1.0] * len(names)
     weights = [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"weights has {len(weights)} entries but names has {len(names)} "
-                         f"({names}); give one weight per reward")
+                         f"({labels}); give one weight per reward")
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be finite numbers, got {weights}")
     config = config or RewardConfig()
     builders = _builders(config, config.checker())
-    return [(n, builders[n](), w) for n, w in zip(names, weights)]
+    out = []
+    for entry, label, w in zip(names, labels, weights):
+        if isinstance(entry, tuple):
+            fn = entry[1]
+        elif callable(entry):
+            fn = entry
+        elif is_reference(entry):
+            fn = load_reference(entry)[1]
+        else:
+            fn = builders[entry]()
+        if not callable(fn):
+            raise RewardError(f"reward {label!r}: {fn!r} is not callable")
+        out.append((label, fn, w))
+    return out
 
 
 def score_completions(reward_fns: Sequence[tuple[str, RewardFn, float]], texts: list[str], records: list[dict],
                       completion_ids: list[list[int]]):
     """[N, F] float64 tensor: reward function f on completion i, NaN where it has no opinion.
 
-    `records[i]` is completion i's problem: every function gets its columns (problem, solution,
-    answer, prompt) and `completion_ids` (token lists) as keyword lists."""
+    `records[i]` is completion i's problem: every function gets all of its columns as keyword
+    lists (problem, solution, answer, prompt, and whatever else the dataset row carried; a
+    column a record lacks is "" for those four, None otherwise) and `completion_ids` (token
+    lists). An output of the wrong length or type raises RewardError naming the function."""
     import torch
 
-    columns = {k: [r.get(k, "") for r in records] for k in ("solution", "answer", "problem", "prompt")}
+    keys = dict.fromkeys(("solution", "answer", "problem", "prompt"))
+    for r in records:
+        keys.update(dict.fromkeys(r))
+    standard = ("solution", "answer", "problem", "prompt")
+    columns = {k: [r.get(k, "" if k in standard else None) for r in records] for k in keys}
     columns["completion_ids"] = completion_ids
-    return torch.tensor([[math.nan if v is None else float(v) for v in fn(texts, **columns)]
-                         for _, fn, _ in reward_fns], dtype=torch.float64).T.reshape(len(texts), len(reward_fns))
+    values = [checked_values(name, fn, fn(texts, **columns), len(texts)) for name, fn, _ in reward_fns]
+    return torch.tensor([[math.nan if v is None else v for v in col] for col in values],
+                        dtype=torch.float64).T.reshape(len(texts), len(reward_fns))

@@ -28,7 +28,7 @@ from infra.loop import start_run
 from infra.model import load_model
 from infra.policy import PolicyModel
 from infra.sections import (DataConfig, ModelConfig, TrainConfig, at_least, bad, check_rewards)
-from rewards import REWARD_NAMES, get_reward_functions, score_completions
+from rewards import REWARD_NAMES, entry_name, get_reward_functions, score_completions
 from sft.cold_start import write_sft_jsonl
 
 
@@ -47,11 +47,12 @@ class SamplingConfig:
     num_prompts: int = 0
     """Prompts to sample from (0 = all of the split)."""
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
-    """Rewards computed for each sample; their weighted sum ranks the accepted ones."""
+    """Rewards computed for each sample, by name or as module:function / path/to/file.py:function
+    (as --grpo.rewards); their weighted sum ranks the accepted ones."""
     reward_weights: list[float] = field(default_factory=list)
     """One weight per reward (empty = all 1.0)."""
     require: list[str] = field(default_factory=lambda: ["accuracy", "format"])
-    """Rewards that must be exactly 1.0 for a sample to be accepted (a subset of `rewards`)."""
+    """Rewards that must be exactly 1.0 for a sample to be accepted (metric names of `rewards`)."""
     output: str = ""
     """Where the JSONL SFT set goes (a .jsonl path); empty = <train.output_dir>/sft.jsonl."""
 
@@ -68,10 +69,12 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             bad("sampling.top_p", self.top_p, "must be in (0, 1]")
         check_rewards("sampling.rewards", self.rewards, self.reward_weights)
-        unknown = [n for n in self.require if n not in REWARD_NAMES]
+        names = [entry_name(r) for r in self.rewards]
+        unknown = [n for n in self.require if n not in REWARD_NAMES and n not in names]
         if unknown:
-            bad("sampling.require", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}")
-        missing = [r for r in self.require if r not in self.rewards]
+            bad("sampling.require", unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}, or "
+                                             f"the name of a function in --sampling.rewards")
+        missing = [r for r in self.require if r not in names]
         if missing:
             bad("sampling.require", self.require, f"{missing} not in --sampling.rewards={self.rewards}")
         # write_sft_jsonl takes only .jsonl; finding out after hours of sampling loses them.

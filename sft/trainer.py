@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data.prompts import SYSTEM_PROMPT
 from data.task import TaskConfig, task_records
 from infra.config import ConfigError
 from infra.dist import all_reduce_sum, decoder_layers, shard_model
@@ -36,15 +37,22 @@ class SFTDataConfig:
     """'embedded' (worked solutions of the arithmetic task), or a file/folder/HF name with chat
     data (Bespoke-Stratos layout, or the JSONL that rejection-sample and distill write)."""
     schema: str = "auto"
-    """Column layout of `source` (auto, bespoke, numina, gsm8k, math)."""
+    """Column layout of `source` (auto, bespoke, messages, ...: data/schemas.py); chat layouts
+    (bespoke, messages) hold the conversations SFT trains on."""
+    columns: list[str] = field(default_factory=list)
+    """Rename the file's columns to a layout's: messages=conversation (see data.columns)."""
+    system_prompt: str = SYSTEM_PROMPT
+    """System prompt of the held-out problems' prompts and the embedded task (@path: a file;
+    empty: none); chat data keeps its own."""
     split: str = "train"
     """Split of `source` to train on."""
     test_size: float = 0.05
     """Held-out fraction of a `source` with no test split, cut by seed (train.seed); with
     `eval_source` equal to `source` the held-out problems are exactly that cut."""
     mix_source: str = ""
-    """General (non-reasoning) chat data mixed in, as in R1's SFT stage 2: a chat file, or
-    'embedded' for the tiny task's general chat turns; empty = none."""
+    """General (non-reasoning) chat data mixed in, as in R1's SFT stage 2: a chat file (bespoke
+    or messages layout), or 'embedded' for the tiny task's general chat turns; empty = none. A
+    source that gives no conversation is refused; the rows each source gave are reported."""
     mix_fraction: float = 0.0
     """Share of the mixed set's conversations drawn from `mix_source` (0..1)."""
     num_train: int = 2000
@@ -121,42 +129,63 @@ class SFTJobConfig:
         at_least("sft.eval_max_new_tokens", s.eval_max_new_tokens, 1)
         if not 0 <= d.mix_fraction < 1:
             raise ConfigError(f"--data.mix_fraction={d.mix_fraction}: must be in [0, 1)")
+        from data.mixing import parse_sources
+        if len(parse_sources(d.source)) > 1 or parse_sources(d.source)[0][1] is not None:
+            raise ConfigError(f"--data.source={d.source!r}: SFT reads one source; mix another in with "
+                              f"--data.mix_source and --data.mix_fraction")
         if d.mix_fraction > 0 and not d.mix_source:
             raise ConfigError("--data.mix_fraction > 0 needs --data.mix_source")
         if self.train.max_steps < 1 and s.epochs <= 0:
             raise ConfigError("--train.max_steps must be >= 1 (or set --sft.epochs)")
 
 
-def load_conversations(cfg: SFTJobConfig) -> tuple[list[list[dict]], list[dict]]:
-    """Training conversations (message lists) and held-out problems (records with answers)."""
+def load_conversations(cfg: SFTJobConfig, say=None) -> tuple[list[list[dict]], list[dict]]:
+    """Training conversations (message lists) and held-out problems (records with answers).
+
+    `say` (a print function, or None) gets how many conversations each source gave."""
     d = cfg.data
     from data import load_held_out, load_records
+    from data.prompts import resolve_system_prompt
+    system_prompt = resolve_system_prompt(d.system_prompt)
     if d.source == EMBEDDED:
-        train = [r["messages"] for r in task_records(d.task, d.num_train, seed=cfg.train.seed, split="train")]
+        train = [r["messages"] for r in task_records(d.task, d.num_train, seed=cfg.train.seed, split="train",
+                                                     system_prompt=system_prompt)]
     else:
-        recs = load_records(d.source, schema=d.schema, split=d.split, on_bad_row=d.on_bad_row,
-                            test_size=d.test_size, seed=cfg.train.seed).records
-        missing = [i for i, r in enumerate(recs) if "messages" not in r]
+        loaded = load_records(d.source, schema=d.schema, split=d.split, on_bad_row=d.on_bad_row,
+                              test_size=d.test_size, seed=cfg.train.seed, system_prompt=system_prompt,
+                              columns=d.columns)
+        missing = [i for i, r in enumerate(loaded.records) if "messages" not in r]
         if missing:
-            raise ConfigError(f"--data.source={d.source!r}: record {missing[0] + 1} has no assistant reply "
-                              f"(SFT needs chat data, e.g. the Bespoke-Stratos layout)")
-        train = [r["messages"] for r in recs]
+            raise ConfigError(f"--data.source={d.source!r}: its rows are {loaded.schema!r} problems, without "
+                              f"an assistant reply (record {missing[0] + 1}); SFT needs chat data: the "
+                              f"bespoke or messages layout (data/schemas.py)")
+        train = [r["messages"] for r in loaded.records]
+    report = [f"{len(train)} from --data.source={d.source!r}"]
     if d.mix_source and d.mix_fraction > 0:
         if d.mix_source == EMBEDDED:
             from data.task import general_chat_records
             mix = [r["messages"] for r in general_chat_records(1000, seed=cfg.train.seed)]
         else:
-            mix = [r["messages"] for r in load_records(d.mix_source, split="all", on_bad_row=d.on_bad_row).records
-                   if "messages" in r]
+            loaded = load_records(d.mix_source, split="all", on_bad_row=d.on_bad_row)
+            mix = [r["messages"] for r in loaded.records if "messages" in r]
+            if not mix:
+                raise ConfigError(f"--data.mix_source={d.mix_source!r}: gave no conversation to mix in: its "
+                                  f"{len(loaded)} rows are {loaded.schema!r} problems without an assistant "
+                                  f"reply; the mix needs chat data (the bespoke or messages layout)")
         want = int(round(len(train) * d.mix_fraction / (1 - d.mix_fraction)))
         g = torch.Generator().manual_seed(cfg.train.seed)
-        train += [mix[i] for i in torch.randint(len(mix), (want,), generator=g).tolist()] if mix else []
+        train += [mix[i] for i in torch.randint(len(mix), (want,), generator=g).tolist()]
+        report.append(f"{want} drawn from --data.mix_source={d.mix_source!r} ({len(mix)} there"
+                      f"{'; --data.mix_fraction is too small for so few' if not want else ''})")
+    if say is not None:
+        say(f"conversations: {'; '.join(report)}")
     if d.eval_source:
         evals = load_held_out(d.source, d.eval_source, train_split=d.split, schema=d.schema,
                               on_bad_row=d.on_bad_row, test_size=d.test_size,
-                              seed=cfg.train.seed).records[: d.num_eval]
+                              seed=cfg.train.seed, system_prompt=system_prompt,
+                              columns=d.columns).records[: d.num_eval]
     elif d.source == EMBEDDED:
-        evals = task_records(d.task, d.num_eval, seed=cfg.train.seed, split="test")
+        evals = task_records(d.task, d.num_eval, seed=cfg.train.seed, split="test", system_prompt=system_prompt)
     else:
         evals = []
     return train, list(evals)
@@ -170,7 +199,8 @@ class SFTTrainer(Trainer):
         """`teacher`: a PolicyModel (sharded like the student) for distillation's token-level KL."""
         super().__init__(cfg)
         self.teacher, self.kl_weight = teacher, kl_weight
-        train, evals = load_conversations(cfg)  # before the model: a bad file fails in seconds
+        say = (lambda line: print(f"[sft] {line}", flush=True)) if self.main else None
+        train, evals = load_conversations(cfg, say)  # before the model: a bad file fails in seconds
         _, tokenizer, lm = load_model(cfg.model, self.out, self.info)
         self.lm = lm
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
