@@ -1,16 +1,7 @@
 """The data layer: R1 prompts and dataset loaders that turn every supported layout (schemas.py)
 into one record layout (`prompt`, `problem`, `solution`, `answer`, and `messages` for SFT data)."""
-from data.loaders import (
-    SCHEMAS,
-    DatasetError,
-    Records,
-    last_boxed,
-    load_held_out,
-    load_records,
-    normalize_answer,
-    seeded_split,
-    split_names,
-)
+from data.loaders import SCHEMAS, Records, load_held_out, load_records, seeded_split, split_names
+from data.schemas import DatasetError, last_boxed, normalize_answer
 from data.prompts import SYSTEM_PROMPT, make_conversation, render_prompt
 
 __all__ = [

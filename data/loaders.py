@@ -46,9 +46,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data.prompts import SYSTEM_PROMPT
-from data.schemas import (GSM8K_FINAL, ROW_FUNCTIONS, SCHEMAS, DatasetError, _BadRow, describe_schemas,
-                          last_boxed, map_columns, normalize_answer, parse_column_map, pick_schema,
-                          with_extra_columns)
+from data.schemas import (ROW_FUNCTIONS, SCHEMAS, DatasetError, _BadRow, describe_schemas, map_columns,
+                          parse_column_map, pick_schema, with_extra_columns)
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from data.loaders import DatasetError, last_boxed
+from data.schemas import DatasetError, last_boxed
 from data.prompts import SYSTEM_PROMPT, make_conversation, render_prompt
 
 THOUGHT = ("<|begin_of_thought|>", "<|end_of_thought|>")
