@@ -1,6 +1,7 @@
 """One GRPO step on the embedded tiny model, split by phase, and rollout throughput of the
-project's generation engine (`infra.engine.generate`) against Hugging Face `model.generate`
-with the same settings, measured side by side in one run.
+project's generation engine (`infra.engine.generate`) against its plain path (every row
+prefilled, no compaction) and Hugging Face `model.generate` with the same settings, measured
+side by side in one run.
 
     python bench/bench_grpo_step.py [--prompts 16] [--group 8] [--max-new 48] [--repeats 3]
 
@@ -31,9 +32,10 @@ def rollout_generators(policy, lm, tok, prompt_ids, prompt_mask, max_new: int, e
 
     n = prompt_ids.shape[0]
 
-    def ours() -> int:
+    def ours(plain: bool = False) -> int:
         out = generate(policy, tok, prompt_ids, prompt_mask, seeds=list(range(n)),
-                       max_new_tokens=max_new, temperature=1.0, eos_token_ids=eos_ids)
+                       max_new_tokens=max_new, temperature=1.0, eos_token_ids=eos_ids,
+                       share_prompts=not plain, compact=not plain)
         return int(out.lengths.sum())
 
     def hf() -> int:
@@ -47,7 +49,8 @@ def rollout_generators(policy, lm, tok, prompt_ids, prompt_mask, max_new: int, e
                             torch.full_like(comp[:, 0], comp.shape[1]))
         return int(first.sum())
 
-    return {"infra.engine.generate": ours, "HF model.generate": hf}
+    return {"infra.engine.generate": ours, "engine, plain path": lambda: ours(plain=True),
+            "HF model.generate": hf}
 
 
 @torch.no_grad()

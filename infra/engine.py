@@ -9,7 +9,10 @@ prompt left generates a dummy row, and ranks stop together when all are done (or
 signal arrives on any of them).
 
 `generate` below is the token loop itself: prefill, then one decode step per token with a KV
-cache. Sampling is seeded per sequence, not per batch: each completion draws its uniforms from a
+cache. Prefill computes each distinct prompt once: the G rows of a GRPO group then copy its
+cache. Decoding runs on the rows still going: once a quarter of the batch has finished since the
+last compaction, finished rows leave the batch and the cache (copying the cache costs about one
+decode step, so it is not done for every row that ends). Sampling is seeded per sequence, not per batch: each completion draws its uniforms from a
 generator seeded by its own seed (`row_seed(seed, step, global row)` in training) and samples by
 inverse CDF. The same row gets the same completion whatever batch or rank it lands on, which is
 what makes a 2-process run reproduce a 1-process run, and a resumed run an uninterrupted one.
@@ -103,12 +106,15 @@ class Rollout:
 def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
              seeds: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_ids: list[int] | None = None,
-             stop_strings: list[str] | None = None, all_done=None) -> Rollout:
+             stop_strings: list[str] | None = None, all_done=None, share_prompts: bool = True,
+             compact: bool = True) -> Rollout:
     """Sample one completion per row of the left-padded `prompt_ids` with a KV cache.
 
     `model` has `PolicyModel.next_token_logits`. `all_done(bool) -> bool` lets ranks agree to
     stop together. `eos_token_ids` defaults to every EOS id of the tokenizer and of the model's
     generation config (`infra.model.eos_token_ids`): Qwen2.5-Instruct ends turns with either of two.
+    `share_prompts` / `compact` off give the plain path (every row prefilled, every row decoded
+    to the end), for tests and `bench/bench_engine.py`.
     """
     device = prompt_ids.device
     b, p = prompt_ids.shape
@@ -120,28 +126,38 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     # One mask for the whole run, sliced per step (no re-allocation per token).
     full_mask = torch.cat([prompt_mask, torch.ones((b, max_new_tokens), dtype=prompt_mask.dtype,
                                                     device=device)], dim=1)  # [B, P + max_new]
-    # prefill: every prompt token at once; the logits of its last position
-    logits, cache = model.next_token_logits(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))
+    # prefill: each distinct prompt once, every prompt token at once; the logits of its last position
+    first, inverse = distinct_rows(prompt_ids, prompt_mask) if share_prompts else (torch.arange(b), None)
+    logits, cache = model.next_token_logits(prompt_ids[first], prompt_mask[first],
+                                            position_ids_from_mask(prompt_mask[first]))  # [U, V]
+    if len(first) < b:  # rows of one prompt share its prefill
+        logits = logits[inverse]
+        cache.batch_select_indices(inverse)
     next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: position of the first completion token
     out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)  # [B, max_new]
     finish_at = torch.full((b,), -1, dtype=torch.long, device=device)  # [B] token that ended the row
+    live = torch.arange(b, device=device)  # [L] rows in the decode batch (and the cache)
     steps = 0
     for t in range(max_new_tokens):
-        done = finish_at >= 0  # [B]
-        tok = sample_tokens(logits, u[:, t], temperature, top_k, top_p)  # [B]
+        done = finish_at[live] >= 0  # [L]
+        tok = sample_tokens(logits, u[live, t], temperature, top_k, top_p)  # [L]
         tok = torch.where(done, torch.full_like(tok, pad), tok)
-        out[:, t] = tok
+        out[live, t] = tok
         hit = torch.isin(tok, eos)
         if stop_strings:
-            hit |= _stop_hit(tokenizer, out[:, : t + 1], stop_strings)
-        finish_at = torch.where(hit & ~done, torch.full_like(finish_at, t), finish_at)
-        done = finish_at >= 0
+            hit |= _stop_hit(tokenizer, out[live, : t + 1], stop_strings)
+        finish_at[live[hit & ~done]] = t
+        going = finish_at[live] < 0  # [L]
         steps = t + 1
-        local_done = bool(done.all())
+        local_done = not bool(going.any())
         if (all_done(local_done) if all_done is not None else local_done) or t + 1 == max_new_tokens:
             break
-        # decode: one token per row against the cache
-        logits, cache = model.next_token_logits(tok[:, None], full_mask[:, : p + t + 1], next_pos + t,
+        if compact and not local_done and going.sum() <= 0.75 * len(live):  # compaction (module docstring)
+            keep = going.nonzero().squeeze(1)  # [L']
+            live, logits, tok = live[keep], logits[keep], tok[keep]
+            cache.batch_select_indices(keep)
+        # decode: one token per live row against the cache
+        logits, cache = model.next_token_logits(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t,
                                                 cache=cache)
     out = out[:, :steps]
     truncated = finish_at < 0  # [B] no EOS or stop string within max_new_tokens
@@ -152,6 +168,19 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(out, completion_mask)],
                                    skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, out, completion_mask, truncated, texts)
+
+
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first row of each distinct prompt [U], the distinct prompt of each row [B])."""
+    index: dict[tuple, int] = {}
+    first, inverse = [], []
+    for i, key in enumerate(zip(ids.tolist(), mask.tolist())):
+        key = (tuple(key[0]), tuple(key[1]))
+        if key not in index:
+            index[key] = len(first)
+            first.append(i)
+        inverse.append(index[key])
+    return torch.tensor(first, device=ids.device), torch.tensor(inverse, device=ids.device)
 
 
 def _stop_hit(tokenizer, ids: torch.Tensor, stop_strings: list[str], window: int = 16) -> torch.Tensor:

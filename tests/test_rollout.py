@@ -86,6 +86,23 @@ def test_greedy_left_padded_batch_equals_hf_generate_per_prompt(tiny):
     assert r.lengths.tolist() == [len(ref) for ref in refs]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prefill_and_compaction_give_the_plain_paths_completions(tiny, temperature):
+    """Groups of one prompt (prefilled once, cache copied to its rows) whose rows end at
+    different steps (finished rows leave the decode batch): the same rows as the plain path,
+    which prefills every row and decodes every row to the end. Rows of a group differ in seed."""
+    tok, _, _ = tiny
+    prompts = [_prompt(tok, 1)] * 3 + [_prompt(tok, 0, system=False)] * 3 + [_prompt(tok, 2)] * 2
+    kw = dict(seeds=[11, 12, 13, 21, 22, 23, 31, 32], max_new_tokens=32, temperature=temperature)
+    fast = _generate(tiny, prompts, **kw)
+    plain = _generate(tiny, prompts, share_prompts=False, compact=False, **kw)
+    lengths = fast.lengths.tolist()
+    assert len(set(lengths)) > 1 and fast.truncated.sum() < len(prompts), lengths  # compaction ran
+    assert [_row(fast, i) for i in range(8)] == [_row(plain, i) for i in range(8)]
+    assert fast.texts == plain.texts and fast.truncated.tolist() == plain.truncated.tolist()
+    assert torch.equal(fast.completion_mask, plain.completion_mask)
+
+
 def test_policy_logprobs_of_a_rollout_equal_hf_log_softmax(tiny):
     # The training forward of PolicyModel on a left-padded prompt + right-padded completion
     # batch (laid out as grpo/batch.py does) against each row run alone through the HF model.
