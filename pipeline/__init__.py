@@ -175,11 +175,12 @@ def check_recipe(recipe: dict, overrides: dict, world_size: int = 1) -> list[dic
     return stages
 
 
-def resolved_options(command: str, options: dict) -> dict:
-    """The flat resolved config a stage runs with (defaults filled in), minus `UNRECORDED`."""
+def resolved_options(command: str, options: dict | None) -> dict:
+    """The flat resolved config a stage runs with (defaults filled in), minus `UNRECORDED`;
+    `options` None: the command's defaults (unchecked: distill's defaults do not validate)."""
     from infra.config import to_dict
     cls, _ = command_entry(command)
-    flat = flatten(to_dict(parse_args(cls, _argv(options))))
+    flat = flatten(to_dict(cls() if options is None else parse_args(cls, _argv(options))))
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in UNRECORDED}
 
 
@@ -188,7 +189,7 @@ def _changes(recorded: dict | None, now: dict, command: str = "") -> list[str]:
         return []
     keys = sorted(set(recorded) | set(now))
     # An option added since the stage ran (absent from its record) at its default is no change.
-    defaults = resolved_options(command, {}) if command else {}
+    defaults = resolved_options(command, None) if command else {}
     return [f"--{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys if recorded.get(k) != now.get(k)
             and (k in recorded or now.get(k) != defaults.get(k))]
 

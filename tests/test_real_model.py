@@ -139,6 +139,17 @@ def test_greedy_generation_stops_at_im_end_as_hf_generate_does(smol):
 
 # ------------------------------------------------------------------ EOS == PAD
 
+class _ScriptCache:
+    """The step and the batch's rows: finished rows leave the decode batch (the engine's
+    compaction), so row i of a later step is not row i of the prompt batch."""
+
+    def __init__(self, rows):
+        self.t, self.rows = 0, rows
+
+    def batch_select_indices(self, idx):
+        self.rows = [self.rows[i] for i in idx.tolist()]
+
+
 class _Scripted(torch.nn.Module):
     """Stands in for PolicyModel's generation forward: row b emits script[b][t] at step t."""
 
@@ -147,15 +158,18 @@ class _Scripted(torch.nn.Module):
         self.script, self.vocab = script, vocab
 
     def next_token_logits(self, input_ids, attention_mask, position_ids, cache=None):
-        t = 0 if cache is None else cache
-        logits = torch.zeros(len(self.script), self.vocab)
-        for b, row in enumerate(self.script):
-            logits[b, row[t]] = 1.0
-        return logits, t + 1
+        if cache is None:
+            cache = _ScriptCache(list(range(len(input_ids))))
+        else:
+            cache.t += 1
+        logits = torch.zeros(len(cache.rows), self.vocab)
+        for i, b in enumerate(cache.rows):
+            logits[i, self.script[b][cache.t]] = 1.0
+        return logits, cache
 
 
 def test_eos_equal_to_pad_masks_only_what_follows_the_first_im_end(smol):
-    """Row 0 ends at step 2 and then samples on (a <|im_end|> and more); row 1 ends at step 4;
+    """Row 0 ends at step 2 (its script goes on with a <|im_end|> and more, never kept); row 1 ends at step 4;
     row 2 never ends. With PAD == EOS a mask read off `ids != pad` would drop every row's final
     <|im_end|>, so the policy would never be trained to stop. Worked out by hand:
         ids  [100 200  2  2  2]  mask [1 1 1 0 0]
