@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
 
 from infra.config import ConfigError
-from infra.dcp_safe import read_metadata, safe_load
+from infra.dcp_safe import one_process_quiet, read_metadata, safe_load
 from infra.dist import DistInfo, barrier, broadcast_object
 from infra.run_folder import (
     CHECKPOINT_FILE, MANIFEST, check_export_folder, file_digest, files_under, foreign_file, fsync_path,
@@ -147,8 +147,9 @@ class CheckpointManager:
         try:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             extra_sd = {name: get_model_state_dict(m) for name, m in extra.items()}
-            dcp.save({"model": model_sd, "optim": optim_sd, **extra_sd}, checkpoint_id=str(tmp),
-                     no_dist=not dist.is_initialized())  # one process: no warning, no collectives
+            with one_process_quiet():  # one process: no collectives
+                dcp.save({"model": model_sd, "optim": optim_sd, **extra_sd}, checkpoint_id=str(tmp),
+                         no_dist=not dist.is_initialized())
             _torch_save(_rng_state(), tmp / f"rng-rank{self.info.rank}.pt")
             if self.info.is_main:
                 _torch_save({"step": step, **trainer_state, "extra_models": sorted(extra)},

@@ -20,6 +20,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -90,5 +92,15 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 def safe_load(state_dict: dict, path: str | os.PathLike) -> None:
     """`dcp.load(state_dict, checkpoint_id=path)`, in place, reading nothing that can run code."""
-    dcp.load(state_dict, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(),
-             no_dist=not torch.distributed.is_initialized())
+    with one_process_quiet():
+        dcp.load(state_dict, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(),
+                 no_dist=not torch.distributed.is_initialized())
+
+
+@contextmanager
+def one_process_quiet():
+    """Without a process group DCP reads and writes in one process, as asked with `no_dist`, but
+    torch 2.13 warns that it "assumes" so on every call: that warning is not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
