@@ -148,11 +148,12 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
             hit |= _stop_hit(tokenizer, out[live, : t + 1], stop_strings)
         finish_at[live[hit & ~done]] = t
         going = finish_at[live] < 0  # [L]
+        n_going = int(going.sum())  # the step's one host sync (besides the ranks' agreement)
         steps = t + 1
-        local_done = not bool(going.any())
+        local_done = n_going == 0
         if (all_done(local_done) if all_done is not None else local_done) or t + 1 == max_new_tokens:
             break
-        if compact and not local_done and going.sum() <= 0.75 * len(live):  # compaction (module docstring)
+        if compact and not local_done and n_going <= 0.75 * len(live):  # compaction (module docstring)
             keep = going.nonzero().squeeze(1)  # [L']
             live, logits, tok = live[keep], logits[keep], tok[keep]
             cache.batch_select_indices(keep)

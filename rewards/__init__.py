@@ -224,10 +224,10 @@ def score_completions(reward_fns: Sequence[tuple[str, RewardFn, float]], texts: 
     lists). An output of the wrong length or type raises RewardError naming the function."""
     import torch
 
-    keys = dict.fromkeys(("solution", "answer", "problem", "prompt"))
+    standard = ("solution", "answer", "problem", "prompt")
+    keys = dict.fromkeys(standard)
     for r in records:
         keys.update(dict.fromkeys(r))
-    standard = ("solution", "answer", "problem", "prompt")
     columns = {k: [r.get(k, "" if k in standard else None) for r in records] for k in keys}
     columns["completion_ids"] = completion_ids
     values = [checked_values(name, fn, fn(texts, **columns), len(texts)) for name, fn, _ in reward_fns]
