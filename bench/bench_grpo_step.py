@@ -1,17 +1,23 @@
-"""One GRPO step on the embedded tiny model, split by phase, and rollout throughput of the
-project's generation engine (`infra.engine.generate`) against its plain path (every row
-prefilled, no compaction) and Hugging Face `model.generate` with the same settings, measured
-side by side in one run.
+"""One GRPO step split by phase, today's path against the new one side by side, and rollout
+throughput of the project's generation engine against its plain path and Hugging Face
+`model.generate` with the same settings, all measured in one run.
 
-    python bench/bench_grpo_step.py [--prompts 16] [--group 8] [--max-new 48] [--repeats 3]
+    python bench/bench_grpo_step.py [--model FOLDER] [--data FILE] [--prompts 8] [--group 8]
+                                    [--max-new 64] [--rollout-rows 16,64] [--repeats 3]
 
-Both generators sample at temperature 1 from the same left-padded prompts with a KV cache and
-stop at EOS; tokens/s counts completion tokens up to and including EOS. Times are medians.
-`bench/gpu_suite.py` runs the same functions on a GPU with a Qwen2.5-0.5B-shaped model.
+The two GRPO paths, on the same model, data and seeds, their steps taking turns:
+    plain   the engine's plain path (every row prefills its prompt, every row decodes to the
+            longest) and padded per-row training passes (grpo.packing false): today's oracle;
+    packed  the engine with shared prefill and compaction, and packed training passes (each
+            prompt computed once for its group, no padding).
+The generators sample at temperature 1 from the same left-padded prompts with a KV cache and
+stop at the model's EOS; tokens/s counts completion tokens up to and including EOS. Times are
+medians. `bench/gpu_suite.py` runs the same functions on a GPU with a Qwen2.5-0.5B-shaped model.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import tempfile
@@ -76,97 +82,135 @@ def time_rollouts(generators: dict, repeats: int, device) -> list[dict]:
     return rows
 
 
-def time_grpo_steps(trainer, repeats: int) -> dict:
-    """Phases of `repeats` GRPO steps after one warm-up step: {phase: [seconds]}, plus token
-    counts of the last step (prompt, completion, padded) and the peak CUDA memory."""
-    device = trainer.info.device
-    phases: dict[str, list[float]] = {}
-    counts = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+def time_grpo_steps(trainers: dict, repeats: int) -> dict:
+    """Phases of `repeats` GRPO steps per trainer after one warm-up step each, the trainers
+    taking turns step by step: {name: {"phases": {phase: [seconds]}, token counts of its last
+    step, peak CUDA memory}}."""
+    results = {name: {"phases": {}} for name in trainers}
     for step in range(1, repeats + 2):
-        trainer.step = step
-        t0 = clock(device)
-        batch, timings = trainer.rollout()
-        t1 = clock(device)
-        trainer.logprobs(batch)
-        t2 = clock(device)
-        trainer.update(batch)
-        trainer.scheduler.step()
-        total = clock(device) - t0
-        if step == 1:
-            continue  # warm-up: compilation of the kernels, allocator growth
-        for k, v in {"generate": timings["time/generate"], "score": timings["time/score"],
-                     "old/ref log-probs": t2 - t1, "update": total - (t2 - t0), "total": total}.items():
-            phases.setdefault(k, []).append(v)
-        prompt = int(batch.attention_mask[:, : batch.prompt_len].sum())
-        counts = {"rows": len(batch), "prompt_tokens": prompt, "completion_tokens": int(batch.lengths.sum())}
-    if device.type == "cuda":
-        counts["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return {"phases": phases, **counts}
+        for name, trainer in trainers.items():
+            device, res = trainer.info.device, results[name]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            trainer.step = step
+            t0 = clock(device)
+            batch, timings = trainer.rollout()
+            t1 = clock(device)
+            trainer.logprobs(batch)
+            t2 = clock(device)
+            trainer.update(batch)
+            trainer.scheduler.step()
+            total = clock(device) - t0
+            if device.type == "cuda":
+                res["peak_gib"] = max(res.get("peak_gib", 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            if step == 1:
+                continue  # warm-up: compilation of the kernels, allocator growth
+            for k, v in {"generate": timings["time/generate"], "score": timings["time/score"],
+                         "old/ref log-probs": t2 - t1, "update": total - (t2 - t0), "total": total}.items():
+                res["phases"].setdefault(k, []).append(v)
+            prompt = int(batch.attention_mask[:, : batch.prompt_len].sum())
+            res.update(rows=len(batch), prompt_tokens=prompt, completion_tokens=int(batch.lengths.sum()))
+    return results
 
 
-def format_phases(result: dict) -> str:
-    phases = result["phases"]
-    tot = statistics.median(phases["total"])
-    lines = ["| phase | median s | share |", "| --- | --- | --- |"]
-    for k, v in phases.items():
-        lines.append(f"| {k} | {statistics.median(v):.3f} | {statistics.median(v) / tot:.1%} |")
+def format_phases(results: dict) -> str:
+    """One table: each phase's median per path, and each path's ratio to the first."""
+    names = list(results)
+    med = {n: {k: statistics.median(v) for k, v in results[n]["phases"].items()} for n in names}
+    head = "| phase | " + " | ".join(f"{n} s" for n in names) + " | " + " | ".join(
+        f"{n} / {names[0]}" for n in names[1:]) + " |"
+    lines = [head, "| --- " * (2 * len(names)) + "|"]
+    for k in med[names[0]]:
+        lines.append(f"| {k} | " + " | ".join(f"{med[n][k]:.3f}" for n in names) + " | " + " | ".join(
+            f"{med[n][k] / med[names[0]][k]:.2f}x" for n in names[1:]) + " |")
     return "\n".join(lines)
+
+
+def grpo_trainer(args, path: str, out: Path, packed: bool, group: int):
+    from data.task import TaskConfig
+    from grpo.config import GRPOJobConfig
+    from grpo.trainer import GRPOTrainer
+
+    cfg = GRPOJobConfig()
+    cfg.model.path = path
+    if args.data:
+        cfg.data.source = args.data
+    else:
+        cfg.data.task = TaskConfig(min_operands=3, max_operands=4, max_value=9)
+    cfg.data.num_train, cfg.data.num_eval = 256, 8
+    cfg.rollout.group_size, cfg.rollout.max_new_tokens = group, args.max_new
+    cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = args.prompts, args.micro_batch
+    cfg.grpo.beta, cfg.grpo.num_iterations = 0.04, args.num_iterations
+    cfg.grpo.packing = packed
+    if packed:
+        cfg.grpo.micro_batch_tokens = args.micro_batch_tokens
+    cfg.grpo.rewards = ["accuracy"] + TEXT_REWARDS
+    cfg.train.output_dir, cfg.train.progress = str(out), False
+    trainer = GRPOTrainer(cfg)
+    trainer.engine.plain = not packed
+    return trainer
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", default="8", help="G; several: 4,8 (one table each)")
+    ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=8, help="grpo.micro_batch_size of both paths")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0,
+                    help="grpo.micro_batch_tokens of the packed path (0 = micro_batch_size completions)")
+    ap.add_argument("--paths", default="plain,packed", help="which GRPO paths to time (one alone: "
+                    "its peak RSS is the process's)")
+    ap.add_argument("--num-iterations", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rollout-rows", default="16,64", help="rows of each rollout table ('' = none)")
     ap.add_argument("--model", default="", help="model folder (default: build the embedded tiny model)")
+    ap.add_argument("--data", default="", help="a GSM8K-style .jsonl (default: the embedded task)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
 
-    from data.task import TaskConfig, task_records
     from data.tiny import build_tiny_model
-    from grpo.config import GRPOJobConfig
-    from grpo.trainer import GRPOTrainer
+    from grpo.trainer import GRPOTrainer  # noqa: F401  (registers nothing; fails early if broken)
     from infra.engine import pad_prompts
-    from infra.evaluate import encode_prompts
-    from infra.model import load_tokenizer
+    from infra.model import eos_token_ids, load_tokenizer
     from infra.policy import PolicyModel
 
     tmp = Path(tempfile.mkdtemp())
     path = args.model or str(build_tiny_model(tmp / "tiny", seed=0))
+    print(f"model {args.model or 'embedded tiny'}, data {args.data or 'embedded task'}, "
+          f"threads {torch.get_num_threads()}")
+    for group in (int(g) for g in str(args.group).split(",")):
+        trainers = {name: grpo_trainer(args, path, tmp / f"{name}-{group}", name == "packed", group)
+                    for name in args.paths.split(",")}
+        results = time_grpo_steps(trainers, args.repeats)
+        r = results[list(trainers)[-1]]
+        print(f"\nOne GRPO step: {r['rows']} completions ({args.prompts} prompts x {group}), "
+              f"max_new_tokens {args.max_new}, beta 0.04, num_iterations {args.num_iterations}, "
+              f"micro_batch_size {args.micro_batch}, packed micro_batch_tokens {args.micro_batch_tokens}; "
+              f"{r['prompt_tokens']} prompt tokens "
+              f"(summed over rows), {r['completion_tokens']} completion tokens")
+        print(format_phases(results))
+        prompts_ids = next(iter(trainers.values())).train_ids
+        del trainers
+    print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
     tok = load_tokenizer(path)
     lm = AutoModelForCausalLM.from_pretrained(path).eval()
     policy = PolicyModel(lm)
-
-    recs = task_records(TaskConfig(min_operands=3, max_operands=4, max_value=9), args.prompts, seed=1)
-    _, ids, _ = encode_prompts(tok, recs)
-    prompts = [p for p in ids for _ in range(args.group)]
-    pid, pmask = pad_prompts(prompts, tok.pad_token_id, "cpu")
-    gens = rollout_generators(policy, lm, tok, pid, pmask, args.max_new, [tok.eos_token_id])
-    rows = time_rollouts(gens, args.repeats, "cpu")
-    print(f"\nRollout: {len(prompts)} completions ({args.prompts} prompts x {args.group}), "
-          f"max_new_tokens {args.max_new}, threads {torch.get_num_threads()}")
-    print(f"{'generator':<24}{'median s':>10}{'tokens':>10}{'tokens/s':>12}{'vs HF':>8}")
-    for r in rows:
-        print(f"{r['generator']:<24}{r['seconds']:>10.3f}{r['tokens']:>10.0f}"
-              f"{r['tokens_per_s']:>12.1f}{r['vs_hf']:>8.2f}")
-
-    cfg = GRPOJobConfig()
-    cfg.model.path = path
-    cfg.data.task = TaskConfig(min_operands=3, max_operands=4, max_value=9)
-    cfg.data.num_train, cfg.data.num_eval = 256, 8
-    cfg.rollout.group_size, cfg.rollout.max_new_tokens = args.group, args.max_new
-    cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = args.prompts, args.prompts * args.group // 4
-    cfg.grpo.beta, cfg.grpo.num_iterations = 0.04, 2
-    cfg.grpo.rewards = ["accuracy"] + TEXT_REWARDS
-    cfg.train.output_dir, cfg.train.progress = str(tmp / "run"), False
-    result = time_grpo_steps(GRPOTrainer(cfg), args.repeats)
-    print(f"\nOne GRPO step: {result['rows']} completions, beta 0.04 (reference model), "
-          f"num_iterations 2, 5 rewards")
-    print(format_phases(result))
+    eos = eos_token_ids(tok, lm)
+    for rows in [int(x) for x in args.rollout_rows.split(",") if x]:
+        group = int(str(args.group).split(",")[-1])
+        prompts = [p for p in prompts_ids[: max(rows // group, 1)] for _ in range(group)][:rows]
+        pid, pmask = pad_prompts(prompts, tok.pad_token_id, "cpu")
+        gens = rollout_generators(policy, lm, tok, pid, pmask, args.max_new, eos)
+        table = time_rollouts(gens, args.repeats, "cpu")
+        print(f"\nRollout: {len(prompts)} completions ({len(prompts) // group} prompts x {group}), "
+              f"max_new_tokens {args.max_new}")
+        print(f"{'generator':<24}{'median s':>10}{'tokens':>10}{'tokens/s':>12}{'vs HF':>8}")
+        for r in table:
+            print(f"{r['generator']:<24}{r['seconds']:>10.3f}{r['tokens']:>10.0f}"
+                  f"{r['tokens_per_s']:>12.1f}{r['vs_hf']:>8.2f}")
 
 
 if __name__ == "__main__":

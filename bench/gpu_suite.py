@@ -232,10 +232,11 @@ def part_grpo(dry: bool, workdir: Path) -> dict:
 
     prompts, group, max_new, micro = (2, 2, 8, 2) if dry else (8, 8, 192, 16)
     rows, checks = [], []
-    runs = (("FSDP2, policy only", "always", 0.0, False),
-            ("FSDP2, + reference (beta 0.04), gradient checkpointing", "always", 0.04, True),
-            ("no FSDP (autocast bf16), policy only", "auto", 0.0, False))
-    for name, fsdp, beta, ckpt in runs:
+    runs = (("FSDP2, policy only", "always", 0.0, False, True),
+            ("FSDP2, + reference (beta 0.04), gradient checkpointing", "always", 0.04, True, True),
+            ("the same, plain path (engine plain, padded passes)", "always", 0.04, True, False),
+            ("no FSDP (autocast bf16), policy only", "auto", 0.0, False, True))
+    for name, fsdp, beta, ckpt, packed in runs:
         cfg = GRPOJobConfig()
         cfg.model.path, cfg.model.gradient_checkpointing = str(model_dir(workdir)), ckpt
         cfg.data.num_train, cfg.data.num_eval = 64, 4
@@ -243,14 +244,16 @@ def part_grpo(dry: bool, workdir: Path) -> dict:
         cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = prompts, micro
         cfg.grpo.beta, cfg.grpo.rewards = beta, TEXT_REWARDS
         cfg.train.device, cfg.train.fsdp, cfg.train.progress = device(dry), fsdp, False
+        cfg.grpo.packing = packed
         cfg.train.output_dir = str(workdir / f"grpo-{len(rows)}")
         try:
             trainer = GRPOTrainer(cfg)
+            trainer.engine.plain = not packed
             assert trainer.info.distributed == (fsdp == "always"), "FSDP2 should be on iff always"
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            r = time_grpo_steps(trainer, repeats=1 if dry else 2)
+            r = time_grpo_steps({name: trainer}, repeats=1 if dry else 2)[name]
         except Exception as e:  # the other runs still go
             traceback.print_exc()
             rows.append([name, f"failed: {type(e).__name__}: {str(e)[:200]}"] + [""] * 8)

@@ -5,10 +5,21 @@ completions right-padded to T); scoring adds rewards and advantages, the log-pro
 reference log-probs, and the update slices micro-batches out of it. A micro-batch is trimmed to
 its own rows' longest prompt and completion, so that it computes no more padding than a batch
 collated from those rows alone would (and the same numbers).
+
+`PackedRows` is the padding-free form of a micro-batch for the training passes (`grpo.packing`):
+one row holding each distinct prompt once, each followed by its completions,
+
+    [ prompt a | completion a1 | completion a2 | ... | prompt b | completion b1 | ... ]
+
+where completion i attends to its prompt and itself only (infra/attention.py) and its position
+ids continue from the prompt's. Its log-probs equal the padded pass's; the prompt's gradient is
+the sum over the completions that read it. A group's prompt is computed once instead of G times,
+and no token is padding.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 
@@ -101,3 +112,106 @@ class GRPOBatch:
             full = torch.zeros(self.completion_ids.shape, dtype=values.dtype, device=values.device)
             setattr(self, name, full)
         full[torch.tensor(rows, device=full.device), : values.shape[1]] = values
+
+    def prompt_lists(self) -> list[tuple[int, ...]]:
+        """Each row's prompt tokens, without padding."""
+        m = self.attention_mask[:, : self.prompt_len].bool()
+        return [tuple(ids[k].tolist()) for ids, k in zip(self.input_ids[:, : self.prompt_len], m)]
+
+    def packed(self) -> "PackedRows":
+        """This (micro-)batch as one packed row (module docstring)."""
+        prompts, completions = self.prompt_lists(), self.completion_lists()
+        return PackedRows.build(prompts, completions, self.completion_ids.shape[1], self.input_ids.device)
+
+
+def token_budget_micro_batches(order: Sequence[int], prompts: Sequence[tuple], lengths: Sequence[int],
+                               budget: int) -> list[list[int]]:
+    """Rows in `order`, cut into micro-batches whose packed tokens fit `budget`: a row costs its
+    completion, plus its prompt unless the micro-batch already holds that prompt. A row that
+    alone exceeds the budget gets a micro-batch of its own."""
+    out, seen, used = [[]], set(), 0
+    for i in order:
+        cost = lengths[i] + (0 if prompts[i] in seen else len(prompts[i]))
+        if out[-1] and used + cost > budget:
+            out.append([])
+            seen, used = set(), 0
+            cost = lengths[i] + len(prompts[i])
+        out[-1].append(i)
+        seen.add(prompts[i])
+        used += cost
+    return out
+
+
+def split_to(micro_batches: list[list[int]], count: int) -> list[list[int]]:
+    """`micro_batches` cut further into exactly `count` (FSDP ranks must run the same number of
+    forwards): the one with the most rows is halved until there are enough. Every piece keeps
+    within the budget its whole did. `count` may not exceed the number of rows."""
+    out = [list(m) for m in micro_batches]
+    if count > sum(len(m) for m in out):
+        raise ValueError(f"split_to: {count} micro-batches from {sum(len(m) for m in out)} rows")
+    while len(out) < count:
+        k = max(range(len(out)), key=lambda j: len(out[j]))
+        half = (len(out[k]) + 1) // 2
+        out[k: k + 1] = [out[k][:half], out[k][half:]]
+    return out
+
+
+@dataclass
+class PackedRows:
+    input_ids: torch.Tensor     # [1, L] each distinct prompt, then its rows' completions
+    position_ids: torch.Tensor  # [1, L] 0.. within a prompt; a completion continues its prompt's
+    cu_seqlens: list[int]       # segment starts, then L
+    prefix_of: list[int]        # per segment: its prompt's segment index, -1 for a prompt
+    sources: torch.Tensor       # [M] the position whose output predicts each completion token
+    targets: torch.Tensor       # [M] completion tokens
+    rows: torch.Tensor          # [M] micro-batch row of each target
+    cols: torch.Tensor          # [M] completion column of each target
+    shape: tuple[int, int]      # (n, t): the micro-batch's [n, t] layout
+
+    @classmethod
+    def build(cls, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], width: int,
+              device=None) -> "PackedRows":
+        """`prompts[i]`, `completions[i]`: row i's tokens without padding; `width`: t."""
+        first: dict[tuple, int] = {}  # prompt -> its first row
+        for i, p in enumerate(prompts):
+            first.setdefault(tuple(p), i)
+        by_prompt: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_prompt.setdefault(first[tuple(p)], []).append(i)
+        ids, pos, cu, prefix_of, sources, rows, cols = [], [], [0], [], [], [], []
+        for head, members in by_prompt.items():
+            prompt = list(prompts[head])
+            p_seg, p_end = len(cu) - 1, cu[-1] + len(prompt)
+            ids += prompt
+            pos += range(len(prompt))
+            cu.append(p_end)
+            prefix_of.append(-1)
+            for i in members:
+                c, start = list(completions[i]), cu[-1]
+                if not c:
+                    continue
+                ids += c
+                pos += range(len(prompt), len(prompt) + len(c))
+                cu.append(start + len(c))
+                prefix_of.append(p_seg)
+                # token 0 is predicted by the prompt's last position, token j by the completion's j-1
+                sources += [p_end - 1] + list(range(start, start + len(c) - 1))
+                rows += [i] * len(c)
+                cols += range(len(c))
+        tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        rows_t, cols_t = tensor(rows), tensor(cols)
+        return cls(input_ids=tensor(ids)[None], position_ids=tensor(pos)[None], cu_seqlens=cu,
+                   prefix_of=prefix_of, sources=tensor(sources),
+                   targets=tensor([completions[i][j] for i, j in zip(rows, cols)]), rows=rows_t, cols=cols_t,
+                   shape=(len(prompts), width))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[1]
+
+    def attention(self) -> dict:
+        """The keyword arguments of the "sdpa_varlen" attention (infra/attention.py)."""
+        return {"cu_seqlens": self.cu_seqlens, "prefix_of": self.prefix_of}
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """[M] per-target values -> the micro-batch's [n, t] layout, zero where no token is."""
+        return values.new_zeros(self.shape).index_put((self.rows, self.cols), values)

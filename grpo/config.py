@@ -41,6 +41,12 @@ class GRPOConfig:
     """Prompts per optimizer step, over all ranks (global batch = prompts_per_step * group_size)."""
     micro_batch_size: int = 8
     """Completions per forward/backward on one rank (gradient accumulation over the rest)."""
+    packing: bool = True
+    """Log-prob and update passes on packed rows: each prompt computed once for its completions,
+    no padding (grpo/batch.py). False: the padded per-row pass, kept as the oracle."""
+    micro_batch_tokens: int = 0
+    """Packed passes: tokens per forward/backward on one rank, instead of micro_batch_size
+    completions (0 = use micro_batch_size). A completion longer than this gets its own."""
     num_iterations: int = 1
     """mu: passes over each batch of rollouts; > 1 needs old-policy log-probs and clipping."""
     beta: float = 0.04
@@ -100,10 +106,14 @@ class GRPOJobConfig:
             bad("grpo.prompts_per_step", g.prompts_per_step,
                 f"must be divisible by the world size {world_size} (each rank scores whole groups)")
         local = g.prompts_per_step // world_size * r.group_size
-        if g.micro_batch_size < 1 or local % g.micro_batch_size:
+        if not g.micro_batch_tokens and (g.micro_batch_size < 1 or local % g.micro_batch_size):
             bad("grpo.micro_batch_size", g.micro_batch_size,
                 f"must divide the per-rank batch of {local} completions "
                 f"(prompts_per_step / world_size * group_size)")
+        at_least("grpo.micro_batch_tokens", g.micro_batch_tokens, 0, "(0 = micro_batch_size completions)")
+        if g.micro_batch_tokens and not g.packing:
+            bad("grpo.micro_batch_tokens", g.micro_batch_tokens,
+                "needs --grpo.packing true (padded micro-batches count completions)")
         at_least("rollout.prompts_per_generation", r.prompts_per_generation, 0)
         at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
         if not (finite(r.temperature) and r.temperature > 0):

@@ -8,14 +8,17 @@ One optimizer step, in named phases (`train_step`; the loop around it is `infra.
   5. old / ref logps  - no grad, fused log-prob kernel at the sampling temperature
   6. update           - num_iterations passes over micro-batches, gradient accumulation,
                         clipped policy loss + beta * KL (grpo/loss.py), AdamW, grad clipping
+  Phases 5 and 6 run on packed rows (grpo.packing, grpo/batch.py): each prompt once, then its
+  completions, no padding; micro-batches of micro_batch_size completions or micro_batch_tokens.
   7. ref refresh      - optional: ref <- alpha * policy + (1 - alpha) * ref every tau steps;
                         once refreshed, the reference is saved in the checkpoints too
 
 Departures from DeepSeekMath's GRPO, said out loud:
 - with num_iterations == 1 the old policy is the current one, so old_logps = logps.detach():
   the ratio is 1 and the clip never binds (TRL and verl do the same); no extra forward.
-- micro-batches are shuffled only when num_iterations > 1: with one pass the order cannot change
-  the summed gradient, and a fixed order keeps runs of different world sizes bit-comparable.
+- micro-batches are shuffled only when num_iterations > 1 (no pass's summed gradient depends on
+  the order; a fixed order keeps runs of different world sizes bit-comparable). Packed passes
+  shuffle whole groups, so that a group's completions still share their prompt's computation.
 - each of the num_iterations passes ends in its own optimizer step and carries the whole batch's
   loss (TRL's num_iterations, verl's ppo_epochs): micro-batch losses are divided by the count of
   the whole step (`loss_denominator`) and FSDP sums the ranks' gradients, so a pass's gradient
@@ -27,12 +30,13 @@ import torch
 
 from grpo.advantages import (batch_reward_std, combine_rewards, group_advantages, rloo_advantages,
                              zero_std_groups)
-from grpo.batch import GRPOBatch
+from grpo.batch import GRPOBatch, split_to, token_budget_micro_batches
 from grpo.config import GRPOJobConfig
 from grpo.loss import loss_denominator, policy_loss
 from grpo.metrics import reward_metrics, update_metrics
+from infra.attention import VARLEN_ATTENTION, attention_implementation
 from infra.config import ConfigError
-from infra.dist import all_gather_cat, all_reduce_sum, decoder_layers, shard_model
+from infra.dist import all_gather_cat, all_reduce_max, all_reduce_sum, decoder_layers, shard_model
 from infra.engine import Engine, row_seed
 from infra.evaluate import encode_prompts, evaluate, held_out_records, train_records, training_prompts
 from infra.logging import clock, write_jsonl
@@ -161,22 +165,44 @@ class GRPOTrainer(Trainer):
         batch.loss_weight = (~drop).double()  # [N]
         return batch, timings
 
-    def _micro_batches(self, n: int, order: list[int] | None = None) -> list[list[int]]:
+    def _training_attention(self):
+        """Packed passes attend within their segments, in the forward and in a checkpointed
+        backward's recomputation alike (packed_logprobs alone switches for its forward only)."""
+        return attention_implementation(self.policy.lm, VARLEN_ATTENTION if self.cfg.grpo.packing else None)
+
+    def _order(self, n: int, gen: torch.Generator) -> list[int]:
+        """A pass's row order when num_iterations > 1: shuffled (packed passes: whole groups)."""
+        if not self.cfg.grpo.packing:
+            return torch.randperm(n, generator=gen).tolist()
+        G = self.cfg.rollout.group_size
+        return [k * G + j for k in torch.randperm(n // G, generator=gen).tolist() for j in range(G)]
+
+    def _micro_batches(self, batch: GRPOBatch, order: list[int] | None = None) -> list[list[int]]:
+        n, g = len(batch), self.cfg.grpo
         order = list(range(n)) if order is None else order
-        mb = self.cfg.grpo.micro_batch_size
-        return [order[k:k + mb] for k in range(0, n, mb)]
+        if not g.micro_batch_tokens:
+            return [order[k:k + g.micro_batch_size] for k in range(0, n, g.micro_batch_size)]
+        out = token_budget_micro_batches(order, batch.prompt_lists(), batch.lengths.tolist(), g.micro_batch_tokens)
+        # Every rank runs as many forwards as the rank that needs the most (FSDP's collectives).
+        return split_to(out, all_reduce_max(len(out), self.info.device))
 
     def _logps(self, model, mb: GRPOBatch, with_entropy: bool = False):
-        return model.completion_logprobs(mb.input_ids, mb.attention_mask, mb.position_ids,
-                                         mb.completion_ids, mb.prompt_len,
-                                         temperature=self.cfg.rollout.temperature,
-                                         return_entropy=with_entropy)
+        """[n, t] log-probs of the micro-batch's completions (and [n, t] entropies)."""
+        temperature = self.cfg.rollout.temperature
+        if not self.cfg.grpo.packing:
+            return model.completion_logprobs(mb.input_ids, mb.attention_mask, mb.position_ids,
+                                             mb.completion_ids, mb.prompt_len, temperature=temperature,
+                                             return_entropy=with_entropy)
+        packed = mb.packed()
+        out = model.packed_logprobs(packed.input_ids, packed.position_ids, packed.sources, packed.targets,
+                                    temperature=temperature, return_entropy=with_entropy, **packed.attention())
+        return tuple(packed.scatter(o) for o in out) if with_entropy else packed.scatter(out)
 
     @torch.no_grad()
     def logprobs(self, batch: GRPOBatch) -> None:
         """Phase 5: old-policy (num_iterations > 1) and reference log-probs, [N, T] each."""
         with self.autocast():
-            for rows in self._micro_batches(len(batch)):
+            for rows in self._micro_batches(batch):
                 self.stop_point()
                 mb = batch.micro(rows)
                 if self.cfg.grpo.num_iterations > 1:
@@ -195,34 +221,35 @@ class GRPOTrainer(Trainer):
         acc = {k: torch.zeros((), device=info.device) for k in ("loss", "entropy", *STATS)}
         gen = torch.Generator().manual_seed(row_seed(self.cfg.train.seed, self.step, 7))
         skipped, norm = False, torch.zeros(())
-        for it in range(g.num_iterations):
-            order = torch.randperm(len(batch), generator=gen).tolist() if g.num_iterations > 1 else None
-            pass_loss = torch.zeros((), device=info.device)
-            for rows in self._micro_batches(len(batch), order):
-                if it == 0:  # before the step's first update the previous step's state is intact
-                    self.stop_point()
-                mb = batch.micro(rows)
-                with self.autocast():
-                    logps, entropy = self._logps(self.policy, mb, with_entropy=True)  # [n, t] each
-                mask = mb.loss_mask  # [n, t]
-                loss, m = policy_loss(logps, mb.old_logps if mb.old_logps is not None else logps.detach(),
-                                      mb.advantages.to(info.device, torch.float32), mask,
-                                      ref_logps=mb.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
-                                      epsilon_high=g.epsilon_high or None, loss_type=g.loss_type,
-                                      importance_sampling=g.importance_sampling,
-                                      kl_estimator=g.kl_estimator, max_completion_length=r.max_new_tokens,
-                                      denominator=denominator)
-                loss.backward()
-                pass_loss += loss.detach()
-                # Metrics stay on the device until the step ends: one host sync per step.
-                share = len(rows) / len(batch) / g.num_iterations
-                acc["entropy"] += (entropy.detach() * mask).sum() / mask.sum().clamp(min=1) * share
-                for k in STATS:
-                    if k in m:
-                        acc[k] += m[k] * share
-            acc["loss"] += pass_loss / g.num_iterations
-            norm, stepped = self.optimizer_step(pass_loss)
-            skipped |= not stepped
+        with self._training_attention():
+            for it in range(g.num_iterations):
+                order = self._order(len(batch), gen) if g.num_iterations > 1 else None
+                pass_loss = torch.zeros((), device=info.device)
+                for rows in self._micro_batches(batch, order):
+                    if it == 0:  # before the step's first update the previous step's state is intact
+                        self.stop_point()
+                    mb = batch.micro(rows)
+                    with self.autocast():
+                        logps, entropy = self._logps(self.policy, mb, with_entropy=True)  # [n, t] each
+                    mask = mb.loss_mask  # [n, t]
+                    loss, m = policy_loss(logps, mb.old_logps if mb.old_logps is not None else logps.detach(),
+                                          mb.advantages.to(info.device, torch.float32), mask,
+                                          ref_logps=mb.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
+                                          epsilon_high=g.epsilon_high or None, loss_type=g.loss_type,
+                                          importance_sampling=g.importance_sampling,
+                                          kl_estimator=g.kl_estimator, max_completion_length=r.max_new_tokens,
+                                          denominator=denominator)
+                    loss.backward()
+                    pass_loss += loss.detach()
+                    # Metrics stay on the device until the step ends: one host sync per step.
+                    share = len(rows) / len(batch) / g.num_iterations
+                    acc["entropy"] += (entropy.detach() * mask).sum() / mask.sum().clamp(min=1) * share
+                    for k in STATS:
+                        if k in m:
+                            acc[k] += m[k] * share
+                acc["loss"] += pass_loss / g.num_iterations
+                norm, stepped = self.optimizer_step(pass_loss)
+                skipped |= not stepped
         return {**{k: float(v) for k, v in acc.items()}, "grad_norm": float(norm),
                 "skipped_update": float(skipped)}
 

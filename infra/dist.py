@@ -96,6 +96,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(value: int, device) -> int:
+    """The largest `value` over ranks; `value` itself in a single process."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Every rank's `t` (same shape on all ranks), concatenated along dim 0 in rank order."""
     if not dist.is_initialized():

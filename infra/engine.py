@@ -12,19 +12,23 @@ signal arrives on any of them).
 cache. Prefill computes each distinct prompt once: the G rows of a GRPO group then copy its
 cache. Decoding runs on the rows still going: once a quarter of the batch has finished since the
 last compaction, finished rows leave the batch and the cache (copying the cache costs about one
-decode step, so it is not done for every row that ends). Sampling is seeded per sequence, not per batch: each completion draws its uniforms from a
+decode step, so it is not done for every row that ends). Stop strings are looked for only in
+rows whose new token can complete one (`stop_candidates`), in the text of their last tokens.
+Sampling is seeded per sequence, not per batch: each completion draws its uniforms from a
 generator seeded by its own seed (`row_seed(seed, step, global row)` in training) and samples by
 inverse CDF. The same row gets the same completion whatever batch or rank it lands on, which is
 what makes a 2-process run reproduce a 1-process run, and a resumed run an uninterrupted one.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from infra.dist import DistInfo, all_reduce_sum, set_gathered
 from infra.model import eos_token_ids as default_eos_ids
@@ -122,6 +126,9 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     if eos_token_ids is None:
         eos_token_ids = default_eos_ids(tokenizer, getattr(model, "lm", None))
     eos = torch.tensor(eos_token_ids, device=device)
+    candidates = stop_candidates(tokenizer, stop_strings) if stop_strings else None
+    if candidates is not None:
+        candidates = candidates.to(device)
     u = row_uniforms(seeds, max_new_tokens, device)  # [B, max_new]
     # One mask for the whole run, sliced per step (no re-allocation per token).
     full_mask = torch.cat([prompt_mask, torch.ones((b, max_new_tokens), dtype=prompt_mask.dtype,
@@ -129,7 +136,8 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     # prefill: each distinct prompt once, every prompt token at once; the logits of its last position
     first, inverse = distinct_rows(prompt_ids, prompt_mask) if share_prompts else (torch.arange(b), None)
     logits, cache = model.next_token_logits(prompt_ids[first], prompt_mask[first],
-                                            position_ids_from_mask(prompt_mask[first]))  # [U, V]
+                                            position_ids_from_mask(prompt_mask[first]),
+                                            cache=preallocated_cache(model, p + max_new_tokens))  # [U, V]
     if len(first) < b:  # rows of one prompt share its prefill
         logits = logits[inverse]
         cache.batch_select_indices(inverse)
@@ -144,8 +152,14 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         out[live, t] = tok
         hit = torch.isin(tok, eos)
-        if stop_strings:
-            hit |= _stop_hit(tokenizer, out[live, : t + 1], stop_strings)
+        if stop_strings:  # decode only the rows whose new token can complete a stop string
+            check = ~done
+            if candidates is not None:  # ids past the tokenizer's (a padded embedding table) always count
+                v = len(candidates)
+                check &= (tok >= v) | candidates[tok.clamp(max=v - 1)]
+            rows = check.nonzero().squeeze(1)  # [R]
+            if len(rows):
+                hit[rows] |= _stop_hit(tokenizer, out[live[rows], : t + 1], stop_strings)
         finish_at[live[hit & ~done]] = t
         going = finish_at[live] < 0  # [L]
         n_going = int(going.sum())  # the step's one host sync (besides the ranks' agreement)
@@ -171,6 +185,57 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     return Rollout(prompt_ids, prompt_mask, out, completion_mask, truncated, texts)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer of `capacity` positions, allocated at prefill: a decode
+    step writes its token in place instead of concatenating a new [B, H, T, D] tensor per layer
+    (on a CPU that copy was ~1/5 of a SmolLM2 decode step at 64 rows). `keys` / `values` are
+    views of the filled part, as DynamicLayer's tensors are."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if not self.is_initialized:
+            b, h, _, d = key_states.shape
+            self.buf_k = key_states.new_empty(b, h, self.capacity, d)  # [B, H_kv, capacity, D]
+            self.buf_v = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
+            self.device, self.is_initialized = key_states.device, True
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"PreallocatedLayer: {self.length + n} positions exceed the capacity {self.capacity}")
+        self.buf_k[:, :, self.length: self.length + n] = key_states
+        self.buf_v[:, :, self.length: self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (in that order, repeats allowed): the filled part is copied."""
+        if not self.is_initialized:
+            return
+        for name in ("buf_k", "buf_v"):
+            buf = getattr(self, name)
+            new = buf.new_empty(len(indices), *buf.shape[1:])
+            new[:, :, : self.length] = buf[indices, :, : self.length]
+            setattr(self, name, new)
+        self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
+
+
+def preallocated_cache(model: nn.Module, capacity: int) -> Cache | None:
+    """A cache of PreallocatedLayers for the Hugging Face model under `model` (a PolicyModel), or
+    None (the model then makes its own) when its layers are not all full attention."""
+    config = getattr(getattr(model, "lm", None), "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config(decoder=True)
+    if set(getattr(text, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return None
+    cache = DynamicCache()
+    cache.layers = [PreallocatedLayer(capacity) for _ in range(text.num_hidden_layers)]
+    return cache
+
+
 def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(first row of each distinct prompt [U], the distinct prompt of each row [B])."""
     index: dict[tuple, int] = {}
@@ -185,20 +250,48 @@ def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _stop_hit(tokenizer, ids: torch.Tensor, stop_strings: list[str], window: int = 16) -> torch.Tensor:
+    """[R] whether the text of each row's last `window` tokens holds a stop string."""
     tails = tokenizer.batch_decode(ids[:, -window:].tolist(), skip_special_tokens=False)
     return torch.tensor([any(s in tail for s in stop_strings) for tail in tails], device=ids.device)
+
+
+_STOP_CANDIDATES: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def stop_candidates(tokenizer, stop_strings: list[str]) -> torch.Tensor | None:
+    """[V] bool: the tokens that can complete a stop string, or None when any token can.
+
+    A stop string absent before a token and present after it ends with a character of that
+    token's text, so a row whose new token's text holds no stop string's last character needs
+    no decoding. Conservative where one token's own decode may differ from its decode in
+    context: a token that decodes to U+FFFD (part of a multi-byte character) is a candidate, and
+    a stop string ending in whitespace (which a tokenizer may strip from a lone token) makes
+    every token one. Computed once per tokenizer and stop strings (one decode of the vocabulary).
+    """
+    lasts = {s[-1] for s in stop_strings if s}
+    if any(c.isspace() for c in lasts):
+        return None
+    known = _STOP_CANDIDATES.setdefault(tokenizer, {})
+    key = (len(tokenizer), tuple(sorted(lasts)))
+    if key not in known:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+        known[key] = torch.tensor([("\ufffd" in t) or any(c in t for c in lasts) for t in texts], dtype=torch.bool)
+    return known[key]
 
 
 class Engine:
     """`generate` for a policy, with everything around it that every caller needs (module doc).
 
     `autocast`: a context-manager factory for the forwards (bf16 on a single GPU); `info`: the
-    rank layout (None = one process).
+    rank layout (None = one process); `plain`: every row prefilled and decoded to the end (the
+    oracle path, for tests and benchmarks).
     """
 
     def __init__(self, model: nn.Module, tokenizer, info: DistInfo | None = None, *,
-                 autocast: Callable[[], object] = nullcontext, eos_token_ids: list[int] | None = None):
+                 autocast: Callable[[], object] = nullcontext, eos_token_ids: list[int] | None = None,
+                 plain: bool = False):
         self.model, self.tokenizer, self.info, self.autocast = model, tokenizer, info, autocast
+        self.plain = plain
         self.eos_token_ids = eos_token_ids or default_eos_ids(tokenizer, getattr(model, "lm", None))
 
     @property
@@ -240,7 +333,8 @@ class Engine:
                 out = generate(self.model, self.tokenizer, ids, mask, seeds=seeds,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, eos_token_ids=self.eos_token_ids,
-                               stop_strings=stop_strings, all_done=self._all_done(stop_requested))
+                               stop_strings=stop_strings, all_done=self._all_done(stop_requested),
+                               share_prompts=not self.plain, compact=not self.plain)
         finally:
             set_gathered(self.model, False)
             self.model.train(was_training)

@@ -2,6 +2,7 @@
 
     next_token_logits    generation: the logits of each row's last position, with a KV cache
     completion_logprobs  GRPO: log pi(y_t | q, y_<t) of completion tokens (and their entropy)
+    packed_logprobs      GRPO on packed rows: the same, each prompt computed once for its group
     label_logprobs       SFT: log p of every label token of (packed) rows (distillation: + logits)
 
 The last two go through the fused log-prob kernel (`kernels/`), so no [tokens, vocab] logits are
@@ -16,11 +17,12 @@ import inspect
 import torch
 from torch import nn
 
+from infra.attention import VARLEN_ATTENTION, attention_implementation
 from kernels import fused_linear_logprobs
 
 
 class PolicyModel(nn.Module):
-    FORWARD_METHODS = ("next_token_logits", "completion_logprobs", "label_logprobs")
+    FORWARD_METHODS = ("next_token_logits", "completion_logprobs", "packed_logprobs", "label_logprobs")
 
     def __init__(self, lm: nn.Module):
         super().__init__()
@@ -53,6 +55,19 @@ class PolicyModel(nn.Module):
         if return_entropy:
             return out[0].reshape(n, t).clone(), out[1].reshape(n, t).clone()
         return out.reshape(n, t).clone()
+
+    def packed_logprobs(self, input_ids, position_ids, sources, targets, temperature: float = 1.0,
+                        return_entropy: bool = False, **attention):
+        """[M] log-probs of `targets` (and [M] entropies) on one packed row [1, L]: target m is
+        predicted at position `sources[m]`. `attention` carries the row's segments (`cu_seqlens`,
+        `prefix_of`: infra/attention.py); the model attends with "sdpa_varlen" for this call only
+        (generation keeps its own attention)."""
+        with attention_implementation(self.lm, VARLEN_ATTENTION):
+            hidden = self._hidden(input_ids, None, position_ids, **attention)  # [1, L, H]
+        h = hidden[0].index_select(0, sources)  # [M, H]: a prompt's last state serves its whole group
+        weight = self.lm.get_output_embeddings().weight  # [V, H]
+        out = fused_linear_logprobs(h, weight, targets, temperature=temperature, return_entropy=return_entropy)
+        return (out[0].clone(), out[1].clone()) if return_entropy else out.clone()
 
     def label_logprobs(self, input_ids, position_ids, labels, *, attention_mask=None,
                        temperature: float = 1.0, return_logits: bool = False, **attention):

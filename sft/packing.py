@@ -16,7 +16,7 @@ How packed documents are kept apart. A packed row holds several documents; a tok
 only to earlier tokens of its own document, and positions restart at 0 for each document.
 `packed_model_inputs` passes that masking explicitly, in the form the model's attention reads:
 
-    "sdpa_varlen"  (registered here) one causal SDPA call per document: exact by construction,
+    "sdpa_varlen"  (infra/attention.py) one causal SDPA call per document: exact by construction,
                    no [L, L] mask in memory, and attention work sum(len_i^2) rather than L^2.
                    Works on any device; the one to train with (`model.set_attn_implementation`).
     "sdpa"         a 4-D boolean block-diagonal causal mask [B, 1, L, L].
@@ -37,14 +37,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.prompts import render_prompt
+from infra.attention import VARLEN_ATTENTION, block_causal_mask, cu_seqlens, varlen_sdpa_attention  # noqa: F401
 
 IGNORE_INDEX = -100
 OVERFLOW_MODES = ("truncate", "split", "drop")
-VARLEN_ATTENTION = "sdpa_varlen"
 PACKED_ATTENTIONS = (VARLEN_ATTENTION, "sdpa", "eager")
 
 
@@ -289,89 +287,6 @@ def collate_padded(docs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: 
         attention_mask[b, : len(ids)] = 1
     position_ids = torch.arange(L).expand(len(docs), L).clone()  # [B, L]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
-
-
-# Block-diagonal causal attention
-
-def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] segment ids -> [B, 1, L, L] bool, True where query i may attend key j:
-    same segment and j <= i. Segments are contiguous, so this is block-diagonal causal."""
-    L = segment_ids.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()  # [L, L]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, L, L]
-    return (same & causal)[:, None]  # [B, 1, L, L]
-
-
-def cu_seqlens(segment_ids: torch.Tensor) -> list[int]:
-    """Start offsets of every segment in the flattened [B*L] token axis, then B*L (FlashAttention's
-    `cu_seqlens` layout). A new row always starts a new segment."""
-    B, L = segment_ids.shape
-    starts = torch.ones(B, L, dtype=torch.bool, device=segment_ids.device)  # [B, L]
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return torch.nonzero(starts.flatten()).flatten().tolist() + [B * L]
-
-
-# Every SDPA backend but cuDNN's. cuDNN builds an execution plan per new shape, and packed
-# documents bring new lengths every step: on an H200 (torch 2.11) its attention took 1.8 ms of
-# CPU per call, 500 calls a step, and a packed SFT step of 8 x 4096 tokens ran 2.6 s instead
-# of 0.7 s (bench/RESULTS.md, GPU suite). The backward runs the kernel its forward chose.
-_VARLEN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def varlen_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    cu_seqlens: Sequence[int] | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """A transformers attention function: causal attention inside each segment of `cu_seqlens`.
-
-    query [B, H, L, D], key/value [B, H_kv, L, D] -> output [B, L, H, D]. Each segment is one
-    `scaled_dot_product_attention(is_causal=True)` call on its own slice (a view, no copy), so a
-    token cannot see another document: there is nothing to mask. For training forwards only:
-    generation has no segments, so use "sdpa" there (`model.set_attn_implementation("sdpa")`).
-    """
-    if cu_seqlens is None:
-        raise ValueError(
-            f"attention {VARLEN_ATTENTION!r} needs cu_seqlens= (pass packed_model_inputs(batch, ...)); "
-            "for generation or unpacked batches switch the model to 'sdpa'"
-        )
-    B, H, L, D = query.shape
-    if cu_seqlens[0] != 0 or cu_seqlens[-1] != B * L:
-        raise ValueError(f"cu_seqlens must run from 0 to B*L = {B * L}, got {cu_seqlens[0]} .. {cu_seqlens[-1]}")
-    # Per row, the segment lengths; a segment must not run past the end of its row.
-    lengths: list[list[int]] = [[] for _ in range(B)]
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        b = start // L
-        if not start < end <= (b + 1) * L:
-            raise ValueError(f"cu_seqlens: segment [{start}, {end}) is empty or crosses the end of row {b}")
-        lengths[b].append(end - start)
-    gqa = H != key.shape[1]
-    # unbind / split rather than indexing: their backward is one stack / cat, where every
-    # indexed slice would add a zero-filled gradient of the whole tensor.
-    rows = []
-    with sdpa_kernel(_VARLEN_BACKENDS):
-        for b, (q, k, v) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):  # [H, L, D]
-            parts = zip(q.split(lengths[b], dim=1), k.split(lengths[b], dim=1), v.split(lengths[b], dim=1))
-            rows.append(torch.cat([
-                F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout,  # [1, H, n, D]
-                                               is_causal=True, scale=scaling, enable_gqa=gqa)[0]
-                for qs, ks, vs in parts], dim=1))  # [H, L, D]
-    return torch.stack(rows).transpose(1, 2).contiguous(), None  # [B, L, H, D]
-
-
-def _register_varlen_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
-
-
-_register_varlen_attention()
 
 
 def packed_model_inputs(

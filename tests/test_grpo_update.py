@@ -13,6 +13,7 @@ from data.tiny import build_tiny_model
 from grpo.config import GRPOJobConfig
 from grpo.loss import policy_loss
 from grpo.trainer import GRPOTrainer
+from infra.attention import attention_implementation
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,10 @@ def tiny(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
-def _trainer(model_path, out, keep_dropout=False, **grpo):
+def _trainer(model_path, out, keep_dropout=False, checkpointing=False, **grpo):
     cfg = GRPOJobConfig()
     cfg.model.path, cfg.model.keep_dropout = model_path, keep_dropout
+    cfg.model.gradient_checkpointing = checkpointing
     cfg.data.num_train, cfg.data.num_eval = 16, 2
     cfg.data.task.max_operands = 2
     cfg.rollout.group_size, cfg.rollout.max_new_tokens = 4, 24
@@ -45,22 +47,35 @@ def _whole_batch_grads(trainer, batch) -> dict[str, torch.Tensor]:
     g, r = trainer.cfg.grpo, trainer.cfg.rollout
     trainer.optimizer.zero_grad(set_to_none=True)
     whole = batch.micro(list(range(len(batch))))
-    logps = trainer.policy.completion_logprobs(whole.input_ids, whole.attention_mask, whole.position_ids,
-                                               whole.completion_ids, whole.prompt_len,
-                                               temperature=r.temperature)  # [N, T]
-    old = whole.old_logps if g.num_iterations > 1 else logps.detach()
-    loss, _ = policy_loss(logps, old, whole.advantages.float(), whole.loss_mask, ref_logps=whole.ref_logps,
-                          beta=g.beta, loss_type=g.loss_type, max_completion_length=r.max_new_tokens)
-    loss.backward()
+    with attention_implementation(trainer.policy.lm, "sdpa"):  # padded rows; a checkpointed backward too
+        logps = trainer.policy.completion_logprobs(whole.input_ids, whole.attention_mask, whole.position_ids,
+                                                   whole.completion_ids, whole.prompt_len,
+                                                   temperature=r.temperature)  # [N, T]
+        old = whole.old_logps if g.num_iterations > 1 else logps.detach()
+        loss, _ = policy_loss(logps, old, whole.advantages.float(), whole.loss_mask, ref_logps=whole.ref_logps,
+                              beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high or None,
+                              loss_type=g.loss_type, importance_sampling=g.importance_sampling,
+                              kl_estimator=g.kl_estimator, max_completion_length=r.max_new_tokens)
+        loss.backward()
     return {n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss_type, mu", [("grpo", 1), ("grpo", 3), ("bnpo", 2), ("dapo", 2)])
-def test_each_optimizer_step_follows_the_whole_batch_gradient(tiny, tmp_path, loss_type, mu):
-    trainer = _trainer(tiny, tmp_path, loss_type=loss_type, num_iterations=mu)
+@pytest.mark.parametrize("loss_type, mu, options", [
+    ("grpo", 1, {}), ("grpo", 3, {}), ("bnpo", 2, {}), ("dapo", 2, {}),
+    ("grpo", 2, {"packing": False}),  # the padded per-row passes
+    ("dr_grpo", 1, {"micro_batch_tokens": 160}),  # token-budget micro-batches, groups split across them
+    ("grpo", 2, {"checkpointing": True}),  # the backward recomputes the packed forward
+    ("grpo", 2, {"importance_sampling": "sequence"}),  # GSPO
+])
+def test_each_optimizer_step_follows_the_whole_batch_gradient(tiny, tmp_path, loss_type, mu, options):
+    """The trainer's passes (packed by default) against the padded whole batch: the packed rows'
+    gradient, the prompt's summed over its group, is the padded rows' gradient."""
+    trainer = _trainer(tiny, tmp_path, loss_type=loss_type, num_iterations=mu, **options)
     trainer.step = 1
     batch, _ = trainer.rollout()
     assert len(set(batch.advantages.tolist())) > 1, "all advantages equal: a vacuous comparison"
+    if "micro_batch_tokens" in options:  # prompts of ~106 tokens: a group of 4 needs two micro-batches
+        assert len(trainer._micro_batches(batch)) > len(batch) // trainer.cfg.rollout.group_size
     trainer.logprobs(batch)
     real_step, checked = trainer.optimizer_step, []
 

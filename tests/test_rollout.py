@@ -230,6 +230,47 @@ def test_stop_strings_end_the_row_where_the_string_completes(tiny, stop_strings)
     assert not r.truncated.any()
 
 
+def test_the_engine_decodes_into_a_preallocated_cache(tiny):
+    """The tests above compare the engine with HF `generate` through this cache: check that it
+    is the one in use (not None, so not the model's own growing cache), views of one buffer."""
+    import infra.engine as engine
+
+    tok, _, policy = tiny
+    cache = engine.preallocated_cache(policy, capacity=4)
+    assert cache is not None and all(isinstance(layer, engine.PreallocatedLayer) for layer in cache.layers)
+    k = torch.randn(2, 2, 3, 8)
+    layer = cache.layers[0]
+    keys, _ = layer.update(k, k)
+    buffer = layer.buf_k
+    keys, _ = layer.update(k[:, :, :1], k[:, :, :1])
+    assert layer.buf_k is buffer and keys.shape[2] == 4 and torch.equal(keys[:, :, :3], k)
+    layer.batch_select_indices(torch.tensor([1, 1, 0]))
+    assert torch.equal(layer.keys[0], torch.cat([k[1], k[1, :, :1]], 1))
+    assert torch.equal(layer.keys[2], torch.cat([k[0], k[0, :, :1]], 1))
+    with pytest.raises(RuntimeError, match="exceed the capacity 4"):
+        layer.update(k[:, :, :1].repeat(3, 1, 1, 1), k[:, :, :1].repeat(3, 1, 1, 1))
+
+
+def test_stop_candidates_skip_only_rows_that_cannot_complete_a_string(tiny, monkeypatch):
+    """Decoding only the rows whose new token can end a stop string stops every row where
+    decoding all rows does: 16 sampled rows, against the engine with the filter turned off."""
+    import infra.engine as engine
+
+    tok = tiny[0]
+    stops = ["</think>", "= 1", "+ 6"]
+    candidates = engine.stop_candidates(tok, stops)
+    assert candidates is not None and 0 < int(candidates.sum()) < len(candidates)
+    assert engine.stop_candidates(tok, ["6 "]) is None  # ends in whitespace: every token may complete it
+    prompts = [_prompt(tok, i % 4) for i in range(16)]
+    got = _generate(tiny, prompts, max_new_tokens=32, temperature=1.0, stop_strings=stops)
+    monkeypatch.setattr(engine, "stop_candidates", lambda *args: None)
+    want = _generate(tiny, prompts, max_new_tokens=32, temperature=1.0, stop_strings=stops)
+    assert got.completion_ids.tolist() == want.completion_ids.tolist()
+    assert got.truncated.tolist() == want.truncated.tolist()
+    stopped = [any(s in t for s in stops[1:]) for t in want.texts]
+    assert sum(stopped) >= 2, "too few rows stop on a string: the case checks nothing"
+
+
 # ---------------------------------------------------------------------------------------------
 # sample_tokens / filter_logits
 # ---------------------------------------------------------------------------------------------
