@@ -21,6 +21,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -82,30 +83,33 @@ def time_rollouts(generators: dict, repeats: int, device) -> list[dict]:
     return rows
 
 
-def time_grpo_steps(trainers: dict, repeats: int) -> dict:
+def time_grpo_steps(trainers: dict, repeats: int, cpu_time: bool = False) -> dict:
     """Phases of `repeats` GRPO steps per trainer after one warm-up step each, the trainers
     taking turns step by step: {name: {"phases": {phase: [seconds]}, token counts of its last
-    step, peak CUDA memory}}."""
+    step, peak CUDA memory}}. `cpu_time`: CPU seconds of this process instead of wall-clock
+    seconds (a CPU shared with other jobs slows the wall clock, not the work done)."""
     results = {name: {"phases": {}} for name in trainers}
     for step in range(1, repeats + 2):
         for name, trainer in trainers.items():
             device, res = trainer.info.device, results[name]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            timer = time.process_time if cpu_time else (lambda: clock(device))  # noqa: B023
             trainer.step = step
-            t0 = clock(device)
+            t0 = timer()
             batch, timings = trainer.rollout()
-            t1 = clock(device)
+            t1 = timer()
             trainer.logprobs(batch)
-            t2 = clock(device)
+            t2 = timer()
             trainer.update(batch)
             trainer.scheduler.step()
-            total = clock(device) - t0
+            total = timer() - t0
             if device.type == "cuda":
                 res["peak_gib"] = max(res.get("peak_gib", 0.0), torch.cuda.max_memory_allocated() / 2**30)
             if step == 1:
                 continue  # warm-up: compilation of the kernels, allocator growth
-            for k, v in {"generate": timings["time/generate"], "score": timings["time/score"],
+            generate = (t1 - t0) - timings["time/score"] if cpu_time else timings["time/generate"]
+            for k, v in {"generate": generate, "score": timings["time/score"],
                          "old/ref log-probs": t2 - t1, "update": total - (t2 - t0), "total": total}.items():
                 res["phases"].setdefault(k, []).append(v)
             prompt = int(batch.attention_mask[:, : batch.prompt_len].sum())
@@ -162,6 +166,8 @@ def main() -> None:
     ap.add_argument("--paths", default="plain,packed", help="which GRPO paths to time (one alone: "
                     "its peak RSS is the process's)")
     ap.add_argument("--num-iterations", type=int, default=1)
+    ap.add_argument("--cpu-time", action="store_true", help="time the GRPO phases in CPU seconds of this "
+                    "process (a CPU shared with other jobs); score stays wall-clock")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rollout-rows", default="16,64", help="rows of each rollout table ('' = none)")
     ap.add_argument("--model", default="", help="model folder (default: build the embedded tiny model)")
@@ -183,14 +189,14 @@ def main() -> None:
     for group in (int(g) for g in str(args.group).split(",")):
         trainers = {name: grpo_trainer(args, path, tmp / f"{name}-{group}", name == "packed", group)
                     for name in args.paths.split(",")}
-        results = time_grpo_steps(trainers, args.repeats)
+        results = time_grpo_steps(trainers, args.repeats, cpu_time=args.cpu_time)
         r = results[list(trainers)[-1]]
         print(f"\nOne GRPO step: {r['rows']} completions ({args.prompts} prompts x {group}), "
               f"max_new_tokens {args.max_new}, beta 0.04, num_iterations {args.num_iterations}, "
               f"micro_batch_size {args.micro_batch}, packed micro_batch_tokens {args.micro_batch_tokens}; "
               f"{r['prompt_tokens']} prompt tokens "
               f"(summed over rows), {r['completion_tokens']} completion tokens")
-        print(format_phases(results))
+        print(("CPU seconds of this process\n" if args.cpu_time else "") + format_phases(results))
         prompts_ids = next(iter(trainers.values())).train_ids
         del trainers
     print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
