@@ -90,10 +90,21 @@ def test_fsdp_of_one_process_and_checkpointing_match_plain(tiny, tmp_path):
     assert r1 == pytest.approx(r2, abs=1e-9) and len(r1) == 2
 
 
-def test_resume_equals_uninterrupted_and_export_loads(tiny, tmp_path):
-    args = [*BASE, "--model.path", tiny, "--train.max_steps", "4", "--train.save_every", "2"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    _run([*args, "--train.output_dir", str(full)])
+# The uninterrupted 4-step run, checkpointed at steps 2 and 4 and exported, made once: the reference
+# of the plain resume below, and the run whose step-2 checkpoint is resumed with refreshes turned on.
+FOUR = [*BASE, "--train.max_steps", "4", "--train.save_every", "2"]
+
+
+@pytest.fixture(scope="module")
+def four_steps(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("four-steps")
+    _run([*FOUR, "--model.path", tiny, "--train.output_dir", str(out)])
+    return out
+
+
+def test_resume_equals_uninterrupted_and_export_loads(tiny, four_steps, tmp_path):
+    args = [*FOUR, "--model.path", tiny]
+    full, part = four_steps, tmp_path / "part"
     res = _run([*args, "--train.output_dir", str(part), "--train.stop_at_step", "2"])
     assert "stopped" in res.stdout
     assert not (part / "final").exists() and (part / "checkpoints" / "step-2").is_dir()
@@ -179,14 +190,12 @@ def test_resume_with_ref_refresh_equals_uninterrupted(tiny, tmp_path):
     assert min(m["kl"] for m in metrics[2:]) > 1e-6
 
 
-def test_resume_without_saved_reference(tiny, tmp_path):
+def test_resume_without_saved_reference(tiny, four_steps, tmp_path):
     """A checkpoint without reference weights resumes exactly when its reference was never
     refreshed (it is the initial model; refreshes turned on at resume start from it)."""
     import shutil
-    args = [*BASE, "--model.path", tiny, "--train.max_steps", "4", "--train.save_every", "2",
-            "--train.export", "false"]
-    plain, turned_on = tmp_path / "plain", tmp_path / "turned_on"
-    _run([*args, "--train.output_dir", str(plain)])
+    args = [*FOUR, "--model.path", tiny, "--train.export", "false"]
+    plain, turned_on = four_steps, tmp_path / "turned_on"
     # Runs without refreshes do not save the reference: it is the initial model.
     for step in (2, 4):
         ckpt = plain / "checkpoints" / f"step-{step}"
@@ -196,6 +205,7 @@ def test_resume_without_saved_reference(tiny, tmp_path):
     # Resume from step 2 with refreshes turned on.
     shutil.copytree(plain, turned_on)
     shutil.rmtree(turned_on / "checkpoints" / "step-4")
+    shutil.rmtree(turned_on / "final")  # the plain run's export: this resume exports nothing
     res = _run([*args, *REFRESH, "--train.output_dir", str(turned_on)])
     assert "resumed from" in res.stdout
     ma = {m["step"]: m for m in _metrics(plain) if "reward" in m}

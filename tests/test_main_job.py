@@ -5,7 +5,9 @@ The full job's cold-start SFT stage takes minutes (the tiny model needs ~600 ste
 copies operands reliably), so the shortened run starts from that stage's exported model,
 committed in tests/assets/tiny-r1-sft/ (made by `torchrun --nproc_per_node=2 train.py`, see
 its README). The pipeline is told the SFT stage is done, exactly as when it resumes an
-interrupted run, and then runs the recipe's GRPO stage with fewer steps.
+interrupted run, and then runs the recipe's GRPO stage with fewer steps: 15 of its 100. Measured
+on 2 CPU cores, 15 steps raise held-out accuracy by 0.16 to 0.29 (seeds 0-3; 0.28 after 30 steps),
+well past the 0.05 asked for below, in half the time of 30 (about 60 s instead of 125 s).
 """
 import json
 import os
@@ -25,7 +27,7 @@ def test_shortened_main_job_grpo_raises_heldout_accuracy(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--output_dir", str(out),
-         "--grpo.train.max_steps", "30", "--grpo.train.eval_every", "0", "--grpo.train.save_every", "0",
+         "--grpo.train.max_steps", "15", "--grpo.train.eval_every", "0", "--grpo.train.save_every", "0",
          "--grpo.data.num_eval", "120", "--grpo.train.progress", "false"],
         capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

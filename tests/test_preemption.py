@@ -86,7 +86,9 @@ def test_sigterm_mid_step_saves_within_torchrun_grace_period(tiny, tmp_path):
     out = tmp_path / "run"
     # A real slow step: 16 completions of up to 700 tokens, ~35 s per step on 2 busy CPU cores,
     # most of it generation. torchrun is told to SIGKILL 15 s after forwarding the SIGTERM.
-    run = _Torchrun([*BASE, "--model.path", tiny, "--rollout.max_new_tokens", "700",
+    # No held-out evaluation (--data.num_eval 0): at step 0 it would decode 700 tokens too, ~15 s
+    # before step 1 that this test does not look at.
+    run = _Torchrun([*BASE, "--model.path", tiny, "--rollout.max_new_tokens", "700", "--data.num_eval", "0",
                      "--train.max_steps", "3", "--train.output_dir", str(out)], ["--shutdown-timeout", "15"])
     run.wait_for("step 1/3", timeout=420)
     time.sleep(2)  # well inside step 2's generation
@@ -112,14 +114,32 @@ def test_a_frozen_rank_fails_the_run_after_the_collective_timeout(tiny, tmp_path
     os.kill(frozen, signal.SIGSTOP)  # alive but silent: its peers wait for it in a collective
     t0 = time.time()
     try:
-        rc = run.finish(timeout=300)
+        # Rank 0 fails, torchrun sees it and SIGTERMs the frozen worker: that SIGTERM stays pending
+        # on a stopped process, which is how we know the run was ended. torchrun would then wait
+        # 30 s of its own (not --shutdown-timeout) before it SIGKILLs a worker that cannot stop;
+        # that wait is torchrun's, not the trainer's, so the test kills the frozen worker itself.
+        while not _pending(frozen, signal.SIGTERM):
+            if run.proc.poll() is not None or time.time() - t0 > 300:
+                break
+            time.sleep(0.2)
+        took = time.time() - t0
     finally:
         try:
             os.kill(frozen, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    took = time.time() - t0
+    rc = run.finish(timeout=120)
     assert rc != 0
     # gloo's own words for a collective that waited the whole 10 s for the frozen peer
     assert "Timed out waiting 10000ms" in run.output, run.output[-4000:]
     assert took < 120, f"{took:.0f} s to notice a frozen rank with a 10 s collective timeout"
+
+
+def _pending(pid: int, sig: int) -> bool:
+    """Whether `sig` waits, undelivered, for the (stopped) process `pid`."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd:", "SigPnd:"))]
+    return any(m & (1 << (sig - 1)) for m in masks)

@@ -3,6 +3,7 @@ restored optimizer gets the new learning rate) or refused by name (those that de
 and said either way."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,19 @@ def _train(*args):
                           text=True, env=ENV, timeout=600)
 
 
-def test_resume_applies_a_new_learning_rate(tiny, tmp_path):
-    out = ["--model.path", tiny, "--train.output_dir", str(tmp_path)]
-    first = _train(*GRPO, *out, "--train.stop_at_step", "1")
+@pytest.fixture(scope="module")
+def stopped(tiny, tmp_path_factory):
+    """A run stopped at step 1 (checkpoint step-1), made once: each test resumes its own copy."""
+    out = tmp_path_factory.mktemp("stopped")
+    first = _train(*GRPO, "--model.path", tiny, "--train.output_dir", str(out), "--train.stop_at_step", "1")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoints" / "step-1").is_dir() and not (out / "final").exists()
+    return out
+
+
+def test_resume_applies_a_new_learning_rate(tiny, stopped, tmp_path):
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
+    out = ["--model.path", tiny, "--train.output_dir", str(tmp_path)]
     res = _train(*GRPO, *out, "--optim.lr", "5e-5")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "--optim.lr 0.0002 -> 5e-05 (re-applied to the restored optimizer)" in res.stdout
@@ -53,9 +63,9 @@ def test_resume_applies_a_new_learning_rate(tiny, tmp_path):
     assert {"problem", "answer", "completion", "accuracy", "format"} <= set(evals[0])
 
 
-def test_resume_refuses_options_that_define_the_run(tiny, tmp_path):
+def test_resume_refuses_options_that_define_the_run(tiny, stopped, tmp_path):
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
     out = ["--model.path", tiny, "--train.output_dir", str(tmp_path)]
-    assert _train(*GRPO, *out, "--train.stop_at_step", "1").returncode == 0
     res = _train(*GRPO, *out, "--data.num_train", "32", "--train.seed", "3")
     assert res.returncode == 2
     assert "--data.num_train was 16, now 32" in res.stderr and "--train.seed was 0, now 3" in res.stderr
