@@ -116,7 +116,11 @@ def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: b
     elif m.gradient_checkpointing:
         # Non-reentrant: the checkpoint PyTorch recommends, and the one FSDP2 supports; the
         # reentrant kind also needs an input that requires grad to pass gradients through.
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed the method (the old name warns); older releases have only it.
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return path, tokenizer, lm
 
 
