@@ -172,15 +172,12 @@ class PackedRows:
     def build(cls, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], width: int,
               device=None) -> "PackedRows":
         """`prompts[i]`, `completions[i]`: row i's tokens without padding; `width`: t."""
-        first: dict[tuple, int] = {}  # prompt -> its first row
+        by_prompt: dict[tuple, list[int]] = {}  # each distinct prompt -> its rows, in first-seen order
         for i, p in enumerate(prompts):
-            first.setdefault(tuple(p), i)
-        by_prompt: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_prompt.setdefault(first[tuple(p)], []).append(i)
+            by_prompt.setdefault(tuple(p), []).append(i)
         ids, pos, cu, prefix_of, sources, rows, cols = [], [], [0], [], [], [], []
-        for head, members in by_prompt.items():
-            prompt = list(prompts[head])
+        for prompt, members in by_prompt.items():
+            prompt = list(prompt)
             p_seg, p_end = len(cu) - 1, cu[-1] + len(prompt)
             ids += prompt
             pos += range(len(prompt))
@@ -199,11 +196,10 @@ class PackedRows:
                 rows += [i] * len(c)
                 cols += range(len(c))
         tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        rows_t, cols_t = tensor(rows), tensor(cols)
         return cls(input_ids=tensor(ids)[None], position_ids=tensor(pos)[None], cu_seqlens=cu,
                    prefix_of=prefix_of, sources=tensor(sources),
-                   targets=tensor([completions[i][j] for i, j in zip(rows, cols)]), rows=rows_t, cols=cols_t,
-                   shape=(len(prompts), width))
+                   targets=tensor([completions[i][j] for i, j in zip(rows, cols)]), rows=tensor(rows),
+                   cols=tensor(cols), shape=(len(prompts), width))
 
     def __len__(self) -> int:
         return self.input_ids.shape[1]

@@ -188,8 +188,8 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
 class PreallocatedLayer(DynamicLayer):
     """One layer's KV cache in a buffer of `capacity` positions, allocated at prefill: a decode
     step writes its token in place instead of concatenating a new [B, H, T, D] tensor per layer
-    (on a CPU that copy was ~1/5 of a SmolLM2 decode step at 64 rows). `keys` / `values` are
-    views of the filled part, as DynamicLayer's tensors are."""
+    (a copy of the whole cache, every token). `keys` / `values` are views of the filled part, as
+    DynamicLayer's tensors are."""
 
     def __init__(self, capacity: int):
         super().__init__()
