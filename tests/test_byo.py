@@ -8,8 +8,6 @@ tiny model (beta 0: no reference model) from the command line, from a pipeline r
 Python."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,6 +22,7 @@ from grpo.config import GRPOJobConfig
 from infra.config import ConfigError, parse_args
 from rewards import RewardError, get_reward_functions, score_completions
 from sft.rejection import RejectionJobConfig
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -63,8 +62,7 @@ def byo(tmp_path):
 
 
 def _train(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
-                          text=True, env=ENV, timeout=300, cwd=cwd)
+    return train_py(*args, env=ENV, timeout=300, cwd=cwd)
 
 
 def _one_line_error(res) -> str:

@@ -9,8 +9,6 @@ import io
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from infra.checkpoint import CheckpointError, CheckpointManager
 from infra.config import ConfigError
 from infra.dist import init_distributed
 from infra.run_folder import read_manifest, write_manifest
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -270,9 +269,7 @@ def test_grpo_resume_skips_damaged_and_planted_checkpoints_naming_them(tmp_path)
             "--train.progress", "false", "--train.save_every", "1", "--train.export", "false"]
 
     def run(out, *extra):
-        res = subprocess.run([sys.executable, str(ROOT / "train.py"), "grpo", *args,
-                              "--train.output_dir", str(out), *extra],
-                             capture_output=True, text=True, env=env, timeout=600)
+        res = train_py("grpo", *args, "--train.output_dir", out, *extra, env=env)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         return res.stdout
 

@@ -74,3 +74,16 @@ def test_lines_said_during_a_bar_do_not_tear_it(monkeypatch, capsys):
     assert capsys.readouterr().out == "step 1/4 reward=0.5\n"
     bar.close()
     assert log._BAR is None
+
+
+def test_the_tests_preloaded_launcher_reports_what_python_reports():
+    """tests/launch.py runs most of the suite's train.py launches in processes forked from a
+    server that imported torch and transformers once: a user error comes back from it as from
+    `python train.py` (status, stdout and stderr)."""
+    from launch import train_py
+
+    args = ["grpo", "--grpo.epsilonn", "0.2"]
+    real = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, timeout=300)
+    forked = train_py(*args, timeout=300)
+    assert real.returncode == 2 and "did you mean --grpo.epsilon_low" in real.stderr, real.stderr[-2000:]
+    assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)

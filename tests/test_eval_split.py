@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from data import DatasetError
 from grpo.config import GRPOJobConfig
 from infra.evaluate import held_out_records, train_records
 from sft.trainer import SFTJobConfig, load_conversations
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,8 +144,7 @@ def test_sft_resumed_at_max_steps_finishes_with_the_last_steps_numbers(tmp_path)
             "--sft.eval_max_new_tokens", "4", "--train.eval_every", "0", "--train.save_every", "0",
             "--train.progress", "false", "--train.max_steps", "2", "--train.output_dir", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "sft", *args, "--train.stop_at_step", "2"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = train_py("sft", *args, "--train.stop_at_step", "2", env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert not (out / "final").exists()
 

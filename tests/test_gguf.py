@@ -2,8 +2,6 @@
 the one-line errors, and the cache's promises - keyed by content, converted once, never a half
 folder after a failed or raced conversion. The real conversion is in tests/test_real_model.py."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 
 from infra import gguf as g
 from infra.config import ConfigError
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,8 +120,7 @@ def test_a_lost_race_keeps_the_winners_folder(monkeypatch, tmp_path):
 
 def test_train_py_reports_a_missing_gguf_in_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "grpo", "--model.path",
-                          str(tmp_path / "absent.gguf"), "--train.output_dir", str(tmp_path / "run")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = train_py("grpo", "--model.path", tmp_path / "absent.gguf", "--train.output_dir", tmp_path / "run",
+                   env=env, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == f"error: --model.path={str(tmp_path / 'absent.gguf')!r}: no such GGUF file"

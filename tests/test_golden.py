@@ -14,13 +14,12 @@ with them every sampled token, are the same on every CPU run of the pinned torch
 """
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from data.tiny import build_tiny_model
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "assets" / "golden_runs.json"
@@ -55,9 +54,7 @@ def tiny(tmp_path_factory):
 def _run(args: list[str], out: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("R1_LOGPROB_IMPL", None)
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args,
-                          "--train.output_dir", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    res = train_py(*args, "--train.output_dir", out, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r]  # the training steps, not eval rows

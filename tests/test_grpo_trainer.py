@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.tiny import build_tiny_model
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,11 +35,11 @@ def tiny(tmp_path_factory):
 def _run(args, nproc=1, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "train.py"), "grpo", *args]
+        res = train_py("grpo", *args, env=env, timeout=timeout)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--standalone", str(ROOT / "train.py"), "grpo", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 
@@ -309,9 +310,7 @@ def test_missing_dataset_column_fails_naming_it(tmp_path, tiny):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "What is 1 + 1?"}\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "grpo", "--model.path", tiny,
-                          "--data.source", str(bad), "--data.schema", "gsm8k",
-                          "--train.output_dir", str(tmp_path / "out")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = train_py("grpo", "--model.path", tiny, "--data.source", bad, "--data.schema", "gsm8k",
+                   "--train.output_dir", tmp_path / "out", env=env, timeout=300)
     assert res.returncode != 0
     assert "answer" in res.stderr and "bad.jsonl" in res.stderr

@@ -2,8 +2,6 @@
 only the training split; recipe values are coerced as the same text on the command line is."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from grpo.config import GRPOJobConfig
 from infra.config import ConfigError, parse_args
 from sft.distill import DistillJobConfig
 from sft.rejection import RejectionJobConfig
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -60,10 +59,8 @@ def test_distill_refuses_a_sampling_output_it_would_ignore():
 def test_bad_sampling_option_stops_distill_before_the_teacher_loads(tmp_path):
     """Through train.py: exit code 2 and the option in the message, although the teacher does
     not exist (so nothing was loaded before the check)."""
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "distill", "--distill.teacher",
-                          str(tmp_path / "no-such-teacher"), "--sampling.require", "accuracy,formatt",
-                          "--train.output_dir", str(tmp_path / "out")],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    res = train_py("distill", "--distill.teacher", tmp_path / "no-such-teacher", "--sampling.require",
+                   "accuracy,formatt", "--train.output_dir", tmp_path / "out", env=ENV, timeout=300)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "error: --sampling.require=['formatt']: unknown reward" in res.stderr, res.stderr[-2000:]
 
@@ -94,12 +91,10 @@ def test_rejection_sample_runs_on_a_train_only_source(tmp_path):
     rows.append(_gsm8k_row("What is " + " + ".join(["1"] * 60) + "?", 60))
     (src / "train.jsonl").write_text("".join(rows))
     out, kept_path = tmp_path / "out", tmp_path / "kept" / "set.jsonl"
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "rejection-sample", "--model.path", str(TINY_SFT),
-                          "--data.source", str(src), "--data.schema", "gsm8k", "--data.max_prompt_tokens", "200",
-                          "--sampling.samples_per_prompt", "2", "--sampling.max_new_tokens", "48",
-                          "--sampling.require", "format", "--sampling.output", str(kept_path),
-                          "--train.output_dir", str(out)],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    res = train_py("rejection-sample", "--model.path", TINY_SFT, "--data.source", src, "--data.schema", "gsm8k",
+                   "--data.max_prompt_tokens", "200", "--sampling.samples_per_prompt", "2",
+                   "--sampling.max_new_tokens", "48", "--sampling.require", "format", "--sampling.output", kept_path,
+                   "--train.output_dir", out, env=ENV, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "[rejection] dropped 1 prompts longer than 200 tokens" in res.stdout
     stats = json.loads((out / "rejection_stats.json").read_text())

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data.tiny import build_tiny_model
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -79,8 +80,7 @@ def test_an_update_that_overflows_stops_before_saving_or_exporting(tiny, tmp_pat
 def test_lr_inf_never_exits_zero_with_an_export(tiny, tmp_path, command):
     """The issue's reproduction, whichever check (option validation or this guard) stops it."""
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), command, *ARGS[command], *COMMON,
-                          "--optim.lr", "inf", "--model.path", tiny, "--train.output_dir", str(out)],
-                         capture_output=True, text=True, env=ENV, timeout=600)
+    res = train_py(command, *ARGS[command], *COMMON, "--optim.lr", "inf", "--model.path", tiny,
+                   "--train.output_dir", out, env=ENV)
     assert res.returncode != 0, res.stdout[-2000:]
     assert not (out / "final").exists()

@@ -7,8 +7,6 @@ The end-to-end tests run `train.py pipeline` on the embedded tiny model (seconds
 import copy
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import yaml
 
 import pipeline
 from infra.config import ConfigError
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -40,8 +39,7 @@ def _write(tmp_path, recipe) -> str:
 
 
 def _pipeline(*args):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "pipeline", *args],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    return train_py("pipeline", *args, env=ENV)
 
 
 def test_a_stopped_stage_ends_the_pipeline_and_the_same_command_resumes_it(tmp_path):

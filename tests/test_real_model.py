@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from data.prompts import SYSTEM_PROMPT, make_conversation, render_prompt
 from data.task import TaskConfig, task_records
 from infra import gguf
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "smollm2-135m-instruct"
@@ -75,10 +76,12 @@ def _env(cache):
 
 
 def _train(cache, command, args, nproc=1):
-    launcher = ([sys.executable] if nproc == 1 else
-                [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"])
-    res = subprocess.run([*launcher, str(ROOT / "train.py"), command, "--model.path", NAME, *args],
-                         capture_output=True, text=True, env=_env(cache), timeout=900)
+    if nproc == 1:
+        res = train_py(command, "--model.path", NAME, *args, env=_env(cache), timeout=900)
+    else:
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                              "--standalone", str(ROOT / "train.py"), command, "--model.path", NAME, *args],
+                             capture_output=True, text=True, env=_env(cache), timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "converting" not in res.stdout, "the cached conversion was not reused"
     return res

@@ -4,14 +4,13 @@ and said either way."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from data.tiny import build_tiny_model
 from infra.resume import config_changes
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -28,8 +27,7 @@ def tiny(tmp_path_factory):
 
 
 def _train(*args):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True,
-                          text=True, env=ENV, timeout=600)
+    return train_py(*args, env=ENV)
 
 
 @pytest.fixture(scope="module")

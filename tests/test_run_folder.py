@@ -3,8 +3,6 @@ over never mixes two runs; logs survive a torn write and a resume truncates ever
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import pytest
 from data.tiny import build_tiny_model, ensure_tiny_model
 from infra.config import ConfigError
 from infra.dist import init_distributed
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -27,9 +26,7 @@ def tiny(tmp_path_factory):
 
 
 def _grpo(tiny, out, *extra, ok=True):
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "grpo", *GRPO, "--model.path", tiny,
-                          "--train.output_dir", str(out), *extra],
-                         capture_output=True, text=True, env=ENV, timeout=600)
+    res = train_py("grpo", *GRPO, "--model.path", tiny, "--train.output_dir", out, *extra, env=ENV)
     if ok:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res

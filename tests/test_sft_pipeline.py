@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.tiny import build_tiny_model
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -28,11 +29,11 @@ def tiny(tmp_path_factory):
 
 def _run(command, args, nproc=1, timeout=600):
     if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "train.py"), command, *args]
+        res = train_py(command, *args, env=ENV, timeout=timeout)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                str(ROOT / "train.py"), command, *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 
@@ -135,8 +136,7 @@ def test_tiny_pipeline_runs_every_stage_and_exports_load(tmp_path):
     assert again.stdout.count("already done") == len(stages)
     # A changed option of a finished stage is never skipped silently: refused, naming it ...
     changed = [*recipe, "--distill.train.max_steps", "2"]
-    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), "pipeline", *changed],
-                             capture_output=True, text=True, env=ENV, timeout=600)
+    refused = train_py("pipeline", *changed, env=ENV)
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     assert "stage distill" in refused.stderr and "--train.max_steps: 3 -> 2" in refused.stderr
     # ... or, when asked, that stage runs again and the earlier result is kept aside.

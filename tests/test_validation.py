@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from infra.config import ConfigError, parse_args
 from sft.distill import DistillJobConfig
 from sft.rejection import RejectionJobConfig
 from sft.trainer import SFTJobConfig
+from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -117,8 +116,7 @@ def test_valid_edge_values_still_pass():
 # --- item 15: one line, exit status 2, for every user error -------------------------------------
 
 def _train(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=300, cwd=cwd)
+    return train_py(*args, env=ENV, timeout=300, cwd=cwd)
 
 
 def _one_line_error(res) -> str:
