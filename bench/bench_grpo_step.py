@@ -39,10 +39,10 @@ def rollout_generators(policy, lm, tok, prompt_ids, prompt_mask, max_new: int, e
 
     n = prompt_ids.shape[0]
 
-    def ours(plain: bool = False) -> int:
+    def ours(plain: bool = False, few_rows: bool = True) -> int:
         out = generate(policy, tok, prompt_ids, prompt_mask, seeds=list(range(n)),
                        max_new_tokens=max_new, temperature=1.0, eos_token_ids=eos_ids,
-                       share_prompts=not plain, compact=not plain)
+                       share_prompts=not plain, compact=not plain, few_rows=few_rows and not plain)
         return int(out.lengths.sum())
 
     def hf() -> int:
@@ -56,8 +56,8 @@ def rollout_generators(policy, lm, tok, prompt_ids, prompt_mask, max_new: int, e
                             torch.full_like(comp[:, 0], comp.shape[1]))
         return int(first.sum())
 
-    return {"infra.engine.generate": ours, "engine, plain path": lambda: ours(plain=True),
-            "HF model.generate": hf}
+    return {"infra.engine.generate": ours, "engine, F.linear decode": lambda: ours(few_rows=False),
+            "engine, plain path": lambda: ours(plain=True), "HF model.generate": hf}
 
 
 @torch.no_grad()
@@ -187,8 +187,13 @@ def main() -> None:
     print(f"model {args.model or 'embedded tiny'}, data {args.data or 'embedded task'}, "
           f"threads {torch.get_num_threads()}")
     for group in (int(g) for g in str(args.group).split(",")):
+        names = [x for x in args.paths.split(",") if x]
         trainers = {name: grpo_trainer(args, path, tmp / f"{name}-{group}", name == "packed", group)
-                    for name in args.paths.split(",")}
+                    for name in names or ["packed"]}
+        if not names:  # rollout tables only: the trainer gave the prompts
+            prompts_ids = next(iter(trainers.values())).train_ids
+            del trainers
+            continue
         results = time_grpo_steps(trainers, args.repeats, cpu_time=args.cpu_time)
         r = results[list(trainers)[-1]]
         print(f"\nOne GRPO step: {r['rows']} completions ({args.prompts} prompts x {group}), "

@@ -14,6 +14,8 @@ cache. Decoding runs on the rows still going: once a quarter of the batch has fi
 last compaction, finished rows leave the batch and the cache (copying the cache costs about one
 decode step, so it is not done for every row that ends). Stop strings are looked for only in
 rows whose new token can complete one (`stop_candidates`), in the text of their last tokens.
+On a CPU, the decode step's matrix products take the form that is fastest there for a few rows
+(`few_row_linears`).
 Sampling is seeded per sequence, not per batch: each completion draws its uniforms from a
 generator seeded by its own seed (`row_seed(seed, step, global row)` in training) and samples by
 inverse CDF. The same row gets the same completion whatever batch or rank it lands on, which is
@@ -21,12 +23,14 @@ what makes a 2-process run reproduce a 1-process run, and a resumed run an unint
 """
 from __future__ import annotations
 
+import types
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
@@ -111,15 +115,24 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
              seeds: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_ids: list[int] | None = None,
              stop_strings: list[str] | None = None, all_done=None, share_prompts: bool = True,
-             compact: bool = True) -> Rollout:
+             compact: bool = True, few_rows: bool = True) -> Rollout:
     """Sample one completion per row of the left-padded `prompt_ids` with a KV cache.
 
     `model` has `PolicyModel.next_token_logits`. `all_done(bool) -> bool` lets ranks agree to
     stop together. `eos_token_ids` defaults to every EOS id of the tokenizer and of the model's
     generation config (`infra.model.eos_token_ids`): Qwen2.5-Instruct ends turns with either of two.
-    `share_prompts` / `compact` off give the plain path (every row prefilled, every row decoded
-    to the end), for tests and `bench/bench_engine.py`.
+    `share_prompts` / `compact` / `few_rows` off give the plain path (every row prefilled, every
+    row decoded to the end, `nn.Linear` as it is), for tests and `bench/bench_grpo_step.py`.
     """
+    with few_row_linears(model) if few_rows else nullcontext():
+        return _generate(model, tokenizer, prompt_ids, prompt_mask, seeds=seeds, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_ids=eos_token_ids,
+                         stop_strings=stop_strings, all_done=all_done, share_prompts=share_prompts,
+                         compact=compact)
+
+
+def _generate(model, tokenizer, prompt_ids, prompt_mask, *, seeds, max_new_tokens, temperature, top_k, top_p,
+              eos_token_ids, stop_strings, all_done, share_prompts, compact) -> Rollout:
     device = prompt_ids.device
     b, p = prompt_ids.shape
     pad = tokenizer.pad_token_id
@@ -183,6 +196,49 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(out, completion_mask)],
                                    skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, out, completion_mask, truncated, texts)
+
+
+# At most this many rows take the (W @ x^T)^T form: a decode step's live rows, not a prefill
+# (at 128 rows F.linear is as fast again, bench/bench_decode_matmul.py).
+FEW_ROWS = 64
+# Smaller weights (the embedded tiny model's, 65,536 at most) gain nothing and pay the Python call.
+FEW_ROWS_MIN_WEIGHT = 100_000
+
+
+def _few_row_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` as (W @ x^T)^T when `x` holds at most FEW_ROWS rows (few_row_linears)."""
+    k = x.shape[-1]
+    if x.numel() > FEW_ROWS * k:
+        return F.linear(x, self.weight, self.bias)
+    y = (self.weight @ x.reshape(-1, k).t()).t()  # [rows, N]
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*x.shape[:-1], y.shape[-1]).contiguous()
+
+
+@contextmanager
+def few_row_linears(model: nn.Module):
+    """Within the block, the model's CPU `nn.Linear` layers compute few rows as (W @ x^T)^T.
+
+    A decode step multiplies a handful of rows (the live rows, one token each) by every weight
+    matrix. On a CPU, MKL's sgemm for x @ W^T with 16-64 rows is slower than the same product
+    taken as W @ x^T: on the 2-core AMD EPYC this project is tested on, the 211 matrices of one
+    SmolLM2-135M decode step took 0.65-0.75x the time at 16 rows and 0.83-0.93x at 64, the
+    576 x 49,152 output embedding alone 0.54-0.73x; at 128 rows and at 1 row there is no gain
+    (`bench/bench_decode_matmul.py`, bench/RESULTS.md). The values are the same products
+    summed in another order (float32 rounding apart). Prefill (more than FEW_ROWS rows), GPU
+    weights and small weights keep `F.linear`. Only plain `nn.Linear` modules are touched, and
+    restored on exit.
+    """
+    patched = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
+               and m.weight.numel() >= FEW_ROWS_MIN_WEIGHT]
+    for m in patched:
+        m.forward = types.MethodType(_few_row_forward, m)
+    try:
+        yield patched
+    finally:
+        for m in patched:
+            del m.forward
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -334,7 +390,8 @@ class Engine:
                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, eos_token_ids=self.eos_token_ids,
                                stop_strings=stop_strings, all_done=self._all_done(stop_requested),
-                               share_prompts=not self.plain, compact=not self.plain)
+                               share_prompts=not self.plain, compact=not self.plain,
+                               few_rows=not self.plain)
         finally:
             set_gathered(self.model, False)
             self.model.train(was_training)

@@ -251,6 +251,65 @@ def test_the_engine_decodes_into_a_preallocated_cache(tiny):
         layer.update(k[:, :, :1].repeat(3, 1, 1, 1), k[:, :, :1].repeat(3, 1, 1, 1))
 
 
+def test_few_row_linears_equal_f_linear_and_are_restored(monkeypatch):
+    """float64: (W @ x^T)^T equals F.linear for 1..FEW_ROWS rows, with and without a bias, on
+    3-D inputs; more rows, small weights and other module types keep their forward; every
+    patched forward is restored, also when the block raises."""
+    import infra.engine as engine
+
+    torch.manual_seed(0)
+    big = torch.nn.Linear(300, 400).double()  # 120,000 weights
+    plain = torch.nn.Linear(400, 300, bias=False).double()
+    head = torch.nn.Linear(300, 8).double()  # 2,400 weights: too small to gain
+    model = torch.nn.Sequential(big, torch.nn.ReLU(), plain, head)
+    assert big.weight.numel() >= engine.FEW_ROWS_MIN_WEIGHT > head.weight.numel()
+    for rows in (1, 3, engine.FEW_ROWS, engine.FEW_ROWS + 1):
+        x = torch.randn(rows, 1, 300, dtype=torch.float64)
+        want = model(x)
+        with engine.few_row_linears(model) as patched:
+            assert patched == [big, plain]
+            got = model(x)
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all("forward" not in m.__dict__ for m in model)
+    with pytest.raises(KeyError):
+        with engine.few_row_linears(model):
+            raise KeyError("inside")
+    assert all("forward" not in m.__dict__ for m in model)
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or torch.zeros(()))
+    with engine.few_row_linears(model):
+        big(torch.randn(engine.FEW_ROWS + 1, 300, dtype=torch.float64))  # a prefill: F.linear
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_few_row_linears_give_the_same_completions(tiny, monkeypatch, temperature):
+    """The engine's decode with every linear layer in the few-row form (the tiny model's weights
+    are below the size that gets it by default, so the threshold is lowered) gives the rows of
+    F.linear. The model runs in float64 so that the two summation orders cannot round a logit
+    differently in float32."""
+    import copy
+
+    import infra.engine as engine
+
+    tok, lm, _ = tiny
+    policy = PolicyModel(copy.deepcopy(lm).double())
+    monkeypatch.setattr(engine, "FEW_ROWS_MIN_WEIGHT", 0)
+    calls = []
+    forward = engine._few_row_forward
+    monkeypatch.setattr(engine, "_few_row_forward", lambda self, x: calls.append(x.shape) or forward(self, x))
+    prompts = [_prompt(tok, i % 4) for i in range(8)]
+    ids, mask = pad_prompts(prompts, tok.pad_token_id, "cpu")
+    kw = dict(seeds=list(range(8)), max_new_tokens=24, temperature=temperature)
+    fast = generate(policy, tok, ids, mask, **kw)
+    assert calls and any(shape[0] <= 8 for shape in calls)  # the decode steps went through it
+    n = len(calls)
+    plain = generate(policy, tok, ids, mask, few_rows=False, **kw)
+    assert len(calls) == n  # and not with few_rows=False
+    assert [_row(fast, i) for i in range(8)] == [_row(plain, i) for i in range(8)]
+
+
 def test_stop_candidates_skip_only_rows_that_cannot_complete_a_string(tiny, monkeypatch):
     """Decoding only the rows whose new token can end a stop string stops every row where
     decoding all rows does: 16 sampled rows, against the engine with the filter turned off."""
