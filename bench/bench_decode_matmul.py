@@ -33,14 +33,12 @@ def _linears(shapes: list[tuple[int, int]]) -> nn.ModuleList:
         return nn.ModuleList(nn.Linear(k, n, bias=False) for k, n in shapes)
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn) -> float:
+    """Seconds of one call of `fn`, after an untimed one."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _pair(model: nn.ModuleList, inputs: list[torch.Tensor], repeats: int) -> tuple[float, float]:
@@ -50,9 +48,9 @@ def _pair(model: nn.ModuleList, inputs: list[torch.Tensor], repeats: int) -> tup
             layer(x)
     times = {"linear": [], "few": []}
     for _ in range(repeats):  # alternate, so that drift in the machine hits both
-        times["linear"].append(_time(run, 1))
+        times["linear"].append(_time(run))
         with few_row_linears(model):
-            times["few"].append(_time(run, 1))
+            times["few"].append(_time(run))
     return statistics.median(times["linear"]), statistics.median(times["few"])
 
 

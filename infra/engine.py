@@ -125,77 +125,69 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     row decoded to the end, `nn.Linear` as it is), for tests and `bench/bench_grpo_step.py`.
     """
     with few_row_linears(model) if few_rows else nullcontext():
-        return _generate(model, tokenizer, prompt_ids, prompt_mask, seeds=seeds, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_ids=eos_token_ids,
-                         stop_strings=stop_strings, all_done=all_done, share_prompts=share_prompts,
-                         compact=compact)
-
-
-def _generate(model, tokenizer, prompt_ids, prompt_mask, *, seeds, max_new_tokens, temperature, top_k, top_p,
-              eos_token_ids, stop_strings, all_done, share_prompts, compact) -> Rollout:
-    device = prompt_ids.device
-    b, p = prompt_ids.shape
-    pad = tokenizer.pad_token_id
-    if eos_token_ids is None:
-        eos_token_ids = default_eos_ids(tokenizer, getattr(model, "lm", None))
-    eos = torch.tensor(eos_token_ids, device=device)
-    candidates = stop_candidates(tokenizer, stop_strings) if stop_strings else None
-    if candidates is not None:
-        candidates = candidates.to(device)
-    u = row_uniforms(seeds, max_new_tokens, device)  # [B, max_new]
-    # One mask for the whole run, sliced per step (no re-allocation per token).
-    full_mask = torch.cat([prompt_mask, torch.ones((b, max_new_tokens), dtype=prompt_mask.dtype,
-                                                    device=device)], dim=1)  # [B, P + max_new]
-    # prefill: each distinct prompt once, every prompt token at once; the logits of its last position
-    first, inverse = distinct_rows(prompt_ids, prompt_mask) if share_prompts else (torch.arange(b), None)
-    logits, cache = model.next_token_logits(prompt_ids[first], prompt_mask[first],
-                                            position_ids_from_mask(prompt_mask[first]),
-                                            cache=preallocated_cache(model, p + max_new_tokens))  # [U, V]
-    if len(first) < b:  # rows of one prompt share its prefill
-        logits = logits[inverse]
-        cache.batch_select_indices(inverse)
-    next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: position of the first completion token
-    out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)  # [B, max_new]
-    finish_at = torch.full((b,), -1, dtype=torch.long, device=device)  # [B] token that ended the row
-    live = torch.arange(b, device=device)  # [L] rows in the decode batch (and the cache)
-    steps = 0
-    for t in range(max_new_tokens):
-        done = finish_at[live] >= 0  # [L]
-        tok = sample_tokens(logits, u[live, t], temperature, top_k, top_p)  # [L]
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
-        out[live, t] = tok
-        hit = torch.isin(tok, eos)
-        if stop_strings:  # decode only the rows whose new token can complete a stop string
-            check = ~done
-            if candidates is not None:  # ids past the tokenizer's (a padded embedding table) always count
-                v = len(candidates)
-                check &= (tok >= v) | candidates[tok.clamp(max=v - 1)]
-            rows = check.nonzero().squeeze(1)  # [R]
-            if len(rows):
-                hit[rows] |= _stop_hit(tokenizer, out[live[rows], : t + 1], stop_strings)
-        finish_at[live[hit & ~done]] = t
-        going = finish_at[live] < 0  # [L]
-        n_going = int(going.sum())  # the step's one host sync (besides the ranks' agreement)
-        steps = t + 1
-        local_done = n_going == 0
-        if (all_done(local_done) if all_done is not None else local_done) or t + 1 == max_new_tokens:
-            break
-        if compact and not local_done and n_going <= 0.75 * len(live):  # compaction (module docstring)
-            keep = going.nonzero().squeeze(1)  # [L']
-            live, logits, tok = live[keep], logits[keep], tok[keep]
-            cache.batch_select_indices(keep)
-        # decode: one token per live row against the cache
-        logits, cache = model.next_token_logits(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t,
-                                                cache=cache)
-    out = out[:, :steps]
-    truncated = finish_at < 0  # [B] no EOS or stop string within max_new_tokens
-    last = torch.where(truncated, torch.full_like(finish_at, steps - 1), finish_at)  # [B]
-    # Mask: every token up to and including the one that finished the row (all when truncated).
-    completion_mask = (torch.arange(steps, device=device)[None, :] <= last[:, None]).long()
-    out = out.masked_fill(completion_mask == 0, pad)
-    texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(out, completion_mask)],
-                                   skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, out, completion_mask, truncated, texts)
+        device = prompt_ids.device
+        b, p = prompt_ids.shape
+        pad = tokenizer.pad_token_id
+        if eos_token_ids is None:
+            eos_token_ids = default_eos_ids(tokenizer, getattr(model, "lm", None))
+        eos = torch.tensor(eos_token_ids, device=device)
+        candidates = stop_candidates(tokenizer, stop_strings) if stop_strings else None
+        if candidates is not None:
+            candidates = candidates.to(device)
+        u = row_uniforms(seeds, max_new_tokens, device)  # [B, max_new]
+        # One mask for the whole run, sliced per step (no re-allocation per token).
+        full_mask = torch.cat([prompt_mask, torch.ones((b, max_new_tokens), dtype=prompt_mask.dtype,
+                                                        device=device)], dim=1)  # [B, P + max_new]
+        # prefill: each distinct prompt once, every prompt token at once; the logits of its last position
+        first, inverse = distinct_rows(prompt_ids, prompt_mask) if share_prompts else (torch.arange(b), None)
+        logits, cache = model.next_token_logits(prompt_ids[first], prompt_mask[first],
+                                                position_ids_from_mask(prompt_mask[first]),
+                                                cache=preallocated_cache(model, p + max_new_tokens))  # [U, V]
+        if len(first) < b:  # rows of one prompt share its prefill
+            logits = logits[inverse]
+            cache.batch_select_indices(inverse)
+        next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: position of the first completion token
+        out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)  # [B, max_new]
+        finish_at = torch.full((b,), -1, dtype=torch.long, device=device)  # [B] token that ended the row
+        live = torch.arange(b, device=device)  # [L] rows in the decode batch (and the cache)
+        steps = 0
+        for t in range(max_new_tokens):
+            done = finish_at[live] >= 0  # [L]
+            tok = sample_tokens(logits, u[live, t], temperature, top_k, top_p)  # [L]
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            out[live, t] = tok
+            hit = torch.isin(tok, eos)
+            if stop_strings:  # decode only the rows whose new token can complete a stop string
+                check = ~done
+                if candidates is not None:  # ids past the tokenizer's (a padded embedding table) always count
+                    v = len(candidates)
+                    check &= (tok >= v) | candidates[tok.clamp(max=v - 1)]
+                rows = check.nonzero().squeeze(1)  # [R]
+                if len(rows):
+                    hit[rows] |= _stop_hit(tokenizer, out[live[rows], : t + 1], stop_strings)
+            finish_at[live[hit & ~done]] = t
+            going = finish_at[live] < 0  # [L]
+            n_going = int(going.sum())  # the step's one host sync (besides the ranks' agreement)
+            steps = t + 1
+            local_done = n_going == 0
+            if (all_done(local_done) if all_done is not None else local_done) or t + 1 == max_new_tokens:
+                break
+            if compact and not local_done and n_going <= 0.75 * len(live):  # compaction (module docstring)
+                keep = going.nonzero().squeeze(1)  # [L']
+                live, logits, tok = live[keep], logits[keep], tok[keep]
+                cache.batch_select_indices(keep)
+            # decode: one token per live row against the cache
+            logits, cache = model.next_token_logits(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t,
+                                                    cache=cache)
+        out = out[:, :steps]
+        truncated = finish_at < 0  # [B] no EOS or stop string within max_new_tokens
+        last = torch.where(truncated, torch.full_like(finish_at, steps - 1), finish_at)  # [B]
+        # Mask: every token up to and including the one that finished the row (all when truncated).
+        completion_mask = (torch.arange(steps, device=device)[None, :] <= last[:, None]).long()
+        out = out.masked_fill(completion_mask == 0, pad)
+        texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(out, completion_mask)],
+                                       skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, out, completion_mask, truncated, texts)
 
 
 # At most this many rows take the (W @ x^T)^T form: a decode step's live rows, not a prefill
