@@ -150,8 +150,10 @@ def _gsm8k_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, A
 
 def _bespoke_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
     # The row brings its own system prompt (Bespoke's "Your role as an assistant ..."): SFT
-    # teaches the model that conversation, so `system_prompt` is not applied here.
-    messages = [{"role": "system", "content": _text(row, "system")}]
+    # teaches the model that conversation, so `system_prompt` is not applied here. An empty
+    # "system" (a set written under `--data.system_prompt ''`) means no system turn.
+    none = isinstance(row.get("system"), str) and not row["system"].strip()
+    messages = [] if none else [{"role": "system", "content": _text(row, "system")}]
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise _BadRow("conversations", f"not a non-empty list: {turns!r:.60}")
@@ -162,8 +164,9 @@ def _bespoke_row(row: dict, columns: list[str], system_prompt: str) -> dict[str,
         messages.append({"role": expected, "content": _text(turn, "value", f"conversations[{j}].value")})
     if messages[-1]["role"] != "assistant":
         raise _BadRow("conversations", "ends with a user turn: no assistant reply to learn from")
-    reply = messages[2]["content"]
-    return {"prompt": messages[:2], "problem": messages[1]["content"], "solution": reply,
+    user = 0 if none else 1  # the first user turn
+    reply = messages[user + 1]["content"]
+    return {"prompt": messages[:user + 1], "problem": messages[user]["content"], "solution": reply,
             "answer": last_boxed(reply), "messages": messages}
 
 

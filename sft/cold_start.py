@@ -280,19 +280,24 @@ def to_r1_format(text: str, *, require_answer: bool = True, delimiter: str = SPE
 def write_sft_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
     """Write SFT records (`messages` = system, then user / assistant turns ending with assistant)
     as JSONL in Bespoke-Stratos's layout, `{"system", "conversations": [{"from", "value"}]}`, so
-    that `data.load_records(path, schema="bespoke")` reads them back. Texts are stripped, as the
-    loader strips them. Written to a temporary file and renamed: no half-written file is left.
-    Returns the number of rows."""
+    that `data.load_records(path, schema="bespoke")` reads them back. Messages without a system
+    turn (prompts made under `--data.system_prompt ''`) are written with `"system": ""`, which
+    the loader reads back as no system turn. Texts are stripped, as the loader strips them.
+    Written to a temporary file and renamed: no half-written file is left. Returns the number
+    of rows."""
     path = Path(path)
     if path.suffix != ".jsonl":
         raise ValueError(f"write_sft_jsonl: path {str(path)!r} must end in .jsonl")
     lines = []
     for i, record in enumerate(records):
         messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list) or len(messages) < 3:
+        if not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
+            raise ValueError(f"write_sft_jsonl: record {i} has no [system, user, assistant, ...] 'messages'")
+        system = messages[0].get("role") == "system"
+        if len(messages) < 2 + system:
             raise ValueError(f"write_sft_jsonl: record {i} has no [system, user, assistant, ...] 'messages'")
         for j, message in enumerate(messages):
-            expected = "system" if j == 0 else ("user", "assistant")[(j - 1) % 2]
+            expected = "system" if system and j == 0 else ("user", "assistant")[(j - system) % 2]
             content = message.get("content") if isinstance(message, dict) else None
             if not isinstance(message, dict) or message.get("role") != expected or \
                     not isinstance(content, str) or not content.strip():
@@ -300,8 +305,8 @@ def write_sft_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) 
                                  f"{expected!r} message, got {message!r:.80}")
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"write_sft_jsonl: record {i} ends with a user turn")
-        row = {"system": messages[0]["content"].strip(),
-               "conversations": [{"from": m["role"], "value": m["content"].strip()} for m in messages[1:]]}
+        row = {"system": messages[0]["content"].strip() if system else "",
+               "conversations": [{"from": m["role"], "value": m["content"].strip()} for m in messages[system:]]}
         lines.append(json.dumps(row, ensure_ascii=False))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

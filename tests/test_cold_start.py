@@ -201,6 +201,24 @@ def test_write_sft_jsonl_round_trips_through_the_loader(tmp_path):
     assert load_records(path, split="all").schema == "bespoke"  # detected without being told
 
 
+def test_write_sft_jsonl_without_a_system_turn_round_trips(tmp_path):
+    """Prompts made under `--data.system_prompt ''` have no system turn: written with an empty
+    "system", read back as the same messages, the prompt being the user turn alone."""
+    records = [{"messages": [{"role": "user", "content": "What is 7 * 8?"},
+                             {"role": "assistant", "content": R1_ROW0}]}]
+    path = tmp_path / "sft.jsonl"
+    assert write_sft_jsonl(path, records) == 1
+    assert json.loads(path.read_text())["system"] == ""
+    loaded = load_records(path, schema="bespoke", split="all")
+    assert [r["messages"] for r in loaded] == [r["messages"] for r in records]
+    assert loaded[0]["prompt"] == records[0]["messages"][:1]
+    assert loaded[0]["problem"] == "What is 7 * 8?" and loaded[0]["answer"] == "56"
+    with pytest.raises(ValueError, match=r"record 0, messages\[1\]: expected a non-empty 'assistant'"):
+        write_sft_jsonl(path, [{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}]}])
+    with pytest.raises(ValueError, match=r"record 0 has no"):
+        write_sft_jsonl(path, [{"messages": [{"role": "user", "content": "q"}]}])
+
+
 def test_converted_bespoke_round_trips(tmp_path):
     converted, _ = convert_bespoke(load_records(BESPOKE, schema="bespoke", split="all"))
     path = tmp_path / "r1.jsonl"

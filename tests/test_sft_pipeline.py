@@ -115,6 +115,19 @@ def test_rejection_sampling_keeps_only_samples_that_pass(tiny, tmp_path):
     assert all(s == 1.0 for s in scores), scores
 
 
+def test_rejection_sampling_without_a_system_prompt_writes_a_loadable_set(tiny, tmp_path):
+    """`--data.system_prompt ''`: prompts of the user turn alone; the kept rows are written and
+    read back the same way (the writer used to refuse them after all the sampling was done)."""
+    out = tmp_path / "rej"
+    _run("rejection-sample", ["--model.path", tiny, "--data.num_train", "12", "--data.task.max_operands", "2",
+                              "--data.system_prompt", "", "--sampling.samples_per_prompt", "6",
+                              "--sampling.max_new_tokens", "12", "--sampling.rewards", "format,language_consistency",
+                              "--sampling.require", "language_consistency", "--train.output_dir", str(out)])
+    from data import load_records
+    kept = load_records(out / "sft.jsonl", schema="bespoke", split="all").records
+    assert kept and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in kept)
+
+
 def test_tiny_pipeline_runs_every_stage_and_exports_load(tmp_path):
     out = tmp_path / "pipe"
     _run("pipeline", ["--recipe", str(ROOT / "configs" / "tiny-r1-full.yaml"), "--output_dir", str(out)],
