@@ -44,11 +44,12 @@ def resolve_model_path(path: str, output_dir: str | os.PathLike, info: DistInfo,
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = "",
-                   system_role: str = "auto"):
+                   system_role: str = "auto", option: str = "--model."):
     """The tokenizer at `path`, left-padding, with a pad token. `chat_template`: a Jinja file that
     replaces its template. `system_role` (a template without a system role, e.g. Gemma's):
     "auto" merges system text into the first user turn then (data.prompts.merge_system_turn),
-    "merge" always does, "error" refuses such a template."""
+    "merge" always does, "error" refuses such a template. `option`: what the two options'
+    names follow in error messages (`--distill.teacher_` for a distillation teacher)."""
     from transformers import AutoTokenizer
 
     from data.prompts import MERGE_SYSTEM, template_has_system_role
@@ -65,15 +66,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
         try:
             tok.chat_template = Path(chat_template).expanduser().read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--model.chat_template={chat_template!r}: cannot read it: {e}") from None
+            raise ConfigError(f"{option}chat_template={chat_template!r}: cannot read it: {e}") from None
     if not getattr(tok, "chat_template", None):
         raise ConfigError(f"tokenizer at {path!r} has no chat template; the R1 prompt needs one "
-                          f"(give one with --model.chat_template template.jinja)")
+                          f"(give one with {option}chat_template template.jinja)")
     merge = system_role == "merge"
     if not merge and not template_has_system_role(tok):
         if system_role == "error":
-            raise ConfigError(f"--model.system_role=error: the chat template of {chat_template or path!r} has "
-                              f"no system role (it refuses or drops a system turn); use --model.system_role "
+            raise ConfigError(f"{option}system_role=error: the chat template of {chat_template or path!r} has "
+                              f"no system role (it refuses or drops a system turn); use {option}system_role "
                               f"auto to merge the system prompt into the first user turn, or "
                               f"--data.system_prompt ''")
         merge = True
@@ -98,15 +99,17 @@ def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
     return model.to(device)
 
 
-def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: bool = True):
-    """A `ModelConfig` -> (resolved path, tokenizer, causal LM on the device)."""
+def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: bool = True,
+               option: str = "--model."):
+    """A `ModelConfig` -> (resolved path, tokenizer, causal LM on the device). `option`: the
+    options' prefix in tokenizer errors (load_tokenizer)."""
     from transformers.utils import logging as hf_logging
 
     # transformers' own bars ("Loading weights", "Writing model shards") would tear the
     # trainer's progress bar and fill logs; the trainer says what it loads and saves.
     hf_logging.disable_progress_bar()
     path = resolve_model_path(m.path, output_dir, info, seed=m.seed, size=m.embedded_size)
-    tokenizer = load_tokenizer(m.tokenizer or path, m.trust_remote_code, m.chat_template, m.system_role)
+    tokenizer = load_tokenizer(m.tokenizer or path, m.trust_remote_code, m.chat_template, m.system_role, option)
     lm = load_causal_lm(path, dtype=m.dtype, device=info.device, trust_remote_code=m.trust_remote_code,
                         attn_implementation=m.attn_implementation)
     if not m.keep_dropout:

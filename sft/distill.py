@@ -18,7 +18,7 @@ from pathlib import Path
 from infra.config import ConfigError
 from infra.evaluate import train_records, training_prompts
 from infra.loop import start_run
-from infra.sections import DataConfig, ModelConfig, at_least, check_data
+from infra.sections import DataConfig, ModelConfig, at_least, check_data, one_of
 from sft.cold_start import write_sft_jsonl
 from sft.packing import VARLEN_ATTENTION
 from sft.rejection import SamplingConfig, load_sampler, sample_and_filter
@@ -29,6 +29,11 @@ from sft.trainer import SFTJobConfig, SFTTrainer
 class DistillConfig:
     teacher: str = ""
     """Teacher model folder or hub name (required)."""
+    teacher_chat_template: str = ""
+    """A Jinja chat template file for the teacher's tokenizer instead of its own (--model.chat_template
+    is the student's). Empty: the teacher's."""
+    teacher_system_role: str = "auto"
+    """The teacher's template without a system role: auto | merge | error (as --model.system_role)."""
     kl_weight: float = 0.0
     """Weight of the token-level KL(teacher || student) added to the NLL (0 = plain SFT on traces).
     Needs teacher and student to share a tokenizer."""
@@ -47,6 +52,7 @@ class DistillJobConfig(SFTJobConfig):
         if not self.distill.teacher and not self.distill.traces:
             raise ConfigError("--distill.teacher is required (or --distill.traces with ready traces)")
         at_least("distill.kl_weight", self.distill.kl_weight, 0, finite_only=True)
+        one_of("distill.teacher_system_role", self.distill.teacher_system_role, ("auto", "merge", "error"))
         if self.distill.kl_weight > 0 and not self.distill.teacher:
             raise ConfigError("--distill.kl_weight > 0 needs --distill.teacher")
         check_data(self.problems, "problems")
@@ -68,9 +74,10 @@ def main(argv: list[str]) -> dict:
         if cfg.sampling.num_prompts:
             problems = problems[: cfg.sampling.num_prompts]
     if cfg.distill.teacher:
-        tcfg = ModelConfig(path=cfg.distill.teacher, dtype=cfg.model.dtype,
-                           trust_remote_code=cfg.model.trust_remote_code)
-        _, teacher = load_sampler(tcfg, out, info)
+        d = cfg.distill
+        tcfg = ModelConfig(path=d.teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                           chat_template=d.teacher_chat_template, system_role=d.teacher_system_role)
+        _, teacher = load_sampler(tcfg, out, info, option="--distill.teacher_")
         t_tok = teacher.tokenizer
     if not cfg.distill.traces:
         # 1. the teacher writes traces for the problems
@@ -95,7 +102,8 @@ def main(argv: list[str]) -> dict:
         from infra.model import load_tokenizer, resolve_model_path
         cfg.model.path = resolve_model_path(cfg.model.path, out, info, seed=cfg.model.seed,
                                             size=cfg.model.embedded_size)
-        s_tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+        m = cfg.model
+        s_tok = load_tokenizer(m.tokenizer or m.path, m.trust_remote_code, m.chat_template, m.system_role)
         if s_tok.get_vocab() != t_tok.get_vocab():
             raise ConfigError("--distill.kl_weight > 0: teacher and student tokenizers differ; "
                               "a token-level KL needs the same vocabulary (use kl_weight 0)")

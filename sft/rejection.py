@@ -153,9 +153,10 @@ def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list
     return kept, stats
 
 
-def load_sampler(model_cfg: ModelConfig, out_dir: Path, info: DistInfo) -> tuple[str, Engine]:
+def load_sampler(model_cfg: ModelConfig, out_dir: Path, info: DistInfo,
+                 option: str = "--model.") -> tuple[str, Engine]:
     """A frozen model for sampling: (its resolved path, its engine)."""
-    path, tokenizer, lm = load_model(model_cfg, out_dir, info, trainable=False)
+    path, tokenizer, lm = load_model(model_cfg, out_dir, info, trainable=False, option=option)
     policy = shard_model(PolicyModel(lm), decoder_layers(lm), info, reshard_after_forward=False)
     return path, Engine(policy, tokenizer, info)
 

@@ -197,6 +197,29 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_user_turn(
     assert "Answer briefly.\n\nWhat is 2 + 3?" in merged
 
 
+def test_a_distillation_teacher_takes_its_own_chat_template(tmp_path):
+    """A teacher whose tokenizer has no chat template: the error names the teacher's option
+    (--model.chat_template is the student's), and with it the teacher samples its traces."""
+    import shutil
+    teacher = tmp_path / "teacher"
+    shutil.copytree(TINY_SFT, teacher)
+    template = teacher / "chat_template.jinja"
+    shutil.move(template, tmp_path / "template.jinja")
+    args = ["distill", "--model.path", str(TINY_SFT), "--distill.teacher", str(teacher), "--data.num_train", "4",
+            "--problems.num_train", "4", "--problems.num_eval", "0", "--data.num_eval", "0",
+            "--sampling.samples_per_prompt", "2", "--sampling.max_new_tokens", "8", "--sampling.require", "",
+            "--sft.max_seq_len", "256", "--sft.rows_per_step", "2", "--train.max_steps", "1",
+            "--train.eval_every", "0", "--train.export", "false"]
+    msg = _one_line_error(_train(*args, "--train.output_dir", str(tmp_path / "a")))
+    assert "has no chat template" in msg and "--distill.teacher_chat_template" in msg, msg
+    res = _train(*args, "--distill.teacher_chat_template", str(tmp_path / "template.jinja"),
+                 "--train.output_dir", str(tmp_path / "b"))
+    # The teacher loaded and sampled its 8 traces; whether a tiny teacher finishes any of them
+    # within 8 tokens is luck, so either outcome of the sampling counts.
+    sampled = res.returncode == 0 or "the teacher passed none of 8 samples" in res.stderr
+    assert sampled and "chat template" not in res.stderr, res.stdout[-2000:] + res.stderr[-3000:]
+
+
 # --- rewards ------------------------------------------------------------------------------------
 
 def test_reward_references_load_and_wrong_ones_name_module_file_or_attribute(byo, monkeypatch):
