@@ -74,25 +74,27 @@ _VARLEN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 
 def _row_segments(cu_seqlens: Sequence[int], prefix_of: Sequence[int] | None, B: int, L: int):
-    """Per row, its segments as (start, end, prefix) with `prefix` = (start, end) of the segment
-    it continues, or None; offsets within the row. Raises on a layout the attention cannot mean."""
+    """Per row, its segments as (length, prefix) in order, `prefix` = the index within the row
+    of the segment it continues, or None. Raises on a layout the attention cannot mean."""
     if cu_seqlens[0] != 0 or cu_seqlens[-1] != B * L:
         raise ValueError(f"cu_seqlens must run from 0 to B*L = {B * L}, "
                          f"got {cu_seqlens[0]} .. {cu_seqlens[-1]}")
     n = len(cu_seqlens) - 1
     if prefix_of is not None and len(prefix_of) != n:
         raise ValueError(f"prefix_of has {len(prefix_of)} entries for {n} segments")
-    rows: list[list[tuple[int, int, tuple[int, int] | None]]] = [[] for _ in range(B)]
+    rows: list[list[tuple[int, int | None]]] = [[] for _ in range(B)]
+    first = [0] * B  # global index of each row's first segment
     for s, (start, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
         b = start // L
         if not start < end <= (b + 1) * L:
             raise ValueError(f"cu_seqlens: segment [{start}, {end}) is empty or crosses the end of row {b}")
+        if not rows[b]:
+            first[b] = s
         p = -1 if prefix_of is None else prefix_of[s]
         if p >= 0 and not (p < s and cu_seqlens[p] // L == b and (prefix_of[p] < 0)):
             raise ValueError(f"prefix_of[{s}] = {p}: a prefix must be an earlier segment of the same row "
                              "that has no prefix itself")
-        prefix = None if p < 0 else (cu_seqlens[p] - b * L, cu_seqlens[p + 1] - b * L)
-        rows[b].append((start - b * L, end - b * L, prefix))
+        rows[b].append((end - start, None if p < 0 else p - first[b]))
     return rows
 
 
@@ -112,8 +114,8 @@ def varlen_sdpa_attention(
     after the whole of its `prefix_of` segment when it has one (module docstring).
 
     query [B, H, L, D], key/value [B, H_kv, L, D] -> output [B, L, H, D]. Each segment is one
-    `scaled_dot_product_attention` call on its own slice (a view; a prefixed segment's keys are
-    the prefix's and its own, concatenated), so a token cannot see another segment: there is
+    `scaled_dot_product_attention` call on its own part of the row (a view; a prefixed segment's
+    keys are the prefix's and its own, concatenated), so a token cannot see another segment: there is
     nothing to mask across segments. Within a prefixed segment the causal mask is aligned to the
     bottom right (query j sees the prefix and its own keys 0..j).
     """
@@ -125,24 +127,25 @@ def varlen_sdpa_attention(
     B, H, L, D = query.shape
     segments = _row_segments(cu_seqlens, prefix_of, B, L)
     gqa = H != key.shape[1]
-    # unbind / slicing rather than indexing: their backward is one stack / cat (or a strided
-    # add), where every indexed slice would add a zero-filled gradient of the whole tensor.
+    # unbind / split rather than slicing or indexing: their backward is one stack / cat, where
+    # every slice would add a zero-filled gradient of the whole row (3,000 of them a SmolLM2
+    # update step: 0.5 s).
     out = []
     with sdpa_kernel(_VARLEN_BACKENDS):
         for b, (q, k, v) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):  # [H, L, D]
+            sizes = [n for n, _ in segments[b]]
+            qs, ks, vs = q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1)  # [H, n, D] each
             parts = []
-            for start, end, p in segments[b]:
-                qs, ks, vs = q[:, start:end], k[:, start:end], v[:, start:end]  # [H, n, D]
+            for s, (n, p) in enumerate(segments[b]):
                 if p is None:
-                    o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout,
+                    o = F.scaled_dot_product_attention(qs[s][None], ks[s][None], vs[s][None], dropout_p=dropout,
                                                        is_causal=True, scale=scaling, enable_gqa=gqa)
                 else:
-                    ps, pe = p
-                    ks = torch.cat([k[:, ps:pe], ks], dim=1)  # [H_kv, p + n, D]
-                    vs = torch.cat([v[:, ps:pe], vs], dim=1)
+                    k_s = torch.cat([ks[p], ks[s]], dim=1)  # [H_kv, p + n, D]
+                    v_s = torch.cat([vs[p], vs[s]], dim=1)
                     # causal, aligned to the bottom right: query j sees keys 0 .. p + j ([n, p + n])
-                    mask = causal_lower_right(end - start, pe - ps + end - start)
-                    o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask,
+                    mask = causal_lower_right(n, sizes[p] + n)
+                    o = F.scaled_dot_product_attention(qs[s][None], k_s[None], v_s[None], attn_mask=mask,
                                                        dropout_p=dropout, scale=scaling, enable_gqa=gqa)
                 parts.append(o[0])  # [H, n, D]
             out.append(torch.cat(parts, dim=1))  # [H, L, D]

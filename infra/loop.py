@@ -335,14 +335,19 @@ def open_run(ckpt, out: Path, resume: bool, tag: str, config_text: str = "") -> 
 def check_finite_params(params, step: int, ckpt, device: torch.device, tag: str) -> None:
     """Raise NonFiniteParameters on every rank when any rank holds a NaN/Inf parameter. Collective.
 
-    One `isfinite().all()` per parameter (this rank's shard under FSDP2), no copy of the weights:
-    cheap next to the update it follows. The loss and gradient-norm guard cannot see this case:
-    a finite gradient times an overflowing learning rate (`--optim.lr 1e39` is a finite double but
-    inf in float32) gives finite loss and gradients and infinite weights."""
+    A parameter's sum is finite only if every element is (NaN and Inf propagate through a sum),
+    so one sum per parameter (this rank's shard under FSDP2) clears almost every parameter in
+    one read of the weights; only a non-finite sum, which finite elements can also give by
+    overflowing, is settled element by element with `isfinite`. Per-parameter `isfinite` alone
+    took 0.4 s a step on SmolLM2-135M (five passes over the weights), the sums 0.03 s. The loss
+    and gradient-norm guard cannot see this case: a finite gradient times an overflowing learning
+    rate (`--optim.lr 1e39` is a finite double but inf in float32) gives finite loss and
+    gradients and infinite weights."""
+    shards = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in params]
+    sums = torch.stack([s.sum().float() for s in shards]) if shards else torch.zeros(0, device=device)
     bad = torch.zeros(1, device=device)
-    for p in params:
-        local = p.to_local() if hasattr(p, "to_local") else p
-        bad += (~torch.isfinite(local.detach())).any().float()
+    for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+        bad += (~torch.isfinite(shards[i])).any().float()
     if all_reduce_sum(bad).item() > 0:
         last = ckpt.latest()
         raise NonFiniteParameters(

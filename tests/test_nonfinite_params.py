@@ -56,6 +56,10 @@ def test_check_finite_params_finds_one_bad_value():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     ckpt = CheckpointManager("/nonexistent/checkpoints", info)
     check_finite_params(model.parameters(), 3, ckpt, info.device, "test")  # all finite: no error
+    with torch.no_grad():  # finite values whose sum overflows float32: still finite parameters
+        model[0].weight.fill_(3e38)
+    assert not torch.isfinite(model[0].weight.sum())
+    check_finite_params(model.parameters(), 3, ckpt, info.device, "test")
     for bad in (float("nan"), float("inf"), -float("inf")):
         with torch.no_grad():
             model[1].bias[1] = bad
