@@ -101,8 +101,8 @@ def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
 
 def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: bool = True,
                option: str = "--model."):
-    """A `ModelConfig` -> (resolved path, tokenizer, causal LM on the device). `option`: the
-    options' prefix in tokenizer errors (load_tokenizer)."""
+    """A `ModelConfig` -> (resolved path, tokenizer, causal LM on the device). `option`: as
+    load_tokenizer's."""
     from transformers.utils import logging as hf_logging
 
     # transformers' own bars ("Loading weights", "Writing model shards") would tear the

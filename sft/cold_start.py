@@ -291,10 +291,9 @@ def write_sft_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) 
     lines = []
     for i, record in enumerate(records):
         messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
-            raise ValueError(f"write_sft_jsonl: record {i} has no [system, user, assistant, ...] 'messages'")
-        system = messages[0].get("role") == "system"
-        if len(messages) < 2 + system:
+        listed = isinstance(messages, list) and bool(messages) and isinstance(messages[0], dict)
+        system = listed and messages[0].get("role") == "system"
+        if not listed or len(messages) < 2 + system:
             raise ValueError(f"write_sft_jsonl: record {i} has no [system, user, assistant, ...] 'messages'")
         for j, message in enumerate(messages):
             expected = "system" if system and j == 0 else ("user", "assistant")[(j - system) % 2]
