@@ -16,9 +16,12 @@ CUDA error in one part does not hide the others:
             and a tokenizer whose vocabulary fills its 151,936-row embedding; used below
   grpo      GRPO steps of the trainer itself on that model, FSDP2 over NCCL in one process
             (`--train.fsdp always`), bf16: time by phase, tokens/s, peak memory; then again
-            with a reference model (beta 0.04) and gradient checkpointing
-  rollout   completion tokens/s of infra.engine.generate against HF `generate` at 64 and 256
-            rows (bf16 weights, sampling at T = 1, the same prompts)
+            with a reference model (beta 0.04) and gradient checkpointing; the plain path;
+            without FSDP, eager and with the compiled decode (`rollout.compile_decode`)
+  rollout   completion tokens/s of infra.engine.generate, eager and with the compiled decode
+            (CUDA graphs), against HF `generate` at 64 and 256 rows (bf16 weights, sampling at
+            T = 1, the same prompts); the compiled decode's greedy rows against the eager
+            engine's (float32)
   sft       packed SFT steps of the trainer (rows of 4096 tokens, varlen attention, autocast
             bf16): tokens/s and peak memory; and one forward+backward of the same rows with the
             dense block-mask SDPA instead, for comparison
@@ -232,11 +235,14 @@ def part_grpo(dry: bool, workdir: Path) -> dict:
 
     prompts, group, max_new, micro = (2, 2, 8, 2) if dry else (8, 8, 192, 16)
     rows, checks = [], []
-    runs = (("FSDP2, policy only", "always", 0.0, False, True),
-            ("FSDP2, + reference (beta 0.04), gradient checkpointing", "always", 0.04, True, True),
-            ("the same, plain path (engine plain, padded passes)", "always", 0.04, True, False),
-            ("no FSDP (autocast bf16), policy only", "auto", 0.0, False, True))
-    for name, fsdp, beta, ckpt, packed in runs:
+    runs = [("FSDP2, policy only", "always", 0.0, False, True, False),
+            ("FSDP2, + reference (beta 0.04), gradient checkpointing", "always", 0.04, True, True, False),
+            ("the same, plain path (engine plain, padded passes)", "always", 0.04, True, False, False),
+            ("no FSDP (autocast bf16), policy only", "auto", 0.0, False, True, False)]
+    if not dry:  # on the CPU inductor would compile for minutes; the rollout part checks the path
+        runs.append(("the same, compiled decode (rollout.compile_decode: CUDA graphs)", "auto", 0.0, False,
+                     True, True))
+    for name, fsdp, beta, ckpt, packed, compiled in runs:
         cfg = GRPOJobConfig()
         cfg.model.path, cfg.model.gradient_checkpointing = str(model_dir(workdir)), ckpt
         cfg.data.num_train, cfg.data.num_eval = 64, 4
@@ -244,7 +250,7 @@ def part_grpo(dry: bool, workdir: Path) -> dict:
         cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = prompts, micro
         cfg.grpo.beta, cfg.grpo.rewards = beta, TEXT_REWARDS
         cfg.train.device, cfg.train.fsdp, cfg.train.progress = device(dry), fsdp, False
-        cfg.grpo.packing = packed
+        cfg.grpo.packing, cfg.rollout.compile_decode = packed, compiled
         cfg.train.output_dir = str(workdir / f"grpo-{len(rows)}")
         try:
             trainer = GRPOTrainer(cfg)
@@ -303,6 +309,7 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
     _, ids, _ = encode_prompts(tok, task_records(TaskConfig(), 32, seed=1))
     max_new = 8 if dry else 128
     rows = []
+    decoder = make_decoder(policy, dev, dry)  # one for both row counts: a graph per bucket
     for n in ((4, 8) if dry else (64, 256)):
         pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
         gens = rollout_generators(policy, lm, tok, pid, pmask, max_new, eos_token_ids(tok, lm))
@@ -314,14 +321,57 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
                                   SDPBackend.MATH]):
                     return ours()
             gens["infra.engine.generate, cuDNN SDPA off"] = ours_no_cudnn
+        gens["engine, compiled decode (CUDA graphs)"] = compiled_generator(decoder, policy, tok, pid, pmask, max_new)
         for r in time_rollouts(gens, repeats=2, device=dev):
             rows.append([n, r["generator"], r["seconds"], f"{r['tokens']:.0f}",
                          f"{r['tokens_per_s']:.0f}", f"{r['vs_hf']:.2f}"])
     note = (f"prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens (the R1 system prompt), "
             f"{max_new} new tokens, temperature 1, bf16 weights, no FSDP; medians of 2 after a "
-            f"warm-up, the generators taking turns.")
+            f"warm-up (which compiles the compiled decode's graphs), the generators taking turns.")
     return {"table": md_table(["rows", "generator", "median s", "tokens", "tokens/s", "vs HF"],
-                              rows) + "\n\n" + note, "checks": []}
+                              rows) + "\n\n" + note, "checks": [compiled_decode_check(lm, tok, ids, dev, dry)]}
+
+
+def compiled_generator(decoder, policy, tok, pid, pmask, max_new: int):
+    """fn() -> completion tokens of the engine's `generate` with `decoder` (the engine's defaults)."""
+    from infra.engine import generate
+
+    def run() -> int:
+        out = generate(policy, tok, pid, pmask, seeds=list(range(pid.shape[0])), max_new_tokens=max_new,
+                       temperature=1.0, decoder=decoder)
+        return int(out.lengths.sum())
+    return run
+
+
+def compiled_decode_check(lm, tok, ids: list, dev: str, dry: bool) -> dict:
+    """Greedy rows of the compiled decode against the eager engine's, in float32 (random weights
+    give flat logits: in bf16 a rounding would flip near-ties; float32 keeps them apart)."""
+    import copy
+
+    from infra.engine import generate, pad_prompts
+    from infra.policy import PolicyModel
+
+    policy = PolicyModel(copy.deepcopy(lm).float())
+    n, max_new = (4, 8) if dry else (16, 32)
+    pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
+    kw = dict(seeds=list(range(n)), max_new_tokens=max_new, temperature=0.0)
+    decoder = make_decoder(policy, dev, dry)
+    fast = generate(policy, tok, pid, pmask, decoder=decoder, **kw)
+    eager = generate(policy, tok, pid, pmask, **kw)
+    same = sum(torch.equal(a, b) for a, b in zip(fast.completion_ids, eager.completion_ids))
+    del policy, decoder
+    return {"name": f"compiled decode: greedy rows equal to the eager engine's (float32, {max_new} tokens)",
+            "value": f"{same}/{n}", "target": f">= {n - 1}/{n}", "ok": same >= n - 1}
+
+
+def make_decoder(policy, dev: str, dry: bool):
+    """The engine's compiled decoder (CUDA graphs on a GPU); on the CPU dry run, traced without
+    code generation (inductor would compile for minutes)."""
+    from infra.static_decode import StaticDecoder
+
+    if dry:
+        return StaticDecoder(policy, backend="eager")
+    return StaticDecoder(policy, mode="reduce-overhead" if dev == "cuda" else None)
 
 
 def part_sft(dry: bool, workdir: Path) -> dict:

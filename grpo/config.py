@@ -33,6 +33,10 @@ class RolloutConfig:
     """Prompts generated together in one batch per rank (0 = all of the rank's prompts)."""
     eval_temperature: float = 0.0
     """Temperature of evaluation decoding (0 = greedy)."""
+    compile_decode: bool = False
+    """Decode steps compiled (torch.compile; CUDA graphs on a GPU) over a static KV cache in
+    batch-size buckets (infra/static_decode.py). One process only; the first steps compile a
+    graph per bucket. For GPUs, where a decode step is launch-bound; on a CPU it gains nothing."""
 
 
 @dataclass

@@ -85,7 +85,8 @@ class GRPOTrainer(Trainer):
             _, _, ref_lm = load_model(cfg.model, self.out, self.info, trainable=False)
             self.ref = shard_model(PolicyModel(ref_lm), decoder_layers(ref_lm), self.info).eval()
         self.ref_refreshes = 0  # refreshes applied to self.ref: 0 means it is the initial model
-        self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast)
+        self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast,
+                             compile_decode=cfg.rollout.compile_decode)
         self.setup_training(self.policy, lm.config, tokenizer)
 
         self.train_records, self.train_ids, _ = training_prompts(tokenizer, train, cfg.data, "data", "grpo",

@@ -115,7 +115,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
              seeds: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_ids: list[int] | None = None,
              stop_strings: list[str] | None = None, all_done=None, share_prompts: bool = True,
-             compact: bool = True, few_rows: bool = True) -> Rollout:
+             compact: bool = True, few_rows: bool = True, decoder=None) -> Rollout:
     """Sample one completion per row of the left-padded `prompt_ids` with a KV cache.
 
     `model` has `PolicyModel.next_token_logits`. `all_done(bool) -> bool` lets ranks agree to
@@ -123,6 +123,8 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     generation config (`infra.model.eos_token_ids`): Qwen2.5-Instruct ends turns with either of two.
     `share_prompts` / `compact` / `few_rows` off give the plain path (every row prefilled, every
     row decoded to the end, `nn.Linear` as it is), for tests and `bench/bench_grpo_step.py`.
+    `decoder`: an `infra.static_decode.StaticDecoder` that runs the decode steps compiled (for
+    models whose cache is all full attention; others decode eagerly).
     """
     with few_row_linears(model) if few_rows else nullcontext():
         device = prompt_ids.device
@@ -142,9 +144,16 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         first, inverse = distinct_rows(prompt_ids, prompt_mask) if share_prompts else (torch.arange(b), None)
         logits, cache = model.next_token_logits(prompt_ids[first], prompt_mask[first],
                                                 position_ids_from_mask(prompt_mask[first]),
-                                                cache=preallocated_cache(model, p + max_new_tokens))  # [U, V]
-        if len(first) < b:  # rows of one prompt share its prefill
+                                                cache=preallocated_cache(model, p + (0 if decoder is not None else max_new_tokens)))
+        shared = len(first) < b  # rows of one prompt share its prefill
+        if shared:
             logits = logits[inverse]
+        decode = model.next_token_logits
+        if decoder is not None and cache is not None and all(
+                isinstance(layer, PreallocatedLayer) for layer in cache.layers):
+            cache = decoder.start(cache, inverse if shared else None, b, p + max_new_tokens)
+            decode = decoder.next_token_logits
+        elif shared:
             cache.batch_select_indices(inverse)
         next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: position of the first completion token
         out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)  # [B, max_new]
@@ -177,8 +186,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
                 live, logits, tok = live[keep], logits[keep], tok[keep]
                 cache.batch_select_indices(keep)
             # decode: one token per live row against the cache
-            logits, cache = model.next_token_logits(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t,
-                                                    cache=cache)
+            logits, cache = decode(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t, cache=cache)
         out = out[:, :steps]
         truncated = finish_at < 0  # [B] no EOS or stop string within max_new_tokens
         last = torch.where(truncated, torch.full_like(finish_at, steps - 1), finish_at)  # [B]
@@ -332,15 +340,24 @@ class Engine:
 
     `autocast`: a context-manager factory for the forwards (bf16 on a single GPU); `info`: the
     rank layout (None = one process); `plain`: every row prefilled and decoded to the end (the
-    oracle path, for tests and benchmarks).
+    oracle path, for tests and benchmarks); `compile_decode`: decode steps compiled over a static
+    cache in batch-size buckets (infra/static_decode.py; CUDA graphs on a GPU), one process only.
     """
 
     def __init__(self, model: nn.Module, tokenizer, info: DistInfo | None = None, *,
                  autocast: Callable[[], object] = nullcontext, eos_token_ids: list[int] | None = None,
-                 plain: bool = False):
+                 plain: bool = False, compile_decode: bool = False):
         self.model, self.tokenizer, self.info, self.autocast = model, tokenizer, info, autocast
         self.plain = plain
         self.eos_token_ids = eos_token_ids or default_eos_ids(tokenizer, getattr(model, "lm", None))
+        self.decoder = None
+        if compile_decode:
+            if info is not None and info.distributed:
+                raise ValueError(f"rollout.compile_decode needs an unsharded model (FSDP's hooks are not "
+                                 f"compiled), and this run shards it over {info.world_size} process(es): "
+                                 "turn it off, or run one process with train.fsdp auto")
+            from infra.static_decode import StaticDecoder
+            self.decoder = StaticDecoder(model, mode="reduce-overhead" if self.device.type == "cuda" else None)
 
     @property
     def device(self) -> torch.device:
@@ -383,7 +400,7 @@ class Engine:
                                top_p=top_p, eos_token_ids=self.eos_token_ids,
                                stop_strings=stop_strings, all_done=self._all_done(stop_requested),
                                share_prompts=not self.plain, compact=not self.plain,
-                               few_rows=not self.plain)
+                               few_rows=not self.plain, decoder=None if self.plain else self.decoder)
         finally:
             set_gathered(self.model, False)
             self.model.train(was_training)

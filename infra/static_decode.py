@@ -1,0 +1,170 @@
+"""Compiled decode steps over a static KV cache, in batch-size buckets (`rollout.compile_decode`).
+
+On a GPU a decode step is a few hundred small kernels per token: the GPU suite measured ~30 ms a
+step for 64 rows of a 24-layer 0.5B model on an H200, 75-90% of a GRPO step (bench/RESULTS.md),
+set by kernel launches rather than arithmetic. Compiled with CUDA graphs
+(`torch.compile(mode="reduce-overhead")`) a step is one graph replay. A graph needs fixed shapes
+and fixed addresses, so the decode step here differs from the engine's eager one in three ways:
+
+  * each batch size's KV cache is allocated once, at a fixed capacity, and written in place at a
+    position held in a tensor (`StaticDecodeLayer`); a step attends over the whole capacity
+    through a [rows, 1, 1, capacity] mask that hides prompt padding and what is not written yet;
+  * live rows are padded up to a power of two (a bucket), so there is one graph per bucket rather
+    than per row count; when compaction leaves at most half of a bucket, the rows move to the
+    smaller one (padding rows attend to their own token only, and their logits are dropped);
+  * the capacity only grows: a call that fits keeps the buckets' capacity (a graph for every
+    prompt length would soon pass torch.compile's recompile limit), one that does not
+    reallocates them at its own, rounded up to a multiple of CAPACITY_STEP.
+
+Prefill is not compiled (its shape changes every call); the engine runs it as before and the
+decoder copies its cache in. The values are the eager step's: the same forward over the same
+keys, values and mask, the masked positions adding exact zeros (tests/test_static_decode.py:
+the same completions as the eager engine, greedy and sampled, in float64). One process only:
+FSDP's hooks are not compiled (the engine refuses the option under FSDP).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+# Capacity (prompt + new tokens) is rounded up to a multiple of this.
+CAPACITY_STEP = 64
+# Graphs torch.compile may hold for the decode step: one per bucket (log2 of the rows, plus
+# one) and capacity; PyTorch's default (8) would leave 256 rows' smallest buckets uncompiled.
+RECOMPILE_LIMIT = 64
+
+
+def bucket_size(rows: int) -> int:
+    """The smallest power of two >= rows: the batch size a step of `rows` live rows runs at."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+class StaticDecodeLayer(DynamicLayer):
+    """One layer's cache for one bucket: [bucket, H_kv, capacity, D] buffers, written in place at
+    `position` (a [1] tensor shared by the cache's layers, set before each step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.position = keys, values, position
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys.index_copy_(2, self.position, key_states)  # [bucket, H_kv, 1, D] at one position
+        self.values.index_copy_(2, self.position, value_states)
+        return self.keys, self.values
+
+
+class _Bucket:
+    """A bucket's persistent tensors: the cache, the mask and the step's inputs."""
+
+    def __init__(self, size: int, layers: list[tuple[int, int, int]], capacity: int, dtype, device):
+        self.size = size
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache = DynamicCache()
+        self.cache.layers = [
+            StaticDecodeLayer(torch.zeros(size, h, capacity, d, dtype=dtype, device=device),
+                              torch.zeros(size, h, capacity, dv, dtype=dtype, device=device), self.position)
+            for h, d, dv in layers]
+        self.mask = torch.zeros(size, 1, 1, capacity, dtype=torch.bool, device=device)  # [bucket, 1, 1, cap]
+        self.input_ids = torch.zeros(size, 1, dtype=torch.long, device=device)  # [bucket, 1]
+        self.position_ids = torch.zeros(size, 1, dtype=torch.long, device=device)  # [bucket, 1]
+        if device.type == "cuda":  # fixed addresses: CUDA graphs read them in place
+            for layer in self.cache.layers:
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+            torch._dynamo.mark_static_address(self.position)
+
+
+class DecodeState:
+    """The engine's handle on the decoder's cache during one `generate` call: which bucket holds
+    the live rows. `batch_select_indices` is the engine's compaction (the cache interface)."""
+
+    def __init__(self, decoder: "StaticDecoder", bucket: int, rows: int):
+        self.decoder, self.bucket, self.rows = decoder, bucket, rows
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (in that order): within the bucket, or in a smaller one when they
+        fit in half of it."""
+        old = self.decoder.buckets[self.bucket]
+        size = bucket_size(len(indices))
+        new = old if size >= old.size else self.decoder.bucket(size)
+        length = int(old.position) + 1  # positions written so far
+        for src, dst in zip(old.cache.layers, new.cache.layers):
+            for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
+                kept = s[indices, :, :length]  # a copy: `d` may be `s`
+                if new is not old:
+                    d.zero_()  # what the mask hides stays finite (a stale NaN times a 0 weight is NaN)
+                d[: len(indices), :, :length] = kept
+        new.position.copy_(old.position)
+        self.bucket, self.rows = new.size, len(indices)
+
+
+class StaticDecoder:
+    """The engine's decode step, compiled over static buckets (module docstring).
+
+    `mode`: torch.compile's mode ("reduce-overhead" = CUDA graphs; the engine's choice on CUDA);
+    `backend`: torch.compile's backend (tests use "eager" / "aot_eager" to check tracing
+    without code generation). Buckets persist between calls: a graph is compiled once per
+    (bucket, capacity, dtype).
+    """
+
+    def __init__(self, model, *, mode: str | None = None, backend="inductor"):
+        self.model = model  # a PolicyModel
+        self.buckets: dict[int, _Bucket] = {}
+        self._spec = None  # (layers, capacity, dtype, device) the buckets were made for
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        self._step = torch.compile(self._forward, mode=mode, backend=backend, dynamic=False)
+
+    def _forward(self, input_ids, mask, position_ids, cache):
+        # A 4-D mask is used as given (Hugging Face builds none); the cache writes in place.
+        out = self.model.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                            use_cache=True, logits_to_keep=1, **{self.model._cache_arg: cache})
+        return out.logits[:, -1].float()  # [bucket, V]
+
+    def bucket(self, size: int) -> _Bucket:
+        if size not in self.buckets:
+            layers, capacity, dtype, device = self._spec
+            self.buckets[size] = _Bucket(size, layers, capacity, dtype, device)
+        return self.buckets[size]
+
+    def start(self, prefill, rows: torch.Tensor | None, n: int, capacity: int) -> DecodeState:
+        """Copy the prefill's cache in: `prefill` holds [U, H_kv, P, D] per layer (the engine's
+        PreallocatedLayers), `rows` [n] the prefill row of each generated row (None: row i is
+        prefill row i). Returns the handle the engine decodes with."""
+        layers = [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in prefill.layers]
+        first = prefill.layers[0].keys
+        capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+        if self._spec is not None and self._spec[0] == layers and self._spec[2:] == (first.dtype, first.device):
+            capacity = max(capacity, self._spec[1])  # fits: keep the buckets (and their graphs)
+        spec = (layers, capacity, first.dtype, first.device)
+        if spec != self._spec:
+            self.buckets, self._spec = {}, spec
+        b = self.bucket(bucket_size(n))
+        p = first.shape[2]
+        for src, dst in zip(prefill.layers, b.cache.layers):
+            for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
+                d.zero_()  # what the mask hides stays finite (a stale NaN times a 0 weight is NaN)
+                d[:n, :, :p] = s if rows is None else s[rows]
+        b.position.fill_(p - 1)
+        return DecodeState(self, b.size, n)
+
+    def next_token_logits(self, input_ids, attention_mask, position_ids, cache: DecodeState):
+        """`PolicyModel.next_token_logits` for a decode step: input_ids [L, 1], attention_mask
+        [L, W] (the prompt's padding, then ones up to this token), position_ids [L, 1] ->
+        ([L, V] float32 logits, the handle)."""
+        b = self.buckets[cache.bucket]
+        n, w = input_ids.shape[0], attention_mask.shape[1]
+        if n != cache.rows or w > b.mask.shape[-1]:
+            raise RuntimeError(f"StaticDecoder: a step of {n} rows and {w} positions for a cache of "
+                               f"{cache.rows} rows and {b.mask.shape[-1]} positions")
+        b.position.fill_(w - 1)
+        b.mask.zero_()
+        b.mask[:n, 0, 0, :w] = attention_mask.bool()
+        b.mask[n:, 0, 0, w - 1] = True  # a padding row sees its own token only
+        b.input_ids.zero_()
+        b.input_ids[:n] = input_ids
+        b.position_ids.zero_()
+        b.position_ids[:n] = position_ids
+        logits = self._step(b.input_ids, b.mask, b.position_ids, b.cache)  # [bucket, V]
+        return logits[:n].clone(), cache  # clone: a CUDA graph's output is overwritten by its next replay

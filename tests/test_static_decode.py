@@ -1,0 +1,124 @@
+"""The compiled decode path (infra/static_decode.py) against the engine's eager decode: the same
+completions, greedy and sampled, while rows finish, leave the batch and move to smaller buckets.
+The model is the cold-start SFT checkpoint of tests/assets (its rows end at different steps), run
+in float64 so that attending over the whole static capacity (masked positions adding exact zeros,
+in another summation order) cannot round a logit differently. torch.compile runs with the
+"eager" and "aot_eager" backends here: tracing, guards and the in-place cache writes, without
+code generation, which a GPU run exercises (bench/gpu_suite.py)."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.prompts import make_conversation, render_prompt
+from data.task import TaskConfig, generate_problems
+from infra.engine import Engine, generate, pad_prompts
+from infra.policy import PolicyModel
+from infra.static_decode import CAPACITY_STEP, StaticDecoder, bucket_size
+
+ASSET = Path(__file__).resolve().parent / "assets" / "tiny-r1-sft"
+PROBLEMS = [p["problem"] for p in generate_problems(TaskConfig(min_operands=2, max_operands=3, max_value=9), 4, seed=0)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSET)
+    lm = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32).eval()
+    return tok, PolicyModel(copy.deepcopy(lm).double())
+
+
+def _prompts(tok) -> list[list[int]]:
+    """Three groups of one prompt each; the first without the system prompt (left padding of
+    ~80), its rows ending first (greedy: at 14 tokens, half the batch)."""
+    def encode(i, system=True):
+        msgs = make_conversation(PROBLEMS[i]) if system else make_conversation(PROBLEMS[i], system_prompt="")
+        return tok(render_prompt(tok, msgs), add_special_tokens=False)["input_ids"]
+    return [encode(0, system=False)] * 4 + [encode(1)] * 2 + [encode(2)] * 2
+
+
+def _rows(r) -> list[list[int]]:
+    return [ids[m.bool()].tolist() for ids, m in zip(r.completion_ids, r.completion_mask)]
+
+
+def _counting_backend(graphs: list):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def test_bucket_sizes_are_powers_of_two():
+    assert [bucket_size(n) for n in (1, 2, 3, 4, 5, 8, 9, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 64, 128]
+
+
+@pytest.mark.parametrize("temperature,backend", [(0.0, "eager"), (1.0, "eager"), (1.0, "aot_eager")])
+def test_same_completions_as_the_eager_decode(tiny, temperature, backend):
+    tok, policy = tiny
+    ids, mask = pad_prompts(_prompts(tok), tok.pad_token_id, "cpu")
+    kw = dict(seeds=[11, 12, 13, 21, 22, 23, 31, 32], max_new_tokens=32, temperature=temperature)
+    decoder = StaticDecoder(policy, backend=backend)
+    fast = generate(policy, tok, ids, mask, decoder=decoder, **kw)
+    eager = generate(policy, tok, ids, mask, **kw)
+    lengths = fast.lengths.tolist()
+    assert len(set(lengths)) > 1 and min(lengths) < 16, lengths  # rows end early: compaction ran
+    assert _rows(fast) == _rows(eager)
+    assert fast.texts == eager.texts and torch.equal(fast.truncated, eager.truncated)
+    assert 8 in decoder.buckets and min(decoder.buckets) < 8  # the rows moved to a smaller bucket
+    capacity = decoder.buckets[8].mask.shape[-1]
+    assert capacity % CAPACITY_STEP == 0 and capacity >= ids.shape[1] + 32
+
+
+def test_the_same_shapes_compile_once(tiny):
+    """A second call with the same buckets reuses their graphs, and so does a call with shorter
+    prompts (the capacity only grows); a longer one reallocates the buckets at a larger one."""
+    tok, policy = tiny
+    graphs = []
+    decoder = StaticDecoder(policy, backend=_counting_backend(graphs))
+    prompts = _prompts(tok)
+    ids, mask = pad_prompts(prompts, tok.pad_token_id, "cpu")
+    kw = dict(max_new_tokens=24, temperature=1.0)
+    generate(policy, tok, ids, mask, seeds=list(range(8)), decoder=decoder, **kw)
+    first, seen = len(graphs), set(decoder.buckets)
+    capacity = decoder.buckets[8].mask.shape[-1]
+    assert first == len(seen) >= 2  # one graph per bucket (the step traces without a break)
+    generate(policy, tok, ids, mask, seeds=list(range(100, 108)), decoder=decoder, **kw)
+    ids2, mask2 = pad_prompts([p[CAPACITY_STEP // 2:] for p in prompts], tok.pad_token_id, "cpu")
+    generate(policy, tok, ids2, mask2, seeds=list(range(8)), decoder=decoder, **kw)
+    assert len(graphs) == first + len(set(decoder.buckets) - seen)  # only a bucket not seen before compiles
+    assert decoder.buckets[8].mask.shape[-1] == capacity
+    ids3, mask3 = pad_prompts([p + p[:CAPACITY_STEP] for p in prompts], tok.pad_token_id, "cpu")
+    before = len(graphs)
+    generate(policy, tok, ids3, mask3, seeds=list(range(8)), decoder=decoder, **kw)
+    assert decoder.buckets[8].mask.shape[-1] > capacity and len(graphs) > before
+
+
+def test_the_engine_refuses_it_under_fsdp(tiny):
+    from infra.dist import DistInfo
+
+    tok, policy = tiny
+    info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), fsdp=True)
+    with pytest.raises(ValueError, match="rollout.compile_decode needs an unsharded model"):
+        Engine(policy, tok, info, compile_decode=True)
+    assert Engine(policy, tok, compile_decode=True).decoder is not None
+    assert Engine(policy, tok).decoder is None
+
+
+def test_what_a_previous_call_left_in_the_buckets_is_never_read(tiny):
+    """Buckets persist between calls; a step attends over the whole capacity with the unwritten
+    positions masked. A masked NaN would still poison a row (0 x NaN), so the buckets a call
+    starts in or moves to are cleared first: here every buffer holds NaN before the second call."""
+    tok, policy = tiny
+    ids, mask = pad_prompts(_prompts(tok), tok.pad_token_id, "cpu")
+    kw = dict(seeds=list(range(8)), max_new_tokens=32, temperature=1.0)
+    decoder = StaticDecoder(policy, backend="eager")
+    generate(policy, tok, ids, mask, decoder=decoder, **kw)
+    assert min(decoder.buckets) < 8
+    for b in decoder.buckets.values():
+        for layer in b.cache.layers:
+            layer.keys.fill_(float("nan"))
+            layer.values.fill_(float("nan"))
+    fast = generate(policy, tok, ids, mask, decoder=decoder, **kw)
+    assert _rows(fast) == _rows(generate(policy, tok, ids, mask, **kw))
