@@ -1,4 +1,4 @@
-"""The GPU suite: one command that checks and measures the GPU path in about 6 minutes on one
+"""The GPU suite: one command that checks and measures the GPU path in about 8 minutes on one
 H100/H200, and writes a markdown report with the GPU, the versions and the date.
 
     python bench/gpu_suite.py --out bench/gpu_suite.md       # on a GPU machine
@@ -17,14 +17,16 @@ CUDA error in one part does not hide the others:
   grpo      GRPO steps of the trainer itself on that model, FSDP2 over NCCL in one process
             (`--train.fsdp always`), bf16: time by phase, tokens/s, peak memory; then again
             with a reference model (beta 0.04) and gradient checkpointing; the plain path;
-            without FSDP, eager and with the compiled decode (`rollout.compile_decode`)
-  rollout   completion tokens/s of infra.engine.generate, eager and with the compiled decode
-            (CUDA graphs), against HF `generate` at 64 and 256 rows (bf16 weights, sampling at
-            T = 1, the same prompts); the compiled decode's greedy rows against the eager
-            engine's (float32)
+            without FSDP
+  rollout   completion tokens/s of infra.engine.generate against HF `generate` at 64 and 256
+            rows (bf16 weights, sampling at T = 1, the same prompts)
   sft       packed SFT steps of the trainer (rows of 4096 tokens, varlen attention, autocast
             bf16): tokens/s and peak memory; and one forward+backward of the same rows with the
             dense block-mask SDPA instead, for comparison
+  compiled  the compiled decode (`rollout.compile_decode`: CUDA graphs over a static cache)
+            against the eager one: a rollout of 64 rows, GRPO steps of the trainer (no FSDP),
+            and its greedy rows against the eager engine's in float32; last, so that its
+            compilation cannot cost the other parts their time
 
 It needs only torch, triton, transformers, tokenizers, safetensors, pyyaml and pytest: the GRPO
 rewards are text-only ones and the data is the embedded task, so the lent GPU machines (which
@@ -72,6 +74,7 @@ PARTS = {
     "grpo": (200, True),
     "rollout": (110, True),
     "sft": (90, True),
+    "compiled": (240, True),
 }
 
 
@@ -235,14 +238,11 @@ def part_grpo(dry: bool, workdir: Path) -> dict:
 
     prompts, group, max_new, micro = (2, 2, 8, 2) if dry else (8, 8, 192, 16)
     rows, checks = [], []
-    runs = [("FSDP2, policy only", "always", 0.0, False, True, False),
-            ("FSDP2, + reference (beta 0.04), gradient checkpointing", "always", 0.04, True, True, False),
-            ("the same, plain path (engine plain, padded passes)", "always", 0.04, True, False, False),
-            ("no FSDP (autocast bf16), policy only", "auto", 0.0, False, True, False)]
-    if not dry:  # on the CPU inductor would compile for minutes; the rollout part checks the path
-        runs.append(("the same, compiled decode (rollout.compile_decode: CUDA graphs)", "auto", 0.0, False,
-                     True, True))
-    for name, fsdp, beta, ckpt, packed, compiled in runs:
+    runs = (("FSDP2, policy only", "always", 0.0, False, True),
+            ("FSDP2, + reference (beta 0.04), gradient checkpointing", "always", 0.04, True, True),
+            ("the same, plain path (engine plain, padded passes)", "always", 0.04, True, False),
+            ("no FSDP (autocast bf16), policy only", "auto", 0.0, False, True))
+    for name, fsdp, beta, ckpt, packed in runs:
         cfg = GRPOJobConfig()
         cfg.model.path, cfg.model.gradient_checkpointing = str(model_dir(workdir)), ckpt
         cfg.data.num_train, cfg.data.num_eval = 64, 4
@@ -250,7 +250,7 @@ def part_grpo(dry: bool, workdir: Path) -> dict:
         cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = prompts, micro
         cfg.grpo.beta, cfg.grpo.rewards = beta, TEXT_REWARDS
         cfg.train.device, cfg.train.fsdp, cfg.train.progress = device(dry), fsdp, False
-        cfg.grpo.packing, cfg.rollout.compile_decode = packed, compiled
+        cfg.grpo.packing = packed
         cfg.train.output_dir = str(workdir / f"grpo-{len(rows)}")
         try:
             trainer = GRPOTrainer(cfg)
@@ -309,7 +309,6 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
     _, ids, _ = encode_prompts(tok, task_records(TaskConfig(), 32, seed=1))
     max_new = 8 if dry else 128
     rows = []
-    decoder = make_decoder(policy, dev, dry)  # one for both row counts: a graph per bucket
     for n in ((4, 8) if dry else (64, 256)):
         pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
         gens = rollout_generators(policy, lm, tok, pid, pmask, max_new, eos_token_ids(tok, lm))
@@ -321,26 +320,88 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
                                   SDPBackend.MATH]):
                     return ours()
             gens["infra.engine.generate, cuDNN SDPA off"] = ours_no_cudnn
-        gens["engine, compiled decode (CUDA graphs)"] = compiled_generator(decoder, policy, tok, pid, pmask, max_new)
         for r in time_rollouts(gens, repeats=2, device=dev):
             rows.append([n, r["generator"], r["seconds"], f"{r['tokens']:.0f}",
                          f"{r['tokens_per_s']:.0f}", f"{r['vs_hf']:.2f}"])
     note = (f"prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens (the R1 system prompt), "
             f"{max_new} new tokens, temperature 1, bf16 weights, no FSDP; medians of 2 after a "
-            f"warm-up (which compiles the compiled decode's graphs), the generators taking turns.")
+            f"warm-up, the generators taking turns.")
     return {"table": md_table(["rows", "generator", "median s", "tokens", "tokens/s", "vs HF"],
-                              rows) + "\n\n" + note, "checks": [compiled_decode_check(lm, tok, ids, dev, dry)]}
+                              rows) + "\n\n" + note, "checks": []}
 
 
-def compiled_generator(decoder, policy, tok, pid, pmask, max_new: int):
-    """fn() -> completion tokens of the engine's `generate` with `decoder` (the engine's defaults)."""
-    from infra.engine import generate
+def part_compiled(dry: bool, workdir: Path) -> dict:
+    """The compiled decode (`rollout.compile_decode`, CUDA graphs) against the engine's eager
+    decode: a rollout, GRPO steps of the trainer, and greedy rows in float32. Last and in its own
+    process, so that compilation time or a failure cannot cost the other parts their numbers."""
+    from transformers import AutoModelForCausalLM
 
-    def run() -> int:
-        out = generate(policy, tok, pid, pmask, seeds=list(range(pid.shape[0])), max_new_tokens=max_new,
-                       temperature=1.0, decoder=decoder)
+    from bench_grpo_step import TEXT_REWARDS, format_phases, time_grpo_steps
+    from data.task import TaskConfig, task_records
+    from grpo.config import GRPOJobConfig
+    from grpo.trainer import GRPOTrainer
+    from infra.engine import generate, pad_prompts
+    from infra.evaluate import encode_prompts
+    from infra.model import load_tokenizer
+    from infra.policy import PolicyModel
+
+    dev, path = device(dry), str(model_dir(workdir))
+    tok = load_tokenizer(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if dry else torch.bfloat16).to(dev).eval()
+    policy = PolicyModel(lm)
+    _, ids, _ = encode_prompts(tok, task_records(TaskConfig(), 32, seed=1))
+
+    # rollout: the same rows (per-row seeds), eager and compiled, taking turns
+    n, max_new = (4, 8) if dry else (64, 128)
+    pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
+    decoder = make_decoder(policy, dev, dry)
+
+    def run(dec) -> int:
+        out = generate(policy, tok, pid, pmask, seeds=list(range(n)), max_new_tokens=max_new, temperature=1.0,
+                       decoder=dec)
         return int(out.lengths.sum())
-    return run
+    t0 = time.perf_counter()
+    run(decoder)  # compiles the graphs of its buckets
+    first_call = time.perf_counter() - t0
+    run(None)
+    times, tokens = {"eager decode": [], "compiled decode": []}, {}
+    for _ in range(2):
+        for name, dec in (("eager decode", None), ("compiled decode", decoder)):
+            t0 = time.perf_counter()
+            tokens[name] = run(dec)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    eager = statistics.median(times["eager decode"])
+    rows = [[n, name, statistics.median(t), tokens[name], f"{tokens[name] / statistics.median(t):.0f}",
+             f"{statistics.median(t) / eager:.2f}x"] for name, t in times.items()]
+    out = [md_table(["rows", "engine", "median s", "tokens", "tokens/s", "time vs eager"], rows),
+           f"{max_new} new tokens, temperature 1, bf16 weights, no FSDP; medians of 2 after a warm-up; "
+           f"the compiled decode's first call (compiling its graphs) took {first_call:.1f} s."]
+    checks = [compiled_decode_check(lm, tok, ids, dev, dry)]
+
+    # GRPO steps of the trainer: the "no FSDP" run of the grpo part, eager and compiled
+    prompts, group, max_new, micro = (2, 2, 8, 2) if dry else (8, 8, 192, 16)
+    trainers = {}
+    for name, compiled in (("eager decode", False), ("compiled decode", True)):
+        cfg = GRPOJobConfig()
+        cfg.model.path = path
+        cfg.data.num_train, cfg.data.num_eval = 64, 4
+        cfg.rollout.group_size, cfg.rollout.max_new_tokens = group, max_new
+        cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = prompts, micro
+        cfg.grpo.beta, cfg.grpo.rewards = 0.0, TEXT_REWARDS
+        cfg.train.device, cfg.train.progress = dev, False
+        cfg.rollout.compile_decode = compiled and not dry
+        cfg.train.output_dir = str(workdir / f"compiled-grpo-{compiled}")
+        trainers[name] = GRPOTrainer(cfg)
+        if compiled and dry:  # traced without code generation on the CPU
+            trainers[name].engine.decoder = make_decoder(trainers[name].policy, dev, dry)
+    results = time_grpo_steps(trainers, repeats=1 if dry else 2)
+    out.append(format_phases(results))
+    out.append(f"GRPO steps, no FSDP (autocast bf16), policy only: {prompts} prompts x {group}, up to "
+               f"{max_new} new tokens, micro-batches of {micro}; medians of {1 if dry else 2} steps after a "
+               f"warm-up step (which compiles), the two trainers' steps taking turns.")
+    return {"table": "\n\n".join(out), "checks": checks}
 
 
 def compiled_decode_check(lm, tok, ids: list, dev: str, dry: bool) -> dict:
@@ -355,11 +416,9 @@ def compiled_decode_check(lm, tok, ids: list, dev: str, dry: bool) -> dict:
     n, max_new = (4, 8) if dry else (16, 32)
     pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
     kw = dict(seeds=list(range(n)), max_new_tokens=max_new, temperature=0.0)
-    decoder = make_decoder(policy, dev, dry)
-    fast = generate(policy, tok, pid, pmask, decoder=decoder, **kw)
+    fast = generate(policy, tok, pid, pmask, decoder=make_decoder(policy, dev, dry), **kw)
     eager = generate(policy, tok, pid, pmask, **kw)
     same = sum(torch.equal(a, b) for a, b in zip(fast.completion_ids, eager.completion_ids))
-    del policy, decoder
     return {"name": f"compiled decode: greedy rows equal to the eager engine's (float32, {max_new} tokens)",
             "value": f"{same}/{n}", "target": f">= {n - 1}/{n}", "ok": same >= n - 1}
 
@@ -521,7 +580,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="gpu_suite.md", help="where to write the markdown report")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: check the code paths")
-    p.add_argument("--budget", type=float, default=480, help="seconds for the whole suite")
+    p.add_argument("--budget", type=float, default=600, help="seconds for the whole suite")
     p.add_argument("--workdir", default="", help="scratch folder (default: a fresh temporary one)")
     p.add_argument("--part", default="", help="run one part in this process (used by the suite)")
     p.add_argument("--result", default="", help="where --part writes its JSON result")
