@@ -15,7 +15,8 @@ last compaction, finished rows leave the batch and the cache (copying the cache 
 decode step, so it is not done for every row that ends). Stop strings are looked for only in
 rows whose new token can complete one (`stop_candidates`), in the text of their last tokens.
 On a CPU, the decode step's matrix products take the form that is fastest there for a few rows
-(`few_row_linears`).
+(`few_row_linears`). On a GPU, `Engine(compile_decode=True)` runs the decode steps compiled with
+CUDA graphs over a static cache (infra/static_decode.py).
 Sampling is seeded per sequence, not per batch: each completion draws its uniforms from a
 generator seeded by its own seed (`row_seed(seed, step, global row)` in training) and samples by
 inverse CDF. The same row gets the same completion whatever batch or rank it lands on, which is
@@ -142,9 +143,10 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
                                                         device=device)], dim=1)  # [B, P + max_new]
         # prefill: each distinct prompt once, every prompt token at once; the logits of its last position
         first, inverse = distinct_rows(prompt_ids, prompt_mask) if share_prompts else (torch.arange(b), None)
+        capacity = p if decoder is not None else p + max_new_tokens  # a decoder decodes in its own cache
         logits, cache = model.next_token_logits(prompt_ids[first], prompt_mask[first],
                                                 position_ids_from_mask(prompt_mask[first]),
-                                                cache=preallocated_cache(model, p + (0 if decoder is not None else max_new_tokens)))
+                                                cache=preallocated_cache(model, capacity))  # [U, V]
         shared = len(first) < b  # rows of one prompt share its prefill
         if shared:
             logits = logits[inverse]
