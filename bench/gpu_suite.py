@@ -24,9 +24,9 @@ CUDA error in one part does not hide the others:
             bf16): tokens/s and peak memory; and one forward+backward of the same rows with the
             dense block-mask SDPA instead, for comparison
   compiled  the compiled decode (`rollout.compile_decode`: CUDA graphs over a static cache)
-            against the eager one: a rollout of 64 rows, GRPO steps of the trainer (no FSDP),
-            and its greedy rows against the eager engine's in float32; last, so that its
-            compilation cannot cost the other parts their time
+            against the eager one: GRPO steps of the trainer (no FSDP), then its greedy rows
+            against the eager engine's in float32; last, so that its compilation cannot cost
+            the other parts their time
 
 It needs only torch, triton, transformers, tokenizers, safetensors, pyyaml and pytest: the GRPO
 rewards are text-only ones and the data is the embedded task, so the lent GPU machines (which
@@ -74,7 +74,7 @@ PARTS = {
     "grpo": (200, True),
     "rollout": (110, True),
     "sft": (90, True),
-    "compiled": (240, True),
+    "compiled": (300, True),
 }
 
 
@@ -332,55 +332,16 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
 
 def part_compiled(dry: bool, workdir: Path) -> dict:
     """The compiled decode (`rollout.compile_decode`, CUDA graphs) against the engine's eager
-    decode: a rollout, GRPO steps of the trainer, and greedy rows in float32. Last and in its own
+    decode: GRPO steps of the trainer (the grpo part's run without FSDP, eager and compiled, taking
+    turns), then its greedy rows against the eager engine's in float32. Last and in its own
     process, so that compilation time or a failure cannot cost the other parts their numbers."""
-    from transformers import AutoModelForCausalLM
-
     from bench_grpo_step import TEXT_REWARDS, format_phases, time_grpo_steps
     from data.task import TaskConfig, task_records
     from grpo.config import GRPOJobConfig
     from grpo.trainer import GRPOTrainer
-    from infra.engine import generate, pad_prompts
     from infra.evaluate import encode_prompts
-    from infra.model import load_tokenizer
-    from infra.policy import PolicyModel
 
     dev, path = device(dry), str(model_dir(workdir))
-    tok = load_tokenizer(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if dry else torch.bfloat16).to(dev).eval()
-    policy = PolicyModel(lm)
-    _, ids, _ = encode_prompts(tok, task_records(TaskConfig(), 32, seed=1))
-
-    # rollout: the same rows (per-row seeds), eager and compiled, taking turns
-    n, max_new = (4, 8) if dry else (64, 128)
-    pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
-    decoder = make_decoder(policy, dev, dry)
-
-    def run(dec) -> int:
-        out = generate(policy, tok, pid, pmask, seeds=list(range(n)), max_new_tokens=max_new, temperature=1.0,
-                       decoder=dec)
-        return int(out.lengths.sum())
-    t0 = time.perf_counter()
-    run(decoder)  # compiles the graphs of its buckets
-    first_call = time.perf_counter() - t0
-    run(None)
-    times, tokens = {"eager decode": [], "compiled decode": []}, {}
-    for _ in range(2):
-        for name, dec in (("eager decode", None), ("compiled decode", decoder)):
-            t0 = time.perf_counter()
-            tokens[name] = run(dec)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    eager = statistics.median(times["eager decode"])
-    rows = [[n, name, statistics.median(t), tokens[name], f"{tokens[name] / statistics.median(t):.0f}",
-             f"{statistics.median(t) / eager:.2f}x"] for name, t in times.items()]
-    out = [md_table(["rows", "engine", "median s", "tokens", "tokens/s", "time vs eager"], rows),
-           f"{max_new} new tokens, temperature 1, bf16 weights, no FSDP; medians of 2 after a warm-up; "
-           f"the compiled decode's first call (compiling its graphs) took {first_call:.1f} s."]
-    checks = [compiled_decode_check(lm, tok, ids, dev, dry)]
-
-    # GRPO steps of the trainer: the "no FSDP" run of the grpo part, eager and compiled
     prompts, group, max_new, micro = (2, 2, 8, 2) if dry else (8, 8, 192, 16)
     trainers = {}
     for name, compiled in (("eager decode", False), ("compiled decode", True)):
@@ -396,12 +357,20 @@ def part_compiled(dry: bool, workdir: Path) -> dict:
         trainers[name] = GRPOTrainer(cfg)
         if compiled and dry:  # traced without code generation on the CPU
             trainers[name].engine.decoder = make_decoder(trainers[name].policy, dev, dry)
+    t0 = time.perf_counter()
     results = time_grpo_steps(trainers, repeats=1 if dry else 2)
-    out.append(format_phases(results))
-    out.append(f"GRPO steps, no FSDP (autocast bf16), policy only: {prompts} prompts x {group}, up to "
-               f"{max_new} new tokens, micro-batches of {micro}; medians of {1 if dry else 2} steps after a "
-               f"warm-up step (which compiles), the two trainers' steps taking turns.")
-    return {"table": "\n\n".join(out), "checks": checks}
+    r = results["compiled decode"]
+    out = [format_phases(results),
+           f"GRPO steps, no FSDP (autocast bf16), policy only: {prompts} prompts x {group}, up to "
+           f"{max_new} new tokens ({r['completion_tokens']} generated in the last step), micro-batches of "
+           f"{micro}; medians of {1 if dry else 2} steps after a warm-up step (the compiled one compiles "
+           f"its graphs there), the two trainers' steps taking turns; {time.perf_counter() - t0:.0f} s in all."]
+    lm = trainers["eager decode"].policy.lm
+    tok = trainers["eager decode"].tokenizer
+    del trainers
+    gc.collect()
+    _, ids, _ = encode_prompts(tok, task_records(TaskConfig(), 32, seed=1))
+    return {"table": "\n\n".join(out), "checks": [compiled_decode_check(lm, tok, ids, dev, dry)]}
 
 
 def compiled_decode_check(lm, tok, ids: list, dev: str, dry: bool) -> dict:
