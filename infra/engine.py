@@ -343,19 +343,21 @@ class Engine:
     `autocast`: a context-manager factory for the forwards (bf16 on a single GPU); `info`: the
     rank layout (None = one process); `plain`: every row prefilled and decoded to the end (the
     oracle path, for tests and benchmarks); `compile_decode`: decode steps compiled over a static
-    cache in batch-size buckets (infra/static_decode.py; CUDA graphs on a GPU), one process only.
+    cache in batch-size buckets (infra/static_decode.py; CUDA graphs on a GPU), one process only;
+    `compile_option`: the option that set it, named by the error under FSDP.
     """
 
     def __init__(self, model: nn.Module, tokenizer, info: DistInfo | None = None, *,
                  autocast: Callable[[], object] = nullcontext, eos_token_ids: list[int] | None = None,
-                 plain: bool = False, compile_decode: bool = False):
+                 plain: bool = False, compile_decode: bool = False,
+                 compile_option: str = "rollout.compile_decode"):
         self.model, self.tokenizer, self.info, self.autocast = model, tokenizer, info, autocast
         self.plain = plain
         self.eos_token_ids = eos_token_ids or default_eos_ids(tokenizer, getattr(model, "lm", None))
         self.decoder = None
         if compile_decode:
             if info is not None and info.distributed:
-                raise ValueError(f"rollout.compile_decode needs an unsharded model (FSDP's hooks are not "
+                raise ValueError(f"{compile_option} needs an unsharded model (FSDP's hooks are not "
                                  f"compiled), and this run shards it over {info.world_size} process(es): "
                                  "turn it off, or run one process with train.fsdp auto")
             from infra.static_decode import StaticDecoder

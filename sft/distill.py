@@ -77,7 +77,8 @@ def main(argv: list[str]) -> dict:
         d = cfg.distill
         tcfg = ModelConfig(path=d.teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                            chat_template=d.teacher_chat_template, system_role=d.teacher_system_role)
-        _, teacher = load_sampler(tcfg, out, info, option="--distill.teacher_")
+        _, teacher = load_sampler(tcfg, out, info, option="--distill.teacher_",
+                                  compile_decode=cfg.sampling.compile_decode)
         t_tok = teacher.tokenizer
     if not cfg.distill.traces:
         # 1. the teacher writes traces for the problems

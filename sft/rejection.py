@@ -55,6 +55,9 @@ class SamplingConfig:
     """Rewards that must be exactly 1.0 for a sample to be accepted (metric names of `rewards`)."""
     output: str = ""
     """Where the JSONL SFT set goes (a .jsonl path); empty = <train.output_dir>/sft.jsonl."""
+    compile_decode: bool = False
+    """Decode steps compiled (CUDA graphs on a GPU) over a static KV cache, as
+    --rollout.compile_decode (infra/static_decode.py). One process only."""
 
     def validate(self) -> None:
         """Fail at start, naming the option, before a model is loaded or a sample drawn.
@@ -154,11 +157,12 @@ def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list
 
 
 def load_sampler(model_cfg: ModelConfig, out_dir: Path, info: DistInfo,
-                 option: str = "--model.") -> tuple[str, Engine]:
+                 option: str = "--model.", compile_decode: bool = False) -> tuple[str, Engine]:
     """A frozen model for sampling: (its resolved path, its engine)."""
     path, tokenizer, lm = load_model(model_cfg, out_dir, info, trainable=False, option=option)
     policy = shard_model(PolicyModel(lm), decoder_layers(lm), info, reshard_after_forward=False)
-    return path, Engine(policy, tokenizer, info)
+    return path, Engine(policy, tokenizer, info, compile_decode=compile_decode,
+                        compile_option="sampling.compile_decode")
 
 
 def main(argv: list[str]) -> dict:
@@ -168,7 +172,7 @@ def main(argv: list[str]) -> dict:
     train = train_records(cfg.data, cfg.train.seed)  # before the model: a bad source fails fast
     if cfg.sampling.num_prompts:
         train = train[: cfg.sampling.num_prompts]
-    path, engine = load_sampler(cfg.model, out, info)
+    path, engine = load_sampler(cfg.model, out, info, compile_decode=cfg.sampling.compile_decode)
     records, prompt_ids, dropped = training_prompts(engine.tokenizer, train, cfg.data, "data",
                                                            "rejection", info.is_main)
     kept, stats = sample_and_filter(engine, records, prompt_ids, info, cfg.sampling, cfg.train.seed)

@@ -122,3 +122,24 @@ def test_what_a_previous_call_left_in_the_buckets_is_never_read(tiny):
             layer.values.fill_(float("nan"))
     fast = generate(policy, tok, ids, mask, decoder=decoder, **kw)
     assert _rows(fast) == _rows(generate(policy, tok, ids, mask, **kw))
+
+
+def test_the_sampling_stages_take_the_option(tmp_path, monkeypatch):
+    """rejection-sample and distill build their engines with --sampling.compile_decode; under
+    FSDP the error names that option."""
+    import sft.rejection as rejection
+    from data.tiny import build_tiny_model
+    from infra.dist import DistInfo, init_distributed
+    from infra.sections import ModelConfig
+    from sft.rejection import load_sampler
+
+    path = str(build_tiny_model(tmp_path / "tiny", seed=0))
+    info = init_distributed("cpu")
+    seen, real = {}, rejection.Engine
+    monkeypatch.setattr(rejection, "Engine", lambda *a, **k: seen.update(k) or real(*a, **k))
+    _, engine = load_sampler(ModelConfig(path=path), tmp_path, info, compile_decode=True)
+    assert isinstance(engine.decoder, StaticDecoder) and seen["compile_option"] == "sampling.compile_decode"
+    assert load_sampler(ModelConfig(path=path), tmp_path, info)[1].decoder is None
+    sharded = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), fsdp=True)
+    with pytest.raises(ValueError, match="sampling.compile_decode needs an unsharded model"):
+        Engine(engine.model, engine.tokenizer, sharded, compile_decode=True, compile_option="sampling.compile_decode")
