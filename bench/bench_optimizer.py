@@ -23,12 +23,6 @@ IMPLS = {"loop (foreach=False)": {"foreach": False}, "foreach=True": {"foreach":
          "fused=True": {"fused": True}}
 
 
-def _groups(params: list[torch.Tensor]) -> list[dict]:
-    """The trainers' two groups: matrices decay, vectors do not (`build_optimizer`)."""
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="model folder (default: build the embedded tiny model)")
@@ -38,13 +32,18 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     from data.tiny import build_tiny_model
+    from infra.model import build_optimizer
 
     path = args.model or str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", seed=0))
     params = [p for p in AutoModelForCausalLM.from_pretrained(path).parameters()]
     gen = torch.Generator().manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-    opts = {name: torch.optim.AdamW(_groups(params), lr=1e-6, betas=(0.9, 0.99), eps=1e-8, **kw)
+    # the trainers' parameter groups (matrices decay, vectors do not); fresh dicts for each
+    # optimizer, which writes its settings into them
+    trainers = build_optimizer(params, 1e-6, 0.01, (0.9, 0.99)).param_groups
+    opts = {name: torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in trainers],
+                                    lr=1e-6, betas=(0.9, 0.99), eps=1e-8, **kw)
             for name, kw in IMPLS.items()}
     for opt in opts.values():  # warm-up: the state's allocation, then one ordinary step
         opt.step()

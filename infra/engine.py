@@ -143,16 +143,15 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
                                                         device=device)], dim=1)  # [B, P + max_new]
         # prefill: each distinct prompt once, every prompt token at once; the logits of its last position
         first, inverse = distinct_rows(prompt_ids, prompt_mask) if share_prompts else (torch.arange(b), None)
-        capacity = p if decoder is not None else p + max_new_tokens  # a decoder decodes in its own cache
+        # a decoder decodes in its own cache, and only after a prefill into PreallocatedLayers
+        prefill = preallocated_cache(model, p if decoder is not None else p + max_new_tokens)
         logits, cache = model.next_token_logits(prompt_ids[first], prompt_mask[first],
-                                                position_ids_from_mask(prompt_mask[first]),
-                                                cache=preallocated_cache(model, capacity))  # [U, V]
+                                                position_ids_from_mask(prompt_mask[first]), cache=prefill)  # [U, V]
         shared = len(first) < b  # rows of one prompt share its prefill
         if shared:
             logits = logits[inverse]
         decode = model.next_token_logits
-        if decoder is not None and cache is not None and all(
-                isinstance(layer, PreallocatedLayer) for layer in cache.layers):
+        if decoder is not None and prefill is not None:
             cache = decoder.start(cache, inverse if shared else None, b, p + max_new_tokens)
             decode = decoder.next_token_logits
         elif shared:

@@ -75,6 +75,18 @@ class _Bucket:
             torch._dynamo.mark_static_address(self.position)
 
 
+def _copy_rows(layers, bucket: _Bucket, rows: torch.Tensor | None, length: int, clear: bool) -> None:
+    """bucket's cache[:n, :, :length] = each layer's keys / values [rows, :, :length] (all rows when
+    `rows` is None). `clear` zeroes the bucket first: what the mask hides stays finite (a stale
+    NaN times a 0 weight is NaN)."""
+    for src, dst in zip(layers, bucket.cache.layers):
+        for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
+            kept = s[:, :, :length] if rows is None else s[rows, :, :length]  # a copy: `d` may be `s`
+            if clear:
+                d.zero_()
+            d[: len(kept), :, :length] = kept
+
+
 class DecodeState:
     """The engine's handle on the decoder's cache during one `generate` call: which bucket holds
     the live rows. `batch_select_indices` is the engine's compaction (the cache interface)."""
@@ -89,12 +101,7 @@ class DecodeState:
         size = bucket_size(len(indices))
         new = old if size >= old.size else self.decoder.bucket(size)
         length = int(old.position) + 1  # positions written so far
-        for src, dst in zip(old.cache.layers, new.cache.layers):
-            for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
-                kept = s[indices, :, :length]  # a copy: `d` may be `s`
-                if new is not old:
-                    d.zero_()  # what the mask hides stays finite (a stale NaN times a 0 weight is NaN)
-                d[: len(indices), :, :length] = kept
+        _copy_rows(old.cache.layers, new, indices, length, clear=new is not old)
         new.position.copy_(old.position)
         self.bucket, self.rows = new.size, len(indices)
 
@@ -111,7 +118,8 @@ class StaticDecoder:
     def __init__(self, model, *, mode: str | None = None, backend="inductor"):
         self.model = model  # a PolicyModel
         self.buckets: dict[int, _Bucket] = {}
-        self._spec = None  # (layers, capacity, dtype, device) the buckets were made for
+        self._kind = None  # (layer shapes, dtype, device) the buckets were made for
+        self._capacity = 0
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         self._step = torch.compile(self._forward, mode=mode, backend=backend, dynamic=False)
@@ -124,28 +132,23 @@ class StaticDecoder:
 
     def bucket(self, size: int) -> _Bucket:
         if size not in self.buckets:
-            layers, capacity, dtype, device = self._spec
-            self.buckets[size] = _Bucket(size, layers, capacity, dtype, device)
+            layers, dtype, device = self._kind
+            self.buckets[size] = _Bucket(size, layers, self._capacity, dtype, device)
         return self.buckets[size]
 
     def start(self, prefill, rows: torch.Tensor | None, n: int, capacity: int) -> DecodeState:
         """Copy the prefill's cache in: `prefill` holds [U, H_kv, P, D] per layer (the engine's
         PreallocatedLayers), `rows` [n] the prefill row of each generated row (None: row i is
         prefill row i). Returns the handle the engine decodes with."""
-        layers = [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in prefill.layers]
         first = prefill.layers[0].keys
+        kind = ([(k.keys.shape[1], k.keys.shape[3], k.values.shape[3]) for k in prefill.layers],
+                first.dtype, first.device)
         capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
-        if self._spec is not None and self._spec[0] == layers and self._spec[2:] == (first.dtype, first.device):
-            capacity = max(capacity, self._spec[1])  # fits: keep the buckets (and their graphs)
-        spec = (layers, capacity, first.dtype, first.device)
-        if spec != self._spec:
-            self.buckets, self._spec = {}, spec
+        if kind != self._kind or capacity > self._capacity:  # a call that fits keeps the buckets and graphs
+            self.buckets, self._kind, self._capacity = {}, kind, capacity
         b = self.bucket(bucket_size(n))
         p = first.shape[2]
-        for src, dst in zip(prefill.layers, b.cache.layers):
-            for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
-                d.zero_()  # what the mask hides stays finite (a stale NaN times a 0 weight is NaN)
-                d[:n, :, :p] = s if rows is None else s[rows]
+        _copy_rows(prefill.layers, b, rows, p, clear=True)
         b.position.fill_(p - 1)
         return DecodeState(self, b.size, n)
 
