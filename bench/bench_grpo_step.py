@@ -113,8 +113,37 @@ def time_grpo_steps(trainers: dict, repeats: int, cpu_time: bool = False) -> dic
                          "old/ref log-probs": t2 - t1, "update": total - (t2 - t0), "total": total}.items():
                 res["phases"].setdefault(k, []).append(v)
             prompt = int(batch.attention_mask[:, : batch.prompt_len].sum())
-            res.update(rows=len(batch), prompt_tokens=prompt, completion_tokens=int(batch.lengths.sum()))
+            distinct = set(batch.prompt_lists())
+            res.update(rows=len(batch), prompt_tokens=prompt, completion_tokens=int(batch.lengths.sum()),
+                       distinct_prompts=len(distinct), distinct_prompt_tokens=sum(len(p) for p in distinct))
     return results
+
+
+def count_operators(trainers: dict, step: int) -> str:
+    """One more step per trainer under the profiler: the ATen operators each phase calls (those
+    not called by another operator, backward's included), a table. Where the work is per-call
+    overhead (the tiny model), time follows this count, not the token count."""
+    from torch.profiler import profile
+
+    def calls(fn):
+        with profile() as prof:
+            out = fn()
+        ops = [e for e in prof.events() if e.name.startswith("aten::")]
+        return out, sum(1 for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+
+    counts = {}
+    for name, trainer in trainers.items():
+        trainer.step = step
+        (batch, _), generate = calls(trainer.rollout)
+        _, logprobs = calls(lambda: trainer.logprobs(batch))  # noqa: B023
+        _, update = calls(lambda: trainer.update(batch))  # noqa: B023
+        counts[name] = {"generate": generate, "old/ref log-probs": logprobs, "update": update,
+                        "total": generate + logprobs + update}
+    names = list(counts)
+    lines = ["| phase | " + " | ".join(f"{n} operators" for n in names) + " |", "| --- " * (len(names) + 1) + "|"]
+    for k in counts[names[0]]:
+        lines.append(f"| {k} | " + " | ".join(str(counts[n][k]) for n in names) + " |")
+    return "\n".join(lines)
 
 
 def format_phases(results: dict) -> str:
@@ -128,6 +157,63 @@ def format_phases(results: dict) -> str:
         lines.append(f"| {k} | " + " | ".join(f"{med[n][k]:.3f}" for n in names) + " | " + " | ".join(
             f"{med[n][k] / med[names[0]][k]:.2f}x" for n in names[1:]) + " |")
     return "\n".join(lines)
+
+
+def matmul_params(lm) -> tuple[int, int]:
+    """(weights of the decoder layers' linear layers, weights of the output embedding)."""
+    layers = sum(m.weight.numel() for m in lm.get_decoder().modules() if isinstance(m, torch.nn.Linear))
+    return layers, lm.get_output_embeddings().weight.numel()
+
+
+def gemm_rate(lm, tokens: int = 1024, repeats: int = 7) -> float:
+    """This machine's best matmul rate (FLOP/s) at the model's MLP shapes with `tokens` rows,
+    forward and backward forms alike (x W^T, g W, g^T x): the most any phase can reach."""
+    h, i = lm.config.hidden_size, lm.config.intermediate_size
+    x, w, g = torch.randn(tokens, h), torch.randn(i, h), torch.randn(tokens, i)
+    best = 0.0
+    for fn in (lambda: x @ w.T, lambda: g @ w, lambda: g.T @ x):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * tokens * h * i / statistics.median(times))
+    return best
+
+
+def packed_floor(lm, res: dict, num_iterations: int) -> dict:
+    """{phase: FLOP} of the weight matmuls the packed step cannot avoid: each distinct prompt
+    once, each completion token once (no padding, no rows decoded past their end), the LM head
+    only where a token is predicted, backward twice the forward; attention, norms, softmax,
+    sampling and the log-prob kernel's recomputation left out. A lower bound of the work.
+    `res`: a path's entry of `time_grpo_steps` (the token counts of its last step)."""
+    layers, head = matmul_params(lm)
+    d_prompt, comp = res["distinct_prompt_tokens"], res["completion_tokens"]
+    decoded = comp - res["rows"]  # the prefill's last position predicts each row's first token
+    generate = 2 * d_prompt * layers + 2 * res["distinct_prompts"] * head + 2 * decoded * (layers + head)
+    forward = 2 * (d_prompt + decoded) * layers + 2 * comp * head
+    return {"generate": generate, "old/ref log-probs": forward * (1 if num_iterations == 1 else 2),
+            "update": 3 * forward * num_iterations}
+
+
+def format_floor(results: dict, floor: dict, rate: float) -> str:
+    """The packed path's phases against its work at this machine's best matmul rate."""
+    med = {n: {k: statistics.median(v) for k, v in r["phases"].items()} for n, r in results.items()}
+    lines = ["| phase (packed) | matmul GFLOP | measured s | achieved GFLOP/s | s at the best rate |",
+             "| --- | --- | --- | --- | --- |"]
+    for k, f in floor.items():
+        lines.append(f"| {k} | {f / 1e9:.1f} | {med['packed'][k]:.3f} | {f / med['packed'][k] / 1e9:.1f} "
+                     f"| {f / rate:.3f} |")
+    total = sum(floor.values())
+    lines.append(f"| total | {total / 1e9:.1f} | {med['packed']['total']:.3f} "
+                 f"| {total / med['packed']['total'] / 1e9:.1f} | {total / rate:.3f} |")
+    out = "\n".join(lines) + f"\nbest matmul rate of this machine (MLP shapes, 1024 rows): {rate / 1e9:.1f} GFLOP/s"
+    if "plain" in med:
+        out += (f"\nfloor of the packed step / plain step measured: {total / rate / med['plain']['total']:.2f}x; "
+                f"0.4x of the plain step needs the packed step at >= "
+                f"{total / rate / (0.4 * med['plain']['total']):.0%} of the best rate overall")
+    return out
 
 
 def grpo_trainer(args, path: str, out: Path, packed: bool, group: int):
@@ -169,6 +255,8 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true", help="time the GRPO phases in CPU seconds of this "
                     "process (a CPU shared with other jobs); score stays wall-clock")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--count-ops", action="store_true", help="one more step per path under the profiler: "
+                    "ATen operators called per phase")
     ap.add_argument("--rollout-rows", default="16,64", help="rows of each rollout table ('' = none)")
     ap.add_argument("--model", default="", help="model folder (default: build the embedded tiny model)")
     ap.add_argument("--data", default="", help="a GSM8K-style .jsonl (default: the embedded task)")
@@ -202,6 +290,13 @@ def main() -> None:
               f"{r['prompt_tokens']} prompt tokens "
               f"(summed over rows), {r['completion_tokens']} completion tokens")
         print(("CPU seconds of this process\n" if args.cpu_time else "") + format_phases(results))
+        if "packed" in trainers and not args.cpu_time:
+            lm = trainers["packed"].policy.lm
+            floor = packed_floor(lm, results["packed"], args.num_iterations)
+            print("\nThe packed step's unavoidable matmul work at this machine's best matmul rate\n"
+                  + format_floor(results, floor, gemm_rate(lm)))
+        if args.count_ops:
+            print("\nOperators of one more step\n" + count_operators(trainers, args.repeats + 2))
         prompts_ids = next(iter(trainers.values())).train_ids
         del trainers
     print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

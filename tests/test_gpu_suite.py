@@ -72,3 +72,27 @@ def test_fused_tiles_step_down_to_the_shared_memory_there_is(monkeypatch):
     assert tk._tiles(torch.float16, True, cuda) == tk.Tiles(64, 128, 32, 4, 2)  # 24 KiB
     monkeypatch.setattr(tk, "_max_shared", lambda device: None)  # unknown: as configured
     assert tk._tiles(torch.bfloat16, False, cuda) == preferred
+
+
+def test_packed_floor_counts_the_models_matmuls(tmp_path):
+    """bench_grpo_step's floor of a forward (one prompt, one completion) equals the matmul FLOPs
+    torch's FlopCounterMode counts in a real forward of those tokens, less the LM head at the
+    prompt positions (which predict nothing the floor needs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    from data.tiny import build_tiny_model
+
+    bench = _bench_module("bench_grpo_step")
+    lm = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "tiny")).eval()
+    p, c = 7, 5
+    res = {"rows": 1, "distinct_prompts": 1, "distinct_prompt_tokens": p, "completion_tokens": c}
+    floor = bench.packed_floor(lm, res, num_iterations=1)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:  # the prompt and all but the last completion token go in
+        lm(input_ids=torch.randint(3, 100, (1, p + c - 1)))
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(v for k, v in counts.items() if str(k) in ("aten.mm", "aten.addmm"))
+    head = lm.get_output_embeddings().weight.numel()
+    assert floor["old/ref log-probs"] == matmuls - 2 * (p - 1) * head
+    assert floor["update"] == 3 * floor["old/ref log-probs"]
