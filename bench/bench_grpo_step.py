@@ -168,18 +168,12 @@ def matmul_params(lm) -> tuple[int, int]:
 def gemm_rate(lm, tokens: int = 1024, repeats: int = 7) -> float:
     """This machine's best matmul rate (FLOP/s) at the model's MLP shapes with `tokens` rows,
     forward and backward forms alike (x W^T, g W, g^T x): the most any phase can reach."""
+    from bench_logprobs import median_time
+
     h, i = lm.config.hidden_size, lm.config.intermediate_size
     x, w, g = torch.randn(tokens, h), torch.randn(i, h), torch.randn(tokens, i)
-    best = 0.0
-    for fn in (lambda: x @ w.T, lambda: g @ w, lambda: g.T @ x):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        best = max(best, 2 * tokens * h * i / statistics.median(times))
-    return best
+    forms = (lambda: x @ w.T, lambda: g @ w, lambda: g.T @ x)
+    return max(2 * tokens * h * i / median_time(fn, repeats, 1, "cpu") for fn in forms)
 
 
 def packed_floor(lm, res: dict, num_iterations: int) -> dict:

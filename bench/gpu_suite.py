@@ -356,7 +356,7 @@ def part_compiled(dry: bool, workdir: Path) -> dict:
         cfg.train.output_dir = str(workdir / f"compiled-grpo-{compiled}")
         trainers[name] = GRPOTrainer(cfg)
         if compiled and dry:  # traced without code generation on the CPU
-            trainers[name].engine.decoder = make_decoder(trainers[name].policy, dev, dry)
+            trainers[name].engine.decoder = make_decoder(trainers[name].policy, dry)
     t0 = time.perf_counter()
     results = time_grpo_steps(trainers, repeats=1 if dry else 2)
     r = results["compiled decode"]
@@ -385,21 +385,19 @@ def compiled_decode_check(lm, tok, ids: list, dev: str, dry: bool) -> dict:
     n, max_new = (4, 8) if dry else (16, 32)
     pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
     kw = dict(seeds=list(range(n)), max_new_tokens=max_new, temperature=0.0)
-    fast = generate(policy, tok, pid, pmask, decoder=make_decoder(policy, dev, dry), **kw)
+    fast = generate(policy, tok, pid, pmask, decoder=make_decoder(policy, dry), **kw)
     eager = generate(policy, tok, pid, pmask, **kw)
     same = sum(torch.equal(a, b) for a, b in zip(fast.completion_ids, eager.completion_ids))
     return {"name": f"compiled decode: greedy rows equal to the eager engine's (float32, {max_new} tokens)",
             "value": f"{same}/{n}", "target": f">= {n - 1}/{n}", "ok": same >= n - 1}
 
 
-def make_decoder(policy, dev: str, dry: bool):
+def make_decoder(policy, dry: bool):
     """The engine's compiled decoder (CUDA graphs on a GPU); on the CPU dry run, traced without
     code generation (inductor would compile for minutes)."""
     from infra.static_decode import StaticDecoder
 
-    if dry:
-        return StaticDecoder(policy, backend="eager")
-    return StaticDecoder(policy, mode="reduce-overhead" if dev == "cuda" else None)
+    return StaticDecoder(policy, backend="eager" if dry else "inductor")
 
 
 def part_sft(dry: bool, workdir: Path) -> dict:

@@ -360,7 +360,7 @@ class Engine:
                                  f"compiled), and this run shards it over {info.world_size} process(es): "
                                  "turn it off, or run one process with train.fsdp auto")
             from infra.static_decode import StaticDecoder
-            self.decoder = StaticDecoder(model, mode="reduce-overhead" if self.device.type == "cuda" else None)
+            self.decoder = StaticDecoder(model)
 
     @property
     def device(self) -> torch.device:

@@ -109,19 +109,20 @@ class DecodeState:
 class StaticDecoder:
     """The engine's decode step, compiled over static buckets (module docstring).
 
-    `mode`: torch.compile's mode ("reduce-overhead" = CUDA graphs; the engine's choice on CUDA);
     `backend`: torch.compile's backend (tests use "eager" / "aot_eager" to check tracing
-    without code generation). Buckets persist between calls: a graph is compiled once per
-    (bucket, capacity, dtype).
+    without code generation); with inductor on a CUDA model the mode is "reduce-overhead" (CUDA
+    graphs). Buckets persist between calls: a graph is compiled once per (bucket, capacity, dtype).
     """
 
-    def __init__(self, model, *, mode: str | None = None, backend="inductor"):
+    def __init__(self, model, *, backend="inductor"):
         self.model = model  # a PolicyModel
         self.buckets: dict[int, _Bucket] = {}
         self._kind = None  # (layer shapes, dtype, device) the buckets were made for
         self._capacity = 0
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        cuda = next(model.parameters()).device.type == "cuda"
+        mode = "reduce-overhead" if cuda and backend == "inductor" else None
         self._step = torch.compile(self._forward, mode=mode, backend=backend, dynamic=False)
 
     def _forward(self, input_ids, mask, position_ids, cache):
