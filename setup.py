@@ -10,29 +10,31 @@ setup(
     version="0.1.0",
     description="DeepSeek-R1-style GRPO and SFT in plain PyTorch, with Triton kernels and FSDP2",
     python_requires=">=3.10",
-    packages=find_packages(include=["grpo", "grpo.*", "sft", "sft.*", "kernels", "kernels.*", "data", "data.*", "infra", "infra.*",
-                                    "rewards", "rewards.*", "pipeline", "pipeline.*"]),
-    py_modules=["train"],
-    package_data={"data": ["*.txt"]},
+    # One import package: its name is no other distribution's, so nothing here shadows a user's
+    # packages (`data`, `kernels`, `pipeline`, ...) or is shadowed by them.
+    packages=find_packages(include=["r1train", "r1train.*"]),
     install_requires=[
         "torch>=2.6",
-        "transformers>=4.45",
-        "tokenizers>=0.20",
+        "transformers>=4.57.1",  # floors proven by .ci/floors.sh (.ci/floors.txt)
+        "tokenizers>=0.22",
         "safetensors",
         "datasets>=2.20",
-        "math-verify>=0.5",
-        "latex2sympy2_extended>=1.0",
+        "math-verify>=0.8",
+        "latex2sympy2_extended>=1.10.2",
         "triton>=3.0; platform_system == 'Linux'",
         "einops",
         "wandb",
         "pyyaml",
+        "tqdm",  # the progress bar (run/logging.py); transformers installs it too
     ],
     extras_require={
-        "test": ["pytest>=8", "matplotlib"],  # the main-job test checks the curves PNG
+        # matplotlib: the main-job test checks the curves PNG; kernels: Hugging Face's package of that
+        # name, which transformers >= 5.25 imports, installed for the test that runs a step beside it
+        "test": ["pytest>=8", "matplotlib", "kernels"],
         "plot": ["matplotlib"],
-        # GGUF files as --model.path (infra/gguf.py): transformers dequantizes them with the
+        # GGUF files as --model.path (r1train/model/gguf.py): transformers dequantizes them with the
         # gguf reader and needs accelerate to build the model.
         "gguf": ["gguf>=0.10", "accelerate"],
     },
-    entry_points={"console_scripts": ["r1-train=train:main"]},
+    entry_points={"console_scripts": ["r1-train=r1train.cli:main"]},
 )

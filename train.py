@@ -1,54 +1,9 @@
-"""usage: [torchrun --nproc_per_node=N] train.py [COMMAND] [--recipe FILE] [--section.field VALUE ...]
-(or plain `python train.py ...`).
+"""The command line of the R1 trainer, run from a checkout: `[torchrun ...] python train.py ...`.
 
-Commands:
-  (none)             the embedded tiny R1 pipeline (configs/tiny-r1.yaml): builds a tiny model,
-                     cold-start SFT, then GRPO with the R1 rewards; prints a table at the end
-  grpo               GRPO (R1-Zero / reasoning-oriented RL)          grpo/trainer.py
-  sft                supervised fine-tuning with packing              sft/trainer.py
-  rejection-sample   K samples per prompt, keep the ones the rewards pass, write an SFT set
-  distill            teacher traces -> student SFT (optionally token-level KL)
-  pipeline           run the stages of a recipe in order, resumable stage by stage
-
-`python train.py COMMAND --help` lists every option with its default and documentation.
+Everything lives in the `r1train` package: r1train/cli.py has the commands and their usage
+(`python train.py --help`). Installed, the same commands are `r1-train` and `python -m r1train`.
 """
-from __future__ import annotations
-
-import os
-import sys
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny-r1.yaml")
-
-
-def main(argv: list[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip())
-        return None
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else None
-    from data.loaders import DatasetError
-    from infra.config import ConfigError, error_line
-    from rewards.custom import RewardError
-
-    try:
-        if command is None:
-            from pipeline import main as run
-            if "--recipe" not in argv and not any(a.startswith("--recipe=") for a in argv):
-                argv = ["--recipe", DEFAULT_RECIPE, *argv]
-            return run(argv)
-        from pipeline import command_entry, main as run_pipeline
-        run = run_pipeline if command == "pipeline" else command_entry(command)[1]
-        return run(argv)
-    except (ConfigError, DatasetError, RewardError) as e:
-        # A user's mistake (an option, a recipe, a data file or row, a model path, a reward
-        # function that broke its contract): one line
-        # that names it, no traceback, and status 2 as for a usage error. Anything else is a
-        # bug or a fault and keeps its traceback.
-        print(error_line(e), file=sys.stderr)
-        raise SystemExit(2) from None
-
+from r1train.cli import main
 
 if __name__ == "__main__":
     main()

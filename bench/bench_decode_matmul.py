@@ -1,5 +1,5 @@
 """A decode step's matrix products on the CPU: `F.linear` (x @ W^T) against the engine's
-few-row form (W @ x^T)^T (`infra.engine.few_row_linears`), side by side in one run.
+few-row form (W @ x^T)^T (`r1train.model.engine.few_row_linears`), side by side in one run.
 
 Rows are a decode step's live rows (one token each). Per weight shape, and for all the matrices
 of one decode step of a SmolLM2-135M-shaped model (30 layers of q, k, v, o, gate, up, down, then
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from infra.engine import few_row_linears  # noqa: E402
+from r1train.model.engine import few_row_linears  # noqa: E402
 
 # SmolLM2-135M: hidden 576, MLP 1536, 3 KV heads of 64, 30 layers, vocabulary 49,152
 HIDDEN, MLP, KV, LAYERS, VOCAB = 576, 1536, 192, 30, 49152

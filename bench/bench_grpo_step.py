@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from infra.logging import clock  # noqa: E402
+from r1train.run.logging import clock  # noqa: E402
 
 # Text-only rewards: no math_verify worker, so the GPU machines need no extra package.
 TEXT_REWARDS = ["format", "tag_count", "reasoning_steps", "repetition_penalty"]
@@ -35,7 +35,7 @@ TEXT_REWARDS = ["format", "tag_count", "reasoning_steps", "repetition_penalty"]
 
 def rollout_generators(policy, lm, tok, prompt_ids, prompt_mask, max_new: int, eos_ids: list[int]):
     """{name: fn() -> completion tokens}: the project's generator and HF's, same settings."""
-    from infra.engine import generate
+    from r1train.model.engine import generate
 
     n = prompt_ids.shape[0]
 
@@ -56,7 +56,7 @@ def rollout_generators(policy, lm, tok, prompt_ids, prompt_mask, max_new: int, e
                             torch.full_like(comp[:, 0], comp.shape[1]))
         return int(first.sum())
 
-    return {"infra.engine.generate": ours, "engine, F.linear decode": lambda: ours(few_rows=False),
+    return {"model.engine.generate": ours, "engine, F.linear decode": lambda: ours(few_rows=False),
             "engine, plain path": lambda: ours(plain=True), "HF model.generate": hf}
 
 
@@ -211,9 +211,9 @@ def format_floor(results: dict, floor: dict, rate: float) -> str:
 
 
 def grpo_trainer(args, path: str, out: Path, packed: bool, group: int):
-    from data.task import TaskConfig
-    from grpo.config import GRPOJobConfig
-    from grpo.trainer import GRPOTrainer
+    from r1train.data.task import TaskConfig
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.grpo.trainer import GRPOTrainer
 
     cfg = GRPOJobConfig()
     cfg.model.path = path
@@ -258,11 +258,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from data.tiny import build_tiny_model
-    from grpo.trainer import GRPOTrainer  # noqa: F401  (registers nothing; fails early if broken)
-    from infra.engine import pad_prompts
-    from infra.model import eos_token_ids, load_tokenizer
-    from infra.policy import PolicyModel
+    from r1train.data.tiny import build_tiny_model
+    from r1train.grpo.trainer import GRPOTrainer  # noqa: F401  (registers nothing; fails early if broken)
+    from r1train.model.engine import pad_prompts
+    from r1train.model.load import eos_token_ids, load_tokenizer
+    from r1train.model.policy import PolicyModel
 
     tmp = Path(tempfile.mkdtemp())
     path = args.model or str(build_tiny_model(tmp / "tiny", seed=0))

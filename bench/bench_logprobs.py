@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.logprobs import (  # noqa: E402  (the repository root is on sys.path just now)
+from r1train.kernels.logprobs import (  # noqa: E402  (the repository root is on sys.path just now)
     fused_linear_logprobs,
     token_logprobs,
     torch_linear_logprobs,

@@ -1,6 +1,6 @@
 """One AdamW step over a model's parameters, PyTorch's three implementations side by side:
 the per-tensor loop (`foreach=False`, PyTorch's default for CPU tensors), `foreach=True` and
-`fused=True` (what `infra.model.build_optimizer` picks on CPU and CUDA). Same parameter
+`fused=True` (what `r1train.run.optim.build_optimizer` picks on CPU and CUDA). Same parameter
 groups and hyper-parameters as the trainers; random gradients of the parameters' shapes.
 Medians of --repeats steps after two warm-up steps; the implementations take turns.
 
@@ -31,8 +31,8 @@ def main(argv=None) -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from data.tiny import build_tiny_model
-    from infra.model import build_optimizer
+    from r1train.data.tiny import build_tiny_model
+    from r1train.run.optim import build_optimizer
 
     path = args.model or str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", seed=0))
     params = [p for p in AutoModelForCausalLM.from_pretrained(path).parameters()]

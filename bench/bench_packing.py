@@ -44,9 +44,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.tiny import TINY_MODEL_CONFIG  # noqa: E402
-from sft.packing import (  # noqa: E402
-    VARLEN_ATTENTION, best_fit_decreasing, collate_packed, collate_padded, pack, packed_model_inputs,
+from r1train.data.tiny import TINY_MODEL_CONFIG  # noqa: E402
+from r1train.sft.packing import (  # noqa: E402
+    VARLEN_ATTENTION,
+    best_fit_decreasing,
+    collate_packed,
+    collate_padded,
+    pack,
+    packed_model_inputs,
 )
 
 MU, SIGMA = math.log(1024), 0.8  # lognormal of document lengths: median 1024 tokens

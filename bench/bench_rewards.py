@@ -26,10 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rewards import (REWARD_NAMES, AnswerChecker, RewardConfig,  # noqa: E402
-                          get_accuracy_reward, get_cosine_scaled_reward, get_reward_functions,
-                          pop_reward_metrics)
-from rewards.verifier_pool import shared_pool  # noqa: E402
+from r1train.rewards import (  # noqa: E402
+    REWARD_NAMES,
+    AnswerChecker,
+    RewardConfig,
+    get_accuracy_reward,
+    get_cosine_scaled_reward,
+    get_reward_functions,
+    pop_reward_metrics,
+)
+from r1train.rewards.verifier_pool import shared_pool  # noqa: E402
 
 SYSTEM = "Think in <think></think>, then answer in <answer></answer>."
 

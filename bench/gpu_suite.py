@@ -18,7 +18,7 @@ CUDA error in one part does not hide the others:
             (`--train.fsdp always`), bf16: time by phase, tokens/s, peak memory; then again
             with a reference model (beta 0.04) and gradient checkpointing; the plain path;
             without FSDP
-  rollout   completion tokens/s of infra.engine.generate against HF `generate` at 64 and 256
+  rollout   completion tokens/s of r1train.model.engine.generate against HF `generate` at 64 and 256
             rows (bf16 weights, sampling at T = 1, the same prompts)
   sft       packed SFT steps of the trainer (rows of 4096 tokens, varlen attention, autocast
             bf16): tokens/s and peak memory; and one forward+backward of the same rows with the
@@ -108,7 +108,7 @@ def build_wide_tokenizer(path: Path, size: int):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from data.tiny import build_tiny_tokenizer
+    from r1train.data.tiny import build_tiny_tokenizer
 
     tiny = build_tiny_tokenizer(0)
     spec = json.loads(tiny.backend_tokenizer.to_str())
@@ -154,8 +154,9 @@ def tile_sweep(N: int, H: int, V: int) -> tuple[str, tuple, tuple]:
     """Time the fused kernels per candidate launch shape at [N, H] x [V, H] in bf16: the table,
     and the fastest shapes for the forward kernel and for the backward's logit-gradient kernel
     (fwd+bwd minus fwd of the same shape)."""
+    from r1train.kernels.triton_logprobs import TILES, Tiles, triton_linear_logprobs
+
     from bench_logprobs import make_inputs, median_time
-    from kernels.triton_logprobs import TILES, Tiles, triton_linear_logprobs
 
     h, w, y, g, _ = make_inputs(N, H, V, torch.bfloat16, "cuda")
     hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
@@ -189,8 +190,9 @@ def tile_sweep(N: int, H: int, V: int) -> tuple[str, tuple, tuple]:
 
 def part_logprobs(dry: bool, workdir: Path) -> dict:
     """The tile sweep, then bench_logprobs with the fastest tiles (said in the report)."""
+    import r1train.kernels.triton_logprobs as triton_kernels
+
     from bench_logprobs import check_targets, format_table, parse_args, run_cpu, run_gpu
-    import kernels.triton_logprobs as triton_kernels
 
     sweep = ""
     if dry:
@@ -232,9 +234,10 @@ def part_model(dry: bool, workdir: Path) -> dict:
 
 
 def part_grpo(dry: bool, workdir: Path) -> dict:
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.grpo.trainer import GRPOTrainer
+
     from bench_grpo_step import TEXT_REWARDS, time_grpo_steps
-    from grpo.config import GRPOJobConfig
-    from grpo.trainer import GRPOTrainer
 
     prompts, group, max_new, micro = (2, 2, 8, 2) if dry else (8, 8, 192, 16)
     rows, checks = [], []
@@ -293,12 +296,13 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoModelForCausalLM
 
+    from r1train.data.problems import encode_prompts
+    from r1train.data.task import TaskConfig, task_records
+    from r1train.model.engine import pad_prompts
+    from r1train.model.load import eos_token_ids, load_tokenizer
+    from r1train.model.policy import PolicyModel
+
     from bench_grpo_step import rollout_generators, time_rollouts
-    from data.task import TaskConfig, task_records
-    from infra.engine import pad_prompts
-    from infra.evaluate import encode_prompts
-    from infra.policy import PolicyModel
-    from infra.model import eos_token_ids, load_tokenizer
 
     dev = device(dry)
     path = str(model_dir(workdir))
@@ -313,13 +317,13 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
         pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
         gens = rollout_generators(policy, lm, tok, pid, pmask, max_new, eos_token_ids(tok, lm))
         if not dry:  # does cuDNN's per-shape attention plan cost decoding what it cost SFT?
-            ours = gens["infra.engine.generate"]
+            ours = gens["model.engine.generate"]
 
             def ours_no_cudnn():
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                   SDPBackend.MATH]):
                     return ours()
-            gens["infra.engine.generate, cuDNN SDPA off"] = ours_no_cudnn
+            gens["model.engine.generate, cuDNN SDPA off"] = ours_no_cudnn
         for r in time_rollouts(gens, repeats=2, device=dev):
             rows.append([n, r["generator"], r["seconds"], f"{r['tokens']:.0f}",
                          f"{r['tokens_per_s']:.0f}", f"{r['vs_hf']:.2f}"])
@@ -335,11 +339,12 @@ def part_compiled(dry: bool, workdir: Path) -> dict:
     decode: GRPO steps of the trainer (the grpo part's run without FSDP, eager and compiled, taking
     turns), then its greedy rows against the eager engine's in float32. Last and in its own
     process, so that compilation time or a failure cannot cost the other parts their numbers."""
+    from r1train.data.problems import encode_prompts
+    from r1train.data.task import TaskConfig, task_records
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.grpo.trainer import GRPOTrainer
+
     from bench_grpo_step import TEXT_REWARDS, format_phases, time_grpo_steps
-    from data.task import TaskConfig, task_records
-    from grpo.config import GRPOJobConfig
-    from grpo.trainer import GRPOTrainer
-    from infra.evaluate import encode_prompts
 
     dev, path = device(dry), str(model_dir(workdir))
     prompts, group, max_new, micro = (2, 2, 8, 2) if dry else (8, 8, 192, 16)
@@ -378,8 +383,8 @@ def compiled_decode_check(lm, tok, ids: list, dev: str, dry: bool) -> dict:
     give flat logits: in bf16 a rounding would flip near-ties; float32 keeps them apart)."""
     import copy
 
-    from infra.engine import generate, pad_prompts
-    from infra.policy import PolicyModel
+    from r1train.model.engine import generate, pad_prompts
+    from r1train.model.policy import PolicyModel
 
     policy = PolicyModel(copy.deepcopy(lm).float())
     n, max_new = (4, 8) if dry else (16, 32)
@@ -395,16 +400,17 @@ def compiled_decode_check(lm, tok, ids: list, dev: str, dry: bool) -> dict:
 def make_decoder(policy, dry: bool):
     """The engine's compiled decoder (CUDA graphs on a GPU); on the CPU dry run, traced without
     code generation (inductor would compile for minutes)."""
-    from infra.static_decode import StaticDecoder
+    from r1train.model.static_decode import StaticDecoder
 
     return StaticDecoder(policy, backend="eager" if dry else "inductor")
 
 
 def part_sft(dry: bool, workdir: Path) -> dict:
     from bench_packing import doc_lengths
-    from infra.logging import clock
-    from sft.packing import VARLEN_ATTENTION, collate_packed, pack, packed_model_inputs
-    from sft.trainer import SFTJobConfig, SFTTrainer
+
+    from r1train.run.logging import clock
+    from r1train.sft.packing import VARLEN_ATTENTION, collate_packed, pack, packed_model_inputs
+    from r1train.sft.trainer import SFTJobConfig, SFTTrainer
 
     dev = device(dry)
     seq, rows_per_step, steps = (128, 2, 1) if dry else (4096, 8, 3)
@@ -452,7 +458,8 @@ def part_sft(dry: bool, workdir: Path) -> dict:
     profile = ""
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(True)
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
         trainer.step += 1
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             trainer.train_step()

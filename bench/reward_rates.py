@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rewards import AnswerChecker, get_accuracy_reward, pop_reward_metrics  # noqa: E402
+from r1train.rewards import AnswerChecker, get_accuracy_reward, pop_reward_metrics  # noqa: E402
 
 FORMS = {"bare": "{}", "$...$": "${}$", "\\boxed{}": "\\boxed{{{}}}"}
 THINK = "<think>Let me work through the problem step by step.</think>"

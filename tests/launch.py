@@ -32,8 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # What a run imports, beyond the standard library: the trainers, transformers' model and
 # tokenizer modules the tests load (Llama: the tiny model and SmolLM2; Qwen2: the hub format).
-PRELOAD = ["train", "pipeline", "grpo.trainer", "sft.trainer", "sft.rejection", "sft.distill", "sft.cold_start",
-           "infra.checkpoint", "infra.gguf", "data.tiny", "rewards.accuracy",
+PRELOAD = ["r1train.cli", "r1train.pipeline", "r1train.grpo.trainer", "r1train.sft.trainer", "r1train.sft.rejection",
+           "r1train.sft.distill", "r1train.sft.cold_start", "r1train.run.checkpoint", "r1train.model.gguf",
+           "r1train.data.tiny", "r1train.rewards.accuracy",
            "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
            "transformers.tokenization_utils_fast", "safetensors.torch"]
 
@@ -43,7 +44,7 @@ _context = None
 def _server():
     global _context
     if _context is None:
-        if str(ROOT) not in sys.path:  # the server imports `train` from the repository root
+        if str(ROOT) not in sys.path:  # the server imports r1train from the repository root
             sys.path.insert(0, str(ROOT))
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
@@ -78,8 +79,8 @@ def _child(args: list[str], env: dict, cwd: str | None, out: str, err: str) -> N
         import torch
         if env.get("OMP_NUM_THREADS"):  # OpenMP read it when torch loaded in the server
             torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-        import train
-        train.main(args)
+        from r1train.cli import main
+        main(args)
     except SystemExit as e:
         status = _exit_status(e)
     except BaseException:

@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from grpo.advantages import combine_rewards, group_advantages, rloo_advantages, zero_std_groups
+from r1train.grpo.advantages import combine_rewards, group_advantages, rloo_advantages, zero_std_groups
 
 NAN = float("nan")
 

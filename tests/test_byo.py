@@ -15,13 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from data import DatasetError, SYSTEM_PROMPT, load_records
-from data.mixing import mix_records, parse_sources, shares
-from data.prompts import merge_system_turn, render_prompt
-from grpo.config import GRPOJobConfig
-from infra.config import ConfigError, parse_args
-from rewards import RewardError, get_reward_functions, score_completions
-from sft.rejection import RejectionJobConfig
+from r1train.data import SYSTEM_PROMPT, DatasetError, load_records
+from r1train.data.mixing import mix_records, parse_sources, shares
+from r1train.data.prompts import merge_system_turn, render_prompt
+from r1train.grpo.config import GRPOJobConfig
+from r1train.rewards import RewardError, get_reward_functions, score_completions
+from r1train.run.config import ConfigError, parse_args
+from r1train.sft.rejection import RejectionJobConfig
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ def test_layout_refusals_name_file_columns_and_what_is_accepted(tmp_path):
 def test_system_prompt_from_a_file_and_the_option_checks(tmp_path):
     (tmp_path / "system.txt").write_text("Think, then answer.\n")
     cfg = parse_args(GRPOJobConfig, ["--data.system_prompt", f"@{tmp_path / 'system.txt'}"])
-    from infra.evaluate import train_records
+    from r1train.data.problems import train_records
     [first, *_] = train_records(cfg.data, 0)  # the embedded task takes it too
     assert first["prompt"][0] == {"role": "system", "content": "Think, then answer."}
     for args, message in [
@@ -178,8 +179,8 @@ GEMMA_LIKE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('Syste
 
 
 def test_a_template_without_a_system_role_gets_the_system_text_in_the_user_turn(tmp_path):
-    from infra.evaluate import encode_prompts
-    from infra.model import load_tokenizer
+    from r1train.data.problems import encode_prompts
+    from r1train.model.load import load_tokenizer
     template = tmp_path / "gemma.jinja"
     template.write_text(GEMMA_LIKE)
     tok = load_tokenizer(str(TINY_SFT), chat_template=str(template))
@@ -299,7 +300,7 @@ def hint_length(completions, hint, **columns):
 
 
 def test_python_callables_train_and_the_saved_config_names_them(byo, tiny_model):
-    from grpo.trainer import GRPOTrainer
+    from r1train.grpo.trainer import GRPOTrainer
     cfg = parse_args(GRPOJobConfig, [*STEP, "--model.path", tiny_model, "--data.source", str(byo / "qa.jsonl"),
                                      "--train.output_dir", str(byo / "py")])
     GRPOTrainer(cfg, reward_funcs=["format", hint_length, ("neg", lambda completions, **c: [-1.0] * len(completions))]).train()
@@ -313,7 +314,7 @@ def test_python_callables_train_and_the_saved_config_names_them(byo, tiny_model)
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from data.tiny import build_tiny_model
+    from r1train.data.tiny import build_tiny_model
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
@@ -351,7 +352,7 @@ def test_weighted_sources_mix_in_their_shares(tmp_path):
     assert sorted(set(i for i in ids if i.startswith("b"))) == ["b0", "b1"]  # b repeats to fill its share
     assert lines == ["a: 5 rows (weight 0.5, 8 in the source)", "b: 5 rows (weight 0.5, 2 in the source, repeated)"]
     assert mix_records([("a", a, 0.5), ("b", b, 0.5)], seed=0)[0] == pool  # seeded
-    from infra.evaluate import held_out_records, train_records
+    from r1train.data.problems import held_out_records, train_records
     write_jsonl(tmp_path / "a.jsonl", qa_rows(20))
     cfg = parse_args(GRPOJobConfig, ["--data.source", f"{tmp_path / 'a.jsonl'}:3,embedded:1", "--data.num_train", "5",
                                      "--data.num_eval", "4"])

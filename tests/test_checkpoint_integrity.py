@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from infra.checkpoint import CheckpointError, CheckpointManager
-from infra.config import ConfigError
-from infra.dist import init_distributed
-from infra.run_folder import read_manifest, write_manifest
+from r1train.run.checkpoint import CheckpointError, CheckpointManager
+from r1train.run.config import ConfigError
+from r1train.run.dist import init_distributed
+from r1train.run.folder import read_manifest, write_manifest
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_non_tensor_checkpoint_items_are_read_weights_only(tmp_path):
     """DCP's default planner reads non-tensor items (param groups) with weights_only=False."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    from infra.dcp_safe import SafeLoadPlanner
+    from r1train.run.dcp_safe import SafeLoadPlanner
     marker = tmp_path / "pwned"
     buf = io.BytesIO()
     torch.save(_Planted(marker), buf)
@@ -206,8 +207,9 @@ def _full_disk_stream(self, path, mode):
 
 @pytest.mark.parametrize("where", ["dcp shard", "trainer state"])
 def test_disk_full_during_save_reports_enospc_and_removes_the_temporary_folder(tmp_path, monkeypatch, where):
-    import infra.checkpoint as checkpoint
     import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    import r1train.run.checkpoint as checkpoint
     ckpt, model, opt, _ = _setup(tmp_path, steps=(1,))
     _FullDisk.budget = 600
     if where == "dcp shard":
@@ -230,8 +232,8 @@ def test_disk_full_during_save_reports_enospc_and_removes_the_temporary_folder(t
 def test_interrupted_saves_and_prunes_leave_nothing_behind(tmp_path, monkeypatch):
     """A prune renames step-N to step-N.deleting before deleting it: cut short, it never leaves a
     half-deleted step-N/; the next start removes .deleting and .tmp leftovers."""
-    import infra.checkpoint as checkpoint
-    from infra.loop import open_run
+    import r1train.run.checkpoint as checkpoint
+    from r1train.run.loop import open_run
     ckpt, model, opt, _ = _setup(tmp_path, steps=(1, 2))
     ckpt.keep_last = 1
     real_rmtree = shutil.rmtree
@@ -259,7 +261,7 @@ def test_interrupted_saves_and_prunes_leave_nothing_behind(tmp_path, monkeypatch
 def test_grpo_resume_skips_damaged_and_planted_checkpoints_naming_them(tmp_path):
     """End to end: the trainer resumes from step 1 when step 2's shard has 4 KB flipped (the issue
     saw a silent resume with wrong weights), and when step 2 carries a planted pickle."""
-    from data.tiny import build_tiny_model
+    from r1train.data.tiny import build_tiny_model
     tiny = str(build_tiny_model(tmp_path / "tiny", seed=0))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = ["--model.path", tiny, "--rollout.group_size", "4", "--grpo.prompts_per_step", "2",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo.config import GRPOJobConfig
-from infra.config import ConfigError, parse_args
-from sft.trainer import SFTJobConfig
+from r1train.grpo.config import GRPOJobConfig
+from r1train.run.config import ConfigError, parse_args
+from r1train.sft.trainer import SFTJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,20 +60,35 @@ class _Terminal(io.StringIO):
 
 
 def test_lines_said_during_a_bar_do_not_tear_it(monkeypatch, capsys):
-    from infra import logging as log
+    from r1train.run import logging as log
     err = _Terminal()
     monkeypatch.setattr(sys, "stderr", err)
     bar = log.ProgressBar(4, "grpo")
-    bar.update(1)
+    bar.update(1, "reward=0.500")
     drawn = err.getvalue()
     log.say("step 1/4 reward=0.5")
     after = err.getvalue()[len(drawn):]
-    # the bar is wiped (\r + blanks + \r) before the line and drawn again after it
-    blank = "\r" + " " * bar._width() + "\r"
-    assert after.startswith(blank) and after[len(blank):].startswith("\rgrpo [")
+    # the bar is wiped (\r + blanks + \r) before the line and drawn again after it, with the step
+    # count and the key metric
+    wipe, _, redrawn = after.partition("\r\r")
+    assert wipe.startswith("\r") and wipe[1:].strip(" ") == "" and len(wipe) > 10, repr(after)
+    assert redrawn.startswith("grpo:") and "1/4" in redrawn and "reward=0.500" in redrawn, repr(after)
     assert capsys.readouterr().out == "step 1/4 reward=0.5\n"
     bar.close()
-    assert log._BAR is None
+    assert log._BAR is None and err.getvalue().endswith("\n")
+
+
+def test_a_bar_on_a_log_file_prints_whole_lines_now_and_then(monkeypatch):
+    from r1train.run import logging as log
+    err = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = log.ProgressBar(3, "sft", every_s=3600, start=1)  # resumed at step 1
+    bar.update(1, "loss=2.000")
+    assert err.getvalue() == ""  # within every_s: nothing
+    bar.update(1, "loss=1.500")  # the last step: always a line
+    bar.close()
+    [line] = err.getvalue().splitlines()
+    assert "\r" not in err.getvalue() and line.startswith("sft:") and "3/3" in line and "loss=1.500" in line
 
 
 def test_the_tests_preloaded_launcher_reports_what_python_reports():

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import SYSTEM_PROMPT, DatasetError, load_records
-from data.tiny import build_tiny_model
-from sft.cold_start import (
+from r1train.data import SYSTEM_PROMPT, DatasetError, load_records
+from r1train.data.tiny import build_tiny_model
+from r1train.sft.cold_start import (
     COLD_START_SYSTEM_PROMPT,
     DEFAULT_FEW_SHOT_EXAMPLES,
     bespoke_to_r1,
@@ -245,8 +245,8 @@ def test_write_sft_jsonl_refuses_bad_records(tmp_path):
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from infra.engine import Engine
-    from infra.policy import PolicyModel
+    from r1train.model.engine import Engine
+    from r1train.model.policy import PolicyModel
 
     path = build_tiny_model(tmp_path_factory.mktemp("tiny_cold_start") / "model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

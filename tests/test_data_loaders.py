@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import (
+from r1train.data import (
     SYSTEM_PROMPT,
     DatasetError,
     last_boxed,
@@ -335,7 +335,7 @@ def test_each_kind_of_bad_field(tmp_path, row_index, reason):
 
 def test_skip_drops_counts_and_reports_bad_rows(caplog):
     # Rows 1 (no ####), 3 (empty question), 4 (int question), 5 (no question) are bad: 4 of 6.
-    with caplog.at_level(logging.WARNING, logger="data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="r1train.data.loaders"):
         records = load_records(FIXTURES / "gsm8k_bad_rows.jsonl", split="all", on_bad_row="skip")
     assert records.skipped == 4 and [r["answer"] for r in records] == ["31", "-5"]
     [message] = [r.getMessage() for r in caplog.records]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from data import DatasetError
-from grpo.config import GRPOJobConfig
-from infra.evaluate import held_out_records, train_records
-from sft.trainer import SFTJobConfig, load_conversations
+from r1train.data import DatasetError
+from r1train.data.problems import held_out_records, load_conversations, train_records
+from r1train.grpo.config import GRPOJobConfig
+from r1train.sft.trainer import SFTJobConfig
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def problem_sets(trainer: str, **data) -> tuple[list[str], list[str]]:
     for k, v in data.items():
         setattr(cfg.data, k, v)
     if trainer == "sft":
-        train, evals = load_conversations(cfg)
+        train, evals = load_conversations(cfg.data, cfg.train.seed)
         return [conv[1]["content"] for conv in train], [e["problem"] for e in evals]
     train, evals = train_records(cfg.data, cfg.train.seed), held_out_records(cfg.data, cfg.train.seed)
     return [r["problem"] for r in train], [e["problem"] for e in evals]
@@ -134,8 +135,8 @@ def test_separate_hub_dataset_gives_its_test_split_else_all(tmp_path, monkeypatc
 def test_sft_resumed_at_max_steps_finishes_with_the_last_steps_numbers(tmp_path):
     """A run stopped (preempted) right after its last step resumes to the end: final eval,
     checkpoint, export, and the final loss of step max_steps, not an UnboundLocalError."""
-    from data.tiny import build_tiny_model
-    from sft.trainer import main as sft_main
+    from r1train.data.tiny import build_tiny_model
+    from r1train.sft.trainer import main as sft_main
 
     tiny = build_tiny_model(tmp_path / "tiny", seed=0)
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""GGUF as a model source (infra/gguf.py) without the real model: which paths count as GGUF,
+"""GGUF as a model source (r1train/model/gguf.py) without the real model: which paths count as GGUF,
 the one-line errors, and the cache's promises - keyed by content, converted once, never a half
 folder after a failed or raced conversion. The real conversion is in tests/test_real_model.py."""
 import os
@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infra import gguf as g
-from infra.config import ConfigError
+from r1train.model import gguf as g
+from r1train.run.config import ConfigError
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]

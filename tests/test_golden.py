@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from data.tiny import build_tiny_model
+from r1train.data.tiny import build_tiny_model
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]

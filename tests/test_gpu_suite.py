@@ -59,7 +59,7 @@ def test_targets_hand_worked():
 
 
 def test_fused_tiles_step_down_to_the_shared_memory_there_is(monkeypatch):
-    tk = pytest.importorskip("kernels.triton_logprobs")
+    tk = pytest.importorskip("r1train.kernels.triton_logprobs")
     cuda = torch.device("cuda", 0)  # a descriptor only: nothing runs on it
     preferred = tk.TILES[16, "forward"]
     # 3 stages x (128 x 64 + 64 x 256) bf16 values = 144 KiB
@@ -81,7 +81,7 @@ def test_packed_floor_counts_the_models_matmuls(tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM
 
-    from data.tiny import build_tiny_model
+    from r1train.data.tiny import build_tiny_model
 
     bench = _bench_module("bench_grpo_step")
     lm = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "tiny")).eval()

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from grpo.metrics import reward_metrics, update_metrics
+from r1train.grpo.metrics import reward_metrics, update_metrics
 
 NAN = math.nan
 

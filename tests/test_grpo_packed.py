@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.tiny import TINY_MODEL_CONFIG
-from grpo.batch import GRPOBatch, PackedRows, split_to, token_budget_micro_batches
-from infra.attention import attention_implementation, prefix_causal_mask, varlen_sdpa_attention
-from infra.engine import pad_prompts
-from infra.policy import PolicyModel
-
+from r1train.data.tiny import TINY_MODEL_CONFIG
+from r1train.grpo.batch import GRPOBatch, PackedRows, split_to, token_budget_micro_batches
+from r1train.model.attention import attention_implementation, prefix_causal_mask, varlen_sdpa_attention
+from r1train.model.engine import pad_prompts
+from r1train.model.policy import PolicyModel
 
 # ---------------------------------------------------------------- the attention itself
 

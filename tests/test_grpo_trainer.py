@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.tiny import build_tiny_model
+from r1train.data.tiny import build_tiny_model
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,8 +240,8 @@ def test_killed_save_leaves_previous_checkpoint_resumable(tmp_path):
     """A process killed in the middle of writing step-2 leaves step-1 as the newest checkpoint."""
     code = f"""
 import os, torch
-from infra.checkpoint import CheckpointManager
-from infra.dist import init_distributed
+from r1train.run.checkpoint import CheckpointManager
+from r1train.run.dist import init_distributed
 info = init_distributed("cpu")
 torch.manual_seed(0)
 model = torch.nn.Linear(4, 3)
@@ -264,8 +265,8 @@ ckpt.save(2, model, opt, {{"note": "two"}})
     assert res.returncode == 9, res.stderr
     assert (tmp_path / "step-2.tmp").is_dir() and not (tmp_path / "step-2").exists()
 
-    from infra.checkpoint import CheckpointManager
-    from infra.dist import init_distributed
+    from r1train.run.checkpoint import CheckpointManager
+    from r1train.run.dist import init_distributed
     info = init_distributed("cpu")
     ckpt = CheckpointManager(tmp_path, info)
     assert ckpt.steps() == [1]
@@ -291,15 +292,15 @@ ckpt.save(2, model, opt, {{"note": "two"}})
     (["--train.fsdp", "sometimes"], "train.fsdp"),
 ])
 def test_bad_options_fail_at_start_naming_the_option(args, option):
-    from grpo.config import GRPOJobConfig
-    from infra.config import ConfigError, parse_args
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.run.config import ConfigError, parse_args
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
         parse_args(GRPOJobConfig, args)
 
 
 def test_prompts_not_divisible_by_world_size():
-    from grpo.config import GRPOJobConfig
-    from infra.config import ConfigError
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.run.config import ConfigError
     cfg = GRPOJobConfig()
     cfg.grpo.prompts_per_step = 3
     with pytest.raises(ConfigError, match="divisible by the world size 2"):

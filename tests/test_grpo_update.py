@@ -9,11 +9,11 @@ so that on identical weights policy and reference agree exactly.
 import pytest
 import torch
 
-from data.tiny import build_tiny_model
-from grpo.config import GRPOJobConfig
-from grpo.loss import policy_loss
-from grpo.trainer import GRPOTrainer
-from infra.attention import attention_implementation
+from r1train.data.tiny import build_tiny_model
+from r1train.grpo.config import GRPOJobConfig
+from r1train.grpo.loss import policy_loss
+from r1train.grpo.trainer import GRPOTrainer
+from r1train.model.attention import attention_implementation
 
 
 @pytest.fixture(scope="module")

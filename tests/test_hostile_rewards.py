@@ -16,12 +16,18 @@ from pathlib import Path
 
 import pytest
 
-import rewards.accuracy as accuracy
-from rewards import (AnswerChecker, RewardConfig, format_reward, get_accuracy_reward,
-                          get_reward_functions, pop_reward_metrics)
-from rewards.language import script_counts
-from rewards.math_answer import CORRECT
-from rewards.verifier_pool import VerifierPool
+import r1train.rewards.accuracy as accuracy
+from r1train.rewards import (
+    AnswerChecker,
+    RewardConfig,
+    format_reward,
+    get_accuracy_reward,
+    get_reward_functions,
+    pop_reward_metrics,
+)
+from r1train.rewards.language import script_counts
+from r1train.rewards.math_answer import CORRECT
+from r1train.rewards.verifier_pool import VerifierPool
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "<answer>\\boxed{9^{9^{9^{9}}}}</answer>"  # sympy works on it for minutes
@@ -140,7 +146,7 @@ def test_format_hand_worked_cases():
 
 def _old_script_counts(text: str) -> dict[str, int]:
     """language.script_counts as it was: the noise regex run on the raw text."""
-    from rewards import language
+    from r1train.rewards import language
     letters = "".join(language._LETTER_RE.findall(language._NOISE_RE.sub(" ", text)))
     counts = {name: len(rx.findall(letters)) for name, rx in language._SCRIPT_RES.items()}
     counts["other"] = len(letters) - sum(counts.values())
@@ -163,7 +169,7 @@ def test_language_counts_equal_the_unblanked_regex():
 HOSTILE_TEXT_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
-    from rewards import format_reward, language_consistency_reward, tag_count_reward
+    from r1train.rewards import format_reward, language_consistency_reward, tag_count_reward
     think_answer = "<think>" + "</think><answer>" * 48000   # 768,007 characters
     print(format_reward([think_answer]), tag_count_reward([think_answer]),
           language_consistency_reward(["\\\\(" * 384000, "\\\\[" * 384000 + "ab"],

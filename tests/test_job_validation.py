@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from grpo.config import GRPOJobConfig
-from infra.config import ConfigError, parse_args
-from sft.distill import DistillJobConfig
-from sft.rejection import RejectionJobConfig
+from r1train.grpo.config import GRPOJobConfig
+from r1train.run.config import ConfigError, parse_args
+from r1train.sft.distill import DistillJobConfig
+from r1train.sft.rejection import RejectionJobConfig
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def _gsm8k_row(question: str, answer: int) -> str:
 
 
 def test_train_records_reads_only_the_train_split(tmp_path):
-    from infra.evaluate import train_records
+    from r1train.data.problems import train_records
     only = tmp_path / "only-train"
     only.mkdir()
     (only / "train.jsonl").write_text("".join(_gsm8k_row(f"What is {i} + 1?", i + 1) for i in range(5)))

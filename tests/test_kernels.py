@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kernels import eager_linear_logprobs, fused_linear_logprobs, token_logprobs
-from kernels.logprobs import (
+from r1train.kernels import eager_linear_logprobs, fused_linear_logprobs, token_logprobs
+from r1train.kernels.logprobs import (
     resolve_impl,
     tile_shape,
     torch_linear_logprobs,
@@ -33,7 +33,7 @@ def _interpreter_from_start() -> bool:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
-        from kernels.triton_logprobs import INTERPRETED
+        from r1train.kernels.triton_logprobs import INTERPRETED
     except ImportError:  # no triton on this platform
         return False
     return INTERPRETED
@@ -148,7 +148,7 @@ def test_hand_derived_two_tokens(impl, which):
 @needs_interpreter
 def test_triton_token_kernel_matches_float64(N, V, block_v, temperature,
                                              with_entropy):
-    from kernels.triton_logprobs import triton_token_logprobs
+    from r1train.kernels.triton_logprobs import triton_token_logprobs
 
     gen = torch.Generator().manual_seed(N * V)
     logits = _ragged_logits(N, V, gen)
@@ -165,7 +165,7 @@ def test_triton_token_kernel_matches_float64(N, V, block_v, temperature,
 @needs_interpreter
 def test_triton_fused_kernel_matches_float64(N, H, V, num_splits, rows_per_chunk,
                                              temperature, with_entropy):
-    from kernels.triton_logprobs import triton_linear_logprobs
+    from r1train.kernels.triton_logprobs import triton_linear_logprobs
 
     gen = torch.Generator().manual_seed(N * H + V)
     hidden, weight, y = _ragged_linear(N, H, V, gen)
@@ -209,7 +209,7 @@ def _linear_reference_16bit(y, temperature, dtype):
 @pytest.mark.parametrize("with_entropy", [False, True])
 @needs_interpreter
 def test_triton_token_kernel_16bit(dtype, with_entropy):
-    from kernels.triton_logprobs import triton_token_logprobs
+    from r1train.kernels.triton_logprobs import triton_token_logprobs
 
     gen = torch.Generator().manual_seed(17)
     logits = _ragged_logits(9, 37, gen).to(dtype)
@@ -221,7 +221,7 @@ def test_triton_token_kernel_16bit(dtype, with_entropy):
 @pytest.mark.parametrize("with_entropy", [False, True])
 @needs_interpreter
 def test_triton_fused_kernel_float16(with_entropy):
-    from kernels.triton_logprobs import triton_linear_logprobs
+    from r1train.kernels.triton_logprobs import triton_linear_logprobs
 
     gen = torch.Generator().manual_seed(19)
     hidden, weight, y = _ragged_linear(9, 17, 70, gen)  # exact in float16 too
@@ -281,7 +281,7 @@ def test_cuda_triton_kernels_match_float64(dtype, temperature, with_entropy):
     """The kernels as a GPU runs them: default blocks and splits, V = 5003 (ragged against
     every block), N = 300 (ragged against BLOCK_N), a backward in three chunks. The inputs
     are exact in every dtype (`_ragged_linear`), so values still match float64 to 1e-5."""
-    from kernels.triton_logprobs import triton_linear_logprobs, triton_token_logprobs
+    from r1train.kernels.triton_logprobs import triton_linear_logprobs, triton_token_logprobs
 
     gen = torch.Generator().manual_seed(23)
     hidden, weight, y = _ragged_linear(300, 256, 5003, gen)

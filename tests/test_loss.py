@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from grpo.advantages import group_advantages
-from grpo.loss import loss_denominator, policy_loss
+from r1train.grpo.advantages import group_advantages
+from r1train.grpo.loss import loss_denominator, policy_loss
 
 F64 = torch.float64
 LN2 = math.log(2.0)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.tiny import build_tiny_model
+from r1train.data.tiny import build_tiny_model
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +39,8 @@ def overflowing_step(self, *a, **k):
 torch.optim.AdamW.step = overflowing_step
 sys.argv = ["train.py", *sys.argv[1:]]
 sys.path.insert(0, {root!r})
-import train
-train.main()
+from r1train.cli import main
+main()
 """
 
 
@@ -49,9 +50,9 @@ def tiny(tmp_path_factory):
 
 
 def test_check_finite_params_finds_one_bad_value():
-    from infra.checkpoint import CheckpointManager
-    from infra.dist import init_distributed
-    from infra.loop import NonFiniteParameters, check_finite_params
+    from r1train.run.checkpoint import CheckpointManager
+    from r1train.run.dist import init_distributed
+    from r1train.run.loop import NonFiniteParameters, check_finite_params
     info = init_distributed("cpu")
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     ckpt = CheckpointManager("/nonexistent/checkpoints", info)

@@ -1,9 +1,9 @@
-"""The trainers' optimizer (`infra.model.build_optimizer`) against AdamW written out in float64:
+"""The trainers' optimizer (`r1train.run.optim.build_optimizer`) against AdamW written out in float64:
 decoupled weight decay on matrices only, bias-corrected moments (Loshchilov & Hutter, Alg. 2,
 with PyTorch's placement of eps outside the square root)."""
 import torch
 
-from infra.model import build_optimizer
+from r1train.run.optim import build_optimizer
 
 
 def _adamw_reference(p, grads, lr, betas, eps, weight_decay):

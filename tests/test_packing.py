@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.tiny import build_tiny_model
-from sft.packing import (
+from r1train.data.tiny import build_tiny_model
+from r1train.sft.packing import (
     IGNORE_INDEX,
     VARLEN_ATTENTION,
     best_fit_decreasing,

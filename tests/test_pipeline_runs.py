@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import pipeline
-from infra.config import ConfigError
+from r1train import pipeline
+from r1train.run.config import ConfigError
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]

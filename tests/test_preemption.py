@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from data.tiny import build_tiny_model
+from r1train.data.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -81,8 +81,8 @@ class _Torchrun:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_sigterm_mid_step_saves_within_torchrun_grace_period(tiny, tmp_path):
-    from infra.checkpoint import CheckpointManager
-    from infra.dist import init_distributed
+    from r1train.run.checkpoint import CheckpointManager
+    from r1train.run.dist import init_distributed
     out = tmp_path / "run"
     # A real slow step: 16 completions of up to 700 tokens, ~35 s per step on 2 busy CPU cores,
     # most of it generation. torchrun is told to SIGKILL 15 s after forwarding the SIGTERM.
@@ -91,7 +91,10 @@ def test_sigterm_mid_step_saves_within_torchrun_grace_period(tiny, tmp_path):
     run = _Torchrun([*BASE, "--model.path", tiny, "--rollout.max_new_tokens", "700", "--data.num_eval", "0",
                      "--train.max_steps", "3", "--train.output_dir", str(out)], ["--shutdown-timeout", "15"])
     run.wait_for("step 1/3", timeout=420)
-    time.sleep(2)  # well inside step 2's generation
+    # Step 2 starts as soon as step 1's line is out. How long its generation takes depends on the
+    # machine (2.7 s to ~35 s measured) and on when the untrained model's rows end, so the signal
+    # goes out at once: past step 1's stop check (the line comes first), early in step 2.
+    time.sleep(0.3)
     run.proc.send_signal(signal.SIGTERM)
     t0 = time.time()
     run.finish(timeout=120)

@@ -22,9 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.prompts import SYSTEM_PROMPT, make_conversation, render_prompt
-from data.task import TaskConfig, task_records
-from infra import gguf
+from r1train.data.prompts import SYSTEM_PROMPT, make_conversation, render_prompt
+from r1train.data.task import TaskConfig, task_records
+from r1train.model import gguf
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def folder(cache):
 
 @pytest.fixture(scope="module")
 def smol(folder):
-    from infra.model import load_causal_lm, load_tokenizer
+    from r1train.model.load import load_causal_lm, load_tokenizer
 
     return load_tokenizer(str(folder)), load_causal_lm(str(folder), device=torch.device("cpu")).eval()
 
@@ -119,8 +120,8 @@ def test_chat_template_is_chatml(smol):
 
 
 def test_greedy_generation_stops_at_im_end_as_hf_generate_does(smol):
-    from infra.engine import generate, pad_prompts
-    from infra.policy import PolicyModel
+    from r1train.model.engine import generate, pad_prompts
+    from r1train.model.policy import PolicyModel
 
     tok, lm = smol
     chats = [[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
@@ -179,8 +180,8 @@ def test_eos_equal_to_pad_masks_only_what_follows_the_first_im_end(smol):
              [100 200 300 400 2]      [1 1 1 1 1]
              [500 600 700 800 900]    [1 1 1 1 1]  truncated
     """
-    from grpo.batch import GRPOBatch
-    from infra.engine import generate, pad_prompts
+    from r1train.grpo.batch import GRPOBatch
+    from r1train.model.engine import generate, pad_prompts
 
     tok, _ = smol
     script = [[100, 200, IM_END, IM_END, 300], [100, 200, 300, 400, IM_END], [500, 600, 700, 800, 900]]
@@ -202,7 +203,7 @@ def test_eos_equal_to_pad_masks_only_what_follows_the_first_im_end(smol):
 
 
 def test_sft_labels_keep_the_turn_ending_im_end(smol):
-    from sft.packing import IGNORE_INDEX, collate_packed, collate_padded, pack, tokenize_conversation
+    from r1train.sft.packing import IGNORE_INDEX, collate_packed, collate_padded, pack, tokenize_conversation
 
     tok, _ = smol
     recs = task_records(TaskConfig(max_value=50), 2, seed=0)
@@ -269,9 +270,9 @@ def test_export_loads_in_a_fresh_process_and_generates_the_same_greedy_text(grpo
     code = f"""
 import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from data.prompts import make_conversation
-from infra.engine import generate, pad_prompts
-from infra.policy import PolicyModel
+from r1train.data.prompts import make_conversation
+from r1train.model.engine import generate, pad_prompts
+from r1train.model.policy import PolicyModel
 tok = AutoTokenizer.from_pretrained({str(final)!r}, padding_side="left")
 lm = AutoModelForCausalLM.from_pretrained({str(final)!r}, dtype=torch.float32).eval()
 problems = json.loads({json.dumps([r["problem"] for r in rows])!r})

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data.tiny import build_tiny_model
-from infra.resume import config_changes
+from r1train.data.tiny import build_tiny_model
+from r1train.run.resume import config_changes
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,18 @@ import math
 
 import pytest
 
-from rewards import (REWARD_NAMES, RewardConfig, format_reward, get_cosine_scaled_reward,
-                          get_repetition_penalty_reward, get_reward_functions,
-                          get_soft_overlong_punishment, language_consistency_reward,
-                          reasoning_steps_reward, tag_count_reward)
+from r1train.rewards import (
+    REWARD_NAMES,
+    RewardConfig,
+    format_reward,
+    get_cosine_scaled_reward,
+    get_repetition_penalty_reward,
+    get_reward_functions,
+    get_soft_overlong_punishment,
+    language_consistency_reward,
+    reasoning_steps_reward,
+    tag_count_reward,
+)
 
 
 def chat(text):

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import rewards.verifier_pool as verifier_pool
-from rewards import (AnswerChecker, RewardConfig, get_accuracy_reward, get_reward_functions,
-                          pop_reward_metrics)
-from rewards.verifier_pool import VerifierPool, VerifierStartupError
+import r1train.rewards.verifier_pool as verifier_pool
+from r1train.rewards import AnswerChecker, RewardConfig, get_accuracy_reward, get_reward_functions, pop_reward_metrics
+from r1train.rewards.verifier_pool import VerifierPool, VerifierStartupError
 
 ASSETS = Path(__file__).parent / "assets"
 HOSTILE = "<answer>\\boxed{9^{9^{9^{9}}}}</answer>"
@@ -230,8 +229,8 @@ def test_worker_starts_while_parent_torch_has_threads():
 EXIT_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from rewards import AnswerChecker, get_accuracy_reward
-from rewards.verifier_pool import shared_pool
+from r1train.rewards import AnswerChecker, get_accuracy_reward
+from r1train.rewards.verifier_pool import shared_pool
 fn = get_accuracy_reward(checker=AnswerChecker(fast_path=False))
 assert fn(["<answer>$1$</answer>"], answer=["1"]) == [1.0]
 print(" ".join(str(w.proc.pid) for w in shared_pool()._workers), flush=True)

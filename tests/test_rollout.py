@@ -1,6 +1,6 @@
-"""The generation engine's sampler (infra/engine.py) against references that share none of its code: Hugging Face
-`generate` on each prompt alone (no padding, no batch), softmax in float64, and cases worked out
-by hand.
+"""The generation engine's sampler (r1train/model/engine.py) against references that share none of
+its code: Hugging Face `generate` on each prompt alone (no padding, no batch), softmax in float64,
+and cases worked out by hand.
 
 The model is the cold-start SFT checkpoint in tests/assets/tiny-r1-sft: unlike a random model it
 writes `<think>..</think><answer>..</answer>` and ends with <|im_end|>, so EOS, stop strings and
@@ -11,11 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.prompts import make_conversation, render_prompt
-from data.task import TaskConfig, generate_problems
-from infra.engine import (filter_logits, generate, pad_prompts, position_ids_from_mask, row_uniforms,
-                          sample_tokens)
-from infra.policy import PolicyModel
+from r1train.data.prompts import make_conversation, render_prompt
+from r1train.data.task import TaskConfig, generate_problems
+from r1train.model.engine import (
+    filter_logits,
+    generate,
+    pad_prompts,
+    position_ids_from_mask,
+    row_uniforms,
+    sample_tokens,
+)
+from r1train.model.policy import PolicyModel
 
 ASSET = Path(__file__).resolve().parent / "assets" / "tiny-r1-sft"
 # The task the checkpoint was trained on (configs/tiny-r1.yaml).
@@ -233,7 +239,7 @@ def test_stop_strings_end_the_row_where_the_string_completes(tiny, stop_strings)
 def test_the_engine_decodes_into_a_preallocated_cache(tiny):
     """The tests above compare the engine with HF `generate` through this cache: check that it
     is the one in use (not None, so not the model's own growing cache), views of one buffer."""
-    import infra.engine as engine
+    import r1train.model.engine as engine
 
     tok, _, policy = tiny
     cache = engine.preallocated_cache(policy, capacity=4)
@@ -255,7 +261,7 @@ def test_few_row_linears_equal_f_linear_and_are_restored(monkeypatch):
     """float64: (W @ x^T)^T equals F.linear for 1..FEW_ROWS rows, with and without a bias, on
     3-D inputs; more rows, small weights and other module types keep their forward; every
     patched forward is restored, also when the block raises."""
-    import infra.engine as engine
+    import r1train.model.engine as engine
 
     torch.manual_seed(0)
     big = torch.nn.Linear(300, 400).double()  # 120,000 weights
@@ -291,7 +297,7 @@ def test_few_row_linears_give_the_same_completions(tiny, monkeypatch, temperatur
     differently in float32."""
     import copy
 
-    import infra.engine as engine
+    import r1train.model.engine as engine
 
     tok, lm, _ = tiny
     policy = PolicyModel(copy.deepcopy(lm).double())
@@ -313,7 +319,7 @@ def test_few_row_linears_give_the_same_completions(tiny, monkeypatch, temperatur
 def test_stop_candidates_skip_only_rows_that_cannot_complete_a_string(tiny, monkeypatch):
     """Decoding only the rows whose new token can end a stop string stops every row where
     decoding all rows does: 16 sampled rows, against the engine with the filter turned off."""
-    import infra.engine as engine
+    import r1train.model.engine as engine
 
     tok = tiny[0]
     stops = ["</think>", "= 1", "+ 6"]

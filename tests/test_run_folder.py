@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from data.tiny import build_tiny_model, ensure_tiny_model
-from infra.config import ConfigError
-from infra.dist import init_distributed
+from r1train.data.tiny import build_tiny_model, ensure_tiny_model
+from r1train.run.config import ConfigError
+from r1train.run.dist import init_distributed
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def test_tiny_model_build_never_deletes_a_foreign_file(tmp_path):
 
 
 def test_embedded_model_in_a_foreign_folder_is_a_config_error(tmp_path):
-    from infra.model import resolve_model_path
+    from r1train.model.load import resolve_model_path
     (tmp_path / "tiny-model").mkdir()
     (tmp_path / "tiny-model" / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"tiny-model holds keep\.txt"):
@@ -73,7 +74,7 @@ def test_embedded_model_in_a_foreign_folder_is_a_config_error(tmp_path):
 def test_export_never_replaces_a_foreign_final_folder(tmp_path, tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from infra.checkpoint import export_hf
+    from r1train.run.checkpoint import export_hf
     model = AutoModelForCausalLM.from_pretrained(tiny)
     tok = AutoTokenizer.from_pretrained(tiny)
     info, out = init_distributed("cpu"), tmp_path / "final"
@@ -131,7 +132,7 @@ def test_starting_over_moves_the_earlier_run_aside_and_never_mixes_with_it(tiny,
 
 # ---------------------------------------------------------------- 6. torn logs
 def test_truncation_drops_later_steps_and_torn_lines(tmp_path, capsys):
-    from infra.logging import MetricsLogger
+    from r1train.run.logging import MetricsLogger
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
     (tmp_path / "samples.jsonl").write_text(

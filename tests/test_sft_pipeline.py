@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.tiny import build_tiny_model
+from r1train.data.tiny import build_tiny_model
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,8 +105,8 @@ def test_rejection_sampling_keeps_only_samples_that_pass(tiny, tmp_path):
                               "--sampling.rewards", "format,language_consistency",
                               "--sampling.require", "language_consistency", "--train.output_dir", str(out)])
     stats = json.loads((out / "rejection_stats.json").read_text())
-    from data import load_records
-    from rewards import language_consistency_reward
+    from r1train.data import load_records
+    from r1train.rewards import language_consistency_reward
     kept = load_records(out / "sft.jsonl", schema="bespoke", split="all").records
     assert stats["prompts"] == 12 and stats["kept"] == len(kept) >= 1
     assert stats["acceptance_rate"] == pytest.approx(len(kept) / 12)
@@ -123,7 +124,7 @@ def test_rejection_sampling_without_a_system_prompt_writes_a_loadable_set(tiny, 
                               "--data.system_prompt", "", "--sampling.samples_per_prompt", "6",
                               "--sampling.max_new_tokens", "12", "--sampling.rewards", "format,language_consistency",
                               "--sampling.require", "language_consistency", "--train.output_dir", str(out)])
-    from data import load_records
+    from r1train.data import load_records
     kept = load_records(out / "sft.jsonl", schema="bespoke", split="all").records
     assert kept and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in kept)
 

@@ -1,4 +1,4 @@
-"""The compiled decode path (infra/static_decode.py) against the engine's eager decode: the same
+"""The compiled decode path (r1train/model/static_decode.py) against the engine's eager decode: the same
 completions, greedy and sampled, while rows finish, leave the batch and move to smaller buckets.
 The model is the cold-start SFT checkpoint of tests/assets (its rows end at different steps), run
 in float64 so that attending over the whole static capacity (masked positions adding exact zeros,
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.prompts import make_conversation, render_prompt
-from data.task import TaskConfig, generate_problems
-from infra.engine import Engine, generate, pad_prompts
-from infra.policy import PolicyModel
-from infra.static_decode import CAPACITY_STEP, StaticDecoder, bucket_size
+from r1train.data.prompts import make_conversation, render_prompt
+from r1train.data.task import TaskConfig, generate_problems
+from r1train.model.engine import Engine, generate, pad_prompts
+from r1train.model.policy import PolicyModel
+from r1train.model.static_decode import CAPACITY_STEP, StaticDecoder, bucket_size
 
 ASSET = Path(__file__).resolve().parent / "assets" / "tiny-r1-sft"
 PROBLEMS = [p["problem"] for p in generate_problems(TaskConfig(min_operands=2, max_operands=3, max_value=9), 4, seed=0)]
@@ -96,7 +96,7 @@ def test_the_same_shapes_compile_once(tiny):
 
 
 def test_the_engine_refuses_it_under_fsdp(tiny):
-    from infra.dist import DistInfo
+    from r1train.run.dist import DistInfo
 
     tok, policy = tiny
     info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), fsdp=True)
@@ -127,11 +127,11 @@ def test_what_a_previous_call_left_in_the_buckets_is_never_read(tiny):
 def test_the_sampling_stages_take_the_option(tmp_path, monkeypatch):
     """rejection-sample and distill build their engines with --sampling.compile_decode; under
     FSDP the error names that option."""
-    import sft.rejection as rejection
-    from data.tiny import build_tiny_model
-    from infra.dist import DistInfo, init_distributed
-    from infra.sections import ModelConfig
-    from sft.rejection import load_sampler
+    import r1train.sft.rejection as rejection
+    from r1train.data.tiny import build_tiny_model
+    from r1train.run.dist import DistInfo, init_distributed
+    from r1train.run.sections import ModelConfig
+    from r1train.sft.rejection import load_sampler
 
     path = str(build_tiny_model(tmp_path / "tiny", seed=0))
     info = init_distributed("cpu")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from data.prompts import SYSTEM_PROMPT, make_conversation
-from data.task import TaskConfig, generate_problems, split_of, task_records
-from data.tiny import build_tiny_model, build_tiny_tokenizer
+from r1train.data.prompts import SYSTEM_PROMPT, make_conversation
+from r1train.data.task import TaskConfig, generate_problems, split_of, task_records
+from r1train.data.tiny import build_tiny_model, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_build_is_deterministic(tmp_path):
 
 
 def test_task_solutions_are_correct_and_scored_by_the_reward():
-    from rewards import accuracy_reward, format_reward
+    from r1train.rewards import accuracy_reward, format_reward
     cfg = TaskConfig(min_operands=3, max_operands=4, max_value=9)
     recs = task_records(cfg, 50, seed=1)
     for r in recs:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from data import DatasetError, load_records
-from grpo.config import GRPOJobConfig
-from infra.config import ConfigError, parse_args
-from sft.distill import DistillJobConfig
-from sft.rejection import RejectionJobConfig
-from sft.trainer import SFTJobConfig
+from r1train.data import DatasetError, load_records
+from r1train.grpo.config import GRPOJobConfig
+from r1train.run.config import ConfigError, parse_args
+from r1train.sft.distill import DistillJobConfig
+from r1train.sft.rejection import RejectionJobConfig
+from r1train.sft.trainer import SFTJobConfig
+
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +190,7 @@ def _mixed_file(tmp_path) -> Path:
 
 
 def test_skip_covers_malformed_non_utf8_and_non_object_lines(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="r1train.data.loaders"):
         records = load_records(_mixed_file(tmp_path), split="all", on_bad_row="skip")
     assert len(records) == 2 and records.skipped == 4  # lines 3, 4, 5 and 6
     [message] = [r.getMessage() for r in caplog.records]

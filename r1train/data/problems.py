@@ -1,0 +1,170 @@
+"""A data section in, a stage's problems out: the one place where the command line's data options
+become records (the layouts of schemas.py, through loaders.py, mixing.py and the embedded task)
+and prompts become token ids.
+
+    load_problems(d, seed)          RL problems (GRPO, rejection sampling, distillation): the
+                                    training problems and the held-out ones, as `Problems`
+    load_conversations(d, seed)     SFT: training conversations and held-out problems
+    training_prompts / encode_prompts   records -> chat-template prompts -> token ids
+
+Held-out means never trained on: one rule for every stage (`loaders.load_held_out`): the same
+source's test split, or the other side of training's seeded cut; another source's test split,
+else all of its rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from r1train.data.loaders import load_held_out, load_records
+from r1train.data.mixing import mix_records, parse_sources, shares
+from r1train.data.prompts import render_prompt, resolve_system_prompt
+from r1train.data.task import general_chat_records, task_records
+from r1train.run.config import ConfigError
+from r1train.run.sections import EMBEDDED, DataConfig
+
+
+@dataclasses.dataclass
+class Problems:
+    """The problems of one data section: records with `prompt`, `problem`, `solution`, `answer`."""
+    train: list[dict]
+    held_out: list[dict]
+
+
+def load_problems(d: DataConfig, seed: int, say=None, held_out: bool = True, option: str = "data") -> Problems:
+    """Training and held-out problems of an RL data section (`option`: its name on the command
+    line), checked for the columns the rewards read. Called before any model loads, so that a bad
+    file or row fails in seconds. `say` (a print function, or None) gets a line about a mix of
+    sources; `held_out=False` for stages that only sample (rejection sampling, distillation)."""
+    train = train_records(d, seed, say=say)
+    for col in ("prompt", "solution", "answer"):
+        if train and col not in train[0]:
+            raise ConfigError(f"--{option}.source={d.source!r}: records lack column {col!r}")
+    return Problems(train, held_out_records(d, seed) if held_out else [])
+
+
+def _single(d: DataConfig, source: str) -> DataConfig:
+    return dataclasses.replace(d, source=source)
+
+
+def _load_train(d: DataConfig, seed: int) -> list[dict]:
+    system_prompt = resolve_system_prompt(d.system_prompt)
+    if d.source == EMBEDDED:
+        return task_records(d.task, d.num_train, seed=seed, split="train", system_prompt=system_prompt)
+    return list(load_records(d.source, schema=d.schema, split=d.train_split, on_bad_row=d.on_bad_row,
+                             test_size=d.test_size, seed=seed, system_prompt=system_prompt,
+                             columns=d.columns).records)
+
+
+def train_records(d: DataConfig, seed: int, say=None) -> list[dict]:
+    """The training problems of a data section (GRPO prompts, rejection sampling, distillation).
+    Several weighted sources (`a.jsonl:0.7,b.jsonl:0.3`) are mixed by data/mixing.py; `say`
+    (a print function, or None) then gets one line per source."""
+    parts = parse_sources(d.source)
+    if len(parts) == 1:
+        return _load_train(_single(d, parts[0][0]), seed)
+    pool, lines = mix_records([(s, _load_train(_single(d, s), seed), w) for s, w in parts], seed)
+    if say is not None:
+        say(f"data mix of {len(parts)} sources, {len(pool)} problems: {'; '.join(lines)}")
+    return pool
+
+
+def held_out_records(d: DataConfig, seed: int) -> list[dict]:
+    """The first `num_eval` held-out problems of a data section (module docstring). Of several
+    weighted sources without an `eval_source`: each one's held-out problems, in the share of
+    its weight."""
+    system_prompt = resolve_system_prompt(d.system_prompt)
+    parts = parse_sources(d.source)
+    if len(parts) > 1 and not d.eval_source:
+        counts = shares(d.num_eval, [w for _, w in parts])
+        return [r for (s, _), n in zip(parts, counts)
+                for r in held_out_records(dataclasses.replace(d, source=s, num_eval=n), seed)]
+    source = parts[0][0] if len(parts) == 1 else d.source  # several: evaluated on eval_source alone
+    if source == EMBEDDED:
+        return task_records(d.task, d.num_eval, seed=seed, split="test", system_prompt=system_prompt)
+    return list(load_held_out(source, d.eval_source, train_split=d.train_split,
+                              eval_split=d.eval_split, schema=d.schema, on_bad_row=d.on_bad_row,
+                              test_size=d.test_size, seed=seed, system_prompt=system_prompt,
+                              columns=d.columns).records[: d.num_eval])
+
+
+def training_prompts(tokenizer, records: list[dict], d: DataConfig, option: str, tag: str,
+                     main: bool) -> tuple[list[dict], list[list[int]], int]:
+    """`encode_prompts` for training or sampling: refuses a source left with no prompt, says how
+    many were dropped for length."""
+    kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens)
+    if not kept:
+        raise ConfigError(f"--{option}.source={d.source!r}: no prompts left (dropped {dropped} longer than "
+                          f"--{option}.max_prompt_tokens={d.max_prompt_tokens})")
+    if main and dropped:
+        print(f"[{tag}] dropped {dropped} prompts longer than {d.max_prompt_tokens} tokens", flush=True)
+    return kept, ids, dropped
+
+
+def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None = None):
+    """Render each record's prompt ([system, user] chat) with the chat template (`render_prompt`:
+    merged into the user turn where the template has no system role) and tokenize it.
+
+    Returns (kept records, their token lists, number dropped for length).
+    """
+    kept, ids, dropped = [], [], 0
+    for r in records:
+        text = render_prompt(tokenizer, r["prompt"], add_generation_prompt=True)
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max_prompt_tokens and len(toks) > max_prompt_tokens:
+            dropped += 1
+            continue
+        kept.append(r)
+        ids.append(toks)
+    return kept, ids, dropped
+
+
+def load_conversations(d, seed: int, say=None) -> tuple[list[list[dict]], list[dict]]:
+    """SFT's data section (`d`: sft.trainer.SFTDataConfig) -> training conversations (message
+    lists) and held-out problems (records with answers): held out only where `eval_source` names
+    them, or the embedded task's test side; a chat set has no answers to score otherwise.
+
+    `say` (a print function, or None) gets how many conversations each source gave."""
+    system_prompt = resolve_system_prompt(d.system_prompt)
+    if d.source == EMBEDDED:
+        train = [r["messages"] for r in task_records(d.task, d.num_train, seed=seed, split="train",
+                                                     system_prompt=system_prompt)]
+    else:
+        loaded = load_records(d.source, schema=d.schema, split=d.split, on_bad_row=d.on_bad_row,
+                              test_size=d.test_size, seed=seed, system_prompt=system_prompt,
+                              columns=d.columns)
+        missing = [i for i, r in enumerate(loaded.records) if "messages" not in r]
+        if missing:
+            raise ConfigError(f"--data.source={d.source!r}: its rows are {loaded.schema!r} problems, without "
+                              f"an assistant reply (record {missing[0] + 1}); SFT needs chat data: the "
+                              f"bespoke or messages layout (data/schemas.py)")
+        train = [r["messages"] for r in loaded.records]
+    report = [f"{len(train)} from --data.source={d.source!r}"]
+    if d.mix_source and d.mix_fraction > 0:
+        if d.mix_source == EMBEDDED:
+            mix = [r["messages"] for r in general_chat_records(1000, seed=seed)]
+        else:
+            loaded = load_records(d.mix_source, split="all", on_bad_row=d.on_bad_row)
+            mix = [r["messages"] for r in loaded.records if "messages" in r]
+            if not mix:
+                raise ConfigError(f"--data.mix_source={d.mix_source!r}: gave no conversation to mix in: its "
+                                  f"{len(loaded)} rows are {loaded.schema!r} problems without an assistant "
+                                  f"reply; the mix needs chat data (the bespoke or messages layout)")
+        want = int(round(len(train) * d.mix_fraction / (1 - d.mix_fraction)))
+        g = torch.Generator().manual_seed(seed)
+        train += [mix[i] for i in torch.randint(len(mix), (want,), generator=g).tolist()]
+        report.append(f"{want} drawn from --data.mix_source={d.mix_source!r} ({len(mix)} there"
+                      f"{'; --data.mix_fraction is too small for so few' if not want else ''})")
+    if say is not None:
+        say(f"conversations: {'; '.join(report)}")
+    if d.eval_source:
+        evals = load_held_out(d.source, d.eval_source, train_split=d.split, schema=d.schema,
+                              on_bad_row=d.on_bad_row, test_size=d.test_size,
+                              seed=seed, system_prompt=system_prompt,
+                              columns=d.columns).records[: d.num_eval]
+    elif d.source == EMBEDDED:
+        evals = task_records(d.task, d.num_eval, seed=seed, split="test", system_prompt=system_prompt)
+    else:
+        evals = []
+    return train, list(evals)

@@ -1,0 +1,162 @@
+"""GRPO job configuration: typed dataclasses with a documented default per field.
+
+Defaults target a real model (Qwen2.5-0.5B-Instruct class) and follow the literature rather than
+the tutorial: learning rate 1e-6 (DeepSeekMath used 1e-6; the tutorial's 5e-5 destroys a
+pretrained model within a few hundred steps), beta 0.04, group size 8, clip 0.2. The embedded
+recipe (`configs/tiny-r1.yaml`, and what `train.py` runs with no arguments) sets its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from r1train.rewards import RewardConfig
+from r1train.run.config import ConfigError
+from r1train.run.sections import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    at_least,
+    bad,
+    check_data,
+    check_model,
+    check_optim,
+    check_rewards,
+    check_train,
+    finite,
+    one_of,
+)
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    """G: completions sampled per prompt; advantages are relative within a group."""
+    max_new_tokens: int = 512
+    """Completion budget in tokens; longer completions are cut and flagged truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Extra strings that end a completion (EOS always does)."""
+    prompts_per_generation: int = 0
+    """Prompts generated together in one batch per rank (0 = all of the rank's prompts)."""
+    eval_temperature: float = 0.0
+    """Temperature of evaluation decoding (0 = greedy)."""
+    compile_decode: bool = False
+    """Decode steps compiled (torch.compile; CUDA graphs on a GPU) over a static KV cache in
+    batch-size buckets (model/static_decode.py). One process only; the first steps compile a
+    graph per bucket. For GPUs, where a decode step is launch-bound; on a CPU it gains nothing."""
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 16
+    """Prompts per optimizer step, over all ranks (global batch = prompts_per_step * group_size)."""
+    micro_batch_size: int = 8
+    """Completions per forward/backward on one rank (gradient accumulation over the rest)."""
+    packing: bool = True
+    """Log-prob and update passes on packed rows: each prompt computed once for its completions,
+    no padding (grpo/batch.py). False: the padded per-row pass, kept as the oracle."""
+    micro_batch_tokens: int = 0
+    """Packed passes: tokens per forward/backward on one rank, instead of micro_batch_size
+    completions (0 = use micro_batch_size). A completion longer than this gets its own."""
+    num_iterations: int = 1
+    """mu: passes over each batch of rollouts; > 1 needs old-policy log-probs and clipping."""
+    beta: float = 0.04
+    """KL coefficient against the frozen reference model (0 = no reference model)."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3 (DeepSeekMath Eq. 4)."""
+    epsilon_low: float = 0.2
+    """Lower clip range: ratio >= 1 - epsilon_low."""
+    epsilon_high: float = 0.0
+    """Upper clip range (DAPO clip-higher); 0 = same as epsilon_low."""
+    loss_type: str = "grpo"
+    """grpo, bnpo, dr_grpo or dapo (see grpo/loss.py)."""
+    importance_sampling: str = "token"
+    """token (GRPO) or sequence (GSPO)."""
+    advantage_estimator: str = "grpo"
+    """grpo (group mean/std) or rloo (leave-one-out)."""
+    scale_rewards: str = "group"
+    """group, batch or none (Dr. GRPO): what the centred rewards are divided by."""
+    mask_truncated: bool = False
+    """Exclude completions that hit max_new_tokens from the loss (DAPO)."""
+    drop_zero_std_groups: bool = False
+    """Leave groups whose rewards are all equal out of the loss (DAPO dynamic sampling, lite)."""
+    ref_refresh_steps: int = 0
+    """tau: every tau steps mix the policy into the reference (0 = never)."""
+    ref_mix_alpha: float = 0.6
+    """alpha: reference <- alpha * policy + (1 - alpha) * reference at each refresh."""
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    """Reward functions: built-in names (see rewards), module:function, path/to/file.py:function,
+    or name=<either> to set the metric name (rewards/custom.py)."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward (empty = all 1.0)."""
+
+
+@dataclass
+class GRPOJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Fail at start, naming the option, on values and combinations that cannot train.
+
+        Runs in `parse_args`, before any model or data loads. Bounds are written as
+        `not (x > 0)` where a NaN must fail too (`nan <= 0` is False)."""
+        r, g, o, t = self.rollout, self.grpo, self.optim, self.train
+        check_model(self.model)
+        check_data(self.data)
+        check_optim(o)
+        check_train(t)
+        at_least("rollout.group_size", r.group_size, 2, "(advantages compare completions within a group)")
+        at_least("grpo.prompts_per_step", g.prompts_per_step, 1)
+        if g.prompts_per_step % world_size:
+            bad("grpo.prompts_per_step", g.prompts_per_step,
+                f"must be divisible by the world size {world_size} (each rank scores whole groups)")
+        local = g.prompts_per_step // world_size * r.group_size
+        if not g.micro_batch_tokens and (g.micro_batch_size < 1 or local % g.micro_batch_size):
+            bad("grpo.micro_batch_size", g.micro_batch_size,
+                f"must divide the per-rank batch of {local} completions "
+                f"(prompts_per_step / world_size * group_size)")
+        at_least("grpo.micro_batch_tokens", g.micro_batch_tokens, 0, "(0 = micro_batch_size completions)")
+        if g.micro_batch_tokens and not g.packing:
+            bad("grpo.micro_batch_tokens", g.micro_batch_tokens,
+                "needs --grpo.packing true (padded micro-batches count completions)")
+        at_least("rollout.prompts_per_generation", r.prompts_per_generation, 0)
+        at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
+        if not (finite(r.temperature) and r.temperature > 0):
+            bad("rollout.temperature", r.temperature, "must be a finite number > 0 for GRPO sampling")
+        if not 0 < r.top_p <= 1:
+            bad("rollout.top_p", r.top_p, "must be in (0, 1]")
+        at_least("rollout.top_k", r.top_k, 0, "(0 = off)")
+        at_least("rollout.eval_temperature", r.eval_temperature, 0, "(0 = greedy)", finite_only=True)
+        at_least("grpo.beta", g.beta, 0, finite_only=True)
+        at_least("grpo.num_iterations", g.num_iterations, 1)
+        for option, value in (("grpo.epsilon_low", g.epsilon_low), ("grpo.epsilon_high", g.epsilon_high)):
+            at_least(option, value, 0, finite_only=True)
+        for opt, val, allowed in (("grpo.loss_type", g.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
+                                  ("grpo.kl_estimator", g.kl_estimator, ("k1", "k2", "k3")),
+                                  ("grpo.importance_sampling", g.importance_sampling, ("token", "sequence")),
+                                  ("grpo.advantage_estimator", g.advantage_estimator, ("grpo", "rloo")),
+                                  ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))):
+            one_of(opt, val, allowed)
+        check_rewards("grpo.rewards", g.rewards, g.reward_weights)
+        if not 0 <= g.ref_mix_alpha <= 1:
+            bad("grpo.ref_mix_alpha", g.ref_mix_alpha, "must be in [0, 1]")
+        at_least("grpo.ref_refresh_steps", g.ref_refresh_steps, 0, "(0 = never)")
+        if g.ref_refresh_steps and g.beta == 0:
+            bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "needs beta > 0 (no reference model otherwise)")
+        try:
+            self.rewards.check()
+        except ValueError as e:
+            raise ConfigError(f"--rewards.{e}") from None
+        at_least("train.max_steps", t.max_steps, 1)

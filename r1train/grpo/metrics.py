@@ -1,0 +1,61 @@
+"""Per-step GRPO metrics, reduced over ranks. Names are the ones the README's glossary explains."""
+from __future__ import annotations
+
+import torch
+
+from r1train.grpo.advantages import zero_std_groups
+from r1train.rewards import pop_reward_metrics
+from r1train.run.dist import all_gather_cat, all_reduce_sum
+
+# Update statistics: means over tokens of each micro-batch, averaged over the step; "loss" is
+# each rank's share of the whole step's loss (its sum over the global count), summed over ranks.
+UPDATE_MEANS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy")
+
+
+def _valid_group_std(rewards: torch.Tensor, valid: torch.Tensor, g: int) -> torch.Tensor:
+    """Unbiased std of each group's valid rewards, 0 where fewer than two are valid."""
+    r, v = rewards.view(-1, g), valid.view(-1, g).double()  # [groups, G]
+    n = v.sum(-1)
+    mean = (r * v).sum(-1) / n.clamp(min=1)
+    var = (((r - mean[:, None]) ** 2) * v).sum(-1) / (n - 1).clamp(min=1)
+    return torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))  # [groups]
+
+
+def reward_metrics(per_fn: torch.Tensor, rewards: torch.Tensor, lengths: torch.Tensor,
+                   truncated: torch.Tensor, names: list[str], group_size: int, device=None) -> dict:
+    """Reward, per-function and length statistics of the step's rows, every rank's (gathered).
+
+    per_fn `[N, F]` (NaN = no opinion), rewards `[N]`, lengths `[N]`, truncated `[N]` bool. A row
+    on which every reward function abstained carries a placeholder reward of 0 and advantage 0
+    (`combine_rewards`): it stays out of the means and stds, as in training.
+    """
+    local = torch.cat([rewards.double()[:, None], per_fn.double(), lengths.double()[:, None],
+                       truncated.double()[:, None]], dim=1)  # [N, F + 3]
+    everything = all_gather_cat(local.to(device) if device is not None else local).cpu()
+    rewards, per_fn = everything[:, 0], everything[:, 1:-2]  # [N_global], [N_global, F]
+    lengths, truncated = everything[:, -2], everything[:, -1]
+    valid = ~torch.isnan(per_fn).all(-1)  # [N_global]
+    m = {"reward": rewards[valid].mean().item() if valid.any() else float("nan"),
+         "reward_std": _valid_group_std(rewards, valid, group_size).mean().item(),
+         "frac_reward_zero_std": zero_std_groups(rewards, group_size, valid).double().mean().item()}
+    for f, n in enumerate(names):
+        col = per_fn[:, f]
+        col = col[~torch.isnan(col)]
+        m[f"{n}/mean"] = col.mean().item() if col.numel() else float("nan")
+        m[f"{n}/std"] = col.std().item() if col.numel() > 1 else 0.0
+    m.update({"completion_length/mean": lengths.mean().item(), "completion_length/min": lengths.min().item(),
+              "completion_length/max": lengths.max().item(), "truncated_frac": truncated.mean().item(),
+              "tokens": lengths.sum().item()})
+    for k, v in pop_reward_metrics().items():
+        m[f"rewards/{k}"] = v
+    return m
+
+
+def update_metrics(update: dict, world_size: int, device=None) -> dict:
+    """The update's statistics over ranks: "loss" summed (shares of one global loss), the
+    per-token means averaged."""
+    keys = ["loss", *UPDATE_MEANS]
+    vec = torch.tensor([float(update[k]) for k in keys], dtype=torch.float64)
+    vec = all_reduce_sum(vec.to(device) if device is not None else vec).cpu()
+    vec[1:] /= world_size
+    return dict(zip(keys, vec.tolist()))

@@ -1,0 +1,293 @@
+"""The GRPO trainer (R1-Zero stage): `torchrun train.py grpo [--recipe ...] [--section.field v]`.
+
+One optimizer step, in named phases (`train_step`; the loop around it is `run.loop.Trainer`):
+  1. sample prompts   - this step's slice of a seeded, epoch-wise permutation of the train set
+  2. generate         - group_size completions per prompt (model/engine.py), seeded per row
+  3. score            - every reward function, weighted, NaN = no opinion (rewards/)
+  4. advantages       - group-normalized (grpo/advantages.py), on whole groups of one rank
+  5. old / ref logps  - no grad, fused log-prob kernel at the sampling temperature
+  6. update           - num_iterations passes over micro-batches, gradient accumulation,
+                        clipped policy loss + beta * KL (grpo/loss.py), AdamW, grad clipping
+  Phases 5 and 6 run on packed rows (grpo.packing, grpo/batch.py): each prompt once, then its
+  completions, no padding; micro-batches of micro_batch_size completions or micro_batch_tokens.
+  7. ref refresh      - optional: ref <- alpha * policy + (1 - alpha) * ref every tau steps;
+                        once refreshed, the reference is saved in the checkpoints too
+
+Departures from DeepSeekMath's GRPO, said out loud:
+- with num_iterations == 1 the old policy is the current one, so old_logps = logps.detach():
+  the ratio is 1 and the clip never binds (TRL and verl do the same); no extra forward.
+- micro-batches are shuffled only when num_iterations > 1 (no pass's summed gradient depends on
+  the order; a fixed order keeps runs of different world sizes bit-comparable). Packed passes
+  shuffle whole groups, so that a group's completions still share their prompt's computation.
+- each of the num_iterations passes ends in its own optimizer step and carries the whole batch's
+  loss (TRL's num_iterations, verl's ppo_epochs): micro-batch losses are divided by the count of
+  the whole step (`loss_denominator`) and FSDP sums the ranks' gradients, so a pass's gradient
+  is the gradient of the whole batch's loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from r1train.data.problems import encode_prompts, load_problems, training_prompts
+from r1train.evaluate import evaluate
+from r1train.grpo.advantages import (
+    batch_reward_std,
+    combine_rewards,
+    group_advantages,
+    rloo_advantages,
+    zero_std_groups,
+)
+from r1train.grpo.batch import GRPOBatch, split_to, token_budget_micro_batches
+from r1train.grpo.config import GRPOJobConfig
+from r1train.grpo.loss import loss_denominator, policy_loss
+from r1train.grpo.metrics import reward_metrics, update_metrics
+from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
+from r1train.model.engine import Engine, row_seed
+from r1train.model.load import load_model
+from r1train.model.policy import PolicyModel
+from r1train.rewards import entry_text, get_reward_functions, score_completions
+from r1train.run.config import ConfigError
+from r1train.run.dist import all_gather_cat, all_reduce_max, all_reduce_sum, decoder_layers, shard_model
+from r1train.run.logging import clock, write_jsonl
+from r1train.run.loop import Trainer, epoch_order
+
+STATS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
+
+
+class GRPOTrainer(Trainer):
+    tag = "grpo"
+    step_keys = ("reward", "accuracy/mean", "format/mean", "reward_std", "loss", "kl",
+                 "completion_length/mean", "grad_norm")
+    bar_key = "reward"
+
+    def __init__(self, cfg: GRPOJobConfig, reward_funcs: list | None = None):
+        """`reward_funcs`: the rewards, from Python, instead of `cfg.grpo.rewards`: built-in
+        names, references (`module:fn`, `file.py:fn`), callables `fn(completions, **columns)`
+        or `(name, fn)` pairs, weighted by `cfg.grpo.reward_weights`. The run's config.yaml then
+        lists them (a callable as `name=module:qualname`; rewards/custom.py)."""
+        if reward_funcs is not None:
+            cfg.grpo.rewards = [entry_text(e) for e in reward_funcs]  # before the config is printed, saved
+        super().__init__(cfg)
+        # Data and rewards before the models: a bad file or row fails in seconds, not after a
+        # 7B model (and its reference copy) has loaded.
+        say = (lambda line: print(f"[grpo] {line}", flush=True)) if self.main else None
+        problems = load_problems(cfg.data, cfg.train.seed, say=say)
+        g = cfg.grpo
+        try:
+            self.rewards = get_reward_functions(g.rewards if reward_funcs is None else reward_funcs,
+                                                cfg.rewards, g.reward_weights or None)
+        except ValueError as e:
+            raise ConfigError(f"--grpo.rewards: {e}") from None
+        self.weights = [w for _, _, w in self.rewards]
+
+        _, tokenizer, lm = load_model(cfg.model, self.out, self.info)
+        self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
+        self.ref = None
+        if g.beta > 0:
+            _, _, ref_lm = load_model(cfg.model, self.out, self.info, trainable=False)
+            self.ref = shard_model(PolicyModel(ref_lm), decoder_layers(ref_lm), self.info).eval()
+        self.ref_refreshes = 0  # refreshes applied to self.ref: 0 means it is the initial model
+        self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast,
+                             compile_decode=cfg.rollout.compile_decode)
+        self.setup_training(self.policy, lm.config, tokenizer)
+
+        self.train_records, self.train_ids, _ = training_prompts(tokenizer, problems.train, cfg.data, "data", "grpo",
+                                                                 self.main)
+        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, problems.held_out, cfg.data.max_prompt_tokens)
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        batch, timings = self.rollout()  # phases 1-4
+        t0 = clock(self.info.device)
+        self.logprobs(batch)  # phase 5
+        timings["time/logprob"] = clock(self.info.device) - t0
+        t0 = clock(self.info.device)
+        update = self.update(batch)  # phase 6
+        timings["time/update"] = clock(self.info.device) - t0
+        g = self.cfg.grpo
+        if g.ref_refresh_steps and self.ref is not None and self.step % g.ref_refresh_steps == 0:
+            self.refresh_reference()  # phase 7
+        t, names = self.cfg.train, [n for n, _, _ in self.rewards]
+        if self.main and t.sample_every and self.step % t.sample_every == 0:
+            write_jsonl(self.out / "samples.jsonl", [
+                {"step": self.step, "problem": batch.records[j]["problem"],
+                 "answer": batch.records[j].get("answer", ""), "completion": batch.texts[j],
+                 "reward": float(batch.rewards[j]), "advantage": float(batch.advantages[j]),
+                 **{n: float(batch.per_fn[j, f]) for f, n in enumerate(names)}}
+                for j in range(min(8, len(batch)))])
+        return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
+                                 names, self.cfg.rollout.group_size, self.info.device),
+                **update_metrics(update, self.info.world_size, self.info.device),
+                "grad_norm": update["grad_norm"], "skipped_update": update["skipped_update"], **timings}
+
+    def rollout(self) -> tuple[GRPOBatch, dict]:
+        """Phases 1-4: this rank's prompts, their completions, rewards and advantages."""
+        cfg, info, g, r = self.cfg, self.info, self.cfg.grpo, self.cfg.rollout
+        # 1. sample prompts: this rank's whole groups
+        t0 = clock(info.device)
+        per_rank = g.prompts_per_step // info.world_size
+        order = epoch_order(len(self.train_records), cfg.train.seed, (self.step - 1) * g.prompts_per_step,
+                            g.prompts_per_step)
+        mine = order[info.rank * per_rank:(info.rank + 1) * per_rank]
+        # 2. generate, in chunks of prompts_per_generation prompts
+        chunk = r.prompts_per_generation or per_rank
+        rollouts, records = [], []
+        for c in range(0, per_rank, chunk):
+            idx = [i for i in mine[c:c + chunk] for _ in range(r.group_size)]
+            first_row = (info.rank * per_rank + c) * r.group_size  # global row index: seeds
+            rollouts.append(self.engine.generate(
+                [self.train_ids[i] for i in idx], [row_seed(cfg.train.seed, self.step, first_row + j)
+                                                   for j in range(len(idx))],
+                max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
+                top_p=r.top_p, stop_strings=r.stop_strings, stop_requested=lambda: self.stop_requested))
+            records += [self.train_records[i] for i in idx]
+        batch = GRPOBatch.from_rollouts(rollouts, records, self.tokenizer.pad_token_id)
+        timings = {"time/generate": clock(info.device) - t0}
+        self.stop_point()
+
+        # 3. score: [N, F], NaN where a reward has no opinion
+        t0 = clock(info.device)
+        batch.per_fn = score_completions(self.rewards, batch.texts, records, batch.completion_lists())  # [N, F]
+        timings["time/score"] = clock(info.device) - t0
+        self.stop_point()
+
+        # 4. advantages on this rank's whole groups
+        batch.rewards, valid = combine_rewards(batch.per_fn, self.weights)  # [N], [N]
+        if g.advantage_estimator == "rloo":
+            batch.advantages = rloo_advantages(batch.rewards, r.group_size, valid=valid)
+        else:
+            std = None
+            if g.scale_rewards == "batch":  # the std of the whole global batch, every rank's rows
+                dev = info.device
+                std = batch_reward_std(all_gather_cat(batch.rewards.to(dev)).cpu(),
+                                       all_gather_cat(valid.to(dev, batch.rewards.dtype)).cpu() > 0)
+            batch.advantages = group_advantages(batch.rewards, r.group_size, scale=g.scale_rewards,
+                                                valid=valid, batch_std=std)
+        flat = zero_std_groups(batch.rewards, r.group_size, valid=valid).repeat_interleave(r.group_size)  # [N]
+        drop = (g.mask_truncated & batch.truncated.cpu()) | (g.drop_zero_std_groups & flat)
+        batch.loss_weight = (~drop).double()  # [N]
+        return batch, timings
+
+    def _training_attention(self):
+        """Packed passes attend within their segments, in the forward and in a checkpointed
+        backward's recomputation alike (packed_logprobs alone switches for its forward only)."""
+        return attention_implementation(self.policy.lm, VARLEN_ATTENTION if self.cfg.grpo.packing else None)
+
+    def _order(self, n: int, gen: torch.Generator) -> list[int]:
+        """A pass's row order when num_iterations > 1: shuffled (packed passes: whole groups)."""
+        if not self.cfg.grpo.packing:
+            return torch.randperm(n, generator=gen).tolist()
+        G = self.cfg.rollout.group_size
+        return [k * G + j for k in torch.randperm(n // G, generator=gen).tolist() for j in range(G)]
+
+    def _micro_batches(self, batch: GRPOBatch, order: list[int] | None = None) -> list[list[int]]:
+        n, g = len(batch), self.cfg.grpo
+        order = list(range(n)) if order is None else order
+        if not g.micro_batch_tokens:
+            return [order[k:k + g.micro_batch_size] for k in range(0, n, g.micro_batch_size)]
+        out = token_budget_micro_batches(order, batch.prompt_lists(), batch.lengths.tolist(), g.micro_batch_tokens)
+        # Every rank runs as many forwards as the rank that needs the most (FSDP's collectives).
+        return split_to(out, all_reduce_max(len(out), self.info.device))
+
+    def _logps(self, model, mb: GRPOBatch, with_entropy: bool = False):
+        """[n, t] log-probs of the micro-batch's completions (and [n, t] entropies)."""
+        temperature = self.cfg.rollout.temperature
+        if not self.cfg.grpo.packing:
+            return model.completion_logprobs(mb.input_ids, mb.attention_mask, mb.position_ids,
+                                             mb.completion_ids, mb.prompt_len, temperature=temperature,
+                                             return_entropy=with_entropy)
+        packed = mb.packed()
+        out = model.packed_logprobs(packed.input_ids, packed.position_ids, packed.sources, packed.targets,
+                                    temperature=temperature, return_entropy=with_entropy, **packed.attention())
+        return tuple(packed.scatter(o) for o in out) if with_entropy else packed.scatter(out)
+
+    @torch.no_grad()
+    def logprobs(self, batch: GRPOBatch) -> None:
+        """Phase 5: old-policy (num_iterations > 1) and reference log-probs, [N, T] each."""
+        with self.autocast():
+            for rows in self._micro_batches(batch):
+                self.stop_point()
+                mb = batch.micro(rows)
+                if self.cfg.grpo.num_iterations > 1:
+                    batch.set_logps("old_logps", rows, self._logps(self.policy, mb))
+                if self.ref is not None:
+                    batch.set_logps("ref_logps", rows, self._logps(self.ref, mb))
+
+    def update(self, batch: GRPOBatch) -> dict:
+        """Phase 6: num_iterations passes, each accumulating the whole batch's gradient over
+        micro-batches and ending in one optimizer step."""
+        info, g, r = self.info, self.cfg.grpo, self.cfg.rollout
+        local_tokens = batch.loss_mask.sum()  # this rank's loss tokens
+        denominator = loss_denominator(
+            g.loss_type, sequences=len(batch) * info.world_size, tokens=all_reduce_sum(local_tokens.clone()),
+            rank_tokens=local_tokens, world_size=info.world_size, max_completion_length=r.max_new_tokens)
+        acc = {k: torch.zeros((), device=info.device) for k in ("loss", "entropy", *STATS)}
+        gen = torch.Generator().manual_seed(row_seed(self.cfg.train.seed, self.step, 7))
+        skipped, norm = False, torch.zeros(())
+        with self._training_attention():
+            for it in range(g.num_iterations):
+                order = self._order(len(batch), gen) if g.num_iterations > 1 else None
+                pass_loss = torch.zeros((), device=info.device)
+                for rows in self._micro_batches(batch, order):
+                    if it == 0:  # before the step's first update the previous step's state is intact
+                        self.stop_point()
+                    mb = batch.micro(rows)
+                    with self.autocast():
+                        logps, entropy = self._logps(self.policy, mb, with_entropy=True)  # [n, t] each
+                    mask = mb.loss_mask  # [n, t]
+                    loss, m = policy_loss(logps, mb.old_logps if mb.old_logps is not None else logps.detach(),
+                                          mb.advantages.to(info.device, torch.float32), mask,
+                                          ref_logps=mb.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
+                                          epsilon_high=g.epsilon_high or None, loss_type=g.loss_type,
+                                          importance_sampling=g.importance_sampling,
+                                          kl_estimator=g.kl_estimator, max_completion_length=r.max_new_tokens,
+                                          denominator=denominator)
+                    loss.backward()
+                    pass_loss += loss.detach()
+                    # Metrics stay on the device until the step ends: one host sync per step.
+                    share = len(rows) / len(batch) / g.num_iterations
+                    acc["entropy"] += (entropy.detach() * mask).sum() / mask.sum().clamp(min=1) * share
+                    for k in STATS:
+                        if k in m:
+                            acc[k] += m[k] * share
+                acc["loss"] += pass_loss / g.num_iterations
+                norm, stepped = self.optimizer_step(pass_loss)
+                skipped |= not stepped
+        return {**{k: float(v) for k, v in acc.items()}, "grad_norm": float(norm),
+                "skipped_update": float(skipped)}
+
+    def refresh_reference(self) -> None:
+        """Phase 7 (TR-DPO style): ref <- alpha * policy + (1 - alpha) * ref, shard by shard."""
+        a = self.cfg.grpo.ref_mix_alpha
+        with torch.no_grad():
+            for p_ref, p in zip(self.ref.parameters(), self.policy.parameters()):
+                p_ref.mul_(1 - a).add_(p.detach(), alpha=a)
+        self.ref_refreshes += 1
+
+    # ---------------------------------------------------------------- what the loop asks
+    def evaluate(self) -> dict:
+        r = self.cfg.rollout
+        return evaluate(self.engine, self.eval_records, self.eval_ids, self.info,
+                        max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature,
+                        seed=self.cfg.train.seed, return_samples=len(self.eval_records))
+
+    def trainer_state(self) -> dict:
+        return {"ref_refreshes": self.ref_refreshes}
+
+    def load_trainer_state(self, state: dict, checkpoint) -> None:
+        self.ref_refreshes = int(state["ref_refreshes"]) if self.ref is not None else 0
+        if self.main and self.ref_refreshes:
+            print(f"[grpo] reference refreshed {self.ref_refreshes} times", flush=True)
+
+    def checkpoint_models(self, saving: bool) -> dict | None:
+        # The reference is saved only once a refresh has moved it: until then it is the initial
+        # model, which a resume loads from model.path anyway. Loading takes it when it is there.
+        if self.ref is None or (saving and not self.ref_refreshes):
+            return None
+        return {"ref": self.ref}
+
+
+def main(argv: list[str]) -> dict:
+    from r1train.run.config import parse_args
+
+    return GRPOTrainer(parse_args(GRPOJobConfig, argv, prog="grpo")).train()

@@ -1,0 +1,147 @@
+"""Loading models and tokenizers (local folder, hub name, GGUF file, or the embedded tiny model),
+shared by every stage; the optimizer and its schedule are run/optim.py."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from r1train.run.config import ConfigError
+from r1train.run.dist import DistInfo, barrier
+
+EMBEDDED = "embedded"
+
+
+def resolve_model_path(path: str, output_dir: str | os.PathLike, info: DistInfo, seed: int = 0,
+                       size: str = "default") -> str:
+    """'embedded' -> build (once, on rank 0) the tiny model under <output_dir>/tiny-model;
+    a .gguf file or a packaged model's name -> its converted, cached folder (model/gguf.py).
+
+    A `tiny-model/` holding files the build did not write is never replaced: ConfigError naming
+    the file, raised on every rank (the others would otherwise wait for rank 0 forever)."""
+    from r1train.model.gguf import is_gguf_source, resolve_gguf
+
+    if is_gguf_source(path):
+        return resolve_gguf(path, info)
+    if path != EMBEDDED:
+        return path
+    from r1train.data.tiny import ensure_tiny_model
+    from r1train.run.config import ConfigError
+    from r1train.run.folder import on_main
+
+    target = Path(output_dir) / "tiny-model"
+
+    def build():
+        try:
+            ensure_tiny_model(target, seed=seed, size=size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    on_main(info, build)
+    barrier()
+    return str(target)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = "",
+                   system_role: str = "auto", option: str = "--model."):
+    """The tokenizer at `path`, left-padding, with a pad token. `chat_template`: a Jinja file that
+    replaces its template. `system_role` (a template without a system role, e.g. Gemma's):
+    "auto" merges system text into the first user turn then (data.prompts.merge_system_turn),
+    "merge" always does, "error" refuses such a template. `option`: what the two options'
+    names follow in error messages (`--distill.teacher_` for a distillation teacher)."""
+    from transformers import AutoTokenizer
+
+    from r1train.data.prompts import MERGE_SYSTEM, template_has_system_role
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}. Pass a local folder "
+                          f"(or a hub name with network access / a warm cache).") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation appends on the right
+    if chat_template:
+        try:
+            tok.chat_template = Path(chat_template).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{option}chat_template={chat_template!r}: cannot read it: {e}") from None
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(f"tokenizer at {path!r} has no chat template; the R1 prompt needs one "
+                          f"(give one with {option}chat_template template.jinja)")
+    merge = system_role == "merge"
+    if not merge and not template_has_system_role(tok):
+        if system_role == "error":
+            raise ConfigError(f"{option}system_role=error: the chat template of {chat_template or path!r} has "
+                              f"no system role (it refuses or drops a system turn); use {option}system_role "
+                              f"auto to merge the system prompt into the first user turn, or "
+                              f"--data.system_prompt ''")
+        merge = True
+    if merge:
+        setattr(tok, MERGE_SYSTEM, True)
+    return tok
+
+
+def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
+                   trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """Weights in float32 unless bfloat16 is asked for: FSDP2 / autocast compute in bf16 on
+    CUDA while the optimizer keeps float32 master weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation, use_safetensors=None)
+    except OSError as e:
+        raise ConfigError(f"cannot load a model from {path!r}: {e}") from None
+    return model.to(device)
+
+
+def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: bool = True,
+               option: str = "--model."):
+    """A `ModelConfig` -> (resolved path, tokenizer, causal LM on the device). `option`: as
+    load_tokenizer's."""
+    from transformers.utils import logging as hf_logging
+
+    # transformers' own bars ("Loading weights", "Writing model shards") would tear the
+    # trainer's progress bar and fill logs; the trainer says what it loads and saves.
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(m.path, output_dir, info, seed=m.seed, size=m.embedded_size)
+    tokenizer = load_tokenizer(m.tokenizer or path, m.trust_remote_code, m.chat_template, m.system_role, option)
+    lm = load_causal_lm(path, dtype=m.dtype, device=info.device, trust_remote_code=m.trust_remote_code,
+                        attn_implementation=m.attn_implementation)
+    if not m.keep_dropout:
+        disable_dropout(lm)
+    if not trainable:
+        lm.requires_grad_(False)
+    elif m.gradient_checkpointing:
+        # Non-reentrant: the checkpoint PyTorch recommends, and the one FSDP2 supports; the
+        # reentrant kind also needs an input that requires grad to pass gradients through.
+        # transformers 5.2x renamed the method (the old name warns); older releases have only it.
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return path, tokenizer, lm
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout of `model`: nn.Dropout modules and the float rates that attention
+    modules keep as attributes (Qwen2's and Llama's `attention_dropout`). The config is left
+    alone, so an exported model keeps the rates it came with."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def eos_token_ids(tokenizer, lm) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation config
+    (Qwen2.5-Instruct lists both <|im_end|> and <|endoftext|> there)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
+    return sorted(i for i in ids if isinstance(i, int))

@@ -1,0 +1,382 @@
+"""Checkpoints: `torch.distributed.checkpoint` folders `step-N/`, resume, and Hugging Face export.
+
+A checkpoint folder holds:
+- the DCP shards of the model and optimizer (`get_state_dict`, so FSDP2 shards save in parallel
+  and load back into any world size), and of any extra model the trainer passes, each under its
+  own key (GRPO's reference model, once reference refreshes have moved it off the initial weights);
+- `trainer_state.pt`: step, data position, scheduler state, the names of the extra models saved,
+  anything small the trainer adds;
+- `rng-rank{r}.pt`: each rank's Python / torch / CUDA RNG states;
+- `config.yaml`: the resolved config that produced it;
+- `manifest.json`: size and SHA-256 of every other file, written last.
+
+Atomicity: everything is written into `step-N.tmp/`; after every rank has finished, each rank
+hashes its share of the files, rank 0 writes the manifest and renames the folder to `step-N/`. A
+rename is atomic on POSIX filesystems, so a crash mid-save leaves only a `.tmp` folder, which is
+never resumed from and is removed at the next start (`run/folder.py`). Pruning renames a
+folder to `step-N.deleting` before deleting it, so a prune cut short never leaves a half-deleted
+`step-N/` behind.
+
+Integrity and safety on resume (`resume_point`): the newest checkpoint is checked against its
+manifest (sizes, then SHA-256, each rank a share of the files) before anything in it is read;
+then its `.metadata` is unpickled with an allow-list of DCP's own types (`run/dcp_safe.py`), and
+every other file is read with `weights_only=True`. A checkpoint that fails is reported by path on
+stdout, renamed `step-N.damaged`, and the previous one is tried; when none is intact the run
+refuses to start rather than silently begin again.
+
+A save that fails (a full disk: ENOSPC) raises `CheckpointError` naming the cause and the path,
+after removing its temporary folder; the previous checkpoint is untouched.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from r1train.run.config import ConfigError
+from r1train.run.dcp_safe import one_process_quiet, read_metadata, safe_load
+from r1train.run.dist import DistInfo, barrier, broadcast_object
+from r1train.run.folder import (
+    CHECKPOINT_FILE,
+    MANIFEST,
+    check_export_folder,
+    file_digest,
+    files_under,
+    foreign_file,
+    fsync_path,
+    manifest_problems,
+    on_main,
+    read_manifest,
+    refuse_foreign,
+    write_manifest,
+)
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or export could not be written; the message names the cause and the path."""
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file: a full disk then raises OSError(ENOSPC), where torch's
+    own file writer reports `unexpected pos 704 vs 598`."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _gather(obj) -> list:
+    """Every rank's `obj`, in rank order (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def describe_failure(exc: BaseException, where: Path) -> str:
+    """One line for a failed write: an OSError found anywhere in the chain (DCP wraps each rank's
+    in a CheckpointException) is named by its errno, e.g. 'No space left on device (ENOSPC)'."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            name = errno.errorcode.get(e.errno, str(e.errno))
+            path = e.filename or where
+            return f"{os.strerror(e.errno)} ({name}) writing {path}"
+        failures = getattr(e, "failures", None) or {}
+        todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (writing {where})"
+
+
+class CheckpointManager:
+    def __init__(self, root: str | os.PathLike, info: DistInfo, keep_last: int = 2):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.info = info
+        self.keep_last = keep_last
+        self.last_saved: int | None = None
+        """Step this process last saved or resumed from: its state is on disk already."""
+
+    def _folders(self) -> dict[int, Path]:
+        """step -> `step-N/` folder, complete or not."""
+        if not self.root.is_dir():
+            return {}
+        return {int(m.group(1)): p for p in self.root.iterdir()
+                if (m := _STEP_DIR.match(p.name)) and p.is_dir()}
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints (the manifest is written last), oldest first."""
+        return sorted(s for s, p in self._folders().items() if (p / MANIFEST).is_file())
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return self.root / f"step-{steps[-1]}" if steps else None
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, model, optimizer, trainer_state: dict, config_text: str = "",
+             extra_models: dict[str, nn.Module] | None = None) -> Path:
+        """Write `step-N/`. `extra_models` (name -> module, e.g. {"ref": ref_model}) are saved
+        next to the model, without optimizer state, in the same collective `dcp.save`.
+        Collective; on failure every rank raises CheckpointError and `step-N.tmp/` is gone."""
+        extra = extra_models or {}
+        if {"model", "optim"} & extra.keys():
+            raise ValueError(f"extra model names must not be 'model' or 'optim', got {sorted(extra)}")
+        final = self.root / f"step-{step}"
+        tmp = self.root / f"step-{step}.tmp"
+        on_main(self.info, lambda: self._fresh(tmp))
+        try:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            extra_sd = {name: get_model_state_dict(m) for name, m in extra.items()}
+            with one_process_quiet():  # one process: no collectives
+                dcp.save({"model": model_sd, "optim": optim_sd, **extra_sd}, checkpoint_id=str(tmp),
+                         no_dist=not dist.is_initialized())
+            _torch_save(_rng_state(), tmp / f"rng-rank{self.info.rank}.pt")
+            if self.info.is_main:
+                _torch_save({"step": step, **trainer_state, "extra_models": sorted(extra)},
+                            tmp / "trainer_state.pt")
+                (tmp / "config.yaml").write_text(config_text)
+            err = None
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException; shared below
+            err = describe_failure(e, tmp)
+        self._raise_if_any(_gather(err), final, tmp)  # also the barrier: every file is written
+        # Each rank hashes (and fsyncs) a share of the files; rank 0 writes the manifest last.
+        entries, err = {}, None
+        try:
+            names = files_under(tmp)[self.info.rank::self.info.world_size]
+            for n in names:
+                fsync_path(tmp / n)
+                entries[n] = file_digest(tmp / n)
+        except Exception as e:  # noqa: BLE001
+            err = describe_failure(e, tmp)
+        parts = _gather((err, entries))
+        self._raise_if_any([e for e, _ in parts], final, tmp)
+
+        def publish():
+            if final.exists():  # re-saving a step (the last one, after its final evaluation)
+                name = foreign_file(final, lambda n: CHECKPOINT_FILE.match(n) is not None)
+                if name is not None:
+                    raise refuse_foreign(final, name, "not a checkpoint file")
+            try:
+                write_manifest(tmp, {n: v for _, part in parts for n, v in part.items()})
+                if final.exists():
+                    self._delete(final)
+                os.replace(tmp, final)
+                fsync_path(self.root)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(self._failed(final, tmp, describe_failure(e, tmp))) from None
+            self._prune()
+        on_main(self.info, publish)
+        barrier()
+        self.last_saved = step
+        return final
+
+    def _fresh(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def _failed(self, final: Path, tmp: Path, cause: str) -> str:
+        prev = self.latest()
+        kept = f"the newest complete checkpoint, {prev}, is untouched" if prev else "no earlier checkpoint exists"
+        return (f"saving checkpoint {final} failed: {cause}; removed {tmp}, {kept}. Free space (or fix "
+                f"the cause) and run the same command again to resume")
+
+    def _raise_if_any(self, errors: list, final: Path, tmp: Path) -> None:
+        errors = [e for e in errors if e]
+        if not errors:
+            return
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full
+        barrier()
+        raise CheckpointError(self._failed(final, tmp, errors[0]))
+
+    def _delete(self, folder: Path) -> None:
+        """Delete a checkpoint folder: renamed first, so that an interrupted delete leaves a
+        `.deleting` folder (removed at the next start), never a half-deleted `step-N/`."""
+        gone = folder.with_name(folder.name + ".deleting")
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(folder, gone)
+        shutil.rmtree(gone)
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints; delete older step folders that hold
+        only the checkpointer's files."""
+        kept = self.steps()[-self.keep_last:]
+        for step, folder in sorted(self._folders().items()):
+            if kept and step < kept[0]:
+                name = foreign_file(folder, lambda n: CHECKPOINT_FILE.match(n) is not None)
+                if name is not None:
+                    print(f"[checkpoint] not pruning {folder}: it holds {name}, which this project "
+                          f"did not write", flush=True)
+                    continue
+                self._delete(folder)
+
+    # ------------------------------------------------------------------ resume
+    def verify(self, path: Path) -> list[str]:
+        """What is wrong with checkpoint `path`, one line per problem naming the file; [] when
+        it is intact. Collective: each rank checks a share of the files against the manifest;
+        only then does rank 0 unpickle the metadata and trainer state, with allow-lists."""
+        rank, world = self.info.rank, self.info.world_size
+        problems = []
+        try:
+            manifest = read_manifest(path)
+            problems += manifest_problems(path, manifest, sorted(manifest)[rank::world])
+            if rank == 0:
+                problems += [f"{path / n} is not listed in the manifest" for n in files_under(path)
+                             if n not in manifest and n != MANIFEST]
+        except ValueError as e:
+            problems += [str(e)] if rank == 0 else []
+        problems = sorted({p for part in _gather(problems) for p in part})
+        if not problems and rank == 0:
+            for name, read in ((".metadata", read_metadata),
+                               ("trainer_state.pt", lambda p: torch.load(p / "trainer_state.pt", weights_only=True))):
+                try:
+                    read(path)
+                except Exception as e:  # noqa: BLE001 - a refusal is a finding, not a crash
+                    problems.append(f"{path / name} cannot be read safely: {type(e).__name__}: {e}")
+        return broadcast_object(problems)
+
+    def resume_point(self) -> Path | None:
+        """The newest intact checkpoint, or None when there is none at all. Collective.
+
+        A damaged newer checkpoint is reported on stdout by path and renamed `step-N.damaged`
+        (kept for inspection, out of the way of new saves and pruning). When every checkpoint is
+        damaged, ConfigError: starting from scratch would silently discard the run."""
+        rejected: list[tuple[Path, list[str]]] = []
+        for step in sorted(self._folders(), reverse=True):
+            path = self.root / f"step-{step}"
+            problems = self.verify(path)
+            if not problems:
+                if rejected and self.info.is_main:
+                    for bad, _ in rejected:
+                        aside = bad.with_name(bad.name + ".damaged")
+                        shutil.rmtree(aside, ignore_errors=True)
+                        os.replace(bad, aside)
+                        print(f"[checkpoint] WARNING: moved the damaged {bad} to {aside}", flush=True)
+                    print(f"[checkpoint] WARNING: resuming from the previous complete checkpoint, "
+                          f"{path}", flush=True)
+                barrier()
+                return path
+            if self.info.is_main:
+                print(f"[checkpoint] WARNING: checkpoint {path} is damaged, not resuming from it:\n  "
+                      + "\n  ".join(problems), flush=True)
+            rejected.append((path, problems))
+        if rejected:
+            bad, problems = rejected[0]
+            raise ConfigError(f"no intact checkpoint in {self.root} to resume from ({bad}: {problems[0]}). "
+                              f"Start over with --train.resume false (the run is moved to "
+                              f"old-<date>-<time>/, not deleted)")
+        return None
+
+    def load(self, path: str | os.PathLike, model, optimizer,
+             extra_models: dict[str, nn.Module] | None = None) -> dict:
+        """Restore model, optimizer and this rank's RNG; return the trainer state.
+
+        Each of `extra_models` that the checkpoint holds is restored too; the others are left
+        as they are. The returned state's `extra_models` lists the names the checkpoint holds,
+        so the caller decides what a missing one means. Nothing read can run code: see
+        `run/dcp_safe.py`; `resume_point` verifies the files first.
+        """
+        path = Path(path)
+        if not (path / ".metadata").exists():
+            raise ValueError(f"{path} is not a complete checkpoint (no .metadata)")
+        try:  # refused here, by name, rather than deep inside dcp.load
+            read_metadata(path)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path / '.metadata'} cannot be read safely: {type(e).__name__}: {e}") from None
+        trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+        trainer_state.setdefault("extra_models", [])  # checkpoints written before extra models
+        extra = {k: m for k, m in (extra_models or {}).items() if k in trainer_state["extra_models"]}
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd,
+                 **{name: get_model_state_dict(m) for name, m in extra.items()}}
+        safe_load(state, path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        for name, m in extra.items():
+            set_model_state_dict(m, state[name])
+        rng = path / f"rng-rank{self.info.rank}.pt"
+        if rng.exists():  # absent when resuming on more ranks than saved: fresh RNG is fine
+            _set_rng_state(torch.load(rng, weights_only=True))
+        self.last_saved = int(trainer_state["step"])
+        return trainer_state
+
+
+def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: DistInfo,
+              prefix: str = "", config_text: str = "") -> Path | None:
+    """Gather the full weights and write a Hugging Face folder (safetensors + tokenizer), with
+    `config_text` (the training run's resolved options) as `training_config.yaml` beside them.
+
+    `prefix` is stripped from the state-dict keys (the trainer wraps the HF model). All ranks
+    must call this (the gather is collective); rank 0 writes, into a temporary folder that gets a
+    `manifest.json` and is renamed into place, so a crash never leaves a half-written export. An
+    existing export is replaced only if its manifest lists every file in it (ConfigError otherwise).
+    """
+    from transformers import AutoModelForCausalLM
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+    out = Path(out_dir)
+
+    def write():
+        check_export_folder(out)
+        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in full.items()}
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(hf_config)
+        hf.load_state_dict(sd, assign=True, strict=False)
+        if getattr(hf_config, "tie_word_embeddings", False):
+            hf.tie_weights()
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            hf.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if config_text:
+                (tmp / "training_config.yaml").write_text(config_text)
+            write_manifest(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except Exception as e:  # noqa: BLE001 - re-raised with its cause and path
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"exporting {out} failed: {describe_failure(e, tmp)}; removed {tmp}. "
+                                  f"The checkpoints are untouched: run the same command again") from e
+    on_main(info, write)
+    barrier()
+    return out

