@@ -235,8 +235,10 @@ class GRPOTrainer(Trainer):
                     with self.autocast():
                         logps, entropy = self._logps(self.policy, mb, with_entropy=True)  # [n, t] each
                     mask = mb.loss_mask  # [n, t]
+                    # float32 advantages under float32 or bf16 log-probs; float64 ones keep theirs
+                    advantages = mb.advantages.to(info.device, torch.promote_types(logps.dtype, torch.float32))
                     loss, m = policy_loss(logps, mb.old_logps if mb.old_logps is not None else logps.detach(),
-                                          mb.advantages.to(info.device, torch.float32), mask,
+                                          advantages, mask,
                                           ref_logps=mb.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
                                           epsilon_high=g.epsilon_high or None, loss_type=g.loss_type,
                                           importance_sampling=g.importance_sampling,

@@ -1,0 +1,171 @@
+"""One GRPO optimizer step written from the papers, in float64, apart from the trainer.
+
+Given the weights at the start of a step, the frozen reference's weights, each row's prompt and
+sampled completion (token ids), each reward function's raw value per row, the optimizer's moments
+and the options, `grpo_step` computes with plain loops over rows and Hugging Face forwards:
+
+  r_i        = sum_f w_f R_f(o_i)                                   weighted rewards
+  A_i        = (r_i - mean_G r) / (std_G r + 1e-4)   (unbiased std)   DeepSeekMath Sec. 4.1.2
+             or r_i - mean of the other G-1 rewards                 RLOO
+  logp_it    = log softmax(logits / temperature)[o_it]              each row alone, unpadded
+  ratio_it   = exp(logp_it - old_it)                                old = logp at the step's start
+  term_it    = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta k3_it
+  k3_it      = exp(ref_it - logp_it) - (ref_it - logp_it) - 1       DeepSeekMath Eq. 4
+  loss       = grpo:    1/N sum_i 1/|o_i| sum_t term_it             DeepSeekMath Eq. 3
+               bnpo, dapo: sum_i sum_t term_it / sum_i |o_i|        DAPO Eq. 8 (one process)
+               dr_grpo: sum_i sum_t term_it / (N L)                 Dr. GRPO's released code
+  g          = d loss / d theta; |g| its global norm; g *= min(1, max_norm / (|g| + 1e-6))
+  lr         = lr0 * (k + 1) / warmup (k < warmup), else lr0 (constant) or the cosine formula;
+               k = training steps already taken
+  AdamW      theta *= 1 - lr wd (matrices only); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+             theta -= lr m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + 1e-8)
+
+num_iterations passes each take the whole batch's gradient and one AdamW step, with `old` fixed
+at the step's start. It shares nothing with the trainer's code but the model class it loads.
+
+That class keeps some float32 inside a float64 model (Hugging Face's RMSNorm normalizes in
+float32), so two correct computations of one gradient that sum in another order (packed rows vs
+one row at a time) agree to ~1e-7 relative, not ~1e-15; AdamW's division by sqrt(v) blows that up
+on the smallest gradient elements. `grpo_step` therefore checks the gradient and the update
+separately (its docstring).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def load_float64(path: str, state: dict[str, torch.Tensor] | None = None):
+    """The Hugging Face model at `path` in float64, with `state` (name -> tensor) loaded over it."""
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    if state is not None:
+        missing = set(dict(lm.named_parameters())) - set(state)
+        assert not missing, f"no weights given for {sorted(missing)[:3]}"
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                p.copy_(state[name].to(torch.float64))
+    lm.eval()  # dropout off, as the trainer's default
+    return lm
+
+
+def weighted_rewards(per_fn: list[list[float]], weights: list[float]) -> list[float]:
+    return [sum(w * v for w, v in zip(weights, row)) for row in per_fn]
+
+
+def group_advantages(rewards: list[float], G: int, estimator: str = "grpo") -> list[float]:
+    out = []
+    for k in range(0, len(rewards), G):
+        group = rewards[k:k + G]
+        mean = sum(group) / G
+        if estimator == "rloo":
+            out += [r - (sum(group) - r) / (G - 1) for r in group]
+            continue
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (G - 1))
+        out += [0.0 if std == 0 else (r - mean) / (std + 1e-4) for r in group]
+    return out
+
+
+def completion_logprobs(lm, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+    """[T] log pi(o_t | q, o_<t) of one row, alone and unpadded."""
+    ids = torch.tensor([prompt + completion])
+    logits = lm(input_ids=ids).logits[0, len(prompt) - 1:-1] / temperature  # [T, V]
+    return torch.log_softmax(logits, dim=-1)[torch.arange(len(completion)), torch.tensor(completion)]
+
+
+def lr_at(k: int, lr: float, warmup: int, max_steps: int, schedule: str, min_ratio: float) -> float:
+    if k < warmup:
+        return lr * (k + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = min(max((k - warmup) / max(1, max_steps - warmup), 0.0), 1.0)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def grpo_loss(lm, rows, advantages, old, ref, *, loss_type, beta, eps_low, eps_high, temperature,
+              max_new_tokens) -> torch.Tensor:
+    """The step's objective (module docstring) at lm's weights; a float64 scalar with a graph."""
+    sums, lengths = [], []
+    for (prompt, completion), a, old_i, ref_i in zip(rows, advantages, old, ref):
+        logp = completion_logprobs(lm, prompt, completion, temperature)
+        ratio = torch.exp(logp - old_i)
+        clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+        term = -torch.minimum(ratio * a, clipped * a)
+        if beta:
+            term = term + beta * (torch.exp(ref_i - logp) - (ref_i - logp) - 1)
+        sums.append(term.sum())
+        lengths.append(len(completion))
+    n = len(rows)
+    if loss_type == "grpo":
+        return sum(s / max(t, 1) for s, t in zip(sums, lengths)) / n
+    if loss_type in ("bnpo", "dapo"):
+        return sum(sums) / max(sum(lengths), 1)
+    if loss_type == "dr_grpo":
+        return sum(sums) / (n * max_new_tokens)
+    raise ValueError(loss_type)
+
+
+def adamw(params: dict, grads: dict, state: dict, *, lr, betas, weight_decay, decays) -> None:
+    """torch.optim.AdamW's update (eps 1e-8, no amsgrad), in place; `state`: name -> (m, v, t)."""
+    b1, b2 = betas
+    for name, p in params.items():
+        g = grads[name]
+        m, v, t = state.get(name, (torch.zeros_like(p), torch.zeros_like(p), 0))
+        t += 1
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        state[name] = (m, v, t)
+        wd = weight_decay if decays(name) else 0.0
+        new = p * (1 - lr * wd) - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
+        params[name] = new
+
+
+def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], ref_weights: dict | None, rows,
+              per_fn, reward_weights, adam_state: dict, *, G: int, k: int, cfg) -> dict:
+    """One training step (module docstring), checked in two independent halves per pass:
+
+    - the objective's gradient at the weights the pass starts from (`pass_weights[i]`, name ->
+      tensor), from rows, rewards and the reference alone;
+    - the update those weights receive from a given gradient (`trainer_grads[i]`): norm,
+      clipping, the learning rate of the schedule, AdamW. Fed the trainer's own gradient, it
+      checks the trainer's update in pure float64, apart from the model's own precision.
+
+    `rows`: [(prompt ids, completion ids)]; `ref_weights`: the frozen reference (None: beta 0);
+    `adam_state`: name -> (m, v, t) before the step, updated; `k`: training steps already taken;
+    `cfg`: a GRPOJobConfig (its numbers only). Returns {"rewards", "advantages", "lr", "grads",
+    "norms" (of the objective's gradients), "given_norms" (of `trainer_grads`), "weights" (after
+    each pass's update)}."""
+    g, o, r = cfg.grpo, cfg.optim, cfg.rollout
+    rewards = weighted_rewards(per_fn, reward_weights)
+    advantages = group_advantages(rewards, G, g.advantage_estimator)
+    with torch.no_grad():
+        start = load_float64(path, pass_weights[0])
+        old = [completion_logprobs(start, p, c, r.temperature) for p, c in rows]
+        ref = old
+        if g.beta:
+            ref_lm = load_float64(path, ref_weights)
+            ref = [completion_logprobs(ref_lm, p, c, r.temperature) for p, c in rows]
+    lr = lr_at(k, o.lr, o.warmup_steps, cfg.train.max_steps, o.schedule, o.min_lr_ratio)
+    out = {"rewards": rewards, "advantages": advantages, "lr": lr, "grads": [], "norms": [], "given_norms": [],
+           "weights": []}
+    for weights, given in zip(pass_weights, trainer_grads):
+        lm = load_float64(path, weights)
+        loss = grpo_loss(lm, rows, advantages, old, ref, loss_type=g.loss_type, beta=g.beta,
+                         eps_low=g.epsilon_low, eps_high=g.epsilon_high or g.epsilon_low,
+                         temperature=r.temperature, max_new_tokens=r.max_new_tokens)
+        loss.backward()
+        grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in lm.named_parameters()}
+        out["grads"].append(grads)
+        out["norms"].append(math.sqrt(sum(float((x * x).sum()) for x in grads.values())))
+        given = {n: given.get(n, torch.zeros_like(x)).to(torch.float64) for n, x in grads.items()}
+        norm = math.sqrt(sum(float((x * x).sum()) for x in given.values()))
+        out["given_norms"].append(norm)
+        if o.max_grad_norm > 0:
+            coef = min(1.0, o.max_grad_norm / (norm + 1e-6))
+            given = {n: x * coef for n, x in given.items()}
+        params = {n: w.to(torch.float64).clone() for n, w in weights.items()}
+        adamw(params, given, adam_state, lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+              decays=lambda name: params[name].dim() >= 2)
+        out["weights"].append(params)
+    return out

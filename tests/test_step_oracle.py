@@ -1,0 +1,203 @@
+"""A whole GRPO training step against an independent float64 oracle (tests/reference_step.py).
+
+The trainer runs two real steps on the tiny model, in float64 (its policy and reference converted
+after they load), so that the second starts with the policy away from the reference and with
+AdamW moments in place. Of that second step the oracle gets only the inputs: the weights, the
+sampled token ids, each reward function's raw values, the optimizer's moments and the options. It
+recomputes rewards, advantages, log-probs, the loss with its normalization, the gradient, its
+norm, the learning rate from the schedule's formula and the AdamW update, and every one must match
+the trainer's. A trainer that is wrong but consistent with itself fails here: each mutation at the
+bottom (doubled advantages, a wrong denominator, clipping before the logged norm, warm-up one step
+late, the reference taken from the policy) is caught.
+
+Tolerances: the update (clipping, learning rate, AdamW on the trainer's own gradient) is float64
+end to end and agrees to 1e-12. The gradient goes through the model class, whose RMSNorm runs in
+float32 even in a float64 model (tests/reference_step.py), so it agrees to ~1e-7 of each tensor's
+largest element; GRAD_RTOL 1e-6 leaves room for that and is far below any mutation here (the
+smallest, a denominator 3/4 of the right one, moves the gradient by 33%).
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from r1train.data.tiny import build_tiny_model
+from r1train.grpo.config import GRPOJobConfig
+from r1train.grpo.trainer import GRPOTrainer
+
+from reference_step import grpo_step
+
+GRAD_RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+def _config(model_path, out, **options) -> GRPOJobConfig:
+    cfg = GRPOJobConfig()
+    cfg.model.path = model_path
+    cfg.data.num_train, cfg.data.num_eval = 16, 2
+    cfg.data.task.max_operands = 2
+    cfg.rollout.group_size, cfg.rollout.max_new_tokens = 4, 24
+    cfg.grpo.prompts_per_step, cfg.grpo.micro_batch_size = 8, 8
+    cfg.grpo.reward_weights = [1.5, 0.5]  # of REWARDS: weights that are not 1 show
+    cfg.grpo.beta = 0.04
+    # Warm-up longer than the run (the lr of step 2 is 2/3 of the peak), weight decay on, and a
+    # clipping bound below the gradient's norm, so that each of them changes the update.
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.optim.max_grad_norm = 2e-2, 3, 0.1, 1e-3
+    cfg.train.output_dir, cfg.train.progress, cfg.train.max_steps = str(out), False, 2
+    for key, value in options.items():
+        section, field = key.split(".")
+        setattr(getattr(cfg, section), field, value)
+    return cfg
+
+
+def token_sum(completions, completion_ids, **columns):
+    return [(sum(ids) % 11) / 11 for ids in completion_ids]
+
+
+def distinct(completions, completion_ids, **columns):
+    return [len(set(ids)) / max(len(ids), 1) for ids in completion_ids]
+
+
+# A random model is never right and writes 24 tokens of noise, on which the R1 rewards are flat
+# (no advantage, nothing to compare); these two differ between any two completions.
+REWARDS = [("token_sum", token_sum), ("distinct", distinct)]
+
+
+def _float64_trainer(cfg) -> GRPOTrainer:
+    torch.manual_seed(0)
+    trainer = GRPOTrainer(cfg, reward_funcs=REWARDS)
+    trainer.policy.double()  # the same Parameter objects: the optimizer keeps them
+    if trainer.ref is not None:
+        trainer.ref.double()
+    return trainer
+
+
+def run_and_check(trainer: GRPOTrainer) -> list[str]:
+    """Two trainer steps as the loop runs them; the second against the oracle. Returns the
+    disagreements (empty: the step is right)."""
+    cfg, named = trainer.cfg, dict(trainer.policy.lm.named_parameters())
+    ref_weights = ({n: p.detach().clone() for n, p in trainer.ref.lm.named_parameters()}
+                   if trainer.ref is not None else None)
+    seen = {}
+    real_rollout, real_step = trainer.rollout, trainer.optimizer_step
+
+    def rollout():
+        batch, timings = real_rollout()
+        seen["batch"] = batch
+        return batch, timings
+
+    def optimizer_step(loss):  # each pass: its starting weights, its gradient, its lr, its result
+        seen["weights"].append({n: p.detach().clone() for n, p in named.items()})
+        seen["grads"].append({n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None})
+        seen["lrs"].append(trainer.optimizer.param_groups[0]["lr"])
+        norm, stepped = real_step(loss)
+        seen["norms"].append(float(norm))
+        seen["after"].append({n: p.detach().clone() for n, p in named.items()})
+        return norm, stepped
+
+    trainer.rollout, trainer.optimizer_step = rollout, optimizer_step
+    for step in (1, 2):
+        trainer.step = step
+        if step == 2:
+            by_param = {p: n for n, p in named.items()}
+            moments = {by_param[p]: (s["exp_avg"].clone(), s["exp_avg_sq"].clone(), int(s["step"]))
+                       for p, s in trainer.optimizer.state.items()}
+        seen.update(weights=[], grads=[], lrs=[], norms=[], after=[])
+        metrics = trainer.train_step()
+        trainer.scheduler.step()
+    batch = seen["batch"]
+    P = batch.prompt_len
+    rows = [(ids[:P][mask[:P].bool()].tolist(), completion)
+            for ids, mask, completion in zip(batch.input_ids, batch.attention_mask, batch.completion_lists())]
+    assert all(completion for _, completion in rows), "an empty completion: nothing to compare"
+    want = grpo_step(cfg.model.path, seen["weights"], seen["grads"], ref_weights, rows, batch.per_fn.tolist(),
+                     [float(w) for w in trainer.weights], moments, G=cfg.rollout.group_size, k=1, cfg=cfg)
+
+    problems = []
+
+    def close(name, got, expected, rtol, atol=0.0):
+        got, expected = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+        if got.shape != expected.shape:
+            problems.append(f"{name}: shape {tuple(got.shape)}, the oracle's {tuple(expected.shape)}")
+        elif not torch.allclose(got, expected, rtol=rtol, atol=atol):
+            problems.append(f"{name}: max difference {(got - expected).abs().max().item():.3g} "
+                            f"(largest value {expected.abs().max().item():.3g})")
+
+    close("rewards", batch.rewards, want["rewards"], rtol=1e-12)
+    close("advantages", batch.advantages, want["advantages"], rtol=1e-9, atol=1e-12)
+    if not any(a != 0 for a in want["advantages"]):
+        problems.append("every advantage is 0: a vacuous comparison")
+    if len(seen["grads"]) != cfg.grpo.num_iterations:
+        problems.append(f"{len(seen['grads'])} optimizer steps for num_iterations {cfg.grpo.num_iterations}")
+    for i, (got, expected) in enumerate(zip(seen["grads"], want["grads"])):
+        for n, x in expected.items():  # the model's own precision: each tensor to GRAD_RTOL of its largest
+            close(f"pass {i + 1} gradient of {n}", got.get(n, torch.zeros_like(x)), x, rtol=GRAD_RTOL,
+                  atol=GRAD_RTOL * x.abs().max().item())
+    close("gradient norm", seen["norms"], want["norms"], rtol=GRAD_RTOL)
+    close("logged grad_norm (the norm before clipping)", seen["norms"], want["given_norms"], rtol=1e-12)
+    close("logged grad_norm in the step's metrics", metrics["grad_norm"], want["given_norms"][-1], rtol=1e-12)
+    close("learning rate", seen["lrs"], [want["lr"]] * len(seen["lrs"]), rtol=1e-12)
+    for i, (got, expected) in enumerate(zip(seen["after"], want["weights"])):
+        moved = max((expected[n] - seen["weights"][i][n]).abs().max().item() for n in expected)
+        for n, x in expected.items():  # float64 end to end
+            close(f"pass {i + 1} weights after the update: {n}", got[n], x, rtol=1e-12, atol=1e-12 * moved)
+    if want["norms"][0] <= cfg.optim.max_grad_norm:
+        problems.append(f"norm {want['norms'][0]:.3g} under max_grad_norm: clipping untested")
+    return problems
+
+
+CASES = {
+    "grpo": {},
+    "bnpo": {"grpo.loss_type": "bnpo"},
+    "dr_grpo": {"grpo.loss_type": "dr_grpo"},
+    "dapo, 2 passes, clip-higher": {"grpo.loss_type": "dapo", "grpo.num_iterations": 2, "grpo.epsilon_high": 0.28},
+    "grpo, padded rows, 4 micro-batches": {"grpo.packing": False},
+    "rloo, beta 0": {"grpo.advantage_estimator": "rloo", "grpo.beta": 0.0},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_trainer_step_equals_the_float64_oracle(tiny, tmp_path, case):
+    trainer = _float64_trainer(_config(tiny, tmp_path, **CASES[case]))
+    assert run_and_check(trainer) == []
+
+
+MUTATIONS = {
+    # name: (what to patch, the quantity the oracle must flag)
+    "advantages x2": ("r1train.grpo.trainer.group_advantages",
+                      lambda real: lambda *a, **k: 2 * real(*a, **k), "advantages"),
+    "the loss denominator short of one micro-batch's rows": (
+        "r1train.grpo.trainer.loss_denominator", lambda real: lambda *a, **k: real(*a, **k) * 3 / 4, "gradient"),
+    "the logged norm taken after clipping": (
+        "r1train.run.loop.grad_norm_and_clip",
+        lambda real: lambda params, max_norm: _clipped_norm(real, params, max_norm), "grad_norm"),
+    "warm-up one step late": ("r1train.run.optim.lr_multiplier",
+                              lambda real: lambda step, **k: real(max(step - 1, 0), **k), "learning rate"),
+}
+
+
+def _clipped_norm(real, params, max_norm):
+    params = list(params)
+    real(params, max_norm)
+    return real(params, 0.0)  # the norm of what clipping left
+
+
+@pytest.mark.parametrize("mutation", [*MUTATIONS, "the reference log-probs taken from the policy"])
+def test_the_oracle_catches_a_wrong_but_consistent_trainer(tiny, tmp_path, monkeypatch, mutation):
+    trainer = _float64_trainer(_config(tiny, tmp_path))
+    if mutation in MUTATIONS:
+        target, wrap, flagged = MUTATIONS[mutation]
+        module, name = target.rsplit(".", 1)
+        real = getattr(importlib.import_module(module), name)
+        monkeypatch.setattr(target, wrap(real))
+    else:  # the KL then pulls toward the policy's own start of step, not the initial model
+        flagged = "gradient"
+        trainer.ref = trainer.policy
+    problems = run_and_check(trainer)
+    assert any(flagged in p for p in problems), problems
