@@ -1,4 +1,5 @@
-"""One GRPO optimizer step written from the papers, in float64, apart from the trainer.
+"""One GRPO optimizer step and one SFT step (with distillation's token-level KL) written from the
+papers, in float64, apart from the trainer.
 
 Given the weights at the start of a step, the frozen reference's weights, each row's prompt and
 sampled completion (token ids), each reward function's raw value per row, the optimizer's moments
@@ -21,7 +22,9 @@ and the options, `grpo_step` computes with plain loops over rows and Hugging Fac
              theta -= lr m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + 1e-8)
 
 num_iterations passes each take the whole batch's gradient and one AdamW step, with `old` fixed
-at the step's start. It shares nothing with the trainer's code but the model class it loads.
+at the step's start. SFT (`sft_step`): the token-level cross-entropy of each document alone, over
+every labelled token of the step, plus kl_weight times KL(teacher || student) at those tokens.
+It shares nothing with the trainer's code but the model class it loads.
 
 That class keeps some float32 inside a float64 model (Hugging Face's RMSNorm normalizes in
 float32), so two correct computations of one gradient that sum in another order (packed rows vs
@@ -158,14 +161,63 @@ def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], re
         grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in lm.named_parameters()}
         out["grads"].append(grads)
         out["norms"].append(math.sqrt(sum(float((x * x).sum()) for x in grads.values())))
-        given = {n: given.get(n, torch.zeros_like(x)).to(torch.float64) for n, x in grads.items()}
-        norm = math.sqrt(sum(float((x * x).sum()) for x in given.values()))
+        norm, params = apply_update(weights, given, adam_state, lr, o)
         out["given_norms"].append(norm)
-        if o.max_grad_norm > 0:
-            coef = min(1.0, o.max_grad_norm / (norm + 1e-6))
-            given = {n: x * coef for n, x in given.items()}
-        params = {n: w.to(torch.float64).clone() for n, w in weights.items()}
-        adamw(params, given, adam_state, lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
-              decays=lambda name: params[name].dim() >= 2)
         out["weights"].append(params)
     return out
+
+
+def apply_update(weights: dict, given: dict, adam_state: dict, lr: float, o) -> tuple[float, dict]:
+    """The update half (grpo_step's docstring): (the norm of `given`, the weights after clipping
+    and AdamW); `o`: an OptimConfig."""
+    given = {n: given.get(n, torch.zeros_like(w)).to(torch.float64) for n, w in weights.items()}
+    norm = math.sqrt(sum(float((x * x).sum()) for x in given.values()))
+    if o.max_grad_norm > 0:
+        coef = min(1.0, o.max_grad_norm / (norm + 1e-6))
+        given = {n: x * coef for n, x in given.items()}
+    params = {n: w.to(torch.float64).clone() for n, w in weights.items()}
+    adamw(params, given, adam_state, lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+          decays=lambda name: params[name].dim() >= 2)
+    return norm, params
+
+
+def sft_loss(lm, docs, teacher=None, kl_weight: float = 0.0) -> tuple[torch.Tensor, float, int]:
+    """Token-level cross-entropy of the labelled tokens over every document of the step, each
+    document alone from position 0 (labels -100 carry no loss; label t is predicted at t-1):
+
+        loss = (sum_d sum_t -log p(y_dt) + kl_weight sum_d sum_t KL(teacher_dt || student_dt)) / #tokens
+
+    Returns (loss with its graph, the summed NLL, #tokens)."""
+    nll, kl, count = 0.0, 0.0, 0
+    for ids, labels in docs:
+        target = torch.tensor(labels[1:])
+        keep = target != -100
+        if not keep.any():
+            continue
+        logits = lm(input_ids=torch.tensor([ids])).logits[0, :-1][keep]  # [M, V]
+        logp = torch.log_softmax(logits, dim=-1)
+        nll = nll - logp[torch.arange(len(logp)), target[keep]].sum()
+        if kl_weight:
+            with torch.no_grad():
+                t_logp = torch.log_softmax(teacher(input_ids=torch.tensor([ids])).logits[0, :-1][keep], dim=-1)
+            kl = kl + (t_logp.exp() * (t_logp - logp)).sum()
+        count += int(keep.sum())
+    return (nll + kl_weight * kl) / max(count, 1), float(nll.detach()), count
+
+
+def sft_step(path: str, weights: dict, given: dict, docs, adam_state: dict, *, k: int, cfg,
+             teacher_path: str | None = None, kl_weight: float = 0.0) -> dict:
+    """One SFT step in the two halves of `grpo_step`: the gradient of `sft_loss` at `weights`, and
+    the update `weights` receive from the gradient `given` (the trainer's). `docs`: the step's
+    documents as (input_ids, labels). Returns {"loss" (mean NLL, as logged), "grads", "norm",
+    "given_norm", "lr", "weights"}."""
+    o = cfg.optim
+    lm = load_float64(path, weights)
+    teacher = load_float64(teacher_path) if kl_weight else None
+    loss, nll, count = sft_loss(lm, docs, teacher, kl_weight)
+    loss.backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in lm.named_parameters()}
+    lr = lr_at(k, o.lr, o.warmup_steps, cfg.train.max_steps, o.schedule, o.min_lr_ratio)
+    given_norm, after = apply_update(weights, given, adam_state, lr, o)
+    return {"loss": nll / max(count, 1), "grads": grads, "lr": lr, "given_norm": given_norm, "weights": after,
+            "norm": math.sqrt(sum(float((x * x).sum()) for x in grads.values()))}

@@ -2,12 +2,13 @@
 tests/assets/golden_runs.json and compared at rtol 1e-4.
 
 These are regression tests, not correctness tests: the formula tests (test_loss.py,
-test_advantages.py, test_kernels.py, ...) say the math is right; these say that nothing
+test_advantages.py, test_kernels.py, ...) and the whole-step oracle (test_step_oracle.py) say
+the math is right; these say that nothing
 changed the numbers of a whole run without anyone noticing (a sampler, a mask, a reduction,
 an optimizer default). When a change is meant to move them, regenerate and say why in the
 commit:
 
-    R1_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
+    R1_UPDATE_GOLDEN=1 python -m pytest -s tests/test_golden.py   (-s: it prints old -> new)
 
 The runs use one process and one thread (OMP_NUM_THREADS=1), so the float reductions, and
 with them every sampled token, are the same on every CPU run of the pinned torch.
@@ -69,6 +70,11 @@ def test_run_matches_golden_numbers(name, tiny, tmp_path):
     steps = [{"step": r["step"], **{k: r[k] for k in keys}} for r in _run(args, tmp_path)]
     golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     if UPDATE:
+        # A regeneration shows what it replaces, number by number: the oracle tests
+        # (test_step_oracle.py) say whether a change is right; this file only that it happened.
+        for got, was in zip(steps, golden.get(name, [{}] * len(steps))):
+            moved = [f"{k} {was.get(k, 'new')} -> {got[k]}" for k in keys if was.get(k) != got[k]]
+            print(f"[golden {name}] step {got['step']}: {', '.join(moved) or 'unchanged'}")
         golden[name] = steps
         GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
         return

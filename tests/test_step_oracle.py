@@ -1,4 +1,5 @@
-"""A whole GRPO training step against an independent float64 oracle (tests/reference_step.py).
+"""A whole GRPO training step, and an SFT step, against an independent float64 oracle
+(tests/reference_step.py).
 
 The trainer runs two real steps on the tiny model, in float64 (its policy and reference converted
 after they load), so that the second starts with the policy away from the reference and with
@@ -8,7 +9,9 @@ recomputes rewards, advantages, log-probs, the loss with its normalization, the 
 norm, the learning rate from the schedule's formula and the AdamW update, and every one must match
 the trainer's. A trainer that is wrong but consistent with itself fails here: each mutation at the
 bottom (doubled advantages, a wrong denominator, clipping before the logged norm, warm-up one step
-late, the reference taken from the policy) is caught.
+late, the reference taken from the policy) is caught. SFT likewise: packed rows in micro-batches,
+one conversation a row, and distillation with a KL weight, against each document's cross-entropy
+on its own; and an SFT loss backpropagated twice over (its logged loss unchanged) is caught.
 
 Tolerances: the update (clipping, learning rate, AdamW on the trainer's own gradient) is float64
 end to end and agrees to 1e-12. The gradient goes through the model class, whose RMSNorm runs in
@@ -22,12 +25,16 @@ import importlib
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from r1train.data.tiny import build_tiny_model
 from r1train.grpo.config import GRPOJobConfig
 from r1train.grpo.trainer import GRPOTrainer
+from r1train.model.policy import PolicyModel
+from r1train.sft.packing import VARLEN_ATTENTION
+from r1train.sft.trainer import SFTJobConfig, SFTTrainer
 
-from reference_step import grpo_step
+from reference_step import grpo_step, sft_step
 
 GRAD_RTOL = 1e-6
 
@@ -35,6 +42,28 @@ GRAD_RTOL = 1e-6
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+class Disagreements(list):
+    """What the trainer computed that the oracle did not, one line each."""
+
+    def close(self, name, got, expected, rtol, atol=0.0):
+        got, expected = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+        if got.shape != expected.shape:
+            self.append(f"{name}: shape {tuple(got.shape)}, the oracle's {tuple(expected.shape)}")
+        elif not torch.allclose(got, expected, rtol=rtol, atol=atol):
+            self.append(f"{name}: max difference {(got - expected).abs().max().item():.3g} "
+                        f"(largest value {expected.abs().max().item():.3g})")
+
+    def gradients(self, label, got: dict, expected: dict):
+        for n, x in expected.items():  # the model's own precision: each tensor to GRAD_RTOL of its largest
+            self.close(f"{label} gradient of {n}", got.get(n, torch.zeros_like(x)), x, rtol=GRAD_RTOL,
+                       atol=GRAD_RTOL * x.abs().max().item())
+
+    def weights(self, label, got: dict, expected: dict, before: dict):
+        moved = max((expected[n] - before[n]).abs().max().item() for n in expected)
+        for n, x in expected.items():  # float64 end to end
+            self.close(f"{label} weights after the update: {n}", got[n], x, rtol=1e-12, atol=1e-12 * moved)
 
 
 def _config(model_path, out, **options) -> GRPOJobConfig:
@@ -119,16 +148,8 @@ def run_and_check(trainer: GRPOTrainer) -> list[str]:
     want = grpo_step(cfg.model.path, seen["weights"], seen["grads"], ref_weights, rows, batch.per_fn.tolist(),
                      [float(w) for w in trainer.weights], moments, G=cfg.rollout.group_size, k=1, cfg=cfg)
 
-    problems = []
-
-    def close(name, got, expected, rtol, atol=0.0):
-        got, expected = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
-        if got.shape != expected.shape:
-            problems.append(f"{name}: shape {tuple(got.shape)}, the oracle's {tuple(expected.shape)}")
-        elif not torch.allclose(got, expected, rtol=rtol, atol=atol):
-            problems.append(f"{name}: max difference {(got - expected).abs().max().item():.3g} "
-                            f"(largest value {expected.abs().max().item():.3g})")
-
+    problems = Disagreements()
+    close = problems.close
     close("rewards", batch.rewards, want["rewards"], rtol=1e-12)
     close("advantages", batch.advantages, want["advantages"], rtol=1e-9, atol=1e-12)
     if not any(a != 0 for a in want["advantages"]):
@@ -136,17 +157,13 @@ def run_and_check(trainer: GRPOTrainer) -> list[str]:
     if len(seen["grads"]) != cfg.grpo.num_iterations:
         problems.append(f"{len(seen['grads'])} optimizer steps for num_iterations {cfg.grpo.num_iterations}")
     for i, (got, expected) in enumerate(zip(seen["grads"], want["grads"])):
-        for n, x in expected.items():  # the model's own precision: each tensor to GRAD_RTOL of its largest
-            close(f"pass {i + 1} gradient of {n}", got.get(n, torch.zeros_like(x)), x, rtol=GRAD_RTOL,
-                  atol=GRAD_RTOL * x.abs().max().item())
+        problems.gradients(f"pass {i + 1}", got, expected)
     close("gradient norm", seen["norms"], want["norms"], rtol=GRAD_RTOL)
     close("logged grad_norm (the norm before clipping)", seen["norms"], want["given_norms"], rtol=1e-12)
     close("logged grad_norm in the step's metrics", metrics["grad_norm"], want["given_norms"][-1], rtol=1e-12)
     close("learning rate", seen["lrs"], [want["lr"]] * len(seen["lrs"]), rtol=1e-12)
     for i, (got, expected) in enumerate(zip(seen["after"], want["weights"])):
-        moved = max((expected[n] - seen["weights"][i][n]).abs().max().item() for n in expected)
-        for n, x in expected.items():  # float64 end to end
-            close(f"pass {i + 1} weights after the update: {n}", got[n], x, rtol=1e-12, atol=1e-12 * moved)
+        problems.weights(f"pass {i + 1}", got, expected, seen["weights"][i])
     if want["norms"][0] <= cfg.optim.max_grad_norm:
         problems.append(f"norm {want['norms'][0]:.3g} under max_grad_norm: clipping untested")
     return problems
@@ -201,3 +218,116 @@ def test_the_oracle_catches_a_wrong_but_consistent_trainer(tiny, tmp_path, monke
         trainer.ref = trainer.policy
     problems = run_and_check(trainer)
     assert any(flagged in p for p in problems), problems
+
+
+# ------------------------------------------------------------------------------------------ SFT
+
+def _sft_trainer(model_path, out, teacher_path=None, kl_weight=0.0, **options) -> SFTTrainer:
+    cfg = SFTJobConfig()
+    cfg.model.path = model_path
+    cfg.data.num_train, cfg.data.num_eval = 40, 2
+    # 4 packed rows a step in 2 micro-batches; cosine after a warm-up longer than the run, decay
+    # on, clipping active: each changes the update.
+    cfg.sft.max_seq_len, cfg.sft.rows_per_step, cfg.sft.rows_per_micro_batch = 640, 4, 2
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.optim.max_grad_norm = 2e-2, 3, 0.1, 1e-3
+    cfg.train.output_dir, cfg.train.progress, cfg.train.max_steps = str(out), False, 2
+    for key, value in options.items():
+        section, field = key.split(".")
+        setattr(getattr(cfg, section), field, value)
+    torch.manual_seed(0)
+    teacher = None
+    if kl_weight:
+        teacher = PolicyModel(AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float64)).eval()
+        if cfg.sft.packing:
+            teacher.lm.set_attn_implementation(VARLEN_ATTENTION)
+    trainer = SFTTrainer(cfg, teacher=teacher, kl_weight=kl_weight)
+    trainer.policy.double()
+    return trainer
+
+
+def run_and_check_sft(trainer: SFTTrainer, teacher_path=None) -> list[str]:
+    """Two SFT steps as the loop runs them; the second against the oracle."""
+    cfg, named = trainer.cfg, dict(trainer.policy.lm.named_parameters())
+    seen = {}
+    real_rows, real_step = trainer.step_rows, trainer.optimizer_step
+
+    def step_rows(step):
+        seen["rows"] = real_rows(step)
+        return seen["rows"]
+
+    def optimizer_step(loss):
+        seen["weights"] = {n: p.detach().clone() for n, p in named.items()}
+        seen["grads"] = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None}
+        seen["lr"] = trainer.optimizer.param_groups[0]["lr"]
+        norm, stepped = real_step(loss)
+        seen["after"] = {n: p.detach().clone() for n, p in named.items()}
+        return norm, stepped
+
+    trainer.step_rows, trainer.optimizer_step = step_rows, optimizer_step
+    for step in (1, 2):
+        trainer.step = step
+        if step == 2:
+            by_param = {p: n for n, p in named.items()}
+            moments = {by_param[p]: (s["exp_avg"].clone(), s["exp_avg_sq"].clone(), int(s["step"]))
+                       for p, s in trainer.optimizer.state.items()}
+        metrics = trainer.train_step()
+        trainer.scheduler.step()
+    docs = []  # the step's documents, each alone: packed rows cut at their documents' lengths
+    for row in (trainer.rows[i] for i in seen["rows"]):
+        if not cfg.sft.packing:
+            docs.append((list(row[0]), list(row[1])))
+            continue
+        start = 0
+        for n in row.doc_lens:
+            docs.append((row.input_ids[start:start + n], row.labels[start:start + n]))
+            start += n
+    assert len(docs) > len(seen["rows"]) or not cfg.sft.packing, "one document a row: packing untested"
+    want = sft_step(cfg.model.path, seen["weights"], seen["grads"], docs, moments, k=1, cfg=cfg,
+                    teacher_path=teacher_path, kl_weight=trainer.kl_weight)
+    problems = Disagreements()
+    problems.close("logged loss", metrics["loss"], want["loss"], rtol=GRAD_RTOL)
+    problems.gradients("the step's", seen["grads"], want["grads"])
+    problems.close("gradient norm", metrics["grad_norm"], want["norm"], rtol=GRAD_RTOL)
+    problems.close("logged grad_norm (the norm before clipping)", metrics["grad_norm"], want["given_norm"],
+                   rtol=1e-12)
+    problems.close("learning rate", seen["lr"], want["lr"], rtol=1e-12)
+    problems.weights("the step's", seen["after"], want["weights"], seen["weights"])
+    if want["norm"] <= cfg.optim.max_grad_norm:
+        problems.append(f"norm {want['norm']:.3g} under max_grad_norm: clipping untested")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("teacher") / "model", seed=1))
+
+
+SFT_CASES = {
+    "packed": {},
+    "one conversation a row": {"sft.packing": False},
+    # no warm-up, 3 steps: step 2's learning rate is on the cosine, 0.775 of the peak
+    "cosine schedule": {"optim.warmup_steps": 0, "train.max_steps": 3},
+    "distillation, kl_weight 0.5": {"kl_weight": 0.5},
+}
+
+
+@pytest.mark.parametrize("case", list(SFT_CASES))
+def test_an_sft_step_equals_the_float64_oracle(tiny, teacher, tmp_path, case):
+    options = dict(SFT_CASES[case])
+    kl_weight = options.pop("kl_weight", 0.0)
+    trainer = _sft_trainer(tiny, tmp_path, teacher_path=teacher, kl_weight=kl_weight, **options)
+    assert trainer.cfg.optim.schedule == "cosine"
+    assert run_and_check_sft(trainer, teacher) == []
+
+
+def test_the_oracle_catches_an_sft_loss_backpropagated_twice(tiny, tmp_path, monkeypatch):
+    # The logged loss is computed apart from the one backpropagated: only the gradient shows it.
+    real = SFTTrainer.micro_loss
+
+    def doubled(self, *args):
+        loss, logged = real(self, *args)
+        return 2 * loss, logged
+
+    monkeypatch.setattr(SFTTrainer, "micro_loss", doubled)
+    problems = run_and_check_sft(_sft_trainer(tiny, tmp_path))
+    assert any("gradient" in p for p in problems) and not any("logged loss" in p for p in problems), problems
