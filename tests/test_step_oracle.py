@@ -1,15 +1,15 @@
 """A whole GRPO training step, and an SFT step, against an independent float64 oracle
 (tests/reference_step.py).
 
-The trainer runs two real steps on the tiny model, in float64 (its policy and reference converted
-after they load), so that the second starts with the policy away from the reference and with
-AdamW moments in place. Of that second step the oracle gets only the inputs: the weights, the
+The trainer runs two real steps on the tiny model, in float64 (`--model.dtype float64`), so that
+the second starts with the policy away from the reference and with AdamW moments in place, in
+one process and in two (FSDP2 over gloo). Of that second step the oracle gets only the inputs: the weights, the
 sampled token ids, each reward function's raw values, the optimizer's moments and the options. It
 recomputes rewards, advantages, log-probs, the loss with its normalization, the gradient, its
 norm, the learning rate from the schedule's formula and the AdamW update, and every one must match
 the trainer's. A trainer that is wrong but consistent with itself fails here: each mutation at the
 bottom (doubled advantages, a wrong denominator, clipping before the logged norm, warm-up one step
-late, the reference taken from the policy) is caught. SFT likewise: packed rows in micro-batches,
+late, the reference taken from the policy, one rank's gradient dropped) is caught. SFT likewise: packed rows in micro-batches,
 one conversation a row, and distillation with a KL weight, against each document's cross-entropy
 on its own; and an SFT loss backpropagated twice over (its logged loss unchanged) is caught.
 
@@ -22,6 +22,10 @@ smallest, a denominator 3/4 of the right one, moves the gradient by 33%).
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +41,7 @@ from r1train.sft.trainer import SFTJobConfig, SFTTrainer
 from reference_step import grpo_step, sft_step
 
 GRAD_RTOL = 1e-6
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +73,7 @@ class Disagreements(list):
 
 def _config(model_path, out, **options) -> GRPOJobConfig:
     cfg = GRPOJobConfig()
-    cfg.model.path = model_path
+    cfg.model.path, cfg.model.dtype = model_path, "float64"
     cfg.data.num_train, cfg.data.num_eval = 16, 2
     cfg.data.task.max_operands = 2
     cfg.rollout.group_size, cfg.rollout.max_new_tokens = 4, 24
@@ -100,20 +105,21 @@ REWARDS = [("token_sum", token_sum), ("distinct", distinct)]
 
 def _float64_trainer(cfg) -> GRPOTrainer:
     torch.manual_seed(0)
-    trainer = GRPOTrainer(cfg, reward_funcs=REWARDS)
-    trainer.policy.double()  # the same Parameter objects: the optimizer keeps them
-    if trainer.ref is not None:
-        trainer.ref.double()
-    return trainer
+    return GRPOTrainer(cfg, reward_funcs=REWARDS)
 
 
-def run_and_check(trainer: GRPOTrainer) -> list[str]:
-    """Two trainer steps as the loop runs them; the second against the oracle. Returns the
-    disagreements (empty: the step is right)."""
-    cfg, named = trainer.cfg, dict(trainer.policy.lm.named_parameters())
-    ref_weights = ({n: p.detach().clone() for n, p in trainer.ref.lm.named_parameters()}
-                   if trainer.ref is not None else None)
-    seen = {}
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter, gradient or moment (FSDP2 shards them: DTensors)."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
+def capture_grpo(trainer: GRPOTrainer) -> dict:
+    """Two trainer steps as the loop runs them, and what the oracle needs of the second: whole
+    tensors and every rank's rows (the collectives run on every rank; every rank gets it all)."""
+    named = dict(trainer.policy.lm.named_parameters())
+    seen = {"ref_weights": ({n: _full(p) for n, p in trainer.ref.lm.named_parameters()}
+                            if trainer.ref is not None else None)}
     real_rollout, real_step = trainer.rollout, trainer.optimizer_step
 
     def rollout():
@@ -122,12 +128,12 @@ def run_and_check(trainer: GRPOTrainer) -> list[str]:
         return batch, timings
 
     def optimizer_step(loss):  # each pass: its starting weights, its gradient, its lr, its result
-        seen["weights"].append({n: p.detach().clone() for n, p in named.items()})
-        seen["grads"].append({n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None})
+        seen["weights"].append({n: _full(p) for n, p in named.items()})
+        seen["grads"].append({n: _full(p.grad) for n, p in named.items() if p.grad is not None})
         seen["lrs"].append(trainer.optimizer.param_groups[0]["lr"])
         norm, stepped = real_step(loss)
         seen["norms"].append(float(norm))
-        seen["after"].append({n: p.detach().clone() for n, p in named.items()})
+        seen["after"].append({n: _full(p) for n, p in named.items()})
         return norm, stepped
 
     trainer.rollout, trainer.optimizer_step = rollout, optimizer_step
@@ -135,23 +141,37 @@ def run_and_check(trainer: GRPOTrainer) -> list[str]:
         trainer.step = step
         if step == 2:
             by_param = {p: n for n, p in named.items()}
-            moments = {by_param[p]: (s["exp_avg"].clone(), s["exp_avg_sq"].clone(), int(s["step"]))
-                       for p, s in trainer.optimizer.state.items()}
+            seen["moments"] = {by_param[p]: (_full(s["exp_avg"]), _full(s["exp_avg_sq"]), int(s["step"]))
+                               for p, s in trainer.optimizer.state.items()}
         seen.update(weights=[], grads=[], lrs=[], norms=[], after=[])
-        metrics = trainer.train_step()
+        seen["metrics"] = trainer.train_step()
         trainer.scheduler.step()
-    batch = seen["batch"]
+    batch = seen.pop("batch")
     P = batch.prompt_len
-    rows = [(ids[:P][mask[:P].bool()].tolist(), completion)
-            for ids, mask, completion in zip(batch.input_ids, batch.attention_mask, batch.completion_lists())]
-    assert all(completion for _, completion in rows), "an empty completion: nothing to compare"
-    want = grpo_step(cfg.model.path, seen["weights"], seen["grads"], ref_weights, rows, batch.per_fn.tolist(),
-                     [float(w) for w in trainer.weights], moments, G=cfg.rollout.group_size, k=1, cfg=cfg)
+    mine = {"rows": [(ids[:P][mask[:P].bool()].tolist(), completion) for ids, mask, completion
+                     in zip(batch.input_ids, batch.attention_mask, batch.completion_lists())],
+            "per_fn": batch.per_fn.tolist(), "rewards": batch.rewards.tolist(),
+            "advantages": batch.advantages.tolist()}
+    ranks = [mine]
+    if torch.distributed.is_initialized():  # each rank holds whole groups: rank order is group order
+        ranks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, mine)
+    for key in mine:
+        seen[key] = [x for r in ranks for x in r[key]]
+    seen["reward_weights"] = [float(w) for w in trainer.weights]
+    return seen
 
+
+def check_grpo(seen: dict, cfg) -> list[str]:
+    """The captured step against the oracle: the disagreements (empty: the step is right)."""
+    assert all(completion for _, completion in seen["rows"]), "an empty completion: nothing to compare"
+    want = grpo_step(cfg.model.path, seen["weights"], seen["grads"], seen["ref_weights"], seen["rows"],
+                     seen["per_fn"], seen["reward_weights"], seen["moments"], G=cfg.rollout.group_size, k=1,
+                     cfg=cfg)
     problems = Disagreements()
     close = problems.close
-    close("rewards", batch.rewards, want["rewards"], rtol=1e-12)
-    close("advantages", batch.advantages, want["advantages"], rtol=1e-9, atol=1e-12)
+    close("rewards", seen["rewards"], want["rewards"], rtol=1e-12)
+    close("advantages", seen["advantages"], want["advantages"], rtol=1e-9, atol=1e-12)
     if not any(a != 0 for a in want["advantages"]):
         problems.append("every advantage is 0: a vacuous comparison")
     if len(seen["grads"]) != cfg.grpo.num_iterations:
@@ -160,13 +180,18 @@ def run_and_check(trainer: GRPOTrainer) -> list[str]:
         problems.gradients(f"pass {i + 1}", got, expected)
     close("gradient norm", seen["norms"], want["norms"], rtol=GRAD_RTOL)
     close("logged grad_norm (the norm before clipping)", seen["norms"], want["given_norms"], rtol=1e-12)
-    close("logged grad_norm in the step's metrics", metrics["grad_norm"], want["given_norms"][-1], rtol=1e-12)
+    close("logged grad_norm in the step's metrics", seen["metrics"]["grad_norm"], want["given_norms"][-1],
+          rtol=1e-12)
     close("learning rate", seen["lrs"], [want["lr"]] * len(seen["lrs"]), rtol=1e-12)
     for i, (got, expected) in enumerate(zip(seen["after"], want["weights"])):
         problems.weights(f"pass {i + 1}", got, expected, seen["weights"][i])
     if want["norms"][0] <= cfg.optim.max_grad_norm:
         problems.append(f"norm {want['norms'][0]:.3g} under max_grad_norm: clipping untested")
     return problems
+
+
+def run_and_check(trainer: GRPOTrainer) -> list[str]:
+    return check_grpo(capture_grpo(trainer), trainer.cfg)
 
 
 CASES = {
@@ -224,7 +249,7 @@ def test_the_oracle_catches_a_wrong_but_consistent_trainer(tiny, tmp_path, monke
 
 def _sft_trainer(model_path, out, teacher_path=None, kl_weight=0.0, **options) -> SFTTrainer:
     cfg = SFTJobConfig()
-    cfg.model.path = model_path
+    cfg.model.path, cfg.model.dtype = model_path, "float64"
     cfg.data.num_train, cfg.data.num_eval = 40, 2
     # 4 packed rows a step in 2 micro-batches; cosine after a warm-up longer than the run, decay
     # on, clipping active: each changes the update.
@@ -240,9 +265,7 @@ def _sft_trainer(model_path, out, teacher_path=None, kl_weight=0.0, **options) -
         teacher = PolicyModel(AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float64)).eval()
         if cfg.sft.packing:
             teacher.lm.set_attn_implementation(VARLEN_ATTENTION)
-    trainer = SFTTrainer(cfg, teacher=teacher, kl_weight=kl_weight)
-    trainer.policy.double()
-    return trainer
+    return SFTTrainer(cfg, teacher=teacher, kl_weight=kl_weight)
 
 
 def run_and_check_sft(trainer: SFTTrainer, teacher_path=None) -> list[str]:
@@ -331,3 +354,29 @@ def test_the_oracle_catches_an_sft_loss_backpropagated_twice(tiny, tmp_path, mon
     monkeypatch.setattr(SFTTrainer, "micro_loss", doubled)
     problems = run_and_check_sft(_sft_trainer(tiny, tmp_path))
     assert any("gradient" in p for p in problems) and not any("logged loss" in p for p in problems), problems
+
+
+# ------------------------------------------------------------------- two processes (FSDP2, gloo)
+
+def _two_process_step(model, tmp_path, mutation=""):
+    out = tmp_path / "seen.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(ROOT / "tests" / "oracle_worker.py"), str(out), model, str(tmp_path / "run"),
+                          *([mutation] if mutation else [])],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def test_a_two_process_step_equals_the_float64_oracle(tiny, tmp_path):
+    # Each rank samples, scores and normalizes its own groups, and FSDP sums the ranks' gradients
+    # of losses divided by the global count: together, the one-process step of all rows.
+    seen = _two_process_step(tiny, tmp_path)
+    assert len(seen["rows"]) == 32
+    assert check_grpo(seen, _config(tiny, tmp_path / "run")) == []
+
+
+def test_the_oracle_catches_a_rank_whose_gradient_is_dropped(tiny, tmp_path):
+    problems = check_grpo(_two_process_step(tiny, tmp_path, "drop-rank-1"), _config(tiny, tmp_path / "run"))
+    assert any("gradient" in p for p in problems), problems

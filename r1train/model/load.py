@@ -84,11 +84,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
 
 def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
                    trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-    """Weights in float32 unless bfloat16 is asked for: FSDP2 / autocast compute in bf16 on
-    CUDA while the optimizer keeps float32 master weights."""
+    """Weights in float32 unless bfloat16 or float64 is asked for: FSDP2 / autocast compute in
+    bf16 on CUDA while the optimizer keeps float32 master weights; float64 computes in float64."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    torch_dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(dtype, torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code,

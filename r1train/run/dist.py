@@ -140,9 +140,10 @@ def shard_model(root: nn.Module, layers: list[nn.Module], info: DistInfo, *,
                 reshard_after_forward: bool = True, bf16: bool | None = None) -> nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root (which holds embeddings and head).
 
-    On CUDA, parameters compute in bf16 and gradients reduce in float32; on CPU (gloo) all is
-    float32. Gradients are *summed* over ranks, not averaged: every loss of this project divides
-    by the count of the whole optimizer step (tokens or sequences, all micro-batches, all ranks),
+    On CUDA, parameters compute in bf16 and gradients reduce in float32 (float64 models: all in
+    float64); on CPU (gloo) all is in the parameters' dtype. Gradients are *summed* over ranks,
+    not averaged: every loss of this project divides by the count of the whole optimizer step
+    (tokens or sequences, all micro-batches, all ranks),
     so the sum is the global mean and nothing needs undoing (torchtitan's
     `set_gradient_divide_factor`). The root's named forwards (`FORWARD_METHODS`, e.g.
     `PolicyModel.completion_logprobs`) gather its parameters as `forward` would. Without a
@@ -152,8 +153,8 @@ def shard_model(root: nn.Module, layers: list[nn.Module], info: DistInfo, *,
         return root
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    if bf16 is None:
-        bf16 = info.device.type == "cuda"
+    if bf16 is None:  # a float64 model is asked for to compute in float64
+        bf16 = info.device.type == "cuda" and next(root.parameters()).dtype != torch.float64
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     for module in (*layers, root):

@@ -67,8 +67,10 @@ class Trainer:
         self.cfg = cfg
         self.info, self.out = start_run(cfg, self.tag)
         self.main = self.info.is_main
-        # One GPU computes in bf16 through autocast; FSDP through its MixedPrecisionPolicy.
-        cuda_alone = self.info.device.type == "cuda" and not self.info.distributed
+        # One GPU computes in bf16 through autocast; FSDP through its MixedPrecisionPolicy. A
+        # float64 model computes in float64.
+        cuda_alone = self.info.device.type == "cuda" and not self.info.distributed \
+            and getattr(getattr(cfg, "model", None), "dtype", "auto") != "float64"
         self.autocast: Callable = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda_alone \
             else nullcontext
         self.step = 0

@@ -31,7 +31,8 @@ class ModelConfig:
     """Tokenizer folder or name when it differs from `path`."""
     dtype: str = "auto"
     """Weights dtype: auto (float32 on CPU; on CUDA float32 master weights with bf16 compute),
-    float32 or bfloat16."""
+    float32, bfloat16, or float64 (weights and every step in double precision, no bf16 compute:
+    for checking the math against a float64 reference, as tests/test_step_oracle.py does)."""
     trust_remote_code: bool = False
     """Run the model repo's own Python code. Off by default: only for repos you trust."""
     attn_implementation: str = "sdpa"
@@ -213,7 +214,7 @@ def check_model(m: ModelConfig, section: str = "model") -> None:
 
     if not m.path.strip():
         bad(f"{section}.path", m.path, "must name a model folder, a hub name or 'embedded'")
-    one_of(f"{section}.dtype", m.dtype, ("auto", "float32", "bfloat16"))
+    one_of(f"{section}.dtype", m.dtype, ("auto", "float32", "bfloat16", "float64"))
     one_of(f"{section}.embedded_size", m.embedded_size, tuple(TINY_SIZES))
     one_of(f"{section}.system_role", m.system_role, ("auto", "merge", "error"))
     if m.chat_template and not Path(m.chat_template).expanduser().is_file():
