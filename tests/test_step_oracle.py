@@ -7,11 +7,12 @@ one process and in two (FSDP2 over gloo). Of that second step the oracle gets on
 sampled token ids, each reward function's raw values, the optimizer's moments and the options. It
 recomputes rewards, advantages, log-probs, the loss with its normalization, the gradient, its
 norm, the learning rate from the schedule's formula and the AdamW update, and every one must match
-the trainer's. A trainer that is wrong but consistent with itself fails here: each mutation at the
-bottom (doubled advantages, a wrong denominator, clipping before the logged norm, warm-up one step
-late, the reference taken from the policy, one rank's gradient dropped) is caught. SFT likewise: packed rows in micro-batches,
-one conversation a row, and distillation with a KL weight, against each document's cross-entropy
-on its own; and an SFT loss backpropagated twice over (its logged loss unchanged) is caught.
+the trainer's. A trainer that is wrong but consistent with itself fails here: each mutation
+tested below (doubled advantages, a wrong denominator, clipping before the logged norm, warm-up
+one step late, the reference taken from the policy, one rank's gradient dropped) is caught. SFT
+likewise: packed rows in micro-batches, one conversation a row, the cosine schedule, and
+distillation with a KL weight, against each document's cross-entropy on its own; and an SFT loss
+backpropagated twice over (its logged loss unchanged) is caught.
 
 Tolerances: the update (clipping, learning rate, AdamW on the trainer's own gradient) is float64
 end to end and agrees to 1e-12. The gradient goes through the model class, whose RMSNorm runs in
