@@ -208,17 +208,17 @@ def test_a_distillation_teacher_takes_its_own_chat_template(tmp_path):
     shutil.move(template, tmp_path / "template.jinja")
     args = ["distill", "--model.path", str(TINY_SFT), "--distill.teacher", str(teacher), "--data.num_train", "4",
             "--problems.num_train", "4", "--problems.num_eval", "0", "--data.num_eval", "0",
-            "--sampling.samples_per_prompt", "2", "--sampling.max_new_tokens", "8", "--sampling.require", "",
+            "--sampling.samples_per_prompt", "2", "--sampling.max_new_tokens", "48", "--sampling.require", "",
             "--sft.max_seq_len", "256", "--sft.rows_per_step", "2", "--train.max_steps", "1",
             "--train.eval_every", "0", "--train.export", "false"]
     msg = _one_line_error(_train(*args, "--train.output_dir", str(tmp_path / "a")))
     assert "has no chat template" in msg and "--distill.teacher_chat_template" in msg, msg
     res = _train(*args, "--distill.teacher_chat_template", str(tmp_path / "template.jinja"),
                  "--train.output_dir", str(tmp_path / "b"))
-    # The teacher loaded and sampled its 8 traces; whether a tiny teacher finishes any of them
-    # within 8 tokens is luck, so either outcome of the sampling counts.
-    sampled = res.returncode == 0 or "the teacher passed none of 8 samples" in res.stderr
-    assert sampled and "chat template" not in res.stderr, res.stdout[-2000:] + res.stderr[-3000:]
+    # The teacher (the cold-start model: ~22-token answers that end) wrote its traces with the
+    # template it was given, and the student trained on them.
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "[distill] teacher kept" in res.stdout and "chat template" not in res.stderr, res.stdout[-2000:]
 
 
 # --- rewards ------------------------------------------------------------------------------------

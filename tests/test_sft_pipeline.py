@@ -138,9 +138,15 @@ def test_tiny_pipeline_runs_every_stage_and_exports_load(tmp_path):
         assert (out / s / "stage.json").exists(), s
     assert "stage" in (out / "results.txt").read_text()
     from transformers import AutoModelForCausalLM
-    for s in ["cold-start-sft", "reasoning-rl", "sft-stage-2", "distill"]:
-        model = AutoModelForCausalLM.from_pretrained(out / s / "final")
-        assert model.num_parameters() > 0
+    exported = {s: AutoModelForCausalLM.from_pretrained(out / s / "final")
+                for s in ["cold-start-sft", "reasoning-rl", "sft-stage-2", "distill"]}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for s, model in exported.items():  # each export loads and computes
+        assert torch.isfinite(model(input_ids=ids).logits).all(), s
+    for a, b in (("cold-start-sft", "reasoning-rl"), ("reasoning-rl", "sft-stage-2")):
+        # each stage starts from the one before it and trains: its weights are not that stage's
+        pairs = zip(exported[a].state_dict().values(), exported[b].state_dict().values())
+        assert any(not torch.equal(x, y) for x, y in pairs), f"{b} exported {a}'s weights unchanged"
     small = AutoModelForCausalLM.from_pretrained(out / "distill" / "final")
     big = AutoModelForCausalLM.from_pretrained(out / "sft-stage-2" / "final")
     assert small.num_parameters() < big.num_parameters()  # distilled into a smaller student
