@@ -77,3 +77,22 @@ def test_config_changes_lists_each_difference():
            "grpo": {"beta": 0.0}}
     # output_dir is where the run is, not what it is; a new option appears with None before it
     assert config_changes(saved, now) == [("grpo.beta", None, 0.0), ("optim.lr", 2e-4, 5e-5)]
+
+
+def test_resume_re_applies_changed_betas_and_weight_decay(tiny, stopped, tmp_path):
+    # The checkpoint restores AdamW's param groups (betas 0.9/0.99, decay 0); the options typed
+    # at the resume replace them before the first step: decay on the matrices' group only
+    # (group 1 holds norms and biases), the learning rate as the schedule says (constant, 2e-4).
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.grpo.trainer import GRPOTrainer
+    from r1train.run.config import parse_args
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
+    cfg = parse_args(GRPOJobConfig, [*GRPO[1:], "--model.path", tiny, "--train.output_dir", str(tmp_path),
+                                     "--optim.beta1", "0.5", "--optim.beta2", "0.9", "--optim.weight_decay", "0.2"])
+    trainer = GRPOTrainer(cfg)
+    trainer._resume()
+    assert trainer.step == 1 and trainer.optimizer.state, "nothing was restored"
+    groups = trainer.optimizer.param_groups
+    assert [g["betas"] for g in groups] == [(0.5, 0.9), (0.5, 0.9)]
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0]
+    assert [g["lr"] for g in groups] == [pytest.approx(2e-4)] * 2
