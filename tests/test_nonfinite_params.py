@@ -2,6 +2,7 @@
 
 The loss / gradient-norm guard cannot see it: with `--optim.lr inf` the loss and gradients of the
 step are finite and only the update is not (the issue's run exited 0 with an all-NaN export)."""
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +90,41 @@ def test_lr_inf_never_exits_zero_with_an_export(tiny, tmp_path, command):
                    "--train.output_dir", out, env=ENV)
     assert res.returncode != 0, res.stdout[-2000:]
     assert not (out / "final").exists()
+
+
+def test_a_non_finite_loss_skips_its_update_and_max_nonfinite_in_a_row_stops_the_run(tmp_path, monkeypatch):
+    """Worked out by hand: the loss is NaN at steps 2, 4 and 5, train.max_nonfinite is 2. Step 2
+    is skipped (1 in a row) and leaves the weights as step 1 left them; step 3 trains and resets
+    the count; steps 4 and 5 are skipped (1, then 2 in a row), and step 5 stops the run naming
+    it, before anything of step 5 is saved or logged: the newest checkpoint is step 4's."""
+    from r1train.run.config import parse_args
+    from r1train.sft.trainer import SFTJobConfig, SFTTrainer
+    cfg = parse_args(SFTJobConfig, [*ARGS["sft"], "--train.max_steps", "6", "--train.save_every", "1",
+                                    "--train.eval_every", "0", "--train.progress", "false",
+                                    "--train.max_nonfinite", "2", "--train.output_dir", str(tmp_path)])
+    real = SFTTrainer.micro_loss
+
+    def nan_at_some_steps(self, *args):
+        loss, logged = real(self, *args)
+        return (loss * float("nan"), logged) if self.step in (2, 4, 5) else (loss, logged)
+
+    monkeypatch.setattr(SFTTrainer, "micro_loss", nan_at_some_steps)
+    trainer = SFTTrainer(cfg)
+    weights = {}
+    real_step = trainer.train_step
+
+    def train_step():
+        out = real_step()
+        weights[trainer.step] = next(trainer.policy.parameters()).detach().clone()
+        return out
+
+    trainer.train_step = train_step
+    with pytest.raises(RuntimeError, match=r"2 non-finite updates in a row at step 5"):
+        trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # step 5 stops the run before its metrics row is written
+    assert {r["step"]: r["skipped_update"] for r in rows if "skipped_update" in r} == \
+        {1: 0.0, 2: 1.0, 3: 0.0, 4: 1.0}
+    assert torch.equal(weights[2], weights[1]) and not torch.equal(weights[3], weights[2])
+    assert torch.equal(weights[5], weights[4]) and torch.isfinite(weights[5]).all()
+    assert trainer.ckpt.steps()[-1] == 4
