@@ -115,20 +115,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
 
 
-def capture_grpo(trainer: GRPOTrainer) -> dict:
-    """Two trainer steps as the loop runs them, and what the oracle needs of the second: whole
-    tensors and every rank's rows (the collectives run on every rank; every rank gets it all)."""
+def two_steps(trainer, seen: dict) -> None:
+    """Steps 1 and 2 as the loop runs them, recording into `seen`, for each optimizer step of
+    step 2 (one per pass): its starting weights, its gradient, its lr, its norm and the weights
+    after it, as whole tensors; AdamW's moments before step 2; and step 2's metrics."""
     named = dict(trainer.policy.lm.named_parameters())
-    seen = {"ref_weights": ({n: _full(p) for n, p in trainer.ref.lm.named_parameters()}
-                            if trainer.ref is not None else None)}
-    real_rollout, real_step = trainer.rollout, trainer.optimizer_step
+    real_step = trainer.optimizer_step
 
-    def rollout():
-        batch, timings = real_rollout()
-        seen["batch"] = batch
-        return batch, timings
-
-    def optimizer_step(loss):  # each pass: its starting weights, its gradient, its lr, its result
+    def optimizer_step(loss):
         seen["weights"].append({n: _full(p) for n, p in named.items()})
         seen["grads"].append({n: _full(p.grad) for n, p in named.items() if p.grad is not None})
         seen["lrs"].append(trainer.optimizer.param_groups[0]["lr"])
@@ -137,7 +131,7 @@ def capture_grpo(trainer: GRPOTrainer) -> dict:
         seen["after"].append({n: _full(p) for n, p in named.items()})
         return norm, stepped
 
-    trainer.rollout, trainer.optimizer_step = rollout, optimizer_step
+    trainer.optimizer_step = optimizer_step
     for step in (1, 2):
         trainer.step = step
         if step == 2:
@@ -147,6 +141,22 @@ def capture_grpo(trainer: GRPOTrainer) -> dict:
         seen.update(weights=[], grads=[], lrs=[], norms=[], after=[])
         seen["metrics"] = trainer.train_step()
         trainer.scheduler.step()
+
+
+def capture_grpo(trainer: GRPOTrainer) -> dict:
+    """Two trainer steps as the loop runs them, and what the oracle needs of the second: whole
+    tensors and every rank's rows (the collectives run on every rank; every rank gets it all)."""
+    seen = {"ref_weights": ({n: _full(p) for n, p in trainer.ref.lm.named_parameters()}
+                            if trainer.ref is not None else None)}
+    real_rollout = trainer.rollout
+
+    def rollout():
+        batch, timings = real_rollout()
+        seen["batch"] = batch
+        return batch, timings
+
+    trainer.rollout = rollout
+    two_steps(trainer, seen)
     batch = seen.pop("batch")
     P = batch.prompt_len
     mine = {"rows": [(ids[:P][mask[:P].bool()].tolist(), completion) for ids, mask, completion
@@ -271,31 +281,17 @@ def _sft_trainer(model_path, out, teacher_path=None, kl_weight=0.0, **options) -
 
 def run_and_check_sft(trainer: SFTTrainer, teacher_path=None) -> list[str]:
     """Two SFT steps as the loop runs them; the second against the oracle."""
-    cfg, named = trainer.cfg, dict(trainer.policy.lm.named_parameters())
-    seen = {}
-    real_rows, real_step = trainer.step_rows, trainer.optimizer_step
+    cfg, seen = trainer.cfg, {}
+    real_rows = trainer.step_rows
 
     def step_rows(step):
         seen["rows"] = real_rows(step)
         return seen["rows"]
 
-    def optimizer_step(loss):
-        seen["weights"] = {n: p.detach().clone() for n, p in named.items()}
-        seen["grads"] = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None}
-        seen["lr"] = trainer.optimizer.param_groups[0]["lr"]
-        norm, stepped = real_step(loss)
-        seen["after"] = {n: p.detach().clone() for n, p in named.items()}
-        return norm, stepped
-
-    trainer.step_rows, trainer.optimizer_step = step_rows, optimizer_step
-    for step in (1, 2):
-        trainer.step = step
-        if step == 2:
-            by_param = {p: n for n, p in named.items()}
-            moments = {by_param[p]: (s["exp_avg"].clone(), s["exp_avg_sq"].clone(), int(s["step"]))
-                       for p, s in trainer.optimizer.state.items()}
-        metrics = trainer.train_step()
-        trainer.scheduler.step()
+    trainer.step_rows = step_rows
+    two_steps(trainer, seen)
+    [weights], [grads], [lr], [after], metrics = (seen["weights"], seen["grads"], seen["lrs"], seen["after"],
+                                                 seen["metrics"])
     docs = []  # the step's documents, each alone: packed rows cut at their documents' lengths
     for row in (trainer.rows[i] for i in seen["rows"]):
         if not cfg.sft.packing:
@@ -306,16 +302,16 @@ def run_and_check_sft(trainer: SFTTrainer, teacher_path=None) -> list[str]:
             docs.append((row.input_ids[start:start + n], row.labels[start:start + n]))
             start += n
     assert len(docs) > len(seen["rows"]) or not cfg.sft.packing, "one document a row: packing untested"
-    want = sft_step(cfg.model.path, seen["weights"], seen["grads"], docs, moments, k=1, cfg=cfg,
+    want = sft_step(cfg.model.path, weights, grads, docs, seen["moments"], k=1, cfg=cfg,
                     teacher_path=teacher_path, kl_weight=trainer.kl_weight)
     problems = Disagreements()
     problems.close("logged loss", metrics["loss"], want["loss"], rtol=GRAD_RTOL)
-    problems.gradients("the step's", seen["grads"], want["grads"])
+    problems.gradients("the step's", grads, want["grads"])
     problems.close("gradient norm", metrics["grad_norm"], want["norm"], rtol=GRAD_RTOL)
     problems.close("logged grad_norm (the norm before clipping)", metrics["grad_norm"], want["given_norm"],
                    rtol=1e-12)
-    problems.close("learning rate", seen["lr"], want["lr"], rtol=1e-12)
-    problems.weights("the step's", seen["after"], want["weights"], seen["weights"])
+    problems.close("learning rate", lr, want["lr"], rtol=1e-12)
+    problems.weights("the step's", after, want["weights"], weights)
     if want["norm"] <= cfg.optim.max_grad_norm:
         problems.append(f"norm {want['norm']:.3g} under max_grad_norm: clipping untested")
     return problems

@@ -130,10 +130,10 @@ def moved_module(target: str) -> str | None:
     top, _, rest = target.partition(".")
     if top == "infra" and rest in _OLD_INFRA:
         return "r1train." + _OLD_INFRA[rest]
-    if top in _OLD_PACKAGES and importlib.util.find_spec("r1train." + top) is not None:
+    if top in _OLD_PACKAGES:
         try:
             return "r1train." + target if importlib.util.find_spec("r1train." + target) else None
-        except ModuleNotFoundError:
+        except ModuleNotFoundError:  # a parent of the name is no package
             return None
     return None
 
