@@ -45,7 +45,7 @@ from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
 from r1train.model.load import load_model
 from r1train.model.policy import PolicyModel
-from r1train.rewards import entry_text, get_reward_functions, score_completions
+from r1train.rewards import RewardError, RewardInterrupted, entry_text, get_reward_functions, score_completions
 from r1train.run.config import ConfigError
 from r1train.run.dist import all_gather_cat, all_reduce_max, all_reduce_sum, decoder_layers, shard_model
 from r1train.run.logging import clock, write_jsonl
@@ -147,9 +147,15 @@ class GRPOTrainer(Trainer):
 
         # 3. score: [N, F], NaN where a reward has no opinion
         t0 = clock(info.device)
-        batch.per_fn = score_completions(self.rewards, batch.texts, records, batch.completion_lists())  # [N, F]
+        failure = None
+        try:
+            batch.per_fn = score_completions(self.rewards, batch.texts, records, batch.completion_lists())  # [N, F]
+        except RewardInterrupted:  # a stop signal while a user's reward ran
+            self.stop_requested = True
+        except RewardError as e:  # stops every rank at the next line, the last step saved
+            failure = RewardError(f"step {self.step}: {e}")
         timings["time/score"] = clock(info.device) - t0
-        self.stop_point()
+        self.stop_point(failure)
 
         # 4. advantages on this rank's whole groups
         batch.rewards, valid = combine_rewards(batch.per_fn, self.weights)  # [N], [N]

@@ -42,6 +42,8 @@ from pathlib import Path
 
 from r1train.run.config import ConfigError, load_recipe, parse_args, split_argv
 from r1train.run.dist import barrier, init_distributed
+from r1train.run.folder import lock_folder
+from r1train.run.logging import finite_or_none
 from r1train.run.resume import flatten
 
 COMMANDS = ("sft", "grpo", "rejection-sample", "distill")
@@ -210,7 +212,7 @@ def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
     device = _device(recipe, overrides)
     info = init_distributed(device or "auto")
     stages = check_recipe(recipe, overrides, info.world_size)
-    out = Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
+    out = pipeline_dir(recipe, overrides)
     prev = str(recipe.get("model", "embedded"))
     rerun = _rerun_flag(overrides)
     rows = []
@@ -266,15 +268,19 @@ def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
             result.setdefault("model", str(stage_dir / "final"))
             if info.is_main:
                 tmp = done.with_suffix(".tmp")
-                tmp.write_text(json.dumps(result, indent=1))
+                tmp.write_text(json.dumps(finite_or_none(result), indent=1, allow_nan=False))
                 os.replace(tmp, done)
             barrier()
         rows.append(result)
         prev = result.get("model", str(stage_dir / "final"))
     if info.is_main:
         summary = {"stages": rows, "total_wall_time_s": time.time() - t_start}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "summary.json").write_text(json.dumps(finite_or_none(summary), indent=1, allow_nan=False))
     return rows
+
+
+def pipeline_dir(recipe: dict, overrides: dict) -> Path:
+    return Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
 
 
 def _run_stage(command: str, options: dict) -> dict:
@@ -293,9 +299,12 @@ def main(argv: list[str]) -> list[dict]:
     if recipe_path is None:
         raise ConfigError("pipeline needs --recipe FILE (see configs/)")
     recipe = load_recipe(recipe_path)
-    rows = run_pipeline(recipe, overrides)
-    if rows and rows[-1].get("stopped"):
-        return rows  # no report on a partial run; the next run writes it
-    from r1train.pipeline.report import finish_report
-    finish_report(recipe, overrides, rows)
+    info = init_distributed(_device(recipe, overrides) or "auto")
+    # The pipeline's own folder is locked for its whole run (each stage also locks its folder).
+    with lock_folder(pipeline_dir(recipe, overrides), info, "pipeline", "--output_dir"):
+        rows = run_pipeline(recipe, overrides)
+        if rows and rows[-1].get("stopped"):
+            return rows  # no report on a partial run; the next run writes it
+        from r1train.pipeline.report import finish_report
+        finish_report(recipe, overrides, rows)
     return rows

@@ -37,6 +37,7 @@ from r1train.rewards.accuracy import (
     get_accuracy_reward,
     get_cosine_scaled_reward,
 )
+from r1train.rewards.budget import DEFAULT_CUSTOM_TIMEOUT_S, RewardInterrupted, UserReward
 from r1train.rewards.common import LENGTH_UNITS, RewardFn, pop_reward_metrics
 from r1train.rewards.custom import RewardError, checked_values, entry_name, entry_text, is_reference, load_reference
 from r1train.rewards.format import format_reward, reasoning_steps_reward, tag_count_reward
@@ -46,7 +47,8 @@ from r1train.rewards.penalties import get_repetition_penalty_reward, get_soft_ov
 REWARD_NAMES = ("accuracy", "format", "tag_count", "reasoning_steps", "cosine",
                 "repetition_penalty", "language_consistency", "soft_overlong")
 
-__all__ = ["REWARD_NAMES", "RewardConfig", "RewardError", "get_reward_functions", "pop_reward_metrics",
+__all__ = ["REWARD_NAMES", "RewardConfig", "RewardError", "RewardInterrupted", "get_reward_functions",
+           "pop_reward_metrics",
            "score_completions", "entry_name", "entry_text",
            "AnswerChecker", "accuracy_reward", "get_accuracy_reward", "format_reward",
            "tag_count_reward", "reasoning_steps_reward", "get_cosine_scaled_reward",
@@ -97,6 +99,10 @@ class RewardConfig:
         "help": "soft_overlong L_max (DAPO Eq. 13): at and beyond it the reward is -1"})
     overlong_cache_length: int = field(default=256, metadata={
         "help": "soft_overlong L_cache: the ramp from 0 to -1 over the last L_cache units"})
+    custom_timeout_s: float | None = field(default=DEFAULT_CUSTOM_TIMEOUT_S, metadata={
+        "help": "bound in seconds on one call of a reward function the user brings (module:fn, "
+                "file.py:fn, a callable), on one rank's batch; an overrun stops the run naming the "
+                "function, the last checkpoint intact; None: unbounded (rewards/budget.py)"})
 
     def __post_init__(self) -> None:
         self.check()
@@ -122,6 +128,8 @@ class RewardConfig:
         if self.accuracy_batch_timeout_s is not None and not (
                 finite("accuracy_batch_timeout_s") and self.accuracy_batch_timeout_s > 0):
             bad("accuracy_batch_timeout_s", "must be a finite number of seconds > 0, or None")
+        if self.custom_timeout_s is not None and not (finite("custom_timeout_s") and self.custom_timeout_s > 0):
+            bad("custom_timeout_s", "must be a finite number of seconds > 0, or None")
         if self.accuracy_pool_size < 0:
             bad("accuracy_pool_size", "must be >= 0 (0 = min(4, CPU count))")
         if self.accuracy_pool_threshold < 1:
@@ -181,7 +189,9 @@ def get_reward_functions(names: Sequence[Any] | str, config: RewardConfig | None
     `names` may be a list or a comma-separated string ("accuracy,format"). An entry is a
     built-in name, a reference (`module:fn`, `file.py:fn`, `name=...`), a callable or a
     `(name, callable)` pair (custom.py); names must be distinct. `accuracy` and `cosine` share
-    one AnswerChecker, so cosine reuses accuracy's verdicts from its cache.
+    one AnswerChecker, so cosine reuses accuracy's verdicts from its cache. A function the user
+    brings is wrapped in a `UserReward` (budget.py): its signature checked now, each call bounded
+    by `config.custom_timeout_s` and given its own copy of the batch.
     """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
@@ -205,17 +215,13 @@ def get_reward_functions(names: Sequence[Any] | str, config: RewardConfig | None
     builders = _builders(config, config.checker())
     out = []
     for entry, label, w in zip(names, labels, weights):
-        if isinstance(entry, tuple):
-            fn = entry[1]
-        elif callable(entry):
-            fn = entry
-        elif is_reference(entry):
-            fn = load_reference(entry)[1]
-        else:
-            fn = builders[entry]()
+        if isinstance(entry, str) and not is_reference(entry):
+            out.append((label, builders[entry](), w))
+            continue
+        fn = entry[1] if isinstance(entry, tuple) else entry if callable(entry) else load_reference(entry)[1]
         if not callable(fn):
             raise RewardError(f"reward {label!r}: {fn!r} is not callable")
-        out.append((label, fn, w))
+        out.append((label, UserReward(label, fn, config.custom_timeout_s), w))
     return out
 
 

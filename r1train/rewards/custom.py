@@ -32,6 +32,7 @@ from typing import Any
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 PYTHON = "python"  # the target of a recorded callable: `name=python:module.qualname`
+FILE_MODULE = "r1_user_rewards_"  # the module name of a reward file loaded by path, before its hash
 
 
 class RewardError(ValueError):
@@ -98,7 +99,7 @@ def _load_file(entry: str, target: str):
     if not path.is_file():
         raise RewardError(f"reward {entry!r}: no such file {target} (from {Path.cwd()})")
     path = path.resolve()
-    key = "r1_user_rewards_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    key = FILE_MODULE + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     if key in sys.modules:
         return sys.modules[key]
     spec = importlib.util.spec_from_file_location(key, path)
@@ -176,10 +177,20 @@ def load_reference(entry: str) -> tuple[str, Callable]:
     return name, fn
 
 
+def describe(fn: Callable) -> str:
+    """Where a reward function comes from, for messages: `module.qualname`, or for a function of
+    a file loaded by path, `path/to/file.py:qualname`."""
+    module = getattr(fn, "__module__", None) or "?"
+    qualname = getattr(fn, "__qualname__", type(fn).__name__)
+    file = getattr(sys.modules.get(module), "__file__", None) if module.startswith(FILE_MODULE) else None
+    return f"{file}:{qualname}" if file else f"{module}.{qualname}"
+
+
 def checked_values(name: str, fn: Callable, values: Any, n: int) -> list[float | None]:
     """A reward's output as a list of n floats or None; RewardError naming the function when it
-    returned something else (wrong length, a non-number, an infinity, a bool)."""
-    label = f"reward {name!r} ({getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)})"
+    returned something else (wrong length, a non-number, NaN or an infinity, a bool). NaN is
+    refused rather than read as "no opinion": that is None, and a NaN is more often a bug (0/0)."""
+    label = f"reward {name!r} ({describe(fn)})"
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
         raise RewardError(f"{label} returned a {type(values).__name__}; it must return a list of "
                           f"{n} floats (None = no opinion), one per completion")
@@ -190,8 +201,8 @@ def checked_values(name: str, fn: Callable, values: Any, n: int) -> list[float |
     out = []
     for i, v in enumerate(values):
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
-                              or math.isinf(float(v))):
+                              or not math.isfinite(float(v))):
             raise RewardError(f"{label} returned {v!r} ({type(v).__name__}) for completion {i}; "
-                              f"expected a finite float or None")
+                              f"expected a finite float, or None for no opinion")
         out.append(None if v is None else float(v))
     return out

@@ -17,6 +17,8 @@ about to delete is its own. The rules:
   `<output_dir>/old-<date>-<time>/`, and says so. Nothing is deleted.
 - Names ending in `.tmp` / `.deleting` next to the project's folders are the project's scratch
   (an interrupted save, export or prune) and are removed at the next start.
+- One run at a time: a run (and a pipeline, on its own folder) holds `run.lock` for its whole
+  life (`FolderLock`), and a second run into the same folder is refused, naming the holder.
 
 The manifest uses SHA-256 so that a user can check a file by hand (`sha256sum`). Hashing reads
 every byte once: about 0.6 GB/s per process on a busy 2-core CPU box, done by every rank on its
@@ -24,11 +26,14 @@ own share of the files.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -200,6 +205,91 @@ def move_old_run_aside(out: Path) -> Path | None:
         os.replace(out / n, dest / n)
     fsync_path(out)
     return dest
+
+
+LOCK_FILE = "run.lock"
+
+
+class FolderLock:
+    """`<folder>/run.lock`, held with `flock` for as long as a run writes into the folder.
+
+    The kernel drops an flock when its process dies, however it dies (SIGKILL, OOM, a lost
+    node), so a crash leaves no stale lock to clear by hand; the file itself stays, holding the
+    last holder's pid and host for the message a refused run prints. On NFS, Linux maps flock to
+    a POSIX lock that the server arbitrates, so ranks and runs on other nodes see it too.
+
+    Only one process of a run takes it (rank 0; the others wait on `on_main`). A process that
+    holds it already (a pipeline's stages, a test running trainers one after another) takes it
+    again: the holds are counted and the file is unlocked when the last is released.
+    """
+
+    _held: dict[str, list] = {}  # resolved folder -> [fd, count]
+
+    def __init__(self, folder: Path, what: str, option: str = "--train.output_dir"):
+        self.folder, self.what, self.key = Path(folder), what, str(Path(folder).resolve())
+        self.released = False
+        held = FolderLock._held.get(self.key)
+        if held is not None:
+            held[1] += 1
+            return
+        path = self.folder / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's note stays
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise ConfigError(f"{self.folder} is in use by another run ({holder}), which holds {path}: two "
+                              f"runs in one folder would overwrite each other's checkpoints and logs. Wait "
+                              f"for it to finish or stop it, or use another {option}") from None
+        note = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(note) + "\n").encode(), 0)
+        FolderLock._held[self.key] = [fd, 1]
+
+    @classmethod
+    def inert(cls, folder: Path) -> "FolderLock":
+        """What the ranks other than 0 hold: nothing to release."""
+        lock = cls.__new__(cls)
+        lock.folder, lock.what, lock.key, lock.released = Path(folder), "", "", True
+        return lock
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Drop this hold (idempotent); the file is unlocked when no hold of this process is left."""
+        if self.released:
+            return
+        self.released = True
+        held = FolderLock._held.get(self.key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del FolderLock._held[self.key]
+            os.close(held[0])  # closing the descriptor releases the flock
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        note = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {note['pid']} on host {note['host']}, {note.get('what', 'a run')} started {note['started']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "a process that has not yet written its pid"
+
+
+def lock_folder(folder: Path, info: DistInfo, what: str, option: str = "--train.output_dir") -> FolderLock:
+    """Rank 0 takes `folder`'s lock (creating the folder); every rank raises if another run holds
+    it. Collective. The other ranks get an inert lock, so that every rank releases alike."""
+    def take():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return FolderLock(folder, what, option)
+    return on_main(info, take) or FolderLock.inert(folder)
 
 
 def on_main(info: DistInfo, fn: Callable[[], object]):

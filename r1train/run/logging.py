@@ -87,6 +87,24 @@ class ProgressBar:
             _BAR = None
 
 
+def finite_or_none(value):
+    """`value` with every NaN/inf float inside it replaced by None: JSON has no NaN, and a bare
+    `NaN` in a .jsonl file breaks strict readers (jq, JavaScript, pandas' `lines=True` in some
+    modes). A metric with no value this step (every reward None) is `null`."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def json_line(row: dict) -> str:
+    """One strict-JSON line (no NaN or Infinity tokens) for a .jsonl log."""
+    return json.dumps(finite_or_none(row), ensure_ascii=False, allow_nan=False) + "\n"
+
+
 PER_STEP_LOGS = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl")
 """The logs of an output folder with rows stamped by step; a resumed run truncates each to its step."""
 
@@ -145,8 +163,8 @@ class MetricsLogger:
             return
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
                                 for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json_line(row))
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
@@ -177,6 +195,6 @@ def step_line(step: int, total: int, metrics: dict, keys: list[str]) -> str:
 def write_jsonl(path: str | os.PathLike, rows: list[dict], append: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a" if append else "w") as f:
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json_line(r))

@@ -28,7 +28,10 @@ once, the same way for both stages:
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
+import weakref
 from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,8 +42,10 @@ from r1train.run.checkpoint import CheckpointManager, export_hf
 from r1train.run.config import format_config, to_dict
 from r1train.run.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from r1train.run.folder import (
+    FolderLock,
     check_checkpoint_folders,
     check_export_folder,
+    lock_folder,
     move_old_run_aside,
     on_main,
     remove_leftovers,
@@ -49,9 +54,21 @@ from r1train.run.logging import MetricsLogger, ProgressBar, clock, say, step_lin
 from r1train.run.optim import build_optimizer, build_scheduler, grad_norm_and_clip
 from r1train.run.resume import apply_optimizer_options, check_resume
 
+REPEAT_WINDOW_S = 2.0
+"""A second stop signal sooner than this after the first is the same request, not an escalation."""
+
 
 class StepInterrupted(Exception):
     """Every rank agreed to stop before the step's first optimizer update."""
+
+
+class StepFailed(StepInterrupted):
+    """A rank's step failed before its first update (a user's reward raised or hung): every rank
+    stops as for a signal, the previous step saved, then raises `error`."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 class NonFiniteParameters(RuntimeError):
@@ -65,7 +82,8 @@ class Trainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.info, self.out = start_run(cfg, self.tag)
+        self.info, self.out, self.folder_lock = start_run(cfg, self.tag)
+        weakref.finalize(self, self.folder_lock.release)  # a trainer built but never trained
         self.main = self.info.is_main
         # One GPU computes in bf16 through autocast; FSDP through its MixedPrecisionPolicy. A
         # float64 model computes in float64.
@@ -76,6 +94,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_row = 0
         self.stop_requested = False
+        self.first_signal_at = 0.0
         self.eval_history: list[dict] = []
 
     def setup_training(self, model, hf_config, tokenizer) -> None:
@@ -111,10 +130,16 @@ class Trainer:
         """Models checkpointed besides the trained one ({name: module}), when saving or loading."""
         return None
 
-    def stop_point(self) -> None:
+    def stop_point(self, failure: Exception | None = None) -> None:
         """A safe point before the step's first update: raise StepInterrupted if any rank got a
-        stop signal. Collective: every rank calls it at the same points."""
-        if stop_agreed(self.stop_requested, self.info.device):
+        stop signal, StepFailed if any rank passes a `failure`. Collective: every rank calls it at
+        the same points."""
+        flags = torch.tensor([float(self.stop_requested), float(failure is not None)], device=self.info.device)
+        stop, failed = (all_reduce_sum(flags) > 0).tolist()
+        if failed:
+            raise StepFailed(failure or RuntimeError(f"[{self.tag}] step {self.step} failed on another rank "
+                                                     f"(its error is in that rank's output)"))
+        if stop:
             raise StepInterrupted
 
     def optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -131,6 +156,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
+        with self.folder_lock:  # released when the run ends, however it ends
+            return self._train()
+
+    def _train(self) -> dict:
         t = self.cfg.train
         self._resume()
         # Exits in reverse order: the old signal handlers come back, then the logger closes.
@@ -143,9 +172,12 @@ class Trainer:
                 t0 = clock(self.info.device)
                 try:
                     metrics = self.train_step()
-                except StepInterrupted:
+                except StepInterrupted as e:
                     bar.close()
-                    return self._stop_before_update()
+                    stopped = self._stop_before_update(failed=isinstance(e, StepFailed))
+                    if isinstance(e, StepFailed):
+                        raise e.error from None
+                    return stopped
                 self.scheduler.step()
                 self._count_nonfinite(metrics)
                 dt = clock(self.info.device) - t0
@@ -204,9 +236,23 @@ class Trainer:
                 say(line)
 
     def _on_signal(self, signum, frame):
-        self.stop_requested = True
+        """The first SIGTERM/SIGINT asks for a stop at the next safe point, with a checkpoint. A
+        second one, later than `REPEAT_WINDOW_S`, exits at once and saves nothing: the way out of
+        a step that does not reach a safe point (a reward stuck in C code). Within the window it
+        is the same request twice: a launcher forwarding the signal the terminal already sent
+        (Ctrl-C reaches torchrun and its workers, and torchrun passes it on)."""
+        now = time.monotonic()
+        if self.stop_requested:
+            if now - self.first_signal_at < REPEAT_WINDOW_S:
+                return
+            last = self.ckpt.latest() if hasattr(self, "ckpt") else None
+            os.write(2, f"\n[{self.tag}] signal {signum} again: exiting now, saving nothing; the last "
+                        f"checkpoint is {last or 'none'}\n".encode())
+            os._exit(128 + signum)
+        self.stop_requested, self.first_signal_at = True, now
         if self.main:
-            say(f"\n[{self.tag}] signal {signum}: saving a checkpoint at the next safe point, then exiting")
+            say(f"\n[{self.tag}] signal {signum}: saving a checkpoint at the next safe point, then exiting "
+                f"(a second signal exits at once, saving nothing)")
 
     def _evaluate(self) -> dict | None:
         """Held-out evaluation now: stamped with the step, kept, printed, logged (completions in
@@ -248,32 +294,34 @@ class Trainer:
             self.save()
         return stop
 
-    def _stop_before_update(self) -> dict:
-        """A signal stopped step N before its first update: model, optimizer and scheduler still
-        hold step N-1, which is saved unless it was saved or resumed already."""
+    def _stop_before_update(self, failed: bool = False) -> dict:
+        """A signal (or a failure) stopped step N before its first update: model, optimizer and
+        scheduler still hold step N-1, which is saved unless it was saved or resumed already."""
         self.step -= 1
         self.optimizer.zero_grad(set_to_none=True)
         if self.step > 0 and self.ckpt.last_saved != self.step:
             self.save()
         if self.main:
             saved = f"checkpoint of step {self.step} in {self.ckpt.root}" if self.step else "nothing to save"
-            say(f"[{self.tag}] stopped by signal during step {self.step + 1}, before its update: {saved}; "
-                f"resume with the same command")
+            why = "a failure" if failed else "signal"
+            say(f"[{self.tag}] stopped by {why} during step {self.step + 1}, before its update: {saved}; "
+                f"resume with the same command{' once it is fixed' if failed else ''}")
         return {"stopped": True, "step": self.step}
 
 
 # ---------------------------------------------------------------- helpers of the loop
-def start_run(cfg, tag: str) -> tuple[DistInfo, Path]:
-    """Process group, config check for this world size, seed, output folder, config printout."""
+def start_run(cfg, tag: str) -> tuple[DistInfo, Path, FolderLock]:
+    """Process group, config check for this world size, seed, the output folder and its lock
+    (`run/folder.py`; the caller releases it when the run is done), config printout."""
     info = init_distributed(cfg.train.device, cfg.train.fsdp, timeout_s=cfg.train.collective_timeout_s)
     cfg.validate(info.world_size)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
+    lock = lock_folder(out, info, tag)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         print(f"[{tag}] world size {info.world_size}, device {info.device}, FSDP2 "
               f"{'on' if info.distributed else 'off'}\n{format_config(cfg)}", flush=True)
-    return info, out
+    return info, out, lock
 
 
 def epoch_order(n: int, seed: int, start: int, count: int) -> list[int]:

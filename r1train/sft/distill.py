@@ -17,6 +17,7 @@ from pathlib import Path
 
 from r1train.data.problems import load_problems, training_prompts
 from r1train.run.config import ConfigError
+from r1train.run.dist import DistInfo
 from r1train.run.loop import start_run
 from r1train.run.sections import DataConfig, ModelConfig, at_least, check_data, one_of
 from r1train.sft.cold_start import write_sft_jsonl
@@ -65,7 +66,12 @@ class DistillJobConfig(SFTJobConfig):
 def main(argv: list[str]) -> dict:
     from r1train.run.config import parse_args
     cfg = parse_args(DistillJobConfig, argv, prog="distill")
-    info, out = start_run(cfg, "distill")
+    info, out, lock = start_run(cfg, "distill")
+    with lock:
+        return _distill(cfg, info, out)
+
+
+def _distill(cfg: DistillJobConfig, info: DistInfo, out: Path) -> dict:
     teacher = None
     traces = Path(cfg.distill.traces) if cfg.distill.traces else out / "traces.jsonl"
     stats = {}

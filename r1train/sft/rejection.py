@@ -168,7 +168,12 @@ def load_sampler(model_cfg: ModelConfig, out_dir: Path, info: DistInfo,
 def main(argv: list[str]) -> dict:
     from r1train.run.config import parse_args
     cfg = parse_args(RejectionJobConfig, argv, prog="rejection-sample")
-    info, out = start_run(cfg, "rejection")
+    info, out, lock = start_run(cfg, "rejection")
+    with lock:
+        return _sample(cfg, info, out)
+
+
+def _sample(cfg: RejectionJobConfig, info: DistInfo, out: Path) -> dict:
     train = load_problems(cfg.data, cfg.train.seed, held_out=False).train  # before the model: fails fast
     if cfg.sampling.num_prompts:
         train = train[: cfg.sampling.num_prompts]
