@@ -232,3 +232,33 @@ def test_all_lines_unreadable_with_skip_says_so(tmp_path):
     path.write_text("not json\n{also not\n")
     with pytest.raises(DatasetError, match=r"junk\.jsonl: no readable row; first: line 1, malformed JSON"):
         load_records(path, split="all", on_bad_row="skip")
+
+
+# --- issue 35: the last tracebacks, one line each ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer_only(tmp_path_factory) -> Path:
+    """A model folder with the tiny tokenizer and no weights: a run that gets past the tokenizer
+    fails loading the model, so an error about the tokenizer proves it came first."""
+    from r1train.data.tiny import build_tiny_tokenizer
+    folder = tmp_path_factory.mktemp("tokenizer-only")
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("template,why", [
+    ("{% for m in messages %}{{ m.content }\n", "not a valid Jinja template: unexpected '}' (line 1)"),
+    ("{{ raise_exception('roles must alternate') }}",
+     "rendering a sample system + user prompt raised TemplateError: roles must alternate"),
+    ("{% if false %}x{% endif %}", "renders an empty prompt for a sample system + user conversation "
+                                   "(add_generation_prompt=True); the template must write the messages "
+                                   "and the assistant header"),
+], ids=["invalid-jinja", "raises", "renders-empty"])
+def test_a_broken_chat_template_is_one_line_before_the_model_loads(tmp_path, tokenizer_only, template, why):
+    """Before: a traceback at the first prompt, after the model loaded; an empty prompt only in
+    generation ("cannot reshape tensor of 0 elements")."""
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    line = _one_line_error(_train("grpo", "--model.path", tokenizer_only, "--model.chat_template", path,
+                                  "--train.output_dir", tmp_path / "out"))
+    assert line == f"error: --model.chat_template={str(path)!r}: {why}"
