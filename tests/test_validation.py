@@ -262,3 +262,30 @@ def test_a_broken_chat_template_is_one_line_before_the_model_loads(tmp_path, tok
     line = _one_line_error(_train("grpo", "--model.path", tokenizer_only, "--model.chat_template", path,
                                   "--train.output_dir", tmp_path / "out"))
     assert line == f"error: --model.chat_template={str(path)!r}: {why}"
+
+
+LONG = "x" * 300  # one name longer than any common file system's NAME_MAX (255)
+CANNOT_WRITE = "; name a folder this run can create and write in"
+TOO_LONG = "a name in the path is longer than the file system allows (File name too long)"
+
+
+@pytest.mark.parametrize("option,path,why", [
+    ("--train.output_dir", "a-file", "it is a file, not a folder" + CANNOT_WRITE),
+    ("--train.output_dir", "a-file/out", "{tmp}/a-file is a file, not a folder" + CANNOT_WRITE),
+    ("--train.output_dir", LONG, TOO_LONG + CANNOT_WRITE),
+    ("--train.output_dir", "read-only/out", "cannot create it or write in it: Permission denied" + CANNOT_WRITE),
+    ("--data.source", LONG + ".jsonl", TOO_LONG + "; shorten it"),
+    ("--model.chat_template", LONG + ".jinja", TOO_LONG + "; shorten it"),
+    ("--recipe", LONG + ".yaml", TOO_LONG + "; shorten it"),
+], ids=["output-is-a-file", "output-under-a-file", "output-name-too-long", "output-read-only",
+        "source-name-too-long", "template-name-too-long", "recipe-name-too-long"])
+def test_a_path_the_file_system_refuses_is_one_line_naming_the_option(tmp_path, option, path, why):
+    """Before: FileExistsError from mkdir, and OSError (ENAMETOOLONG) from Path.exists()/is_dir(),
+    each a traceback; a read-only output folder failed at the first save."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "read-only").mkdir(mode=0o555)
+    if path.startswith("read-only") and os.access(tmp_path / "read-only", os.W_OK):
+        pytest.skip("this process writes in a read-only folder anyway (root; `setpriv --bounding-set "
+                    "-dac_override` runs it as root)")
+    line = _one_line_error(_train("grpo", "--train.output_dir", tmp_path / "out", option, tmp_path / path))
+    assert line == f"error: {option}={str(tmp_path / path)!r}: {why.format(tmp=tmp_path)}"

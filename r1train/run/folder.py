@@ -24,16 +24,18 @@ own share of the files.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from r1train.run.config import ConfigError
+from r1train.run.config import NAME_TOO_LONG, ConfigError
 from r1train.run.dist import DistInfo, broadcast_object
 
 MANIFEST = "manifest.json"
@@ -218,3 +220,24 @@ def on_main(info: DistInfo, fn: Callable[[], object]):
     if err is not None:
         raise ConfigError(err[1]) if err[0] else RuntimeError(f"on rank 0: {err[1]}")
     return result
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be a folder this process writes in, in words, or None: it is created (with
+    its parents) and a probe file is written and deleted in it. Checked before anything loads, so
+    that a file in the way, a folder without write permission, a read-only file system or a name
+    too long for the file system stop a run at once, not at its first save or export."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return NAME_TOO_LONG
+        # mkdir names the folder it was making, not the file in the way
+        blocker = next((p for p in (path, *path.parents) if os.path.isfile(p)), None)
+        if blocker is not None:
+            return "it is a file, not a folder" if blocker == path else f"{blocker} is a file, not a folder"
+        return f"cannot create it or write in it: {e.strerror or e}"
+    return None
