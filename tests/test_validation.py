@@ -289,3 +289,16 @@ def test_a_path_the_file_system_refuses_is_one_line_naming_the_option(tmp_path, 
                     "-dac_override` runs it as root)")
     line = _one_line_error(_train("grpo", "--train.output_dir", tmp_path / "out", option, tmp_path / path))
     assert line == f"error: {option}={str(tmp_path / path)!r}: {why.format(tmp=tmp_path)}"
+
+
+def test_source_weights_that_overflow_are_one_line_naming_the_option(tmp_path):
+    """Before: `cannot convert float NaN to integer` (inf / inf) from the mix, a traceback; a sum
+    that stays finite could still overflow `total * weight` (inf, OverflowError)."""
+    from r1train.data.mixing import shares
+    sources = f"{tmp_path / 'a.jsonl'}:1e308,{tmp_path / 'b.jsonl'}:1e308"
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(GOOD) + "\n")
+    line = _one_line_error(_train("grpo", "--data.source", sources, "--train.output_dir", tmp_path / "out"))
+    assert line == (f"error: --data.source={sources!r}: the weights add up to more than the largest float; only "
+                    f"their ratios count, so scale them down (a.jsonl:0.7,b.jsonl:0.3)")
+    assert shares(18, [1e308, 1.0]) == [18, 0] and shares(5, [1, 1, 1]) == [2, 2, 1]
