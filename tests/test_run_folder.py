@@ -62,6 +62,20 @@ def test_tiny_model_build_never_deletes_a_foreign_file(tmp_path):
     assert json.loads((target / "tiny_model.json").read_text())["seed"] == 1
 
 
+def test_a_killed_tiny_model_build_leaves_nothing_after_the_next_build(tmp_path):
+    """A build killed outright leaves `tiny-model.tmp-<pid>`: the next build removes it once that
+    process is gone, and keeps a live process's (a build under way)."""
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    for pid in (dead, str(os.getppid())):  # the parent: alive, and not this build's own name
+        (tmp_path / f"tiny-model.tmp-{pid}").mkdir()
+        (tmp_path / f"tiny-model.tmp-{pid}" / "model.safetensors").write_bytes(b"half")
+    ensure_tiny_model(tmp_path / "tiny-model", seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-model", f"tiny-model.tmp-{os.getppid()}"]
+
+
 def test_embedded_model_in_a_foreign_folder_is_a_config_error(tmp_path):
     from r1train.model.load import resolve_model_path
     (tmp_path / "tiny-model").mkdir()
