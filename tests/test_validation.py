@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,15 @@ def test_source_weights_that_overflow_are_one_line_naming_the_option(tmp_path):
     assert line == (f"error: --data.source={sources!r}: the weights add up to more than the largest float; only "
                     f"their ratios count, so scale them down (a.jsonl:0.7,b.jsonl:0.3)")
     assert shares(18, [1e308, 1.0]) == [18, 0] and shares(5, [1, 1, 1]) == [2, 2, 1]
+
+
+def test_a_system_prompt_longer_than_a_prompt_may_be_is_blamed_by_name(tmp_path):
+    """Before: `--data.source='embedded': no prompts left (dropped 20 longer than ...)`, after every
+    prompt was rendered and tokenized (a minute with a 5 MB system prompt)."""
+    system = tmp_path / "system.txt"
+    system.write_text("Think step by step. " * 20)
+    line = _one_line_error(_train("grpo", "--data.system_prompt", f"@{system}", "--data.max_prompt_tokens", "40",
+                                  "--data.num_train", "20", "--train.output_dir", tmp_path / "out"))
+    assert re.fullmatch(rf"error: --data\.system_prompt='@{re.escape(str(system))}': a prompt with it is \d+ "
+                        rf"tokens at least, more than --data\.max_prompt_tokens=40: every prompt would be "
+                        rf"dropped\. Shorten it, or raise --data\.max_prompt_tokens", line), line
