@@ -101,6 +101,24 @@ def test_export_never_replaces_a_foreign_final_folder(tmp_path, tiny):
     assert (out / "model.bin").read_bytes() == b"a user's weights"
 
 
+def test_every_exported_file_gets_the_mode_of_a_new_file(tmp_path, tiny):
+    """model.safetensors was 0600 (safetensors writes through a private temporary file) while
+    its siblings were 0644: each file now has 0o666 less the umask."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r1train.run.checkpoint import export_hf
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            export_hf(model, model.config, tok, tmp_path / f"final-{umask:o}", init_distributed("cpu"))
+        finally:
+            os.umask(old)
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / f"final-{umask:o}").iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {oct(mode)}, modes
+
+
 def test_foreign_files_are_moved_aside_or_refused_never_deleted_or_appended(tiny, tmp_path):
     out = tmp_path / "run"
     (out / "final").mkdir(parents=True)

@@ -241,3 +241,27 @@ def folder_problem(path: Path) -> str | None:
             return "it is a file, not a folder" if blocker == path else f"{blocker} is a file, not a folder"
         return f"cannot create it or write in it: {e.strerror or e}"
     return None
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file in this process: 0o666 less the umask (0o644 under 022)."""
+    try:
+        with open("/proc/self/status") as f:  # Linux shows the umask without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # elsewhere it is read by setting it, and put back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def give_new_file_modes(folder: Path) -> None:
+    """Every file below `folder` gets the mode `open()` gives a new file (`new_file_mode`).
+    safetensors writes through a private temporary file (mode 0600) renamed into place, so
+    `model.safetensors` alone came out unreadable to the group and others, unlike its siblings."""
+    mode = new_file_mode()
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
