@@ -46,6 +46,7 @@ GRPO_BAD = [
     (["--rollout.eval_temperature", "-1"], "rollout.eval_temperature"),
     (["--grpo.beta", "nan"], "grpo.beta"),
     (["--grpo.epsilon_low", "nan"], "grpo.epsilon_low"),
+    (["--grpo.epsilon_low", "5"], "grpo.epsilon_low"),
     (["--grpo.rewards", "accuracy,format,accuracy"], "grpo.rewards"),
     (["--grpo.reward_weights", "1,nan"], "grpo.reward_weights"),
     (["--grpo.ref_refresh_steps", "-2"], "grpo.ref_refresh_steps"),
