@@ -15,9 +15,12 @@ from launch import train_py
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _write_gguf(path: Path, arch: str) -> Path:
+def _write_gguf(path: Path, arch: str, tokenizer: bool = True) -> Path:
     gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed: pip install -e '.[gguf]'")
     w = gguf.GGUFWriter(str(path), arch=arch)
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(["a", "b", "c", "d"])
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -54,12 +57,12 @@ def test_missing_file_and_missing_package_say_what_to_do(monkeypatch, tmp_path):
 def test_unsupported_architecture_and_non_gguf_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"holds a 'rwkv7' model, which transformers cannot dequantize; "
                                           r"it reads llama, "):
-        g.check_gguf_architecture(_write_gguf(tmp_path / "m.gguf", "rwkv7"))
-    assert g.check_gguf_architecture(_write_gguf(tmp_path / "l.gguf", "llama")) == "llama"
+        g.check_gguf_file(_write_gguf(tmp_path / "m.gguf", "rwkv7"))
+    assert g.check_gguf_file(_write_gguf(tmp_path / "l.gguf", "llama")) == "llama"
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file " * 8)
     with pytest.raises(ConfigError, match="is not a readable GGUF file"):
-        g.check_gguf_architecture(bad)
+        g.check_gguf_file(bad)
 
 
 def _fake_convert(calls):
@@ -124,4 +127,44 @@ def test_train_py_reports_a_missing_gguf_in_one_line(tmp_path):
     res = train_py("grpo", "--model.path", tmp_path / "absent.gguf", "--train.output_dir", tmp_path / "run",
                    env=env, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1] == f"error: --model.path={str(tmp_path / 'absent.gguf')!r}: no such GGUF file"
+    assert res.stderr.strip().splitlines()[-1] == \
+        f"error: --model.path={str(tmp_path / 'absent.gguf')!r}: no such GGUF file"
+
+
+def _one_line_error(tmp_path, model: Path, cache: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           g.CACHE_ENV: str(cache)}
+    res = train_py("grpo", "--model.path", model, "--train.output_dir", tmp_path / "run", env=env, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    [line] = [l for l in res.stderr.splitlines() if l.startswith("error: ")]
+    return line
+
+
+def test_a_gguf_without_a_tokenizer_is_one_line_naming_the_file(tmp_path):
+    """Before: transformers' ValueError "Cannot build a tokenizer from a GGUF file stating
+    tokenizer None", a traceback from inside the conversion."""
+    file = _write_gguf(tmp_path / "m.gguf", "llama", tokenizer=False)
+    assert _one_line_error(tmp_path, file, tmp_path / "cache") == (
+        f"error: --model.path: {file} has no tokenizer in its metadata (no tokenizer.ggml.model or "
+        f"tokenizer.ggml.tokens); the conversion builds the tokenizer from it. Use a GGUF file written with "
+        f"its tokenizer (llama.cpp's convert_hf_to_gguf.py writes one), or the model's Hugging Face folder")
+
+
+@pytest.mark.parametrize("cache,why", [
+    ("a-file", "it is a file, not a folder"),
+    ("a-file/cache", "{tmp}/a-file is a file, not a folder"),
+    ("read-only/cache", "cannot create it or write in it: Permission denied"),
+    ("x" * 300, "a name in the path is longer than the file system allows (File name too long)"),
+], ids=["a-file", "under-a-file", "read-only", "name-too-long"])
+def test_an_unusable_gguf_cache_is_one_line_before_converting(tmp_path, cache, why):
+    """Before: FileExistsError from mkdir, OSError from Path.is_file() for a name too long, and
+    for a folder it cannot write in, an error after the whole dequantization."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "read-only").mkdir(mode=0o555)
+    if cache.startswith("read-only") and os.access(tmp_path / "read-only", os.W_OK):
+        pytest.skip("this process writes in a read-only folder anyway (root)")
+    file = _write_gguf(tmp_path / "m.gguf", "llama")
+    assert _one_line_error(tmp_path, file, tmp_path / cache) == (
+        f"error: {g.CACHE_ENV}={str(tmp_path / cache)!r}: {why.format(tmp=tmp_path)}; the Hugging Face folder "
+        f"converted from m.gguf is cached there: set {g.CACHE_ENV} to a folder this process can create and "
+        f"write in")

@@ -62,6 +62,20 @@ def test_tiny_model_build_never_deletes_a_foreign_file(tmp_path):
     assert json.loads((target / "tiny_model.json").read_text())["seed"] == 1
 
 
+def test_a_killed_tiny_model_build_leaves_nothing_after_the_next_build(tmp_path):
+    """A build killed outright leaves `tiny-model.tmp-<pid>`: the next build removes it once that
+    process is gone, and keeps a live process's (a build under way)."""
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    for pid in (dead, str(os.getppid())):  # the parent: alive, and not this build's own name
+        (tmp_path / f"tiny-model.tmp-{pid}").mkdir()
+        (tmp_path / f"tiny-model.tmp-{pid}" / "model.safetensors").write_bytes(b"half")
+    ensure_tiny_model(tmp_path / "tiny-model", seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-model", f"tiny-model.tmp-{os.getppid()}"]
+
+
 def test_embedded_model_in_a_foreign_folder_is_a_config_error(tmp_path):
     from r1train.model.load import resolve_model_path
     (tmp_path / "tiny-model").mkdir()
@@ -85,6 +99,24 @@ def test_export_never_replaces_a_foreign_final_folder(tmp_path, tiny):
     with pytest.raises(ConfigError, match=r"final holds model\.bin"):
         export_hf(model, model.config, tok, out, info)
     assert (out / "model.bin").read_bytes() == b"a user's weights"
+
+
+def test_every_exported_file_gets_the_mode_of_a_new_file(tmp_path, tiny):
+    """model.safetensors was 0600 (safetensors writes through a private temporary file) while
+    its siblings were 0644: each file now has 0o666 less the umask."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r1train.run.checkpoint import export_hf
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            export_hf(model, model.config, tok, tmp_path / f"final-{umask:o}", init_distributed("cpu"))
+        finally:
+            os.umask(old)
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / f"final-{umask:o}").iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {oct(mode)}, modes
 
 
 def test_foreign_files_are_moved_aside_or_refused_never_deleted_or_appended(tiny, tmp_path):

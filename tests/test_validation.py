@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ GRPO_BAD = [
     (["--rollout.eval_temperature", "-1"], "rollout.eval_temperature"),
     (["--grpo.beta", "nan"], "grpo.beta"),
     (["--grpo.epsilon_low", "nan"], "grpo.epsilon_low"),
+    (["--grpo.epsilon_low", "5"], "grpo.epsilon_low"),
     (["--grpo.rewards", "accuracy,format,accuracy"], "grpo.rewards"),
     (["--grpo.reward_weights", "1,nan"], "grpo.reward_weights"),
     (["--grpo.ref_refresh_steps", "-2"], "grpo.ref_refresh_steps"),
@@ -232,3 +234,85 @@ def test_all_lines_unreadable_with_skip_says_so(tmp_path):
     path.write_text("not json\n{also not\n")
     with pytest.raises(DatasetError, match=r"junk\.jsonl: no readable row; first: line 1, malformed JSON"):
         load_records(path, split="all", on_bad_row="skip")
+
+
+# --- issue 35: the last tracebacks, one line each ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer_only(tmp_path_factory) -> Path:
+    """A model folder with the tiny tokenizer and no weights: a run that gets past the tokenizer
+    fails loading the model, so an error about the tokenizer proves it came first."""
+    from r1train.data.tiny import build_tiny_tokenizer
+    folder = tmp_path_factory.mktemp("tokenizer-only")
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("template,why", [
+    ("{% for m in messages %}{{ m.content }\n", "not a valid Jinja template: unexpected '}' (line 1)"),
+    ("{{ raise_exception('roles must alternate') }}",
+     "rendering a sample system + user prompt raised TemplateError: roles must alternate"),
+    ("{% if false %}x{% endif %}", "renders an empty prompt for a sample system + user conversation "
+                                   "(add_generation_prompt=True); the template must write the messages "
+                                   "and the assistant header"),
+], ids=["invalid-jinja", "raises", "renders-empty"])
+def test_a_broken_chat_template_is_one_line_before_the_model_loads(tmp_path, tokenizer_only, template, why):
+    """Before: a traceback at the first prompt, after the model loaded; an empty prompt only in
+    generation ("cannot reshape tensor of 0 elements")."""
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    line = _one_line_error(_train("grpo", "--model.path", tokenizer_only, "--model.chat_template", path,
+                                  "--train.output_dir", tmp_path / "out"))
+    assert line == f"error: --model.chat_template={str(path)!r}: {why}"
+
+
+LONG = "x" * 300  # one name longer than any common file system's NAME_MAX (255)
+CANNOT_WRITE = "; name a folder this run can create and write in"
+TOO_LONG = "a name in the path is longer than the file system allows (File name too long)"
+
+
+@pytest.mark.parametrize("option,path,why", [
+    ("--train.output_dir", "a-file", "it is a file, not a folder" + CANNOT_WRITE),
+    ("--train.output_dir", "a-file/out", "{tmp}/a-file is a file, not a folder" + CANNOT_WRITE),
+    ("--train.output_dir", LONG, TOO_LONG + CANNOT_WRITE),
+    ("--train.output_dir", "read-only/out", "cannot create it or write in it: Permission denied" + CANNOT_WRITE),
+    ("--data.source", LONG + ".jsonl", TOO_LONG + "; shorten it"),
+    ("--model.chat_template", LONG + ".jinja", TOO_LONG + "; shorten it"),
+    ("--recipe", LONG + ".yaml", TOO_LONG + "; shorten it"),
+], ids=["output-is-a-file", "output-under-a-file", "output-name-too-long", "output-read-only",
+        "source-name-too-long", "template-name-too-long", "recipe-name-too-long"])
+def test_a_path_the_file_system_refuses_is_one_line_naming_the_option(tmp_path, option, path, why):
+    """Before: FileExistsError from mkdir, and OSError (ENAMETOOLONG) from Path.exists()/is_dir(),
+    each a traceback; a read-only output folder failed at the first save."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "read-only").mkdir(mode=0o555)
+    if path.startswith("read-only") and os.access(tmp_path / "read-only", os.W_OK):
+        pytest.skip("this process writes in a read-only folder anyway (root; `setpriv --bounding-set "
+                    "-dac_override` runs it as root)")
+    line = _one_line_error(_train("grpo", "--train.output_dir", tmp_path / "out", option, tmp_path / path))
+    assert line == f"error: {option}={str(tmp_path / path)!r}: {why.format(tmp=tmp_path)}"
+
+
+def test_source_weights_that_overflow_are_one_line_naming_the_option(tmp_path):
+    """Before: `cannot convert float NaN to integer` (inf / inf) from the mix, a traceback; a sum
+    that stays finite could still overflow `total * weight` (inf, OverflowError)."""
+    from r1train.data.mixing import shares
+    sources = f"{tmp_path / 'a.jsonl'}:1e308,{tmp_path / 'b.jsonl'}:1e308"
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(GOOD) + "\n")
+    line = _one_line_error(_train("grpo", "--data.source", sources, "--train.output_dir", tmp_path / "out"))
+    assert line == (f"error: --data.source={sources!r}: the weights add up to more than the largest float; only "
+                    f"their ratios count, so scale them down (a.jsonl:0.7,b.jsonl:0.3)")
+    assert shares(18, [1e308, 1.0]) == [18, 0] and shares(5, [1, 1, 1]) == [2, 2, 1]
+
+
+def test_a_system_prompt_longer_than_a_prompt_may_be_is_blamed_by_name(tmp_path):
+    """Before: `--data.source='embedded': no prompts left (dropped 20 longer than ...)`, after every
+    prompt was rendered and tokenized (a minute with a 5 MB system prompt)."""
+    system = tmp_path / "system.txt"
+    system.write_text("Think step by step. " * 20)
+    line = _one_line_error(_train("grpo", "--data.system_prompt", f"@{system}", "--data.max_prompt_tokens", "40",
+                                  "--data.num_train", "20", "--train.output_dir", tmp_path / "out"))
+    assert re.fullmatch(rf"error: --data\.system_prompt='@{re.escape(str(system))}': a prompt with it is \d+ "
+                        rf"tokens at least, more than --data\.max_prompt_tokens=40: every prompt would be "
+                        rf"dropped\. Shorten it, or raise --data\.max_prompt_tokens", line), line

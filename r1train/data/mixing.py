@@ -18,7 +18,8 @@ import random
 def parse_sources(text: str) -> list[tuple[str, float | None]]:
     """"a.jsonl:0.7,b.jsonl:0.3" -> [("a.jsonl", 0.7), ("b.jsonl", 0.3)]; one source without a
     weight -> [(source, None)]. ValueError naming the entry for a weight that is not a finite
-    number > 0, or a list that weights some sources and not others."""
+    number > 0, or the list for weights whose sum is not finite (1e308,1e308: the shares would be
+    NaN) or that weights some sources and not others."""
     parts = [p.strip() for p in text.split(",")] if "," in text else [text.strip()]
     out = []
     for part in parts:
@@ -37,12 +38,16 @@ def parse_sources(text: str) -> list[tuple[str, float | None]]:
         raise ValueError(f"{text!r}: an empty source in the list")
     if len(out) > 1 and any(w is None for _, w in out):
         raise ValueError(f"{text!r}: give every source a weight (a.jsonl:0.7,b.jsonl:0.3)")
+    if not math.isfinite(sum(w or 0.0 for _, w in out)):
+        raise ValueError(f"{text!r}: the weights add up to more than the largest float; only their ratios "
+                         f"count, so scale them down (a.jsonl:0.7,b.jsonl:0.3)")
     return out
 
 
 def shares(total: int, weights: list[float]) -> list[int]:
-    """`total` split in proportion to `weights` (largest remainders): sums to `total`."""
-    exact = [total * w / sum(weights) for w in weights]
+    """`total` split in proportion to `weights` (largest remainders): sums to `total`. Each weight
+    is divided by the sum first: `total * w` can overflow (1e308 * 18) where `w / sum` cannot."""
+    exact = [total * (w / sum(weights)) for w in weights]
     counts = [math.floor(x) for x in exact]
     for i in sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
         counts[i] += 1

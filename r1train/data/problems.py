@@ -19,7 +19,7 @@ import torch
 
 from r1train.data.loaders import load_held_out, load_records
 from r1train.data.mixing import mix_records, parse_sources, shares
-from r1train.data.prompts import render_prompt, resolve_system_prompt
+from r1train.data.prompts import make_conversation, render_prompt, resolve_system_prompt
 from r1train.data.task import general_chat_records, task_records
 from r1train.run.config import ConfigError
 from r1train.run.sections import EMBEDDED, DataConfig
@@ -93,6 +93,7 @@ def training_prompts(tokenizer, records: list[dict], d: DataConfig, option: str,
                      main: bool) -> tuple[list[dict], list[list[int]], int]:
     """`encode_prompts` for training or sampling: refuses a source left with no prompt, says how
     many were dropped for length."""
+    check_system_prompt_length(tokenizer, records, d, option)
     kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens)
     if not kept:
         raise ConfigError(f"--{option}.source={d.source!r}: no prompts left (dropped {dropped} longer than "
@@ -100,6 +101,27 @@ def training_prompts(tokenizer, records: list[dict], d: DataConfig, option: str,
     if main and dropped:
         print(f"[{tag}] dropped {dropped} prompts longer than {d.max_prompt_tokens} tokens", flush=True)
     return kept, ids, dropped
+
+
+def check_system_prompt_length(tokenizer, records: list[dict], d: DataConfig, option: str) -> None:
+    """Refuse a system prompt that alone makes a prompt longer than `max_prompt_tokens`, naming
+    the option, when the records use it. Every prompt with it would be dropped, and the error would
+    blame `--data.source` after the whole set was rendered and tokenized (a minute for 20 prompts
+    with a 5 MB system prompt); here one prompt is: the shortest one that carries it."""
+    system_prompt = resolve_system_prompt(d.system_prompt)
+    if not system_prompt or not d.max_prompt_tokens:
+        return
+    if not any(r["prompt"][0].get("role") == "system" and r["prompt"][0].get("content") == system_prompt
+               for r in records):  # the prompts bring their own system turns
+        return
+    text = render_prompt(tokenizer, make_conversation("?", system_prompt), add_generation_prompt=True)
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if n > d.max_prompt_tokens:
+        given = d.system_prompt if d.system_prompt.startswith("@") else \
+            f"{d.system_prompt[:40]}... ({len(d.system_prompt)} characters)"
+        raise ConfigError(f"--{option}.system_prompt={given!r}: a prompt with it is {n} tokens at least, more "
+                          f"than --{option}.max_prompt_tokens={d.max_prompt_tokens}: every prompt would be "
+                          f"dropped. Shorten it, or raise --{option}.max_prompt_tokens")
 
 
 def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None = None):

@@ -15,9 +15,11 @@ Tokenizer choices, and why:
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -144,6 +146,32 @@ def _unlisted_file(path: Path) -> str | None:
                  if n not in listed), None)
 
 
+def remove_dead_builds(path: Path) -> list[Path]:
+    """Remove the `<name>.tmp-<pid>` folders beside `path` whose process is gone: a build killed
+    outright (SIGKILL, the machine lost) never ran its cleanup, and its folder was kept forever. A
+    live process's folder may be a build under way and is kept (as is one whose pid was reused:
+    it goes once that process ends). Pids are this machine's: the build runs on rank 0 only."""
+    gone = []
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and tmp.is_dir() and not tmp.is_symlink() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            gone.append(tmp)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    except (OverflowError, ValueError):  # not a pid this system can have
+        return False
+    return True
+
+
 def ensure_tiny_model(path: str | os.PathLike, seed: int = 0, size: str = "default") -> Path:
     """Build the tiny model at `path` unless a complete one with the same seed is already there.
 
@@ -151,11 +179,11 @@ def ensure_tiny_model(path: str | os.PathLike, seed: int = 0, size: str = "defau
     interrupted build never leave a half-written model that the next run would load. A folder
     that must be replaced (another seed or size) is deleted only if every file in it is one its
     marker lists as built here: anything else there is the user's, and a ValueError names it.
+    The temporary folders of builds whose process is gone are removed first (`remove_dead_builds`).
     """
-    import shutil
-
     path = Path(path)
     marker = path / MARKER
+    remove_dead_builds(path)
     if size not in TINY_SIZES:
         raise ValueError(f"embedded model size must be one of {sorted(TINY_SIZES)}, got {size!r}")
     want = {"seed": seed, **TINY_MODEL_CONFIG, **TINY_SIZES[size]}

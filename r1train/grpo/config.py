@@ -141,8 +141,11 @@ class GRPOJobConfig:
         at_least("rollout.eval_temperature", r.eval_temperature, 0, "(0 = greedy)", finite_only=True)
         at_least("grpo.beta", g.beta, 0, finite_only=True)
         at_least("grpo.num_iterations", g.num_iterations, 1)
-        for option, value in (("grpo.epsilon_low", g.epsilon_low), ("grpo.epsilon_high", g.epsilon_high)):
-            at_least(option, value, 0, finite_only=True)
+        if not 0 <= g.epsilon_low < 1:  # 1 - epsilon_low is the ratio's lower clip, and a ratio is > 0
+            bad("grpo.epsilon_low", g.epsilon_low, "must be in [0, 1): the ratio is clipped below at "
+                                                   "1 - epsilon_low (0.2 in DeepSeekMath and DAPO)")
+        at_least("grpo.epsilon_high", g.epsilon_high, 0, "(0 = same as epsilon_low; DAPO uses 0.28)",
+                 finite_only=True)
         for opt, val, allowed in (("grpo.loss_type", g.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
                                   ("grpo.kl_estimator", g.kl_estimator, ("k1", "k2", "k3")),
                                   ("grpo.importance_sampling", g.importance_sampling, ("token", "sequence")),

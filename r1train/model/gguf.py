@@ -94,9 +94,10 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def check_gguf_architecture(file: Path) -> str:
+def check_gguf_file(file: Path) -> str:
     """The file's `general.architecture`, refused early (before tens of seconds of
-    dequantization) when transformers has no mapping for it or the file is not a GGUF."""
+    dequantization) when transformers has no mapping for it, the file is not a GGUF, or its
+    metadata holds no tokenizer (the conversion builds the tokenizer from it)."""
     try:
         import accelerate  # noqa: F401  transformers' GGUF loading needs it, and says so late
         from gguf import GGUFReader
@@ -105,7 +106,8 @@ def check_gguf_architecture(file: Path) -> str:
         raise ConfigError(f"--model.path: reading the GGUF file {file} needs the gguf extra: "
                           f"{EXTRA_HINT}") from None
     try:
-        field = GGUFReader(file).fields["general.architecture"]
+        fields = GGUFReader(file).fields
+        field = fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
     except (ValueError, KeyError, IndexError) as e:
         raise ConfigError(f"--model.path: {file} is not a readable GGUF file ({e})") from None
@@ -113,7 +115,27 @@ def check_gguf_architecture(file: Path) -> str:
     if arch not in supported:
         raise ConfigError(f"--model.path: {file} holds a {arch!r} model, which transformers cannot "
                           f"dequantize; it reads {', '.join(supported)}")
+    missing = [k for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens") if k not in fields]
+    if missing:
+        raise ConfigError(f"--model.path: {file} has no tokenizer in its metadata (no {' or '.join(missing)}); "
+                          f"the conversion builds the tokenizer from it. Use a GGUF file written with its "
+                          f"tokenizer (llama.cpp's convert_hf_to_gguf.py writes one), or the model's Hugging "
+                          f"Face folder")
     return arch
+
+
+def check_cache_folder(folder: Path, file: Path, explicit: bool = False) -> None:
+    """The cache `folder` made and writable before a conversion, not after one: ConfigError naming
+    $R1_GGUF_CACHE when it set the folder (`explicit`: a folder the caller gave instead)."""
+    from r1train.run.folder import folder_problem
+
+    why = folder_problem(folder)
+    if why is None:
+        return
+    env = os.environ.get(CACHE_ENV)
+    where = f"{CACHE_ENV}={env!r}" if env and not explicit else f"the GGUF cache {str(folder)!r}"
+    raise ConfigError(f"{where}: {why}; the Hugging Face folder converted from {file.name} is cached there: "
+                      f"set {CACHE_ENV} to a folder this process can create and write in")
 
 
 def convert_gguf(file: Path, target: Path) -> None:
@@ -164,7 +186,9 @@ def cache_folder(file: Path, cache_dir: Path | None = None) -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    return (folder / "gguf_source.json").is_file()  # written last, then the folder is renamed in
+    # Written last, then the folder is renamed in. os.path answers False where Path.is_file()
+    # raises (a name too long), so that check_cache_folder can say what is wrong.
+    return os.path.isfile(folder / "gguf_source.json")
 
 
 def ensure_converted(file: Path, cache_dir: Path | None = None) -> Path:
@@ -172,8 +196,8 @@ def ensure_converted(file: Path, cache_dir: Path | None = None) -> Path:
     target = cache_folder(file, cache_dir)
     if is_complete(target):
         return target
-    check_gguf_architecture(file)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_gguf_file(file)
+    check_cache_folder(target.parent, file, explicit=cache_dir is not None)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     print(f"[model] converting {file} to a Hugging Face folder (once per file): {target}", flush=True)
     try:
@@ -204,7 +228,8 @@ def resolve_gguf(path: str, info, cache_dir: Path | None = None) -> str:
     file = locate_gguf(path)
     target = cache_folder(file, cache_dir)
     if not is_complete(target):
-        check_gguf_architecture(file)
+        check_gguf_file(file)
+        check_cache_folder(target.parent, file, explicit=cache_dir is not None)
         if info.local_rank == 0:
             ensure_converted(file, cache_dir)
     barrier()

@@ -66,20 +66,48 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
             tok.chat_template = Path(chat_template).expanduser().read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{option}chat_template={chat_template!r}: cannot read it: {e}") from None
+        if not tok.chat_template.strip():  # would read as "no template" below, blaming the tokenizer
+            raise ConfigError(f"{option}chat_template={chat_template!r}: the file is empty; it must hold a "
+                              f"Jinja chat template")
     if not getattr(tok, "chat_template", None):
         raise ConfigError(f"tokenizer at {path!r} has no chat template; the R1 prompt needs one "
                           f"(give one with {option}chat_template template.jinja)")
-    merge = system_role == "merge"
-    if not merge and not template_has_system_role(tok):
-        if system_role == "error":
-            raise ConfigError(f"{option}system_role=error: the chat template of {chat_template or path!r} has "
-                              f"no system role (it refuses or drops a system turn); use {option}system_role "
-                              f"auto to merge the system prompt into the first user turn, or "
-                              f"--data.system_prompt ''")
-        merge = True
+    merge = system_role == "merge" or not template_has_system_role(tok)
     if merge:
         setattr(tok, MERGE_SYSTEM, True)
+    # Before the system-role verdict: a template that does not compile has no system role either.
+    check_chat_template(tok, f"{option}chat_template={chat_template!r}" if chat_template else
+                        f"the chat template of the tokenizer at {path!r} (give another with {option}chat_template)")
+    if merge and system_role == "error":
+        raise ConfigError(f"{option}system_role=error: the chat template of {chat_template or path!r} has "
+                          f"no system role (it refuses or drops a system turn); use {option}system_role "
+                          f"auto to merge the system prompt into the first user turn, or "
+                          f"--data.system_prompt ''")
     return tok
+
+
+def check_chat_template(tok, origin: str) -> None:
+    """Render a sample system + user prompt the way the data's prompts are rendered
+    (`render_prompt`, with the generation prompt): a template that is not valid Jinja, raises, or
+    renders nothing fails here, naming `origin`, before any weights load. Otherwise it fails at
+    the first prompt, after the model loaded; an empty prompt even later, in generation, as "cannot
+    reshape tensor of 0 elements"."""
+    from jinja2 import TemplateSyntaxError
+
+    from r1train.data.prompts import make_conversation, render_prompt
+
+    sample = make_conversation("What is 2 + 3?", "You are a helpful assistant.")
+    try:
+        text = render_prompt(tok, sample, add_generation_prompt=True)
+    except TemplateSyntaxError as e:
+        raise ConfigError(f"{origin}: not a valid Jinja template: {e.message} (line {e.lineno})") from None
+    except Exception as e:  # noqa: BLE001 - raise_exception, an undefined name, ...: all the template's
+        raise ConfigError(f"{origin}: rendering a sample system + user prompt raised "
+                          f"{type(e).__name__}: {e}") from None
+    if not text.strip():
+        raise ConfigError(f"{origin}: renders an empty prompt for a sample system + user conversation "
+                          f"(add_generation_prompt=True); the template must write the messages and the "
+                          f"assistant header")
 
 
 def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,

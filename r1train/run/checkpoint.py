@@ -60,6 +60,7 @@ from r1train.run.folder import (
     files_under,
     foreign_file,
     fsync_path,
+    give_new_file_modes,
     manifest_problems,
     on_main,
     read_manifest,
@@ -369,6 +370,7 @@ def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: Dis
             tokenizer.save_pretrained(tmp)
             if config_text:
                 (tmp / "training_config.yaml").write_text(config_text)
+            give_new_file_modes(tmp)  # model.safetensors comes 0600, its siblings 0644 (umask 022)
             write_manifest(tmp)
             if out.exists():
                 shutil.rmtree(out)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import errno
 import inspect
 import json
 import math
+import os
 import textwrap
 import types
 import typing
@@ -188,10 +190,31 @@ def _option_names(cfg, prefix: str = "") -> list[str]:
     return names
 
 
+NAME_TOO_LONG = "a name in the path is longer than the file system allows (File name too long)"
+
+
+def unusable_path(path: str | Path) -> str | None:
+    """Why the file system refuses `path` outright, in words, or None (also when nothing is there).
+    A name longer than it allows, or a folder on the way that cannot be searched, make
+    `Path.exists()` and `is_file()` raise OSError instead of answering False: a traceback, unless
+    the option is checked with this first."""
+    try:
+        os.stat(Path(path).expanduser())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return f"{NAME_TOO_LONG}; shorten it"
+        return f"the file system refuses it: {e.strerror or e}"
+    return None
+
+
 def load_recipe(path: str | Path) -> dict:
     """The mapping in a recipe file (YAML, TOML or JSON). A file that cannot be read or parsed
     is a ConfigError naming the file, and the line and column where the parser stopped."""
     path = Path(path)
+    if (why := unusable_path(path)) is not None:
+        raise ConfigError(f"--recipe={str(path)!r}: {why}")
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     if path.suffix not in (".yaml", ".yml", ".toml", ".json"):

@@ -26,6 +26,7 @@ own share of the files.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -34,11 +35,12 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from r1train.run.config import ConfigError
+from r1train.run.config import NAME_TOO_LONG, ConfigError
 from r1train.run.dist import DistInfo, broadcast_object
 
 MANIFEST = "manifest.json"
@@ -308,3 +310,48 @@ def on_main(info: DistInfo, fn: Callable[[], object]):
     if err is not None:
         raise ConfigError(err[1]) if err[0] else RuntimeError(f"on rank 0: {err[1]}")
     return result
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be a folder this process writes in, in words, or None: it is created (with
+    its parents) and a probe file is written and deleted in it. Checked before anything loads, so
+    that a file in the way, a folder without write permission, a read-only file system or a name
+    too long for the file system stop a run at once, not at its first save or export."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return NAME_TOO_LONG
+        # mkdir names the folder it was making, not the file in the way
+        blocker = next((p for p in (path, *path.parents) if os.path.isfile(p)), None)
+        if blocker is not None:
+            return "it is a file, not a folder" if blocker == path else f"{blocker} is a file, not a folder"
+        return f"cannot create it or write in it: {e.strerror or e}"
+    return None
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file in this process: 0o666 less the umask (0o644 under 022)."""
+    try:
+        with open("/proc/self/status") as f:  # Linux shows the umask without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # elsewhere it is read by setting it, and put back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def give_new_file_modes(folder: Path) -> None:
+    """Every file below `folder` gets the mode `open()` gives a new file (`new_file_mode`).
+    safetensors writes through a private temporary file (mode 0600) renamed into place, so
+    `model.safetensors` alone came out unreadable to the group and others, unlike its siblings."""
+    mode = new_file_mode()
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)

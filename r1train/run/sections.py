@@ -14,7 +14,7 @@ from pathlib import Path
 
 from r1train.data.prompts import SYSTEM_PROMPT
 from r1train.data.task import TaskConfig
-from r1train.run.config import ConfigError
+from r1train.run.config import ConfigError, unusable_path
 from r1train.run.dist import FSDP_MODES
 
 EMBEDDED = "embedded"
@@ -171,6 +171,12 @@ def at_least(option: str, value, least: int, note: str = "", finite_only: bool =
         bad(option, value, f"must be {kind}>= {least}{note}")
 
 
+def usable_path(option: str, value: str) -> None:
+    """Refuse a path the file system rejects outright (a name too long for it: `unusable_path`)."""
+    if (why := unusable_path(value)) is not None:
+        bad(option, value, why)
+
+
 def finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -217,6 +223,8 @@ def check_model(m: ModelConfig, section: str = "model") -> None:
     one_of(f"{section}.dtype", m.dtype, ("auto", "float32", "bfloat16", "float64"))
     one_of(f"{section}.embedded_size", m.embedded_size, tuple(TINY_SIZES))
     one_of(f"{section}.system_role", m.system_role, ("auto", "merge", "error"))
+    if m.chat_template:
+        usable_path(f"{section}.chat_template", m.chat_template)
     if m.chat_template and not Path(m.chat_template).expanduser().is_file():
         bad(f"{section}.chat_template", m.chat_template, "no such file (a Jinja chat template, e.g. template.jinja)")
 
@@ -236,6 +244,11 @@ def check_data(d, section: str = "data") -> None:
             check()
         except ValueError as e:
             raise ConfigError(f"--{section}.{name}={e}") from None
+    for source, _ in parse_sources(d.source):
+        usable_path(f"{section}.source", source)
+    for name in ("eval_source", "mix_source"):
+        if getattr(d, name, ""):
+            usable_path(f"{section}.{name}", getattr(d, name))
     one_of(f"{section}.schema", d.schema, ("auto", *SCHEMAS))
     one_of(f"{section}.on_bad_row", d.on_bad_row, ("error", "skip"))
     for name in ("train_split", "split", "eval_split"):
