@@ -286,10 +286,12 @@ def _read_holder(fd: int) -> str:
 
 
 def lock_folder(folder: Path, info: DistInfo, what: str, option: str = "--train.output_dir") -> FolderLock:
-    """Rank 0 takes `folder`'s lock (creating the folder); every rank raises if another run holds
-    it. Collective. The other ranks get an inert lock, so that every rank releases alike."""
+    """Rank 0 makes sure it can write in `folder` (`folder_problem`) and takes its lock; every rank
+    raises if it cannot or another run holds it. Collective. The other ranks get an inert lock, so
+    that every rank releases alike."""
     def take():
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        if (why := folder_problem(Path(folder))) is not None:
+            raise ConfigError(f"{option}={str(folder)!r}: {why}; name a folder this run can create and write in")
         return FolderLock(folder, what, option)
     return on_main(info, take) or FolderLock.inert(folder)
 

@@ -39,13 +39,12 @@ from typing import Callable, Iterator
 import torch
 
 from r1train.run.checkpoint import CheckpointManager, export_hf
-from r1train.run.config import ConfigError, format_config, to_dict
+from r1train.run.config import format_config, to_dict
 from r1train.run.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from r1train.run.folder import (
     FolderLock,
     check_checkpoint_folders,
     check_export_folder,
-    folder_problem,
     lock_folder,
     move_old_run_aside,
     on_main,
@@ -318,13 +317,7 @@ def start_run(cfg, tag: str) -> tuple[DistInfo, Path, FolderLock]:
     cfg.validate(info.world_size)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
-
-    def make_output_dir():
-        if (why := folder_problem(out)) is not None:
-            raise ConfigError(f"--train.output_dir={str(out)!r}: {why}; name a folder this run can create "
-                              f"and write in")
-    on_main(info, make_output_dir)  # before the data and the model: a run that cannot save stops now
-    lock = lock_folder(out, info, tag)
+    lock = lock_folder(out, info, tag)  # before the data and the model: a run that cannot save stops now
     if info.is_main:
         print(f"[{tag}] world size {info.world_size}, device {info.device}, FSDP2 "
               f"{'on' if info.distributed else 'off'}\n{format_config(cfg)}", flush=True)
