@@ -133,3 +133,9 @@ def test_a_huge_group_size_is_refused_in_one_line_before_anything_generates(tiny
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("[grpo] memory estimate per process: weights ") == 1
 
+
+@needs_free_memory
+def test_rejection_sampling_shares_the_check(tiny, tmp_path):
+    res = train_py("rejection-sample", "--model.path", tiny, "--train.output_dir", tmp_path / "rs",
+                   "--data.num_train", "8", "--sampling.samples_per_prompt", "1000000", env=ENV)
+    assert _refused(res, "--sampling.samples_per_prompt").startswith("error: [rejection] these settings")
