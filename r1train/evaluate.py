@@ -8,10 +8,12 @@ from r1train.model.engine import Engine
 from r1train.rewards import accuracy_reward, format_reward
 from r1train.run.dist import DistInfo, all_reduce_sum
 
+EVAL_BATCH_SIZE = 64  # prompts generated at once per rank (the stages' memory estimates count them)
+
 
 @torch.no_grad()
 def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], info: DistInfo, *,
-             max_new_tokens: int, batch_size: int = 64, temperature: float = 0.0, seed: int = 0,
+             max_new_tokens: int, batch_size: int = EVAL_BATCH_SIZE, temperature: float = 0.0, seed: int = 0,
              return_samples: int = 0) -> dict:
     """Accuracy (math_verify against the gold), format rate (strict R1 format) and mean length.
 

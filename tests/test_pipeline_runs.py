@@ -184,3 +184,77 @@ def test_bare_flags_mean_true_as_for_every_command(argv, recipe, overrides):
 def test_recipe_needs_a_value():
     with pytest.raises(ConfigError, match="--recipe needs a file"):
         pipeline.parse_pipeline_args(["--s1.train.wandb", "--recipe"])
+
+
+# ---------------------------------------------------------------- the report's files
+def test_the_report_replaces_only_its_own_files_and_refuses_a_users(tmp_path, recorder):
+    """summary.json, results.txt and curves.png sit at the top of the output folder: the
+    pipeline replaces them only while its manifest lists them unchanged; a user's file of
+    those names is refused (before any stage runs, and again by the report itself)."""
+    from r1train.pipeline.report import finish_report
+    from r1train.run.folder import read_manifest
+    calls, _ = recorder
+    out = tmp_path / "pipe"
+    out.mkdir()
+    (out / "results.txt").write_text("my results\n")
+    with pytest.raises(ConfigError, match=rf"{out} holds results\.txt, which this pipeline did not write "
+                                          r"\(not in its manifest\.json\).*Move it out of"):
+        pipeline.run_pipeline(_recipe(out), {})
+    assert calls == [] and (out / "results.txt").read_text() == "my results\n"  # no stage ran
+    assert not (out / "summary.json").exists()
+
+    (out / "results.txt").unlink()
+    rows = pipeline.run_pipeline(_recipe(out), {})
+    assert sorted(read_manifest(out)) == ["summary.json"]
+    finish_report(_recipe(out), {"device": "cpu"}, rows)
+    assert sorted(read_manifest(out)) == ["results.txt", "summary.json"]
+    pipeline.run_pipeline(_recipe(out), {})  # stages done: the report is the pipeline's to replace
+    finish_report(_recipe(out), {"device": "cpu"}, rows)
+    assert "s2" in (out / "results.txt").read_text()
+
+    # Edited by hand after the run: the user's now. A planted curves.png is refused by the
+    # report itself too (it appeared while the stages ran, after the check at the start).
+    (out / "summary.json").write_text('{"my": "notes"}')
+    with pytest.raises(ConfigError, match=r"holds summary\.json, which this pipeline did not write \(changed"):
+        pipeline.run_pipeline(_recipe(out), {})
+    assert (out / "summary.json").read_text() == '{"my": "notes"}'
+    os.replace(out / "summary.json", tmp_path / "notes.json")  # the user moves theirs out
+    (out / "curves.png").write_bytes(b"my plot")
+    with pytest.raises(ConfigError, match=r"holds curves\.png"):
+        finish_report(_recipe(out), {"device": "cpu"}, rows)
+    assert (out / "curves.png").read_bytes() == b"my plot"
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "manifest.json", "results.txt", "s1",
+                                                     "s2"]  # no temporary file left
+
+
+def test_a_manifest_json_the_pipeline_did_not_write_is_refused(tmp_path, recorder):
+    out = tmp_path / "pipe"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"mine": true}')
+    with pytest.raises(ConfigError, match=r"holds manifest\.json, which this pipeline did not write"):
+        pipeline.run_pipeline(_recipe(out), {})
+    assert (out / "manifest.json").read_text() == '{"mine": true}'
+
+
+@pytest.mark.parametrize("where, what", [
+    ("..", "a folder above the working directory"), (".", "the working directory"),
+    ("{recipes}", "the folder of the recipe .*r.yaml"), ("{above}", "a folder above the folder of the recipe"),
+])
+def test_an_output_dir_holding_the_working_directory_or_the_recipe_is_refused(tmp_path, monkeypatch, recorder,
+                                                                               where, what):
+    """A recipe's `output_dir: ..` wrote the stage folders and the report next to the checkout."""
+    calls, _ = recorder
+    work, recipes = tmp_path / "work", tmp_path / "recipes" / "exp"
+    work.mkdir()
+    recipes.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    recipe = _recipe(where.format(recipes=recipes, above=recipes.parent))
+    path = recipes / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=rf"--output_dir='.*' \(or the recipe's output_dir\) is {what}"):
+        pipeline.main(["--recipe", str(path)])
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["recipes", "work"]
+    assert list(work.iterdir()) == [] and [p.name for p in recipes.iterdir()] == ["r.yaml"]
+    recipe["output_dir"] = "runs/pipe"  # a folder of its own, below the working directory: fine
+    pipeline.run_pipeline(recipe, {}, recipe_path=path)
+    assert [n for n, _ in calls] == ["s1", "s2"] and (work / "runs" / "pipe" / "summary.json").exists()

@@ -189,3 +189,76 @@ def test_resume_survives_a_torn_metrics_line_and_logs_each_step_once(tiny, tmp_p
     samples = _steps(out / "samples.jsonl", key="completion")
     per_step = {s: samples.count(s) for s in set(samples)}
     assert sorted(per_step) == [1, 2, 3, 4] and len(set(per_step.values())) == 1, per_step
+
+
+# ---------------------------------------------------------------- 7. links
+def _linked_checkpoints(tmp_path, keep_last=1):
+    """A real checkpoint `elsewhere/checkpoints/step-1` (the user's, kept outside the run) and a
+    run whose `checkpoints/step-1` is a link to it; returns (manager, model, optimizer, target,
+    the target's files and bytes)."""
+    import torch
+
+    from r1train.run.checkpoint import CheckpointManager
+    info = init_distributed("cpu")
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    CheckpointManager(tmp_path / "elsewhere" / "checkpoints", info).save(1, model, opt, {})
+    target = tmp_path / "elsewhere" / "checkpoints" / "step-1"
+    ckpt = CheckpointManager(tmp_path / "run" / "checkpoints", info, keep_last=keep_last)
+    ckpt.root.mkdir(parents=True)
+    (ckpt.root / "step-1").symlink_to(target)
+    return ckpt, model, opt, target, {p.name: p.read_bytes() for p in target.iterdir()}
+
+
+def test_a_linked_checkpoint_folder_is_never_pruned_and_is_refused_at_start(tmp_path):
+    """With keep_last 1 the prune renamed the link step-1 to step-1.deleting, then rmtree raised
+    "Cannot call rmtree on a symbolic link", at that save and at every later start."""
+    from r1train.run.checkpoint import CheckpointManager
+    from r1train.run.loop import open_run
+    ckpt, model, opt, target, files = _linked_checkpoints(tmp_path)
+    ckpt.save(2, model, opt, {})  # the prune leaves the link alone: it is not the run's folder
+    assert (ckpt.root / "step-1").is_symlink() and ckpt.steps() == [2]
+    out = ckpt.root.parent
+    for name, what in (("step-1", "a checkpoint folder"), ("step-3.damaged", "a checkpoint folder")):
+        if name != "step-1":
+            (ckpt.root / name).symlink_to(target)
+        with pytest.raises(ConfigError, match=rf"^{ckpt.root / name} is a symbolic link \(to {target}\) where "
+                                              rf"the project keeps {what}.* Remove the link \(rm {ckpt.root / name};"):
+            open_run(CheckpointManager(ckpt.root, ckpt.info), out, resume=True, tag="test")
+        (ckpt.root / name).unlink()
+    (out / "final").symlink_to(target)  # the export would be replaced through it
+    with pytest.raises(ConfigError, match=rf"^{out / 'final'} is a symbolic link .* keeps the exported model"):
+        open_run(CheckpointManager(ckpt.root, ckpt.info), out, resume=True, tag="test")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == files  # never touched
+
+
+def test_leftover_links_are_unlinked_at_start_their_targets_untouched(tmp_path):
+    """The state the old prune left behind (step-1.deleting a link), and links where a save's or
+    an export's scratch goes: unlinked at the next start, which then resumes."""
+    from r1train.run.checkpoint import CheckpointManager
+    from r1train.run.loop import open_run
+    ckpt, model, opt, target, files = _linked_checkpoints(tmp_path)
+    (ckpt.root / "step-1").unlink()
+    ckpt.save(2, model, opt, {})
+    out, junk = ckpt.root.parent, tmp_path / "elsewhere" / "junk"
+    junk.mkdir()
+    (junk / "mine.txt").write_text("mine")
+    (ckpt.root / "step-1.deleting").symlink_to(target)
+    (ckpt.root / "step-3.tmp").symlink_to(junk)
+    (out / "final.tmp").symlink_to(junk)
+    path = open_run(CheckpointManager(ckpt.root, ckpt.info), out, resume=True, tag="test")
+    assert path == ckpt.root / "step-2"
+    assert sorted(p.name for p in ckpt.root.iterdir()) == ["step-2"] and not os.path.lexists(out / "final.tmp")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == files and (junk / "mine.txt").read_text() == "mine"
+
+
+def test_a_linked_checkpoint_is_refused_in_one_line_from_the_command_line(tiny, tmp_path):
+    out, kept = tmp_path / "run", tmp_path / "kept"
+    _grpo(tiny, kept, "--train.max_steps", "1", "--train.export", "false")
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-1").symlink_to(kept / "checkpoints" / "step-1")
+    res = _grpo(tiny, out, "--train.max_steps", "2", "--train.keep_last", "1", ok=False)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-3000:]
+    assert f"{out / 'checkpoints' / 'step-1'} is a symbolic link" in res.stderr
+    assert sorted(p.name for p in (kept / "checkpoints" / "step-1").iterdir()) == [
+        ".metadata", "__0_0.distcp", "config.yaml", "manifest.json", "rng-rank0.pt", "trainer_state.pt"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from r1train.data.problems import encode_prompts, load_problems, training_prompts
-from r1train.evaluate import evaluate
+from r1train.evaluate import EVAL_BATCH_SIZE, evaluate
 from r1train.grpo.advantages import (
     batch_reward_std,
     combine_rewards,
@@ -44,10 +44,22 @@ from r1train.grpo.metrics import reward_metrics, update_metrics
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
 from r1train.model.load import load_model
+from r1train.model.memory import (
+    TILE_BYTES_CPU,
+    TILE_BYTES_CUDA,
+    ModelShape,
+    available_memory,
+    check_memory,
+    compute_bytes,
+    estimate_memory,
+    local_processes,
+    packed_micro_tokens,
+)
 from r1train.model.policy import PolicyModel
 from r1train.rewards import RewardError, RewardInterrupted, entry_text, get_reward_functions, score_completions
 from r1train.run.config import ConfigError
 from r1train.run.dist import all_gather_cat, all_reduce_max, all_reduce_sum, decoder_layers, shard_model
+from r1train.run.folder import on_main
 from r1train.run.logging import clock, write_jsonl
 from r1train.run.loop import Trainer, epoch_order
 
@@ -94,6 +106,33 @@ class GRPOTrainer(Trainer):
         self.train_records, self.train_ids, _ = training_prompts(tokenizer, problems.train, cfg.data, "data", "grpo",
                                                                  self.main)
         self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, problems.held_out, cfg.data.max_prompt_tokens)
+        on_main(self.info, self.check_memory)  # before anything generates; rank 0 decides for all
+
+    def check_memory(self) -> None:
+        """Refuse settings whose estimated peak memory exceeds what the device has (model/memory.py);
+        print the estimate otherwise."""
+        cfg, r, g, info = self.cfg, self.cfg.rollout, self.cfg.grpo, self.info
+        per_rank = g.prompts_per_step // info.world_size
+        longest = max((len(x) for x in self.train_ids + self.eval_ids), default=1)
+        shape = ModelShape.of(self.policy.lm)
+        est = estimate_memory(
+            shape, gen_rows=max(min(r.prompts_per_generation or per_rank, per_rank) * r.group_size,
+                                min(EVAL_BATCH_SIZE, len(self.eval_ids))),
+            prompt_tokens=longest, new_tokens=r.max_new_tokens,
+            compute_bytes=compute_bytes(info.device, shape.param_bytes, bf16=True),  # autocast or FSDP's
+            reference=self.ref is not None, step_rows=per_rank * r.group_size,
+            micro_tokens=packed_micro_tokens(g.micro_batch_size, r.group_size, longest, r.max_new_tokens,
+                                             g.micro_batch_tokens, g.packing),
+            gradient_checkpointing=cfg.model.gradient_checkpointing, world_size=info.world_size,
+            sharded=info.distributed, tile_bytes=TILE_BYTES_CUDA if info.device.type == "cuda" else TILE_BYTES_CPU)
+        est.held = est.weights + est.reference
+        check_memory(est, available_memory(info.device), "grpo", {
+            "generation": "lower --rollout.group_size, or generate fewer prompts at once with "
+                          "--rollout.prompts_per_generation (or --grpo.prompts_per_step), or --rollout.max_new_tokens",
+            "update": "lower --grpo.micro_batch_size (or --grpo.micro_batch_tokens) or --rollout.max_new_tokens, "
+                      "or turn on --model.gradient_checkpointing",
+            "weights": "use a smaller model, --grpo.beta 0 (no reference model), or shard it over more GPUs"},
+            processes=local_processes(info.device, info.world_size), say=print)
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:

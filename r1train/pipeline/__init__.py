@@ -32,6 +32,12 @@ Options (`--key value`, `--key=value`, or a bare `--flag` for true, as for every
 The whole recipe is checked before any stage runs: stage names are unique, commands known,
 every stage's options parse and validate with its command's config (no model is loaded), and
 every `--<stage>....` override names a stage of the recipe.
+
+The output folder is the pipeline's own: it may not be the working directory, the recipe's
+folder, or a folder above either (`..`, `.`, `~`), where its stage folders and report would mix
+with the user's files, the recipe among them. At its top the pipeline writes `summary.json`,
+`results.txt` and `curves.png`, listed in its `manifest.json`; a file of those names that it did
+not write is refused before any stage runs (pipeline/report.py).
 """
 from __future__ import annotations
 
@@ -40,9 +46,10 @@ import os
 import time
 from pathlib import Path
 
+from r1train.pipeline.report import REPORT_FILES, owned_report, write_report
 from r1train.run.config import ConfigError, load_recipe, parse_args, split_argv
 from r1train.run.dist import barrier, init_distributed
-from r1train.run.folder import lock_folder
+from r1train.run.folder import MANIFEST, lock_folder, on_main
 from r1train.run.logging import finite_or_none
 from r1train.run.resume import flatten
 
@@ -121,17 +128,41 @@ def stage_options(stage: dict, prev: str, out: Path, device: str | None, overrid
     return opts
 
 
-def check_recipe(recipe: dict, overrides: dict, world_size: int = 1) -> list[dict]:
+def output_folder(recipe: dict, overrides: dict) -> Path:
+    """The pipeline's output folder: --output_dir, else the recipe's, else runs/pipeline."""
+    return Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
+
+
+def check_output_folder(out: Path, recipe_path: str | os.PathLike | None = None) -> None:
+    """Refuse an output folder that is the working directory, the recipe's folder, or above
+    either: the stages' folders and the report would land among the user's files (a recipe's
+    `output_dir: ..` put them next to the checkout), and `rm -r` of the run would take those."""
+    where = Path(out).resolve()
+    homes = [("the working directory", Path.cwd().resolve())]
+    if recipe_path is not None:
+        homes.append((f"the folder of the recipe {recipe_path}", Path(recipe_path).resolve().parent))
+    for what, home in homes:
+        if where == home or where in home.parents:
+            which = f"{what} ({home})" if where == home else f"a folder above {what} ({home})"
+            raise ConfigError(f"--output_dir={str(out)!r} (or the recipe's output_dir) is {which}; the "
+                              f"pipeline needs a folder of its own for its stage folders and report. Name "
+                              f"a new folder, e.g. runs/<name>")
+
+
+def check_recipe(recipe: dict, overrides: dict, world_size: int = 1,
+                 recipe_path: str | os.PathLike | None = None) -> list[dict]:
     """Fail before anything runs, naming the problem; return the stages.
 
-    Checks the recipe's keys, the stages' names and commands, that every override names a stage
-    (or is a pipeline option), and that each stage's options parse and validate with its
-    command's config as they will be run. `{prev}` stands for the previous stage's export here:
-    only its type matters to the check."""
+    Checks the recipe's keys, the output folder (`check_output_folder`), the stages' names and
+    commands, that every override names a stage (or is a pipeline option), and that each stage's
+    options parse and validate with its command's config as they will be run. `{prev}` stands
+    for the previous stage's export here: only its type matters to the check."""
     unknown = [k for k in recipe if k not in RECIPE_KEYS]
     if unknown:
         raise ConfigError(f"recipe: unknown key(s) {unknown}; a recipe has {', '.join(RECIPE_KEYS)}")
     device = _device(recipe, overrides)
+    out = output_folder(recipe, overrides)
+    check_output_folder(out, recipe_path)
     stages = recipe.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError("recipe: 'stages' must be a non-empty list of {name, command, options}")
@@ -143,6 +174,9 @@ def check_recipe(recipe: dict, overrides: dict, world_size: int = 1) -> list[dic
         if not isinstance(name, str) or not name or "." in name or "/" in name:
             # A dot would make `--<stage>.<section>.<field>` ambiguous; a slash, a nested folder.
             raise ConfigError(f"recipe stage {i}: needs a name without '.' or '/', got name={name!r}")
+        if name in (*REPORT_FILES, MANIFEST):
+            raise ConfigError(f"recipe stage {i}: the name {name!r} is taken by the pipeline's report; "
+                              f"name the stage otherwise")
         if name in names:
             raise ConfigError(f"recipe stage {i}: duplicate stage name {name!r} (stage {names.index(name)} "
                               f"has it too); names must be unique, each stage writes <output_dir>/<name>/")
@@ -162,7 +196,6 @@ def check_recipe(recipe: dict, overrides: dict, world_size: int = 1) -> list[dic
         raise ConfigError(f"unknown option --{key}: a stage option is --<stage>.<section>.<field> with "
                           f"<stage> one of {', '.join(names)}; pipeline options are --recipe, "
                           + ", ".join(f"--{o}" for o in PIPELINE_OPTIONS))
-    out = Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
     prev = str(recipe.get("model", "embedded"))
     for stage in stages:
         name = stage["name"]
@@ -206,13 +239,15 @@ def _rerun_flag(overrides: dict) -> bool:
     return value in ("true", "1")
 
 
-def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
+def run_pipeline(recipe: dict, overrides: dict, recipe_path: str | os.PathLike | None = None) -> list[dict]:
     """Run the stages not yet done; one row per stage. When a stage stops early the last row is
     {"stage", "command", "stopped": True, "step"} and no later stage has run."""
     device = _device(recipe, overrides)
     info = init_distributed(device or "auto")
-    stages = check_recipe(recipe, overrides, info.world_size)
-    out = pipeline_dir(recipe, overrides)
+    stages = check_recipe(recipe, overrides, info.world_size, recipe_path)
+    out = output_folder(recipe, overrides)
+    # The report rewrites its files at the end: a foreign one is refused now, not after hours.
+    on_main(info, lambda: owned_report(out))
     prev = str(recipe.get("model", "embedded"))
     rerun = _rerun_flag(overrides)
     rows = []
@@ -275,12 +310,8 @@ def run_pipeline(recipe: dict, overrides: dict) -> list[dict]:
         prev = result.get("model", str(stage_dir / "final"))
     if info.is_main:
         summary = {"stages": rows, "total_wall_time_s": time.time() - t_start}
-        (out / "summary.json").write_text(json.dumps(finite_or_none(summary), indent=1, allow_nan=False))
+        write_report(out, {"summary.json": json.dumps(finite_or_none(summary), indent=1, allow_nan=False).encode()})
     return rows
-
-
-def pipeline_dir(recipe: dict, overrides: dict) -> Path:
-    return Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
 
 
 def _run_stage(command: str, options: dict) -> dict:
@@ -300,9 +331,11 @@ def main(argv: list[str]) -> list[dict]:
         raise ConfigError("pipeline needs --recipe FILE (see configs/)")
     recipe = load_recipe(recipe_path)
     info = init_distributed(_device(recipe, overrides) or "auto")
+    out = output_folder(recipe, overrides)
+    check_output_folder(out, recipe_path)  # before the lock creates it
     # The pipeline's own folder is locked for its whole run (each stage also locks its folder).
-    with lock_folder(pipeline_dir(recipe, overrides), info, "pipeline", "--output_dir"):
-        rows = run_pipeline(recipe, overrides)
+    with lock_folder(out, info, "pipeline", "--output_dir"):
+        rows = run_pipeline(recipe, overrides, recipe_path)
         if rows and rows[-1].get("stopped"):
             return rows  # no report on a partial run; the next run writes it
         from r1train.pipeline.report import finish_report

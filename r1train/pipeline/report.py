@@ -1,10 +1,89 @@
-"""The pipeline's closing report: a table of held-out results per stage and a PNG of the curves."""
+"""The pipeline's closing report: a table of held-out results per stage and a PNG of the curves.
+
+The report's files (`REPORT_FILES`) sit at the top of the pipeline's output folder, next to
+whatever else a user keeps there, and every run of the pipeline rewrites them. So they follow
+the output-folder rule of the trainers (run/folder.py): the pipeline lists each file it writes,
+with its size and SHA-256, in `<output_dir>/manifest.json`, and replaces only a file that is
+listed and unchanged. A `results.txt` the user wrote, or edited after the run, is refused at
+the start of the next run (before any stage runs), naming the file. Each file is written under a
+fresh temporary name and renamed into place, then the manifest is rewritten: a crash in between
+leaves a file the manifest does not know, which the next run refuses rather than replaces (the
+safe side: nothing is lost, the message says what to move).
+"""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import tempfile
 from pathlib import Path
 
+from r1train.run.config import ConfigError
 from r1train.run.dist import init_distributed
+from r1train.run.folder import MANIFEST, fsync_path, manifest_problems, read_manifest, write_manifest
+
+REPORT_FILES = ("summary.json", "results.txt", "curves.png")
+
+
+def _refuse(out: Path, name: str, why: str) -> ConfigError:
+    return ConfigError(f"{out} holds {name}, which this pipeline did not write ({why}); the pipeline's "
+                       f"report would replace it. Move it out of {out}, or use another --output_dir")
+
+
+def owned_report(out: Path) -> dict[str, tuple[int, str]]:
+    """name -> (size, sha256) of the report files in `out` that the pipeline wrote, as its
+    manifest lists them; ConfigError naming the first file there that it did not write (or that
+    changed since), including a manifest.json that is not the pipeline's."""
+    out = Path(out)
+    present = [n for n in REPORT_FILES if os.path.lexists(out / n)]
+    listed: dict[str, dict] = {}
+    if os.path.lexists(out / MANIFEST):
+        try:
+            listed = read_manifest(out)
+        except ValueError:
+            raise _refuse(out, MANIFEST, "not a manifest of its report") from None
+        if not set(listed) <= set(REPORT_FILES) or (out / MANIFEST).is_symlink():
+            raise _refuse(out, MANIFEST, "it lists other files than the report's")
+    for name in present:
+        if (out / name).is_symlink():  # written through, it would change a file elsewhere
+            raise _refuse(out, name, "a symbolic link")
+        if name not in listed:
+            raise _refuse(out, name, f"not in its {MANIFEST}")
+        if manifest_problems(out, listed, [name]):
+            raise _refuse(out, name, f"changed since the pipeline wrote it, by its {MANIFEST}")
+    return {n: (listed[n]["size"], listed[n]["sha256"]) for n in present}
+
+
+def write_report(out: Path, files: dict[str, bytes]) -> None:
+    """Write report files (name -> contents) into `out`, replacing only the pipeline's own
+    (`owned_report`), and list them in its manifest with the report files already there."""
+    out = Path(out)
+    entries = owned_report(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        assert name in REPORT_FILES, name
+        # A fresh name, never an existing file's: a user's `results.txt.tmp` is not ours either.
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out / name)
+        except BaseException:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
+        entries[name] = (len(data), hashlib.sha256(data).hexdigest())
+    # write_manifest writes <folder>/manifest.json: built in a folder of its own, then renamed,
+    # so that a crash never leaves a torn manifest
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".manifest.", suffix=".tmp"))
+    try:
+        os.replace(write_manifest(tmp, entries), out / MANIFEST)
+    finally:
+        os.rmdir(tmp)
+    fsync_path(out)
 
 
 def results_table(rows: list[dict]) -> str:
@@ -31,8 +110,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(out: Path, rows: list[dict]) -> Path | None:
-    """Training reward, accuracy reward and held-out accuracy over GRPO steps, plus SFT loss."""
+def plot_curves(out: Path, rows: list[dict]) -> bytes | None:
+    """A PNG of training reward, accuracy reward and held-out accuracy over GRPO steps, plus SFT
+    loss, from each stage's metrics.jsonl in `out`."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -64,10 +144,10 @@ def plot_curves(out: Path, rows: list[dict]) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return png.getvalue()
 
 
 def finish_report(recipe: dict, overrides: dict, rows: list[dict]) -> None:
@@ -76,8 +156,9 @@ def finish_report(recipe: dict, overrides: dict, rows: list[dict]) -> None:
         return
     out = Path(overrides.get("output_dir", recipe.get("output_dir", "runs/pipeline")))
     table = results_table(rows)
-    (out / "results.txt").write_text(table + "\n")
     png = plot_curves(out, rows)
+    files = {"results.txt": (table + "\n").encode(), **({"curves.png": png} if png else {})}
+    write_report(out, files)
     print("\n" + table)
     print(f"\n[pipeline] outputs in {out}/: final model {rows[-1].get('model')}, "
-          f"per-stage metrics.jsonl and samples.jsonl, results.txt" + (f", {png.name}" if png else ""))
+          f"per-stage metrics.jsonl and samples.jsonl, {', '.join(files)}")

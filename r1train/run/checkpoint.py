@@ -65,6 +65,8 @@ from r1train.run.folder import (
     on_main,
     read_manifest,
     refuse_foreign,
+    refuse_link,
+    remove_scratch,
     write_manifest,
 )
 
@@ -135,11 +137,12 @@ class CheckpointManager:
         """Step this process last saved or resumed from: its state is on disk already."""
 
     def _folders(self) -> dict[int, Path]:
-        """step -> `step-N/` folder, complete or not."""
+        """step -> `step-N/` folder, complete or not; a link is none of them (run/folder.py: never
+        resumed from, pruned or replaced; refused at start)."""
         if not self.root.is_dir():
             return {}
         return {int(m.group(1)): p for p in self.root.iterdir()
-                if (m := _STEP_DIR.match(p.name)) and p.is_dir()}
+                if (m := _STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink()}
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints (the manifest is written last), oldest first."""
@@ -209,7 +212,7 @@ class CheckpointManager:
         return final
 
     def _fresh(self, tmp: Path) -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_scratch(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 
     def _failed(self, final: Path, tmp: Path, cause: str) -> str:
@@ -230,8 +233,10 @@ class CheckpointManager:
     def _delete(self, folder: Path) -> None:
         """Delete a checkpoint folder: renamed first, so that an interrupted delete leaves a
         `.deleting` folder (removed at the next start), never a half-deleted `step-N/`."""
+        if folder.is_symlink():  # a link made during the run: deleting it would reach elsewhere
+            raise refuse_link(folder, "a checkpoint folder")
         gone = folder.with_name(folder.name + ".deleting")
-        shutil.rmtree(gone, ignore_errors=True)
+        remove_scratch(gone, ignore_errors=True)
         os.replace(folder, gone)
         shutil.rmtree(gone)
 
@@ -287,7 +292,7 @@ class CheckpointManager:
                 if rejected and self.info.is_main:
                     for bad, _ in rejected:
                         aside = bad.with_name(bad.name + ".damaged")
-                        shutil.rmtree(aside, ignore_errors=True)
+                        remove_scratch(aside, ignore_errors=True)
                         os.replace(bad, aside)
                         print(f"[checkpoint] WARNING: moved the damaged {bad} to {aside}", flush=True)
                     print(f"[checkpoint] WARNING: resuming from the previous complete checkpoint, "
@@ -364,7 +369,7 @@ def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: Dis
         if getattr(hf_config, "tie_word_embeddings", False):
             hf.tie_weights()
         tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_scratch(tmp, ignore_errors=True)  # a link there would take the export elsewhere
         try:
             hf.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

@@ -19,6 +19,12 @@ about to delete is its own. The rules:
   (an interrupted save, export or prune) and are removed at the next start.
 - One run at a time: a run (and a pipeline, on its own folder) holds `run.lock` for its whole
   life (`FolderLock`), and a second run into the same folder is refused, naming the holder.
+- The project never follows a symbolic link out of the output folder: a link where it keeps a
+  folder it replaces or deletes (`checkpoints/step-N/` and its `.damaged` form, `final/`) is
+  refused at start like a foreign file, and a link left where its scratch goes (`.tmp`,
+  `.deleting`) is unlinked, its target untouched (`remove_scratch`). Deleting through the link
+  would reach files elsewhere, and `shutil.rmtree` refuses a link anyway: a pruned link used to
+  fail every later start. (`checkpoints/` itself may be a link: the checkpoints live there.)
 
 The manifest uses SHA-256 so that a user can check a file by hand (`sha256sum`). Hashing reads
 every byte once: about 0.6 GB/s per process on a busy 2-core CPU box, done by every rank on its
@@ -146,8 +152,26 @@ def refuse_foreign(folder: Path, name: str, what: str) -> ConfigError:
                        f"deleted or replaced. Move it out of {folder}, or use another --train.output_dir")
 
 
+def refuse_link(path: Path, what: str) -> ConfigError:
+    return ConfigError(f"{path} is a symbolic link (to {os.readlink(path)}) where the project keeps {what}, "
+                       f"which it replaces or deletes; it never follows a link out of the output folder. "
+                       f"Remove the link (rm {path}; what it points to is kept) or put a copy in its place, "
+                       f"or use another --train.output_dir")
+
+
+def remove_scratch(path: Path, ignore_errors: bool = False) -> None:
+    """Remove the project's scratch folder `path` (`step-N.tmp`, `.deleting`, `final.tmp`); a
+    link in its place is unlinked, never followed: its target is not the project's."""
+    if os.path.islink(path):
+        os.unlink(path)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def check_export_folder(folder: Path) -> None:
     """`final/` is replaced by the next export: every file in it must be listed in its manifest."""
+    if folder.is_symlink():
+        raise refuse_link(folder, "the exported model")
     if not folder.exists():
         return
     try:
@@ -165,6 +189,8 @@ def check_checkpoint_folders(root: Path) -> None:
     if not root.is_dir():
         return
     for d in sorted(root.iterdir()):
+        if d.is_symlink() and CHECKPOINT_DIR.match(d.name):
+            raise refuse_link(d, "a checkpoint folder")
         if d.is_dir() and CHECKPOINT_DIR.match(d.name):
             name = foreign_file(d, lambda n: CHECKPOINT_FILE.match(n) is not None)
             if name is not None:
@@ -173,20 +199,24 @@ def check_checkpoint_folders(root: Path) -> None:
 
 def remove_leftovers(out: Path, ckpt_root: Path) -> list[Path]:
     """Remove what interrupted saves (`step-N.tmp`), prunes (`step-N.deleting`) and exports
-    (`final.tmp`) left behind; a checkpoint leftover holding a foreign file is refused instead."""
+    (`final.tmp`) left behind; a checkpoint leftover holding a foreign file is refused instead,
+    and a link is unlinked (`remove_scratch`)."""
     gone = []
     if ckpt_root.is_dir():
         for d in sorted(ckpt_root.iterdir()):
             m = CHECKPOINT_DIR.match(d.name)
-            if d.is_dir() and m and m.group(2) in (".tmp", ".deleting"):
+            if d.is_symlink() and m and m.group(2) in (".tmp", ".deleting"):
+                remove_scratch(d)
+                gone.append(d)
+            elif d.is_dir() and m and m.group(2) in (".tmp", ".deleting"):
                 name = foreign_file(d, lambda n: CHECKPOINT_FILE.match(n) is not None)
                 if name is not None:
                     raise refuse_foreign(d, name, "not a checkpoint file")
                 shutil.rmtree(d)
                 gone.append(d)
     tmp = out / "final.tmp"
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
+    if tmp.is_dir() or tmp.is_symlink():
+        remove_scratch(tmp)
         gone.append(tmp)
     return gone
 

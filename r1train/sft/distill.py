@@ -90,7 +90,8 @@ def _distill(cfg: DistillJobConfig, info: DistInfo, out: Path) -> dict:
         # 1. the teacher writes traces for the problems
         records, prompt_ids, dropped = training_prompts(t_tok, problems, cfg.problems, "problems",
                                                                "distill", info.is_main)
-        kept, stats = sample_and_filter(teacher, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
+        kept, stats = sample_and_filter(teacher, records, prompt_ids, info, cfg.sampling, cfg.train.seed,
+                                         tag="distill")
         stats["dropped_long_prompts"] = dropped
         if not kept:
             raise ConfigError(f"distill: the teacher passed none of {stats['samples']} samples "

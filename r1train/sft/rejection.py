@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +24,19 @@ import torch.distributed as dist
 from r1train.data.problems import load_problems, training_prompts
 from r1train.model.engine import Engine, row_seed
 from r1train.model.load import load_model
+from r1train.model.memory import (
+    ModelShape,
+    available_memory,
+    check_memory,
+    compute_bytes,
+    estimate_memory,
+    local_processes,
+)
 from r1train.model.policy import PolicyModel
 from r1train.rewards import REWARD_NAMES, entry_name, get_reward_functions, score_completions
 from r1train.run.config import ConfigError
 from r1train.run.dist import DistInfo, decoder_layers, shard_model
+from r1train.run.folder import on_main
 from r1train.run.loop import start_run
 from r1train.run.sections import DataConfig, ModelConfig, TrainConfig, at_least, bad, check_rewards
 from r1train.sft.cold_start import write_sft_jsonl
@@ -101,12 +111,34 @@ class RejectionJobConfig:
         self.sampling.validate()
 
 
+def check_sampling_memory(engine: Engine, prompt_ids: list[list[int]], info: DistInfo, s: SamplingConfig,
+                          tag: str) -> None:
+    """Refuse sampling settings whose generation cannot fit in memory, naming the options; print
+    the estimate otherwise (model/memory.py: K samples of each of a batch's prompts at once)."""
+    shape = ModelShape.of(engine.model.lm)
+    prompts = min(s.prompts_per_batch, -(-len(prompt_ids) // info.world_size))
+    bf16 = info.distributed or engine.autocast is not nullcontext  # FSDP's mixed precision, or autocast
+    est = estimate_memory(shape, gen_rows=prompts * s.samples_per_prompt,
+                          prompt_tokens=max(map(len, prompt_ids), default=1), new_tokens=s.max_new_tokens,
+                          compute_bytes=compute_bytes(info.device, shape.param_bytes, bf16), train=False,
+                          world_size=info.world_size, sharded=info.distributed)
+    est.held = est.weights
+    check_memory(est, available_memory(info.device), tag, {
+        "generation": "lower --sampling.samples_per_prompt, --sampling.prompts_per_batch or "
+                      "--sampling.max_new_tokens",
+        "weights": "use a smaller model, or shard it over more GPUs"},
+        processes=local_processes(info.device, info.world_size), say=print)
+
+
 def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list[int]], info: DistInfo,
-                      s: SamplingConfig, seed: int, system_prompt: str | None = None) -> tuple[list[dict], dict]:
+                      s: SamplingConfig, seed: int, system_prompt: str | None = None,
+                      tag: str = "rejection") -> tuple[list[dict], dict]:
     """K samples per prompt; keep the best accepted one per prompt. Returns (kept, stats) on every rank.
 
     A kept item is {"messages": [system, user, assistant], "problem", "answer", "rewards", "length"}.
+    The memory the generation needs is checked first (`check_sampling_memory`; `tag` names the stage).
     """
+    on_main(info, lambda: check_sampling_memory(engine, prompt_ids, info, s, tag))
     rewards = get_reward_functions(s.rewards, None, s.reward_weights or None)
     names = [n for n, _, _ in rewards]
     mine = list(range(info.rank, len(records), info.world_size))

@@ -1,0 +1,141 @@
+"""The start-up memory estimate (model/memory.py): its arithmetic against a hand computation, and
+settings that cannot fit refused in one line before anything generates.
+
+Measured against reality (peak RSS minus the RSS of the process once torch and transformers
+are imported, over the initial evaluation and one GRPO step on a 2-core CPU, beta 0.04, float32,
+evaluation on 8 prompts):
+- embedded tiny model, 4 prompts x group_size 64, max_new_tokens 128, micro_batch_size 32:
+  estimate 267 MB, measured 455 MB (the update's allocator slack, at this size);
+- the same with group_size 256 (the KV cache the largest part): estimate 541 MB, measured 721 MB;
+- SmolLM2-135M-Instruct, 2 prompts x group_size 8, max_new_tokens 64, micro_batch_size 8:
+  estimate 4.0 GB, measured 3.2 GB.
+One packed forward and backward alone (SmolLM2-135M shapes, a 150-token prompt and 8 or 16
+completions of 128 tokens): estimate 2.6 / 4.3 GB, measured 2.2 / 4.0 GB; with gradient
+checkpointing 1.06 / 1.40 GB, measured 1.15 / 1.63 GB.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1train.data.tiny import build_tiny_model
+from r1train.model.memory import (
+    ROW_BYTES,
+    SAMPLING_BYTES,
+    MemoryEstimate,
+    ModelShape,
+    available_memory,
+    check_memory,
+    estimate_memory,
+    packed_micro_tokens,
+)
+from r1train.run.config import ConfigError
+
+from launch import train_py
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+# 1,000 float32 parameters; 2 layers of hidden 8, MLP 16, 2 KV heads of 4 dims; 10 words.
+SHAPE = ModelShape(params=1000, param_bytes=4, layers=2, hidden=8, intermediate=16, kv_heads=2, head_dim=4,
+                   vocab=10)
+ROWS = dict(gen_rows=6, prompt_tokens=5, new_tokens=3, compute_bytes=4, step_rows=6, micro_tokens=20)
+
+
+def test_the_estimate_is_the_hand_computation():
+    assert (SAMPLING_BYTES, ROW_BYTES) == (24, 24)
+    est = estimate_memory(SHAPE, reference=True, **ROWS)
+    # weights 1000 * 4 = 4000, the reference as much, AdamW two moments 8000; the batch
+    # 6 rows * (5 + 3) positions * 40 bytes = 1920
+    assert (est.weights, est.reference, est.optimizer, est.batch) == (4000, 4000, 8000, 1920)
+    # KV cache: keys and values of 2 layers * 2 heads * 4 dims * 4 bytes = 128 bytes a position,
+    # plus 24 of row bookkeeping, * 6 rows * 8 positions = 7296; sampling 6 rows * 10 words * 24
+    assert est.generation == {"KV cache": 7296, "sampling": 1440}
+    # activations (12 * 8 + 4 * 16 + 4 * 2 * 4) * 4 bytes = 768 a token and layer, * 2 layers *
+    # 20 tokens = 30720; the log-prob tile 20 tokens * 10 words * 8 bytes = 1600
+    assert est.update == {"gradients": 4000, "activations": 30720, "log-prob tile": 1600}
+    # 4000 + 4000 + 8000 + 1920 + the larger phase, the update's 36320
+    assert est.total == 54240
+
+    # Gradient checkpointing: 4 hidden vectors per layer (4 * 2 * 8 * 4 = 256) and one layer (768)
+    ckpt = estimate_memory(SHAPE, gradient_checkpointing=True, **ROWS)
+    assert ckpt.update["activations"] == 20 * (256 + 768) and ckpt.reference == 0
+    # FSDP over 2 ranks: each holds half of the weights, moments and gradients; generation
+    # gathers the whole policy in the compute dtype (1000 * 4)
+    fsdp = estimate_memory(SHAPE, reference=True, world_size=2, sharded=True, **ROWS)
+    assert (fsdp.weights, fsdp.reference, fsdp.optimizer, fsdp.update["gradients"]) == (2000, 2000, 4000, 2000)
+    assert fsdp.generation["gathered weights"] == 4000
+    # Generation only (rejection sampling): no optimizer, batch or update
+    gen = estimate_memory(SHAPE, train=False, **ROWS)
+    assert gen.total == 4000 + 7296 + 1440 and gen.update == {}
+
+
+def test_micro_batch_tokens():
+    # 8 completions of a group of 8: its prompt once (at most one more when they straddle two)
+    assert packed_micro_tokens(8, 8, 100, 50) == 8 * 50 + 2 * 100
+    assert packed_micro_tokens(8, 2, 100, 50) == 8 * 50 + 5 * 100
+    assert packed_micro_tokens(8, 8, 100, 50, packing=False) == 8 * 150
+    assert packed_micro_tokens(8, 8, 100, 50, micro_batch_tokens=1000) == 1000
+    assert packed_micro_tokens(8, 8, 100, 50, micro_batch_tokens=64) == 150  # a long one alone
+
+
+def test_check_refuses_naming_the_largest_parts_options_and_prints_otherwise():
+    est = MemoryEstimate(weights=1e9, generation={"KV cache": 30e9, "sampling": 1e9},
+                         update={"activations": 2e9}, held=1e9)
+    advice = {"generation": "lower --rollout.group_size", "update": "lower --grpo.micro_batch_size",
+              "weights": "use a smaller model"}
+    with pytest.raises(ConfigError) as e:
+        check_memory(est, 20e9, "grpo", advice)
+    assert str(e.value) == (
+        "[grpo] these settings need about 32.0 GB of memory and 21.0 GB is available: weights 1.0 GB + the larger "
+        "of generation (KV cache 30.0 GB + sampling 1.0 GB) or update (activations 2.0 GB) = 32.0 GB. The "
+        "generation is the largest part: lower --rollout.group_size")
+    lines = []
+    check_memory(est, 40e9, "grpo", advice, say=lines.append)
+    assert lines == ["[grpo] memory estimate per process: weights 1.0 GB + the larger of generation (KV cache "
+                     "30.0 GB + sampling 1.0 GB) or update (activations 2.0 GB) = 32.0 GB; 41.0 GB available"]
+    check_memory(est, None, "grpo", advice)  # free memory unknown: not checked
+    with pytest.raises(ConfigError, match=r"need about 64\.0 GB .* for each of 2 processes"):
+        check_memory(est, 40e9, "grpo", advice, processes=2)  # two CPU ranks share the host
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+def _refused(res, option):
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    line = res.stderr.strip()
+    assert len(line.splitlines()) == 1 and " these settings need about " in line, line
+    assert "KV cache" in line and f"lower {option}" in line, line
+    return line
+
+
+# Without a reading of free memory the check is skipped, and these runs would really try.
+needs_free_memory = pytest.mark.skipif(available_memory(torch.device("cpu")) is None,
+                                       reason="free memory unknown here (no /proc/meminfo)")
+
+
+@needs_free_memory
+def test_a_huge_group_size_is_refused_in_one_line_before_anything_generates(tiny, tmp_path):
+    args = ["--model.path", tiny, "--grpo.prompts_per_step", "2", "--grpo.micro_batch_size", "2",
+            "--rollout.max_new_tokens", "8", "--grpo.beta", "0", "--data.num_train", "16", "--data.num_eval", "2",
+            "--train.progress", "false", "--train.export", "false", "--optim.warmup_steps", "0"]
+    out = tmp_path / "run"
+    res = train_py("grpo", *args, "--rollout.group_size", "100000", "--train.output_dir", out, env=ENV)
+    assert _refused(res, "--rollout.group_size").startswith("error: [grpo] these settings need about ")
+    assert "eval step" not in res.stdout and not (out / "metrics.jsonl").exists()
+
+    res = train_py("grpo", *args, "--rollout.group_size", "2", "--train.max_steps", "1", "--train.output_dir", out,
+                   env=ENV)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("[grpo] memory estimate per process: weights ") == 1
+
+
+@needs_free_memory
+def test_rejection_sampling_shares_the_check(tiny, tmp_path):
+    res = train_py("rejection-sample", "--model.path", tiny, "--train.output_dir", tmp_path / "rs",
+                   "--data.num_train", "8", "--sampling.samples_per_prompt", "1000000", env=ENV)
+    assert _refused(res, "--sampling.samples_per_prompt").startswith("error: [rejection] these settings")
