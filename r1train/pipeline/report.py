@@ -126,19 +126,16 @@ def plot_curves(out: Path, rows: list[dict]) -> bytes | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, r in zip(axes[0], panels):
         metrics = _read_jsonl(out / r["stage"] / "metrics.jsonl")
-        train = [m for m in metrics if "reward" in m or "loss" in m and "eval/accuracy" not in m]
-        evals = [m for m in metrics if "eval/accuracy" in m]
+
+        def series(key):  # (steps, values) of a metric; null (no value that step) is left out
+            kept = [m for m in metrics if m.get(key) is not None]
+            return [m["step"] for m in kept], [m[key] for m in kept]
         if r["command"] == "grpo":
-            ax.plot([m["step"] for m in train if "reward" in m], [m["reward"] for m in train if "reward" in m],
-                    label="total reward (train)", alpha=0.6)
-            ax.plot([m["step"] for m in train if "accuracy/mean" in m],
-                    [m["accuracy/mean"] for m in train if "accuracy/mean" in m],
-                    label="accuracy reward (train)", alpha=0.8)
+            ax.plot(*series("reward"), label="total reward (train)", alpha=0.6)
+            ax.plot(*series("accuracy/mean"), label="accuracy reward (train)", alpha=0.8)
         else:
-            ax.plot([m["step"] for m in train if "loss" in m], [m["loss"] for m in train if "loss" in m],
-                    label="SFT loss (train)", alpha=0.8)
-        ax.plot([m["step"] for m in evals], [m["eval/accuracy"] for m in evals], "o-",
-                label="held-out accuracy", color="black")
+            ax.plot(*series("loss"), label="SFT loss (train)", alpha=0.8)
+        ax.plot(*series("eval/accuracy"), "o-", label="held-out accuracy", color="black")
         ax.set_title(f"{r['stage']} ({r['command']})")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
