@@ -19,6 +19,10 @@ Departures from DeepSeekMath's GRPO, said out loud:
 - micro-batches are shuffled only when num_iterations > 1 (no pass's summed gradient depends on
   the order; a fixed order keeps runs of different world sizes bit-comparable). Packed passes
   shuffle whole groups, so that a group's completions still share their prompt's computation.
+- rows left out of the loss (grpo.mask_truncated, grpo.drop_zero_std_groups; `loss_weight` 0)
+  add no term and no tokens: they leave the token counts of "bnpo" and "dapo", but stay in the N
+  of "grpo" and "dr_grpo", which count the completions sampled (TRL's mask_truncated_completions,
+  which zeroes their completion mask, does the same); DAPO resamples dropped groups instead.
 - each of the num_iterations passes ends in its own optimizer step and carries the whole batch's
   loss (TRL's num_iterations, verl's ppo_epochs): micro-batch losses are divided by the count of
   the whole step (`loss_denominator`) and FSDP sums the ranks' gradients, so a pass's gradient
