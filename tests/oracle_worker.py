@@ -1,5 +1,6 @@
-"""Under torchrun: the two GRPO steps of tests/test_step_oracle.py, across the ranks (FSDP2),
-captured for the oracle; rank 0 writes them to OUT (torch.save: tensors, lists, numbers).
+"""Under torchrun: the two GRPO steps of tests/test_step_oracle.py (its TWO_PROCESSES options),
+across the ranks (FSDP2), captured for the oracle; rank 0 writes them to OUT (torch.save:
+tensors, lists, numbers).
 
     python -m torch.distributed.run --nproc_per_node=2 tests/oracle_worker.py OUT MODEL RUN_DIR [MUTATION]
 
@@ -13,7 +14,7 @@ import torch
 
 import r1train.grpo.trainer as grpo_trainer
 
-from test_step_oracle import _config, _float64_trainer, capture_grpo
+from test_step_oracle import TWO_PROCESSES, _case_trainer, capture_grpo
 
 
 def main(out: str, model: str, run_dir: str, mutation: str = "") -> None:
@@ -27,7 +28,7 @@ def main(out: str, model: str, run_dir: str, mutation: str = "") -> None:
         grpo_trainer.policy_loss = dropped
     elif mutation:
         raise SystemExit(f"unknown mutation {mutation!r}")
-    seen = capture_grpo(_float64_trainer(_config(model, run_dir)))
+    seen = capture_grpo(_case_trainer(model, run_dir, TWO_PROCESSES))
     if torch.distributed.get_rank() == 0:
         torch.save(seen, out)
     # Both ranks leave together and skip the interpreter's teardown: about one exit in ten, rank 1

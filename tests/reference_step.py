@@ -15,6 +15,12 @@ and the options, `grpo_step` computes with plain loops over rows and Hugging Fac
   loss       = grpo:    1/N sum_i 1/|o_i| sum_t term_it             DeepSeekMath Eq. 3
                bnpo, dapo: sum_i sum_t term_it / sum_i |o_i|        DAPO Eq. 8 (one process)
                dr_grpo: sum_i sum_t term_it / (N L)                 Dr. GRPO's released code
+             rows left out (grpo.mask_truncated: a row that hit max_new_tokens; grpo.drop_zero_std_groups:
+             the rows of a group whose rewards are all equal) leave the sums over i and sum_i |o_i|,
+             and stay in N, the completions sampled (the trainer's docstring)
+  metrics    kl (k3), ratio, clip fractions (A < 0 and ratio < 1 - eps_low; A > 0 and ratio >
+             1 + eps_high; either) and the entropy of softmax(logits / temperature): means over
+             every token of the rows in the loss, of every pass; the loss averaged over passes
   g          = d loss / d theta; |g| its global norm; g *= min(1, max_norm / (|g| + 1e-6))
   lr         = lr0 * (k + 1) / warmup (k < warmup), else lr0 (constant) or the cosine formula;
                k = training steps already taken
@@ -70,11 +76,26 @@ def group_advantages(rewards: list[float], G: int, estimator: str = "grpo") -> l
     return out
 
 
-def completion_logprobs(lm, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
-    """[T] log pi(o_t | q, o_<t) of one row, alone and unpadded."""
+def completion_logprobs(lm, prompt: list[int], completion: list[int], temperature: float,
+                        entropy: bool = False):
+    """[T] log pi(o_t | q, o_<t) of one row, alone and unpadded (and [T] entropies of pi(. | q, o_<t))."""
     ids = torch.tensor([prompt + completion])
     logits = lm(input_ids=ids).logits[0, len(prompt) - 1:-1] / temperature  # [T, V]
-    return torch.log_softmax(logits, dim=-1)[torch.arange(len(completion)), torch.tensor(completion)]
+    every = torch.log_softmax(logits, dim=-1)  # [T, V]
+    logp = every[torch.arange(len(completion)), torch.tensor(completion)]  # [T]
+    if not entropy:
+        return logp
+    return logp, -(every.exp() * every).sum(-1).detach()
+
+
+def kept_rows(rewards: list[float], truncated: list[bool], G: int, mask_truncated: bool,
+              drop_zero_std_groups: bool) -> list[bool]:
+    """Which rows are in the loss (module docstring)."""
+    keep = []
+    for k in range(0, len(rewards), G):
+        flat = max(rewards[k:k + G]) == min(rewards[k:k + G])
+        keep += [not (mask_truncated and t) and not (drop_zero_std_groups and flat) for t in truncated[k:k + G]]
+    return keep
 
 
 def lr_at(k: int, lr: float, warmup: int, max_steps: int, schedule: str, min_ratio: float) -> float:
@@ -86,27 +107,40 @@ def lr_at(k: int, lr: float, warmup: int, max_steps: int, schedule: str, min_rat
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def grpo_loss(lm, rows, advantages, old, ref, *, loss_type, beta, eps_low, eps_high, temperature,
-              max_new_tokens) -> torch.Tensor:
-    """The step's objective (module docstring) at lm's weights; a float64 scalar with a graph."""
+def grpo_loss(lm, rows, advantages, old, ref, keep, *, loss_type, beta, eps_low, eps_high, temperature,
+              max_new_tokens) -> tuple[torch.Tensor, dict]:
+    """The step's objective (module docstring) at lm's weights, a float64 scalar with a graph, and
+    the statistics' sums over the tokens of the rows kept ("tokens": their count)."""
     sums, lengths = [], []
-    for (prompt, completion), a, old_i, ref_i in zip(rows, advantages, old, ref):
-        logp = completion_logprobs(lm, prompt, completion, temperature)
+    stats = dict.fromkeys(("tokens", "kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "clip_frac",
+                           "entropy"), 0.0)
+    for (prompt, completion), a, old_i, ref_i, kept in zip(rows, advantages, old, ref, keep):
+        if not kept:
+            continue
+        logp, entropy = completion_logprobs(lm, prompt, completion, temperature, entropy=True)
         ratio = torch.exp(logp - old_i)
         clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
         term = -torch.minimum(ratio * a, clipped * a)
+        k3 = torch.exp(ref_i - logp) - (ref_i - logp) - 1
         if beta:
-            term = term + beta * (torch.exp(ref_i - logp) - (ref_i - logp) - 1)
+            term = term + beta * k3
         sums.append(term.sum())
         lengths.append(len(completion))
+        low, high = (ratio < 1 - eps_low) & (a < 0), (ratio > 1 + eps_high) & (a > 0)
+        for name, x in (("tokens", torch.ones_like(logp)), ("kl", k3 if beta else torch.zeros_like(k3)),
+                        ("ratio_mean", ratio), ("clip_frac_low", low), ("clip_frac_high", high),
+                        ("clip_frac", low | high), ("entropy", entropy)):
+            stats[name] += float(x.detach().double().sum())
     n = len(rows)
     if loss_type == "grpo":
-        return sum(s / max(t, 1) for s, t in zip(sums, lengths)) / n
-    if loss_type in ("bnpo", "dapo"):
-        return sum(sums) / max(sum(lengths), 1)
-    if loss_type == "dr_grpo":
-        return sum(sums) / (n * max_new_tokens)
-    raise ValueError(loss_type)
+        loss = sum(s / max(t, 1) for s, t in zip(sums, lengths)) / n
+    elif loss_type in ("bnpo", "dapo"):
+        loss = sum(sums) / max(sum(lengths), 1)
+    elif loss_type == "dr_grpo":
+        loss = sum(sums) / (n * max_new_tokens)
+    else:
+        raise ValueError(loss_type)
+    return loss, stats
 
 
 def adamw(params: dict, grads: dict, state: dict, *, lr, betas, weight_decay, decays) -> None:
@@ -125,7 +159,7 @@ def adamw(params: dict, grads: dict, state: dict, *, lr, betas, weight_decay, de
 
 
 def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], ref_weights: dict | None, rows,
-              per_fn, reward_weights, adam_state: dict, *, G: int, k: int, cfg) -> dict:
+              truncated, per_fn, reward_weights, adam_state: dict, *, G: int, k: int, cfg) -> dict:
     """One training step (module docstring), checked in two independent halves per pass:
 
     - the objective's gradient at the weights the pass starts from (`pass_weights[i]`, name ->
@@ -134,14 +168,16 @@ def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], re
       clipping, the learning rate of the schedule, AdamW. Fed the trainer's own gradient, it
       checks the trainer's update in pure float64, apart from the model's own precision.
 
-    `rows`: [(prompt ids, completion ids)]; `ref_weights`: the frozen reference (None: beta 0);
-    `adam_state`: name -> (m, v, t) before the step, updated; `k`: training steps already taken;
-    `cfg`: a GRPOJobConfig (its numbers only). Returns {"rewards", "advantages", "lr", "grads",
-    "norms" (of the objective's gradients), "given_norms" (of `trainer_grads`), "weights" (after
-    each pass's update)}."""
+    `rows`: [(prompt ids, completion ids)]; `truncated`: [bool] whether each row hit
+    max_new_tokens; `ref_weights`: the frozen reference (None: beta 0); `adam_state`: name ->
+    (m, v, t) before the step, updated; `k`: training steps already taken; `cfg`: a GRPOJobConfig
+    (its numbers only). Returns {"rewards", "advantages", "keep" (the rows in the loss), "lr",
+    "grads", "norms" (of the objective's gradients), "given_norms" (of `trainer_grads`), "weights"
+    (after each pass's update), "metrics" (the loss and the per-token means of the step)}."""
     g, o, r = cfg.grpo, cfg.optim, cfg.rollout
     rewards = weighted_rewards(per_fn, reward_weights)
     advantages = group_advantages(rewards, G, g.advantage_estimator)
+    keep = kept_rows(rewards, truncated, G, g.mask_truncated, g.drop_zero_std_groups)
     with torch.no_grad():
         start = load_float64(path, pass_weights[0])
         old = [completion_logprobs(start, p, c, r.temperature) for p, c in rows]
@@ -150,13 +186,16 @@ def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], re
             ref_lm = load_float64(path, ref_weights)
             ref = [completion_logprobs(ref_lm, p, c, r.temperature) for p, c in rows]
     lr = lr_at(k, o.lr, o.warmup_steps, cfg.train.max_steps, o.schedule, o.min_lr_ratio)
-    out = {"rewards": rewards, "advantages": advantages, "lr": lr, "grads": [], "norms": [], "given_norms": [],
-           "weights": []}
+    out = {"rewards": rewards, "advantages": advantages, "keep": keep, "lr": lr, "grads": [], "norms": [],
+           "given_norms": [], "weights": []}
+    losses, totals = [], {}
     for weights, given in zip(pass_weights, trainer_grads):
         lm = load_float64(path, weights)
-        loss = grpo_loss(lm, rows, advantages, old, ref, loss_type=g.loss_type, beta=g.beta,
-                         eps_low=g.epsilon_low, eps_high=g.epsilon_high or g.epsilon_low,
-                         temperature=r.temperature, max_new_tokens=r.max_new_tokens)
+        loss, stats = grpo_loss(lm, rows, advantages, old, ref, keep, loss_type=g.loss_type, beta=g.beta,
+                                eps_low=g.epsilon_low, eps_high=g.epsilon_high or g.epsilon_low,
+                                temperature=r.temperature, max_new_tokens=r.max_new_tokens)
+        losses.append(float(loss.detach()))
+        totals = {name: totals.get(name, 0.0) + x for name, x in stats.items()}
         loss.backward()
         grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in lm.named_parameters()}
         out["grads"].append(grads)
@@ -164,6 +203,8 @@ def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], re
         norm, params = apply_update(weights, given, adam_state, lr, o)
         out["given_norms"].append(norm)
         out["weights"].append(params)
+    tokens = totals.pop("tokens")
+    out["metrics"] = {"loss": sum(losses) / len(losses), **{name: x / tokens for name, x in totals.items()}}
     return out
 
 

@@ -1,10 +1,11 @@
-"""Logged GRPO reward statistics, hand-worked, with rows on which every reward abstained."""
+"""Logged GRPO statistics, hand-worked: rewards, with rows on which every reward abstained, and the
+update's per-token means over micro-batches and ranks."""
 import math
 
 import pytest
 import torch
 
-from r1train.grpo.metrics import reward_metrics, update_metrics
+from r1train.grpo.metrics import UPDATE_MEANS, reward_metrics, update_means, update_metrics
 
 NAN = math.nan
 
@@ -52,9 +53,45 @@ def test_no_valid_row_at_all_gives_nan_reward_not_zero():
     assert torch.isnan(torch.tensor(m["accuracy/mean"]))
 
 
-def test_update_metrics_sum_the_loss_and_average_the_means():
-    # One process: the loss is the whole step's (each rank would hold a share of it and the
-    # shares add up); the per-token statistics are means, averaged over ranks (here one).
-    m = update_metrics({"loss": -0.25, "kl": 0.5, "clip_frac": 0.1, "clip_frac_low": 0.05,
-                        "clip_frac_high": 0.05, "ratio_mean": 1.0, "entropy": 2.0}, world_size=1)
-    assert m["loss"] == -0.25 and m["kl"] == 0.5 and m["entropy"] == 2.0
+def _rank(loss, tokens, **means):
+    """One rank's row for update_means: its loss share, its tokens, each statistic's sum over them."""
+    return [loss, tokens, *(means.get(k, 0.0) * tokens for k in UPDATE_MEANS)]
+
+
+def test_update_metrics_sum_the_loss_shares_and_weigh_each_token_once():
+    # Rank 0: 3 tokens, kl mean 0.1, entropy 2, ratio 1; rank 1: 7 tokens, kl mean 0.3, entropy 1,
+    # ratio 1.2, clip_frac 2/7 (2 tokens), all of them clipped low; rank 2: every row left out of
+    # the loss (0 tokens).
+    #   loss      -0.25 + 0.5 + 0 = 0.25 (each rank holds its share of one loss)
+    #   kl        (3 * 0.1 + 7 * 0.3) / 10 = 2.4 / 10 = 0.24; the mean of the two ranks' means
+    #             would be 0.2, and counting rank 2's 0 as a third mean 0.4 / 3
+    #   entropy   (3 * 2 + 7 * 1) / 10 = 1.3
+    #   ratio     (3 * 1 + 7 * 1.2) / 10 = 11.4 / 10 = 1.14
+    #   clip_frac 2 / 10 = 0.2 = clip_frac_low; clip_frac_high 0
+    m = update_means(torch.tensor([_rank(-0.25, 3, kl=0.1, entropy=2.0, ratio_mean=1.0),
+                                   _rank(0.5, 7, kl=0.3, entropy=1.0, ratio_mean=1.2, clip_frac=2 / 7,
+                                         clip_frac_low=2 / 7),
+                                   _rank(0.0, 0)]))
+    assert m["loss"] == pytest.approx(0.25)
+    assert m["kl"] == pytest.approx(0.24)
+    assert m["entropy"] == pytest.approx(1.3)
+    assert m["ratio_mean"] == pytest.approx(1.14)
+    assert m["clip_frac"] == pytest.approx(0.2) and m["clip_frac_low"] == pytest.approx(0.2)
+    assert m["clip_frac_high"] == 0.0
+
+
+def test_a_step_without_loss_tokens_logs_zero_means():
+    # Every row of every rank left out (grpo.mask_truncated on a step where all were cut): no
+    # token to average over; the means are 0 (as policy_loss's own on an all-masked batch), not NaN.
+    m = update_means(torch.tensor([_rank(0.0, 0), _rank(0.0, 0)]))
+    assert m == {"loss": 0.0, **dict.fromkeys(UPDATE_MEANS, 0.0)}
+
+
+def test_update_metrics_divide_the_trainers_sums_by_its_tokens():
+    # One process, as GRPOTrainer.update returns it: 2 passes over 5 loss tokens count 10
+    # tokens; kl summed over them 1.5 -> 0.15; entropy 62 -> 6.2; ratio 10.5 -> 1.05.
+    sums = dict.fromkeys(UPDATE_MEANS, 0.0) | {"kl": 1.5, "entropy": 62.0, "ratio_mean": 10.5}
+    m = update_metrics({"loss": 0.125, "tokens": 10.0, "sums": sums})
+    assert m["loss"] == 0.125
+    assert m["kl"] == pytest.approx(0.15) and m["entropy"] == pytest.approx(6.2)
+    assert m["ratio_mean"] == pytest.approx(1.05) and m["clip_frac"] == 0.0

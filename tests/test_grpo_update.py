@@ -107,6 +107,6 @@ def test_dropout_is_off_by_default(tmp_path):
         trainer.step = 1
         batch, _ = trainer.rollout()
         trainer.logprobs(batch)
-        kl[keep] = trainer.update(batch)["kl"]
+        kl[keep] = trainer.update(batch)["sums"]["kl"]
     assert kl[False] == 0.0
     assert kl[True] != 0.0

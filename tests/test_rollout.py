@@ -4,7 +4,10 @@ and cases worked out by hand.
 
 The model is the cold-start SFT checkpoint in tests/assets/tiny-r1-sft: unlike a random model it
 writes `<think>..</think><answer>..</answer>` and ends with <|im_end|>, so EOS, stop strings and
-truncation all happen at steps we can point at.
+truncation all happen at steps we can point at. It runs in float64: the tests below ask for the
+same tokens from computations of other shapes (a row alone or in a padded batch, a shared or a
+per-row prefill, HF's cache or the engine's), whose float32 sums, in other orders, could round
+two near-equal logits apart and flip a greedy argmax or an inverse-CDF draw on another machine.
 """
 from pathlib import Path
 
@@ -35,7 +38,7 @@ def tiny():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ASSET)
-    lm = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32).eval()
+    lm = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float64).eval()  # module docstring
     return tok, lm, PolicyModel(lm)
 
 
@@ -133,7 +136,11 @@ def test_policy_logprobs_under_bf16_autocast(tiny):
     """The single-GPU trainer runs forwards under bf16 autocast. On a CPU the same autocast
     shows the path works: the LM head reaches the fused log-probs in bf16 (float32 log-probs
     out, near the float32 ones), and gradients reach the float32 parameters."""
-    tok, lm, policy = tiny
+    import copy
+
+    tok, _, _ = tiny
+    lm = copy.deepcopy(tiny[1]).float()  # autocast lowers float32 only
+    policy = PolicyModel(lm)
     prompts = [_prompt(tok, 1), _prompt(tok, 2, system=False)]
     r = _generate(tiny, prompts, max_new_tokens=16, temperature=0.0)
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
@@ -293,14 +300,10 @@ def test_few_row_linears_equal_f_linear_and_are_restored(monkeypatch):
 def test_few_row_linears_give_the_same_completions(tiny, monkeypatch, temperature):
     """The engine's decode with every linear layer in the few-row form (the tiny model's weights
     are below the size that gets it by default, so the threshold is lowered) gives the rows of
-    F.linear. The model runs in float64 so that the two summation orders cannot round a logit
-    differently in float32."""
-    import copy
-
+    F.linear (in float64, as every comparison here: two summation orders)."""
     import r1train.model.engine as engine
 
-    tok, lm, _ = tiny
-    policy = PolicyModel(copy.deepcopy(lm).double())
+    tok, _, policy = tiny
     monkeypatch.setattr(engine, "FEW_ROWS_MIN_WEIGHT", 0)
     calls = []
     forward = engine._few_row_forward

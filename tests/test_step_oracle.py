@@ -5,23 +5,30 @@ The trainer runs two real steps on the tiny model, in float64 (`--model.dtype fl
 the second starts with the policy away from the reference and with AdamW moments in place, in
 one process and in two (FSDP2 over gloo). Of that second step the oracle gets only the inputs: the weights, the
 sampled token ids, each reward function's raw values, the optimizer's moments and the options. It
-recomputes rewards, advantages, log-probs, the loss with its normalization, the gradient, its
-norm, the learning rate from the schedule's formula and the AdamW update, and every one must match
-the trainer's. A trainer that is wrong but consistent with itself fails here: each mutation
-tested below (doubled advantages, a wrong denominator, clipping before the logged norm, warm-up
-one step late, the reference taken from the policy, one rank's gradient dropped) is caught. SFT
-likewise: packed rows in micro-batches, one conversation a row, the cosine schedule, and
-distillation with a KL weight, against each document's cross-entropy on its own; and an SFT loss
-backpropagated twice over (its logged loss unchanged) is caught.
+recomputes rewards, advantages, which rows the loss leaves out (grpo.mask_truncated: the rows
+whose tokens show that max_new_tokens cut them; grpo.drop_zero_std_groups), log-probs, the loss
+with its normalization, the gradient, its norm, the learning rate from the schedule's formula, the
+AdamW update, and the logged loss, kl, clip fractions, ratio and entropy (per-token means over the
+step), and every one must match the trainer's. A stop string ends some rows early, so that rows
+are cut and kept in one step and micro-batches and ranks hold different numbers of tokens. A
+trainer that is wrong but consistent with itself fails here: each mutation tested below (doubled
+advantages, a wrong denominator, clipping before the logged norm, warm-up one step late, the
+reference taken from the policy, rows left out still in the loss, one rank's gradient dropped)
+is caught. SFT likewise: packed rows in micro-batches, one conversation a row, the cosine
+schedule, and distillation with a KL weight, against each document's cross-entropy on its own;
+and an SFT loss backpropagated twice over (its logged loss unchanged) is caught.
 
 Tolerances: the update (clipping, learning rate, AdamW on the trainer's own gradient) is float64
 end to end and agrees to 1e-12. The gradient goes through the model class, whose RMSNorm runs in
 float32 even in a float64 model (tests/reference_step.py), so it agrees to ~1e-7 of each tensor's
 largest element; GRAD_RTOL 1e-6 leaves room for that and is far below any mutation here (the
-smallest, a denominator 3/4 of the right one, moves the gradient by 33%).
+smallest, a denominator 3/4 of the right one, moves the gradient by 33%). The logged means agree
+to ~5e-8 (the entropy, through the same float32 norm); a mean of micro-batch means instead of the
+per-token mean moves the kl by 4% in the mask_truncated case.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import subprocess
@@ -30,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from r1train.data.tiny import build_tiny_model
 from r1train.grpo.config import GRPOJobConfig
@@ -42,6 +49,9 @@ from r1train.sft.trainer import SFTJobConfig, SFTTrainer
 from reference_step import grpo_step, sft_step
 
 GRAD_RTOL = 1e-6
+# The logged loss and per-token means are O(1) or 0; an atol far below any real disagreement lets
+# a loss whose terms cancel to ~1e-17 (each group's advantages sum to 0) meet the oracle's ~1e-17.
+METRIC_ATOL = 1e-12
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,9 +114,26 @@ def distinct(completions, completion_ids, **columns):
 REWARDS = [("token_sum", token_sum), ("distinct", distinct)]
 
 
-def _float64_trainer(cfg) -> GRPOTrainer:
+def _flat(problem: str) -> bool:
+    return " - " in problem  # "What is 63 - 34?": about half of each step's problems
+
+
+def token_sum_or_flat(completions, completion_ids, problem, **columns):
+    return [0.0 if _flat(p) else v for p, v in zip(problem, token_sum(completions, completion_ids))]
+
+
+def distinct_or_flat(completions, completion_ids, problem, **columns):
+    return [0.0 if _flat(p) else v for p, v in zip(problem, distinct(completions, completion_ids))]
+
+
+# The same, but 0 on every completion of a subtraction: those groups' rewards are all equal
+# (advantage 0), for grpo.drop_zero_std_groups to leave out.
+SOME_GROUPS_FLAT = [("token_sum", token_sum_or_flat), ("distinct", distinct_or_flat)]
+
+
+def _float64_trainer(cfg, rewards=REWARDS) -> GRPOTrainer:
     torch.manual_seed(0)
-    return GRPOTrainer(cfg, reward_funcs=REWARDS)
+    return GRPOTrainer(cfg, reward_funcs=rewards)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -162,7 +189,8 @@ def capture_grpo(trainer: GRPOTrainer) -> dict:
     mine = {"rows": [(ids[:P][mask[:P].bool()].tolist(), completion) for ids, mask, completion
                      in zip(batch.input_ids, batch.attention_mask, batch.completion_lists())],
             "per_fn": batch.per_fn.tolist(), "rewards": batch.rewards.tolist(),
-            "advantages": batch.advantages.tolist()}
+            "advantages": batch.advantages.tolist(), "truncated": batch.truncated.tolist(),
+            "loss_weight": batch.loss_weight.tolist()}
     ranks = [mine]
     if torch.distributed.is_initialized():  # each rank holds whole groups: rank order is group order
         ranks = [None] * torch.distributed.get_world_size()
@@ -173,18 +201,38 @@ def capture_grpo(trainer: GRPOTrainer) -> dict:
     return seen
 
 
+def hit_the_budget(path: str, rows, max_new_tokens: int, stop_strings: list[str]) -> list[bool]:
+    """Which completions max_new_tokens cut, read from their tokens: the whole budget used, with
+    no EOS at its end and no stop string in its text (either would have ended the row)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    eos = {tokenizer.eos_token_id, GenerationConfig.from_pretrained(path).eos_token_id}
+    return [len(c) == max_new_tokens and c[-1] not in eos and not any(s in tokenizer.decode(c) for s in stop_strings)
+            for _, c in rows]
+
+
 def check_grpo(seen: dict, cfg) -> list[str]:
     """The captured step against the oracle: the disagreements (empty: the step is right)."""
     assert all(completion for _, completion in seen["rows"]), "an empty completion: nothing to compare"
-    want = grpo_step(cfg.model.path, seen["weights"], seen["grads"], seen["ref_weights"], seen["rows"],
-                     seen["per_fn"], seen["reward_weights"], seen["moments"], G=cfg.rollout.group_size, k=1,
-                     cfg=cfg)
+    g, r = cfg.grpo, cfg.rollout
+    truncated = hit_the_budget(cfg.model.path, seen["rows"], r.max_new_tokens, r.stop_strings)
+    want = grpo_step(cfg.model.path, seen["weights"], seen["grads"], seen["ref_weights"], seen["rows"], truncated,
+                     seen["per_fn"], seen["reward_weights"], seen["moments"], G=r.group_size, k=1, cfg=cfg)
     problems = Disagreements()
     close = problems.close
     close("rewards", seen["rewards"], want["rewards"], rtol=1e-12)
     close("advantages", seen["advantages"], want["advantages"], rtol=1e-9, atol=1e-12)
     if not any(a != 0 for a in want["advantages"]):
         problems.append("every advantage is 0: a vacuous comparison")
+    close("truncated rows", seen["truncated"], truncated, rtol=0)
+    close("the rows in the loss (loss_weight)", seen["loss_weight"], want["keep"], rtol=0)
+    G = r.group_size
+    flat = [max(want["rewards"][k:k + G]) == min(want["rewards"][k:k + G]) for k in range(0, len(truncated), G)]
+    for on, which, name in ((g.mask_truncated, truncated, "truncated rows"),
+                            (g.drop_zero_std_groups, flat, "groups with equal rewards")):
+        if on and (all(which) or not any(which)):
+            problems.append(f"{'all' if all(which) else 'no'} {name}: leaving them out untested")
+    for k, x in want["metrics"].items():  # per-token means over the step (tests/reference_step.py)
+        close(f"logged {k}", seen["metrics"][k], x, rtol=GRAD_RTOL, atol=METRIC_ATOL)
     if len(seen["grads"]) != cfg.grpo.num_iterations:
         problems.append(f"{len(seen['grads'])} optimizer steps for num_iterations {cfg.grpo.num_iterations}")
     for i, (got, expected) in enumerate(zip(seen["grads"], want["grads"])):
@@ -212,13 +260,24 @@ CASES = {
     "dapo, 2 passes, clip-higher": {"grpo.loss_type": "dapo", "grpo.num_iterations": 2, "grpo.epsilon_high": 0.28},
     "grpo, padded rows, 4 micro-batches": {"grpo.packing": False},
     "rloo, beta 0": {"grpo.advantage_estimator": "rloo", "grpo.beta": 0.0},
+    # A stop string ends about half of the rows early (the rest use all 24 tokens): the rows cut
+    # leave the loss, and the micro-batches hold different numbers of tokens.
+    "grpo, mask_truncated": {"rollout.stop_strings": ["y"], "grpo.mask_truncated": True},
+    "dapo, mask_truncated, drop_zero_std_groups": {
+        "rollout.stop_strings": ["y"], "grpo.loss_type": "dapo", "grpo.mask_truncated": True,
+        "grpo.drop_zero_std_groups": True, "rewards": SOME_GROUPS_FLAT},
 }
+
+
+def _case_trainer(model_path, out, options: dict) -> GRPOTrainer:
+    options = dict(options)
+    rewards = options.pop("rewards", REWARDS)
+    return _float64_trainer(_config(model_path, out, **options), rewards)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_trainer_step_equals_the_float64_oracle(tiny, tmp_path, case):
-    trainer = _float64_trainer(_config(tiny, tmp_path, **CASES[case]))
-    assert run_and_check(trainer) == []
+    assert run_and_check(_case_trainer(tiny, tmp_path, CASES[case])) == []
 
 
 MUTATIONS = {
@@ -232,7 +291,23 @@ MUTATIONS = {
         lambda real: lambda params, max_norm: _clipped_norm(real, params, max_norm), "grad_norm"),
     "warm-up one step late": ("r1train.run.optim.lr_multiplier",
                               lambda real: lambda step, **k: real(max(step - 1, 0), **k), "learning rate"),
+    "rows left out of the loss still in it": ("r1train.grpo.batch.GRPOBatch.loss_mask",
+                                              lambda real: property(lambda b: b.completion_mask.float()), "gradient"),
 }
+# the case a mutation runs on, where it is not the first
+MUTATION_CASES = {"rows left out of the loss still in it": "grpo, mask_truncated"}
+
+
+def _lookup(target: str):
+    """What a dotted name names: its longest importable module, then attributes."""
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        return functools.reduce(getattr, parts[i:], module)
+    raise LookupError(target)
 
 
 def _clipped_norm(real, params, max_norm):
@@ -243,12 +318,10 @@ def _clipped_norm(real, params, max_norm):
 
 @pytest.mark.parametrize("mutation", [*MUTATIONS, "the reference log-probs taken from the policy"])
 def test_the_oracle_catches_a_wrong_but_consistent_trainer(tiny, tmp_path, monkeypatch, mutation):
-    trainer = _float64_trainer(_config(tiny, tmp_path))
+    trainer = _case_trainer(tiny, tmp_path, CASES[MUTATION_CASES.get(mutation, "grpo")])
     if mutation in MUTATIONS:
         target, wrap, flagged = MUTATIONS[mutation]
-        module, name = target.rsplit(".", 1)
-        real = getattr(importlib.import_module(module), name)
-        monkeypatch.setattr(target, wrap(real))
+        monkeypatch.setattr(target, wrap(_lookup(target)))
     else:  # the KL then pulls toward the policy's own start of step, not the initial model
         flagged = "gradient"
         trainer.ref = trainer.policy
@@ -366,14 +439,23 @@ def _two_process_step(model, tmp_path, mutation=""):
     return torch.load(out, weights_only=True)
 
 
+# Rows cut by max_new_tokens left out, and the DAPO denominator: the tokens kept on every rank.
+TWO_PROCESSES = {"rollout.stop_strings": ["y"], "grpo.mask_truncated": True, "grpo.loss_type": "dapo"}
+
+
 def test_a_two_process_step_equals_the_float64_oracle(tiny, tmp_path):
     # Each rank samples, scores and normalizes its own groups, and FSDP sums the ranks' gradients
-    # of losses divided by the global count: together, the one-process step of all rows.
+    # of losses divided by the global count: together, the one-process step of all rows. The
+    # logged per-token means are the means over both ranks' tokens, which a mean of the ranks'
+    # means is not: the ranks keep different numbers of tokens.
     seen = _two_process_step(tiny, tmp_path)
     assert len(seen["rows"]) == 32
-    assert check_grpo(seen, _config(tiny, tmp_path / "run")) == []
+    kept = [len(c) * w for (_, c), w in zip(seen["rows"], seen["loss_weight"])]
+    assert sum(kept[:16]) != sum(kept[16:]), "both ranks keep as many tokens: their weighting untested"
+    assert check_grpo(seen, _config(tiny, tmp_path / "run", **TWO_PROCESSES)) == []
 
 
 def test_the_oracle_catches_a_rank_whose_gradient_is_dropped(tiny, tmp_path):
-    problems = check_grpo(_two_process_step(tiny, tmp_path, "drop-rank-1"), _config(tiny, tmp_path / "run"))
+    problems = check_grpo(_two_process_step(tiny, tmp_path, "drop-rank-1"),
+                          _config(tiny, tmp_path / "run", **TWO_PROCESSES))
     assert any("gradient" in p for p in problems), problems

@@ -83,9 +83,11 @@ class GRPOConfig:
     scale_rewards: str = "group"
     """group, batch or none (Dr. GRPO): what the centred rewards are divided by."""
     mask_truncated: bool = False
-    """Exclude completions that hit max_new_tokens from the loss (DAPO)."""
+    """Exclude completions that hit max_new_tokens from the loss (DAPO); their tokens leave the
+    loss's token counts, the row stays in grpo's and dr_grpo's N (grpo/trainer.py docstring)."""
     drop_zero_std_groups: bool = False
-    """Leave groups whose rewards are all equal out of the loss (DAPO dynamic sampling, lite)."""
+    """Leave groups whose rewards are all equal out of the loss (DAPO dynamic sampling, lite), as
+    mask_truncated leaves a row out."""
     ref_refresh_steps: int = 0
     """tau: every tau steps mix the policy into the reference (0 = never)."""
     ref_mix_alpha: float = 0.6

@@ -5,10 +5,14 @@ import torch
 
 from r1train.grpo.advantages import zero_std_groups
 from r1train.rewards import pop_reward_metrics
-from r1train.run.dist import all_gather_cat, all_reduce_sum
+from r1train.run.dist import all_gather_cat
 
-# Update statistics: means over tokens of each micro-batch, averaged over the step; "loss" is
-# each rank's share of the whole step's loss (its sum over the global count), summed over ranks.
+# Update statistics: per-token means over every loss token of the step, all micro-batches,
+# passes and ranks together (the README's glossary: "mean per-token KL", "share of tokens"). Each
+# rank sends the sums and its token count; a mean of micro-batch or rank means would instead give
+# the tokens of a short micro-batch more weight, and a micro-batch whose rows all left the loss
+# (grpo.mask_truncated) a weight with no tokens. "loss" is each rank's share of the whole step's
+# loss (its sum over the global count), summed over ranks.
 UPDATE_MEANS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy")
 
 
@@ -51,11 +55,16 @@ def reward_metrics(per_fn: torch.Tensor, rewards: torch.Tensor, lengths: torch.T
     return m
 
 
-def update_metrics(update: dict, world_size: int, device=None) -> dict:
-    """The update's statistics over ranks: "loss" summed (shares of one global loss), the
-    per-token means averaged."""
-    keys = ["loss", *UPDATE_MEANS]
-    vec = torch.tensor([float(update[k]) for k in keys], dtype=torch.float64)
-    vec = all_reduce_sum(vec.to(device) if device is not None else vec).cpu()
-    vec[1:] /= world_size
-    return dict(zip(keys, vec.tolist()))
+def update_means(per_rank: torch.Tensor) -> dict:
+    """The step's update metrics from every rank's row of `[loss share, loss tokens, the sum of
+    each of UPDATE_MEANS over those tokens]` (`[R, 2 + len(UPDATE_MEANS)]`): the loss shares
+    summed, each statistic's sums over the tokens' count (0 when no token counted)."""
+    loss, tokens, *sums = per_rank.double().sum(0).tolist()
+    return {"loss": loss, **{k: s / max(tokens, 1.0) for k, s in zip(UPDATE_MEANS, sums)}}
+
+
+def update_metrics(update: dict, device=None) -> dict:
+    """`update_means` of every rank's `update` ("loss", "tokens", "sums": GRPOTrainer.update)."""
+    row = torch.tensor([[update["loss"], update["tokens"], *(update["sums"][k] for k in UPDATE_MEANS)]],
+                       dtype=torch.float64)  # [1, K]
+    return update_means(all_gather_cat(row.to(device) if device is not None else row).cpu())

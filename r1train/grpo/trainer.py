@@ -19,6 +19,10 @@ Departures from DeepSeekMath's GRPO, said out loud:
 - micro-batches are shuffled only when num_iterations > 1 (no pass's summed gradient depends on
   the order; a fixed order keeps runs of different world sizes bit-comparable). Packed passes
   shuffle whole groups, so that a group's completions still share their prompt's computation.
+- rows left out of the loss (grpo.mask_truncated, grpo.drop_zero_std_groups; `loss_weight` 0)
+  add no term and no tokens: they leave the token counts of "bnpo" and "dapo", but stay in the N
+  of "grpo" and "dr_grpo", which count the completions sampled (TRL's mask_truncated_completions,
+  which zeroes their completion mask, does the same); DAPO resamples dropped groups instead.
 - each of the num_iterations passes ends in its own optimizer step and carries the whole batch's
   loss (TRL's num_iterations, verl's ppo_epochs): micro-batch losses are divided by the count of
   the whole step (`loss_denominator`) and FSDP sums the ranks' gradients, so a pass's gradient
@@ -156,7 +160,7 @@ class GRPOTrainer(Trainer):
                 for j in range(min(8, len(batch)))])
         return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
                                  names, self.cfg.rollout.group_size, self.info.device),
-                **update_metrics(update, self.info.world_size, self.info.device),
+                **update_metrics(update, self.info.device),
                 "grad_norm": update["grad_norm"], "skipped_update": update["skipped_update"], **timings}
 
     def rollout(self) -> tuple[GRPOBatch, dict]:
@@ -260,13 +264,17 @@ class GRPOTrainer(Trainer):
 
     def update(self, batch: GRPOBatch) -> dict:
         """Phase 6: num_iterations passes, each accumulating the whole batch's gradient over
-        micro-batches and ending in one optimizer step."""
+        micro-batches and ending in one optimizer step. Returns this rank's share of the step's
+        loss (averaged over passes), its loss tokens counted once per pass ("tokens"), and each
+        statistic's sum over those tokens ("sums"): `update_metrics` turns them into means."""
         info, g, r = self.info, self.cfg.grpo, self.cfg.rollout
         local_tokens = batch.loss_mask.sum()  # this rank's loss tokens
         denominator = loss_denominator(
             g.loss_type, sequences=len(batch) * info.world_size, tokens=all_reduce_sum(local_tokens.clone()),
             rank_tokens=local_tokens, world_size=info.world_size, max_completion_length=r.max_new_tokens)
-        acc = {k: torch.zeros((), device=info.device) for k in ("loss", "entropy", *STATS)}
+        # The statistics' sums over every loss token of every pass (update_metrics divides them).
+        sums = {k: torch.zeros((), device=info.device) for k in ("entropy", *STATS)}
+        step_loss = torch.zeros((), device=info.device)
         gen = torch.Generator().manual_seed(row_seed(self.cfg.train.seed, self.step, 7))
         skipped, norm = False, torch.zeros(())
         with self._training_attention():
@@ -292,15 +300,16 @@ class GRPOTrainer(Trainer):
                     loss.backward()
                     pass_loss += loss.detach()
                     # Metrics stay on the device until the step ends: one host sync per step.
-                    share = len(rows) / len(batch) / g.num_iterations
-                    acc["entropy"] += (entropy.detach() * mask).sum() / mask.sum().clamp(min=1) * share
+                    tokens = mask.sum()  # m's means are over these tokens
+                    sums["entropy"] += (entropy.detach() * mask).sum()
                     for k in STATS:
                         if k in m:
-                            acc[k] += m[k] * share
-                acc["loss"] += pass_loss / g.num_iterations
+                            sums[k] += m[k] * tokens
+                step_loss += pass_loss / g.num_iterations
                 norm, stepped = self.optimizer_step(pass_loss)
                 skipped |= not stepped
-        return {**{k: float(v) for k, v in acc.items()}, "grad_norm": float(norm),
+        return {"loss": float(step_loss), "tokens": float(local_tokens) * g.num_iterations,
+                "sums": {k: float(v) for k, v in sums.items()}, "grad_norm": float(norm),
                 "skipped_update": float(skipped)}
 
     def refresh_reference(self) -> None:
