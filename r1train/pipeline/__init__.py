@@ -332,7 +332,7 @@ def main(argv: list[str]) -> list[dict]:
     recipe = load_recipe(recipe_path)
     info = init_distributed(_device(recipe, overrides) or "auto")
     out = output_folder(recipe, overrides)
-    check_output_folder(out, recipe_path)  # before the lock creates it
+    check_recipe(recipe, overrides, info.world_size, recipe_path)  # before the lock creates the folder
     # The pipeline's own folder is locked for its whole run (each stage also locks its folder).
     with lock_folder(out, info, "pipeline", "--output_dir"):
         rows = run_pipeline(recipe, overrides, recipe_path)
