@@ -311,3 +311,16 @@ def test_metrics_and_samples_are_strict_json(tmp_path):
         {"step": 1, "reward": None, "kl": None, "loss": 0.5}
     assert json.loads((tmp_path / "samples.jsonl").read_text(), parse_constant=strict) == \
         {"step": 1, "scores": [None, 1.0, None]}
+
+
+def test_weights_that_overflow_the_reward_stop_the_run_naming_them(tiny, tmp_path):
+    """1e308 * 1 + 1e308 * 1 is inf: the step's advantages would be NaN and every update skipped.
+    `always_one` gives each completion reward 1 from both functions."""
+    (tmp_path / "ones.py").write_text("def always_one(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "grpo", *BASE, "--model.path", tiny,
+                          "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "1",
+                          "--grpo.rewards", f"a={tmp_path / 'ones.py'}:always_one,b={tmp_path / 'ones.py'}:always_one",
+                          "--grpo.reward_weights", "1e308,1e308"], env=ENV, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-3000:]
+    assert res.stderr.startswith("error: step 1: the weighted reward of completion 0 is inf (rewards [1.0, 1.0] "
+                                 "weighted by --grpo.reward_weights [1e+308, 1e+308]); scale the weights down")

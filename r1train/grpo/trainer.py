@@ -193,6 +193,13 @@ class GRPOTrainer(Trainer):
         failure = None
         try:
             batch.per_fn = score_completions(self.rewards, batch.texts, records, batch.completion_lists())  # [N, F]
+            batch.rewards, valid = combine_rewards(batch.per_fn, self.weights)  # [N], [N]
+            overflow = torch.nonzero(~torch.isfinite(batch.rewards)).flatten().tolist()
+            if overflow:  # finite rewards times finite weights can still sum past the float range
+                i = overflow[0]
+                raise RewardError(f"the weighted reward of completion {i} is {batch.rewards[i].item()} (rewards "
+                                  f"{batch.per_fn[i].tolist()} weighted by --grpo.reward_weights {self.weights}); "
+                                  f"scale the weights down")
         except RewardInterrupted:  # a stop signal while a user's reward ran
             self.stop_requested = True
         except RewardError as e:  # stops every rank at the next line, the last step saved
@@ -201,7 +208,6 @@ class GRPOTrainer(Trainer):
         self.stop_point(failure)
 
         # 4. advantages on this rank's whole groups
-        batch.rewards, valid = combine_rewards(batch.per_fn, self.weights)  # [N], [N]
         if g.advantage_estimator == "rloo":
             batch.advantages = rloo_advantages(batch.rewards, r.group_size, valid=valid)
         else:
