@@ -1,0 +1,220 @@
+"""LoRA: low-rank adapters on the linear layers of a Hugging Face causal LM, written out here.
+
+LoRA Eq. (3) (Hu et al. 2021): a frozen W0 plus a trained low-rank update ΔW = B A,
+
+    h = W0 x + ΔW x = W0 x + B A x,        B: [out, r], A: [r, in], r << min(in, out)
+
+with ΔW x scaled by alpha / r (Sec. 4.1), so that changing r needs no new learning rate. Here:
+
+    y = W x + b + scaling * B A dropout(x),    scaling = alpha / r      (LoRA, Sec. 4.1)
+                                               scaling = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)
+
+rsLoRA shows that alpha / r makes the update vanish as r grows (the adapter learns slower at larger
+ranks) and that alpha / sqrt(r) keeps it stable in r; it is an option, off by default.
+
+Where this departs from the paper, said out loud:
+- A's init is Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), the init of
+  nn.Linear, as in Microsoft's loralib and PEFT's default; the paper (Sec. 4.1) says "a random
+  Gaussian initialization for A". B = 0 as in the paper, so step 0 is the base model exactly.
+- Dropout on the adapter's input is not in Eq. (3); it is loralib's and PEFT's (default 0).
+- The bias is not adapted (PEFT's bias "none"); A and B take the base weight's dtype and device.
+
+Why a module swap that subclasses nn.Linear, and not a parametrization (minLoRA) of the weight:
+- `LoRALinear` adopts the base layer's own `weight` and `bias` Parameters (no copy), so the base
+  keys of the state dict stay `...q_proj.weight` (Hugging Face loading, checkpoints and export see
+  the same names) and `isinstance(layer, nn.Linear)` still holds;
+- with the adapter off or merged, its forward is the very call of `nn.Linear.forward`,
+  `F.linear(x, W, b)`, so "adapter off == base model" holds bit for bit by construction; a
+  parametrization renames the weight (`parametrizations.weight.original`) and computes
+  W + s B A, an [out, in] tensor, at every forward, where B (A x) costs r (in + out) per token.
+- merge adds s B A to W in place and keeps the original W (a buffer, not saved): W + s B A - s B A
+  does not round back to W in floating point, so unmerge copies the kept bits back. The copy costs
+  one weight per wrapped layer, only while merged.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Every attention and MLP projection of Qwen2, Llama and SmolLM2.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_lora_arguments(rank: int, alpha: float, dropout: float) -> None:
+    """Refuse, naming the argument, a rank < 1, an alpha <= 0 or not finite, a dropout outside [0, 1)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear with the base layer's own weight and bias (frozen) plus scaling * B A dropout(x)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        check_lora_arguments(rank, alpha, dropout)
+        w = base.weight
+        # On "meta": nothing is allocated for the weight and bias that the base's replace below.
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha, self.dropout, self.rslora = rank, alpha, dropout, rslora
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=w.dtype)  # A: [r, in]
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=w.dtype)  # B: [out, r]
+        self.adapter_enabled = True
+        self.register_buffer("unmerged_weight", None, persistent=False)  # W's bits while merged
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
+        nn.init.zeros_(self.lora_B.weight)  # B = 0: ΔW = 0 at step 0
+
+    @property
+    def merged(self) -> bool:
+        return self.unmerged_weight is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # W x + b, the call of nn.Linear.forward
+        if self.merged or not self.adapter_enabled:
+            return y
+        return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # [..., r] in between
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + scaling * B A in place (in float32 at least: a bf16 W is rounded once), W kept."""
+        if self.merged:
+            raise RuntimeError("LoRA: this layer is already merged")
+        if not self.adapter_enabled:
+            raise RuntimeError("LoRA: cannot merge inside adapters_disabled (the merged weight is not the base's)")
+        self.unmerged_weight = self.weight.detach().clone()
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))  # [out, in]
+        self.weight.copy_((self.weight.to(acc) + delta).to(self.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- the W kept by `merge`, bit for bit."""
+        if not self.merged:
+            raise RuntimeError("LoRA: this layer is not merged")
+        self.weight.copy_(self.unmerged_weight)
+        self.unmerged_weight = None
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, "
+                f"rslora={self.rslora}, merged={self.merged}")
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a list of targets: the module's full name, or its name ends with "." + target."""
+    return name == target or name.endswith("." + target)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(name, layer) of every LoRALinear of `model`, in module order; refused when there is none."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("the model has no LoRA adapters (apply_lora first)")
+    return layers
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """Names of the model's linear layers, the adapters' own A and B left out."""
+    adapters = {id(m) for layer in model.modules() if isinstance(layer, LoRALinear)
+                for m in (layer.lora_A, layer.lora_B)}
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapters]
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS,
+               dropout: float = 0.0, rslora: bool = False) -> list[str]:
+    """Swap each nn.Linear that a target names (its full name, or a suffix after a ".") for a
+    LoRALinear on the same weight, freeze every base parameter, and return the wrapped names.
+
+    Everything is checked before the model is touched: a refusal leaves it as it was."""
+    check_lora_arguments(rank, alpha, dropout)
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"LoRA targets must be a non-empty list of module names, got {targets!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("apply_lora: the model already has LoRA adapters")
+    linears = _linear_names(model)
+    missing = [t for t in targets if not any(_matches(n, t) for n in linears)]
+    if missing:
+        suffixes = sorted({n.rpartition(".")[2] for n in linears})
+        raise ValueError(f"LoRA target(s) {', '.join(map(repr, missing))} match no linear layer of the model; "
+                         f"its linear layers are named: {', '.join(suffixes) or '(none)'}")
+    names = [n for n in linears if any(_matches(n, t) for t in targets)]
+    model.requires_grad_(False)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha, dropout, rslora))
+    return names
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters (each layer's A and B), for the optimizer."""
+    return [p for _, layer in lora_layers(model) for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside, the model computes the base model's forward bit for bit (GRPO's reference policy)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("adapters_disabled: the adapters are merged into the weights; unmerge_lora first")
+    previous = [layer.adapter_enabled for layer in layers]
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, previous):
+            layer.adapter_enabled = enabled
+
+
+def merge_lora(model: nn.Module) -> None:
+    """W <- W + scaling * B A in every adapted layer (for export or faster generation)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Every adapted layer's W back to its bits before `merge_lora`."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A and B under PEFT's key names: `base_model.model.<module path>.lora_A.weight` (and lora_B),
+    the module path as in the Hugging Face model given (pass the causal LM, not a wrapper)."""
+    out = {}
+    for name, layer in lora_layers(model):
+        out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.weight.detach()  # [r, in]
+        out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.weight.detach()  # [out, r]
+    return out
+
+
+def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """PEFT's `adapter_config.json` for the adapters of `model`, as a dict (PEFT is not imported).
+
+    target_modules lists the wrapped layers' last names when PEFT's suffix rule matches exactly
+    the wrapped layers with them, and their full names otherwise."""
+    layers = lora_layers(model)
+    settings = {(layer.rank, layer.alpha, layer.dropout, layer.rslora) for _, layer in layers}
+    if len(settings) > 1:
+        raise ValueError(f"peft_adapter_config: the layers' LoRA settings differ: {sorted(settings)}")
+    (rank, alpha, dropout, rslora), = settings
+    names = [name for name, _ in layers]
+    suffixes = sorted({n.rpartition(".")[2] for n in names})
+    by_suffix = [n for n in _linear_names(model) if n.rpartition(".")[2] in suffixes]
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+            "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora, "bias": "none",
+            "target_modules": suffixes if by_suffix == names else names}
