@@ -119,6 +119,18 @@ def test_every_exported_file_gets_the_mode_of_a_new_file(tmp_path, tiny):
         assert "model.safetensors" in modes and set(modes.values()) == {oct(mode)}, modes
 
 
+def test_the_embedded_model_gets_the_mode_of_a_new_file(tmp_path):
+    """The same for `tiny-model/` (and the GGUF cache, written the same way: model/gguf.py)."""
+    from r1train.data.tiny import build_tiny_model
+    old = os.umask(0o022)
+    try:
+        folder = build_tiny_model(tmp_path / "tiny-model")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
 def test_foreign_files_are_moved_aside_or_refused_never_deleted_or_appended(tiny, tmp_path):
     out = tmp_path / "run"
     (out / "final").mkdir(parents=True)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from r1train.run.folder import give_new_file_modes
+
 MARKER = "tiny_model.json"  # the build's settings and the files it wrote; written last
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -130,6 +132,7 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    give_new_file_modes(path)  # model.safetensors comes 0600, its siblings 0644 (umask 022)
     # Written last, listing what was built: ensure_tiny_model replaces only a folder of these files.
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     (path / MARKER).write_text(json.dumps({"seed": seed, **TINY_MODEL_CONFIG, **overrides, "files": files}))

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from r1train.run.config import ConfigError
+from r1train.run.folder import give_new_file_modes
 
 CACHE_ENV = "R1_GGUF_CACHE"
 """Environment variable naming the conversion cache; default ~/.cache/r1-from-scratch/gguf
@@ -163,6 +164,7 @@ def convert_gguf(file: Path, target: Path) -> None:
     model.generation_config = quantized.generation_config
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
+    give_new_file_modes(target)  # model.safetensors comes 0600, its siblings 0644 (umask 022)
 
     probe = tokenizer("GGUF conversion check: 12 + 30 = 42.", return_tensors="pt")["input_ids"]
     reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
