@@ -316,3 +316,17 @@ def test_a_system_prompt_longer_than_a_prompt_may_be_is_blamed_by_name(tmp_path)
     assert re.fullmatch(rf"error: --data\.system_prompt='@{re.escape(str(system))}': a prompt with it is \d+ "
                         rf"tokens at least, more than --data\.max_prompt_tokens=40: every prompt would be "
                         rf"dropped\. Shorten it, or raise --data\.max_prompt_tokens", line), line
+
+
+
+def test_sft_with_nothing_left_to_learn_from_is_refused(tmp_path):
+    """A system prompt that fills --sft.max_seq_len cuts every assistant turn away: the run trained
+    on loss 0, gradient 0 for minutes (a 100 kB prompt: 4 min 45 s) and exited 0."""
+    system = tmp_path / "system.txt"
+    system.write_text("Think step by step. " * 60)  # ~300 tokens of the tiny tokenizer at least
+    line = _one_line_error(_train("sft", "--data.system_prompt", f"@{system}", "--sft.max_seq_len", "128",
+                                  "--train.max_steps", "2", "--train.output_dir", tmp_path / "out"))
+    assert line == ("error: --sft.max_seq_len=128: no token to learn from is left: every conversation's trained "
+                    "turns lie past its first 128 tokens (a long --data.system_prompt?). Raise --sft.max_seq_len, "
+                    "shorten the prompts, or use --sft.overflow split")
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -29,6 +29,7 @@ from r1train.run.dist import all_reduce_sum, decoder_layers, shard_model
 from r1train.run.loop import Trainer, epoch_order
 from r1train.run.sections import EMBEDDED, ModelConfig, OptimConfig, TrainConfig
 from r1train.sft.packing import (
+    IGNORE_INDEX,
     VARLEN_ATTENTION,
     collate_packed,
     collate_padded,
@@ -170,6 +171,12 @@ class SFTTrainer(Trainer):
         if not self.rows:
             raise ConfigError(f"--data.source={cfg.data.source!r}: no conversation left to train on "
                               f"after packing ({self.pack_stats})")
+        if not any(label != IGNORE_INDEX for _, labels in map(_ids_and_labels, self.rows) for label in labels):
+            # Every step would be loss 0, gradient 0: minutes of training on nothing.
+            raise ConfigError(f"--sft.max_seq_len={s.max_seq_len}: no token to learn from is left: every "
+                              f"conversation's trained turns lie past its first {s.max_seq_len} tokens (a long "
+                              f"--data.system_prompt?). Raise --sft.max_seq_len, shorten the prompts, or use "
+                              f"--sft.overflow split")
         if len(self.rows) < s.rows_per_step and self.main:
             # A small stage (a few rejection-sampled problems) still trains: a step then reads
             # the rows more than once, each pass in its own seeded order.
@@ -271,3 +278,8 @@ class SFTTrainer(Trainer):
 def main(argv: list[str]) -> dict:
     from r1train.run.config import parse_args
     return SFTTrainer(parse_args(SFTJobConfig, argv, prog="sft")).train()
+
+
+def _ids_and_labels(row) -> tuple[list[int], list[int]]:
+    """A packed row's or a plain (ids, labels) row's ids and labels."""
+    return (row.input_ids, row.labels) if hasattr(row, "labels") else row
