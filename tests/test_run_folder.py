@@ -274,3 +274,24 @@ def test_a_linked_checkpoint_is_refused_in_one_line_from_the_command_line(tiny, 
     assert f"{out / 'checkpoints' / 'step-1'} is a symbolic link" in res.stderr
     assert sorted(p.name for p in (kept / "checkpoints" / "step-1").iterdir()) == [
         ".metadata", "__0_0.distcp", "config.yaml", "manifest.json", "rng-rank0.pt", "trainer_state.pt"]
+
+
+def test_a_linked_log_or_lock_is_refused_never_written_through(tiny, tmp_path):
+    """A resumed run appends to metrics.jsonl (and writes config.yaml, run.lock): through a link
+    it changed a file outside the output folder."""
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere.jsonl"
+    _grpo(tiny, out, "--train.max_steps", "1", "--train.export", "false")
+    os.replace(out / "metrics.jsonl", elsewhere)
+    (out / "metrics.jsonl").symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    res = _grpo(tiny, out, "--train.max_steps", "2", "--train.export", "false", ok=False)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-3000:]
+    assert f"{out / 'metrics.jsonl'} is a symbolic link (to {elsewhere}) where the project keeps its " \
+           f"metrics.jsonl" in res.stderr
+    assert elsewhere.read_bytes() == before
+
+    os.unlink(out / "metrics.jsonl")
+    os.replace(out / "run.lock", elsewhere)
+    (out / "run.lock").symlink_to(elsewhere)
+    res = _grpo(tiny, out, "--train.max_steps", "2", "--train.export", "false", ok=False)
+    assert res.returncode == 2 and f"{out / 'run.lock'} is a symbolic link" in res.stderr, res.stderr[-3000:]

@@ -159,6 +159,18 @@ def refuse_link(path: Path, what: str) -> ConfigError:
                        f"or use another --train.output_dir")
 
 
+APPENDED_FILES = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "config.yaml")
+"""The run's files that a resumed run appends to or rewrites in place."""
+
+
+def check_log_links(out: Path) -> None:
+    """A resumed run appends to its logs and rewrites config.yaml: a link in one's place would
+    have it write through to a file outside the output folder."""
+    for name in APPENDED_FILES:
+        if (out / name).is_symlink():
+            raise refuse_link(out / name, f"its {name}")
+
+
 def remove_scratch(path: Path, ignore_errors: bool = False) -> None:
     """Remove the project's scratch folder `path` (`step-N.tmp`, `.deleting`, `final.tmp`); a
     link in its place is unlinked, never followed: its target is not the project's."""
@@ -265,6 +277,8 @@ class FolderLock:
             held[1] += 1
             return
         path = self.folder / LOCK_FILE
+        if path.is_symlink():  # the holder's note would be written through it
+            raise refuse_link(path, "the run's lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's note stays
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

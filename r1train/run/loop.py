@@ -45,6 +45,7 @@ from r1train.run.folder import (
     FolderLock,
     check_checkpoint_folders,
     check_export_folder,
+    check_log_links,
     lock_folder,
     move_old_run_aside,
     on_main,
@@ -371,6 +372,7 @@ def open_run(ckpt, out: Path, resume: bool, tag: str, config_text: str = "") -> 
         remove_leftovers(out, ckpt.root)
         if resume:
             check_checkpoint_folders(ckpt.root)
+            check_log_links(out)
     on_main(info, tidy)
     path = ckpt.resume_point() if resume else None
     if path is not None:
