@@ -324,3 +324,18 @@ def test_weights_that_overflow_the_reward_stop_the_run_naming_them(tiny, tmp_pat
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-3000:]
     assert res.stderr.startswith("error: step 1: the weighted reward of completion 0 is inf (rewards [1.0, 1.0] "
                                  "weighted by --grpo.reward_weights [1e+308, 1e+308]); scale the weights down")
+
+
+def test_every_rank_of_a_torchrun_job_is_refused_by_a_held_folder(tiny, tmp_path):
+    """Rank 0 takes the lock for its run; when another run holds it, every rank stops with the
+    refusal (none is left waiting in a collective for rank 0)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with FolderLock(out, "grpo"):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                              str(ROOT / "train.py"), "grpo", *BASE, "--model.path", tiny,
+                              "--grpo.micro_batch_size", "4", "--train.output_dir", str(out)],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert res.stderr.count(f"in use by another run (pid {os.getpid()} on host") == 2, res.stderr[-3000:]
+    assert not (out / "checkpoints").exists()
