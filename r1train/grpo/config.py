@@ -19,6 +19,7 @@ from r1train.run.sections import (
     at_least,
     bad,
     check_data,
+    check_lora_unsharded,
     check_model,
     check_optim,
     check_rewards,
@@ -116,6 +117,7 @@ class GRPOJobConfig:
         `not (x > 0)` where a NaN must fail too (`nan <= 0` is False)."""
         r, g, o, t = self.rollout, self.grpo, self.optim, self.train
         check_model(self.model)
+        check_lora_unsharded(self.model, t, world_size)
         check_data(self.data)
         check_optim(o)
         check_train(t)
@@ -160,6 +162,9 @@ class GRPOJobConfig:
         at_least("grpo.ref_refresh_steps", g.ref_refresh_steps, 0, "(0 = never)")
         if g.ref_refresh_steps and g.beta == 0:
             bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "needs beta > 0 (no reference model otherwise)")
+        if g.ref_refresh_steps and self.model.lora_rank:
+            bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "not yet with --model.lora_rank > 0: the reference "
+                                                               "is the policy with its adapters off, which cannot move")
         try:
             self.rewards.check()
         except ValueError as e:

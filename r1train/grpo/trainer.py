@@ -12,6 +12,8 @@ One optimizer step, in named phases (`train_step`; the loop around it is `run.lo
   completions, no padding; micro-batches of micro_batch_size completions or micro_batch_tokens.
   7. ref refresh      - optional: ref <- alpha * policy + (1 - alpha) * ref every tau steps;
                         once refreshed, the reference is saved in the checkpoints too
+  With LoRA (--model.lora_rank) only the adapters train, and the reference of phase 5 is the
+  policy itself with its adapters off: the base model exactly, no second model (no refreshes).
 
 Departures from DeepSeekMath's GRPO, said out loud:
 - with num_iterations == 1 the old policy is the current one, so old_logps = logps.detach():
@@ -48,6 +50,7 @@ from r1train.grpo.metrics import reward_metrics, update_metrics
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
 from r1train.model.load import load_model
+from r1train.model.lora import adapters_disabled
 from r1train.model.memory import (
     TILE_BYTES_CPU,
     TILE_BYTES_CUDA,
@@ -99,7 +102,10 @@ class GRPOTrainer(Trainer):
         _, tokenizer, lm = load_model(cfg.model, self.out, self.info)
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
         self.ref = None
-        if g.beta > 0:
+        # With LoRA the reference is the policy with its adapters off (`adapters_disabled`): the
+        # base model exactly, and no second copy of the weights.
+        self.ref_is_base = g.beta > 0 and cfg.model.lora_rank > 0
+        if g.beta > 0 and not self.ref_is_base:
             _, _, ref_lm = load_model(cfg.model, self.out, self.info, trainable=False)
             self.ref = shard_model(PolicyModel(ref_lm), decoder_layers(ref_lm), self.info).eval()
         self.ref_refreshes = 0  # refreshes applied to self.ref: 0 means it is the initial model
@@ -267,6 +273,9 @@ class GRPOTrainer(Trainer):
                     batch.set_logps("old_logps", rows, self._logps(self.policy, mb))
                 if self.ref is not None:
                     batch.set_logps("ref_logps", rows, self._logps(self.ref, mb))
+                elif self.ref_is_base:
+                    with adapters_disabled(self.policy.lm):
+                        batch.set_logps("ref_logps", rows, self._logps(self.policy, mb))
 
     def update(self, batch: GRPOBatch) -> dict:
         """Phase 6: num_iterations passes, each accumulating the whole batch's gradient over

@@ -129,7 +129,8 @@ def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
 def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: bool = True,
                option: str = "--model."):
     """A `ModelConfig` -> (resolved path, tokenizer, causal LM on the device). `option`: as
-    load_tokenizer's."""
+    load_tokenizer's. A trainable model gets the LoRA adapters of `m.lora_rank` > 0 (its base
+    weights frozen); a frozen one (a reference, a sampler, a teacher) never does."""
     from transformers.utils import logging as hf_logging
 
     # transformers' own bars ("Loading weights", "Writing model shards") would tear the
@@ -143,7 +144,10 @@ def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: b
         disable_dropout(lm)
     if not trainable:
         lm.requires_grad_(False)
-    elif m.gradient_checkpointing:
+        return path, tokenizer, lm
+    if m.lora_rank:
+        add_lora(lm, m, option)
+    if m.gradient_checkpointing:
         # Non-reentrant: the checkpoint PyTorch recommends, and the one FSDP2 supports; the
         # reentrant kind also needs an input that requires grad to pass gradients through.
         # transformers 5.2x renamed the method (the old name warns); older releases have only it.
@@ -152,6 +156,18 @@ def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: b
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return path, tokenizer, lm
+
+
+def add_lora(lm: torch.nn.Module, m, option: str = "--model.") -> None:
+    """Adapters on the layers `m.lora_targets` names (model/lora.py); a name that matches no
+    linear layer is refused here, after the load (only the model knows its layers' names)."""
+    from r1train.model.lora import apply_lora
+    from r1train.run.sections import lora_targets
+
+    try:
+        apply_lora(lm, m.lora_rank, m.lora_alpha, lora_targets(m), m.lora_dropout, m.lora_rslora)
+    except ValueError as e:
+        raise ConfigError(f"{option}lora_targets={m.lora_targets!r}: {e}") from None
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

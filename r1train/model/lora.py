@@ -192,6 +192,34 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def is_adapter_key(key: str) -> bool:
+    """A state-dict key of an adapter's A or B (not of a base weight)."""
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def merged_weight_names(model: nn.Module) -> set[str]:
+    """State-dict keys of the weights that `merge_lora` changes."""
+    return {f"{name}.weight" for name, _ in lora_layers(model)}
+
+
+@contextlib.contextmanager
+def merged(model: nn.Module):
+    """Inside, the adapters (if any) are merged into the weights: the state dict's base keys hold
+    the trained model as one plain set of weights (the export). Unmerged on the way out, bit for bit."""
+    if not has_lora(model):
+        yield model
+        return
+    merge_lora(model)
+    try:
+        yield model
+    finally:
+        unmerge_lora(model)
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A and B under PEFT's key names: `base_model.model.<module path>.lora_A.weight` (and lora_B),
     the module path as in the Hugging Face model given (pass the causal LM, not a wrapper)."""

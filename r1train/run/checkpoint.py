@@ -353,11 +353,21 @@ def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: Dis
     must call this (the gather is collective); rank 0 writes, into a temporary folder that gets a
     `manifest.json` and is renamed into place, so a crash never leaves a half-written export. An
     existing export is replaced only if its manifest lists every file in it (ConfigError otherwise).
+    A model with LoRA adapters is exported merged (W + scaling B A, base keys only: a plain model),
+    then unmerged bit for bit.
     """
     from transformers import AutoModelForCausalLM
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    from r1train.model.lora import has_lora, is_adapter_key, merged, merged_weight_names
+
+    with merged(model):  # LoRA: the export is the base weights with the adapters added in
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+        if has_lora(model):
+            # A CPU model's state dict holds its own tensors: the merged ones are copied before
+            # unmerging puts the base weights back; the adapters' A and B are left out.
+            keep = merged_weight_names(model)
+            full = {k: v.clone() if k in keep else v for k, v in full.items() if not is_adapter_key(k)}
     out = Path(out_dir)
 
     def write():

@@ -102,7 +102,9 @@ class Trainer:
         """After the subclass built its (sharded) model: optimizer, schedule, checkpoints, logs."""
         cfg, o = self.cfg, self.cfg.optim
         self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer
-        self.optimizer = build_optimizer(model.parameters(), o.lr, o.weight_decay, (o.beta1, o.beta2))
+        # What trains: every parameter, or with LoRA the adapters' alone (the base is frozen).
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.trainable, o.lr, o.weight_decay, (o.beta1, o.beta2))
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=o.warmup_steps,
                                          max_steps=cfg.train.max_steps, schedule=o.schedule,
                                          min_lr_ratio=o.min_lr_ratio)
@@ -146,12 +148,12 @@ class Trainer:
     def optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Clip, then step unless the loss or the gradient norm is non-finite on any rank (the
         gradients are dropped then). Returns (gradient norm before clipping, stepped)."""
-        norm = grad_norm_and_clip(self.model.parameters(), self.cfg.optim.max_grad_norm)
+        norm = grad_norm_and_clip(self.trainable, self.cfg.optim.max_grad_norm)
         finite = (torch.isfinite(norm) & torch.isfinite(loss.detach())).float().reshape(1)
         stepped = all_reduce_sum(finite.to(self.info.device)).item() == self.info.world_size
         if stepped:
             self.optimizer.step()
-            check_finite_params(self.model.parameters(), self.step, self.ckpt, self.info.device, self.tag)
+            check_finite_params(self.trainable, self.step, self.ckpt, self.info.device, self.tag)
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach(), stepped
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from r1train.data.prompts import SYSTEM_PROMPT
 from r1train.data.task import TaskConfig
+from r1train.model.lora import DEFAULT_TARGETS, check_lora_arguments
 from r1train.run.config import ConfigError, unusable_path
 from r1train.run.dist import FSDP_MODES
 
@@ -54,6 +55,20 @@ class ModelConfig:
     """A chat template without a system role (Gemma's raises on one, some drop it): auto merges
     the system text into the first user turn when the template has none; merge always does;
     error refuses such a template at start."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on the trained model (model/lora.py); 0 = off, every weight
+    trains. On: the base weights are frozen, only the adapters train, GRPO's reference is the
+    policy with its adapters off (no second model), and the export merges them into the weights."""
+    lora_alpha: float = 16.0
+    """LoRA's alpha: the update B A is scaled by alpha / rank (alpha / sqrt(rank) with lora_rslora).
+    16 is PEFT's usual pairing with ranks 8-16; keep it fixed when changing the rank (Hu et al. Sec. 4.1)."""
+    lora_targets: str = field(default=",".join(DEFAULT_TARGETS), metadata={"list": True})
+    """The linear layers that get adapters, comma-separated: a layer's full name or its last name
+    (q_proj matches every ...self_attn.q_proj). Default: every attention and MLP projection."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (kept even without --model.keep_dropout: it is the adapter's own)."""
+    lora_rslora: bool = False
+    """rsLoRA's scaling alpha / sqrt(rank) instead of alpha / rank (stable when the rank grows)."""
 
 
 @dataclass
@@ -227,6 +242,29 @@ def check_model(m: ModelConfig, section: str = "model") -> None:
         usable_path(f"{section}.chat_template", m.chat_template)
     if m.chat_template and not Path(m.chat_template).expanduser().is_file():
         bad(f"{section}.chat_template", m.chat_template, "no such file (a Jinja chat template, e.g. template.jinja)")
+    at_least(f"{section}.lora_rank", m.lora_rank, 0, "(0 = off)")
+    if m.lora_rank:
+        # Each value checked alone (the other one a valid stand-in), so the message names its option.
+        for name, args in (("lora_alpha", (m.lora_alpha, 0.0)), ("lora_dropout", (1.0, m.lora_dropout))):
+            try:
+                check_lora_arguments(m.lora_rank, *args)
+            except ValueError as e:
+                bad(f"{section}.{name}", getattr(m, name), str(e))
+        if not lora_targets(m):
+            bad(f"{section}.lora_targets", m.lora_targets, "must name at least one linear layer, e.g. q_proj,v_proj")
+
+
+def lora_targets(m: ModelConfig) -> list[str]:
+    """--model.lora_targets as a list of names."""
+    return [t.strip() for t in m.lora_targets.split(",") if t.strip()]
+
+
+def check_lora_unsharded(m: ModelConfig, t: TrainConfig, world_size: int, section: str = "model") -> None:
+    """LoRA runs in one process for now: refused, in one line, where the model would be sharded."""
+    if m.lora_rank and (world_size > 1 or t.fsdp == "always"):
+        where = f"{world_size} processes" if world_size > 1 else "--train.fsdp always"
+        bad(f"{section}.lora_rank", m.lora_rank, f"not yet: LoRA with FSDP2 ({where}) is not implemented; "
+                                                 f"run one process with --train.fsdp auto, or --{section}.lora_rank 0")
 
 
 def check_data(d, section: str = "data") -> None:

@@ -120,10 +120,19 @@ class SFTJobConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the option, before any model or data loads (NaN fails too)."""
-        from r1train.run.sections import at_least, check_data, check_model, check_optim, check_train, one_of
+        from r1train.run.sections import (
+            at_least,
+            check_data,
+            check_lora_unsharded,
+            check_model,
+            check_optim,
+            check_train,
+            one_of,
+        )
 
         s, d = self.sft, self.data
         check_model(self.model)
+        check_lora_unsharded(self.model, self.train, world_size)
         check_data(d)
         check_optim(self.optim)
         check_train(self.train)

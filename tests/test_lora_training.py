@@ -1,0 +1,190 @@
+"""LoRA wired into the stages (one process), end to end on the tiny model: only the adapters
+train (the base weights keep their bytes), GRPO's reference is the policy with its adapters off
+(no second model), the export is a plain Hugging Face model with the adapters merged in, a
+resumed run equals an uninterrupted one, SFT trains adapters too, and bad options fail at start
+in one line naming the option."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from r1train.data.tiny import build_tiny_model
+from r1train.grpo.config import GRPOJobConfig
+from r1train.model.lora import DEFAULT_TARGETS, apply_lora
+from r1train.run.config import ConfigError, parse_args
+from r1train.run.sections import ModelConfig
+
+from launch import train_py
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+LORA = ["--model.lora_rank", "4", "--model.lora_alpha", "8"]
+# As tests/test_grpo_trainer.py: the repetition and language rewards vary between a random
+# model's completions, so the advantages are not zero; lr 1e-2 moves the adapters visibly.
+GRPO = [*LORA, "--rollout.group_size", "4", "--grpo.prompts_per_step", "4", "--grpo.micro_batch_size", "4",
+        "--rollout.prompts_per_generation", "1", "--rollout.max_new_tokens", "12",
+        "--grpo.rewards", "accuracy,repetition_penalty,language_consistency",
+        "--grpo.beta", "0.04", "--optim.lr", "1e-2", "--optim.warmup_steps", "0",
+        "--data.num_train", "64", "--data.num_eval", "2", "--train.eval_every", "0",
+        "--train.progress", "false", "--train.max_steps", "4", "--train.save_every", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+def _run(command, *args):
+    res = train_py(command, *args, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def _model_tensors(ckpt, tmp_path) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP checkpoint folder."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    out = tmp_path / f"{Path(ckpt).parent.parent.name}-{Path(ckpt).name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    return torch.load(out, weights_only=False)["model"]
+
+
+def _base_unchanged_adapters_moved(tensors, tiny) -> int:
+    """Every base weight of the checkpoint has the tiny model's bytes; every B moved off 0.
+    Returns the count of adapter parameters."""
+    start = load_file(Path(tiny) / "model.safetensors")
+    base = {k[len("lm."):]: v for k, v in tensors.items() if ".lora_" not in k}
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}  # the tiny model's head is its embedding
+    assert base.keys() - start.keys() <= tied.keys() and start.keys() <= base.keys()
+    for k, v in base.items():
+        assert torch.equal(v, start[tied.get(k, k)] if k not in start else start[k]), k
+    adapters = {k: v for k, v in tensors.items() if ".lora_" in k}
+    assert adapters and all(v.abs().max() > 0 for k, v in adapters.items() if ".lora_B." in k)
+    return sum(v.numel() for v in adapters.values())
+
+
+@pytest.fixture(scope="module")
+def four_steps(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora-four")
+    _run("grpo", *GRPO, "--model.path", tiny, "--train.output_dir", str(out))
+    return out
+
+
+def test_grpo_lora_trains_adapters_only_and_exports_a_merged_plain_model(tiny, four_steps, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tensors = _model_tensors(four_steps / "checkpoints" / "step-4", tmp_path)
+    n_adapter = _base_unchanged_adapters_moved(tensors, tiny)
+    # every projection of every layer, r (in + out) parameters each: 38,912 of the 854,144 at rank 4
+    policy = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    total = sum(p.numel() for p in policy.parameters())
+    names = apply_lora(policy, 4, 8.0)
+    assert n_adapter == sum(p.numel() for p in policy.parameters() if p.requires_grad) < total / 5
+    assert len(names) == len(DEFAULT_TARGETS) * policy.config.num_hidden_layers
+    policy.load_state_dict({k[len("lm."):]: v for k, v in tensors.items()})
+
+    # The export: base keys only, loads with plain transformers, computes the LoRA policy's logits.
+    exported = load_file(four_steps / "final" / "model.safetensors")
+    assert not [k for k in exported if "lora" in k]
+    plain = AutoModelForCausalLM.from_pretrained(four_steps / "final", dtype=torch.float32)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = policy(ids).logits, plain(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 1e-3  # not vacuous: the adapters changed the model
+
+
+def test_grpo_lora_resume_equals_uninterrupted(tiny, four_steps, tmp_path):
+    part = tmp_path / "part"
+    args = [*GRPO, "--model.path", tiny, "--train.output_dir", str(part)]
+    assert "stopped" in _run("grpo", *args, "--train.stop_at_step", "2").stdout
+    assert "resumed from" in _run("grpo", *args).stdout
+    a = _model_tensors(four_steps / "checkpoints" / "step-4", tmp_path)
+    b = _model_tensors(part / "checkpoints" / "step-4", tmp_path)
+    assert a.keys() == b.keys()
+    for k in a:  # the adapters of steps 3-4 match only if A, B and their AdamW moments came back
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+    fa, fb = load_file(four_steps / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
+    for k in fa:
+        torch.testing.assert_close(fb[k], fa[k], rtol=1e-5, atol=1e-7, msg=k)
+    # The adapters' shape and scaling define the run: another rank cannot resume it.
+    res = train_py("grpo", *args, "--model.lora_rank", "8", env=ENV, timeout=300)
+    assert res.returncode != 0 and "--model.lora_rank was 4, now 8" in res.stdout + res.stderr
+
+
+def test_grpo_lora_reference_is_the_base_model_without_a_second_copy(tiny, tmp_path):
+    from r1train.grpo.trainer import GRPOTrainer
+    from r1train.model.load import load_model
+    from r1train.model.policy import PolicyModel
+
+    args = [*GRPO, "--model.path", tiny, "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "2",
+            "--train.export", "false", "--train.save_every", "0"]
+    trainer = GRPOTrainer(parse_args(GRPOJobConfig, args))
+    assert trainer.ref is None and trainer.ref_is_base
+    trainer.train()
+    batch, _ = trainer.rollout()
+    trainer.logprobs(batch)
+    _, _, lm = load_model(ModelConfig(path=tiny), tmp_path, trainer.info, trainable=False)
+    whole = batch.micro(list(range(len(batch))))
+    with torch.no_grad():
+        base = trainer._logps(PolicyModel(lm), whole)
+        policy = trainer._logps(trainer.policy, whole)
+    mask = whole.loss_mask.bool()  # [N, T]
+    assert torch.equal(batch.ref_logps[mask], base[mask])  # adapters off: the base model bit for bit
+    assert (policy - base)[mask].abs().max() > 1e-4  # step 2 (step 1 has no advantage) moved the policy
+
+
+def test_sft_lora_packed_trains_adapters_only(tiny, tmp_path):
+    out = tmp_path / "sft"
+    _run("sft", *LORA, "--model.path", tiny, "--data.num_train", "40", "--data.num_eval", "2",
+         "--data.task.max_operands", "3", "--sft.max_seq_len", "256", "--sft.packing", "true",
+         "--sft.rows_per_step", "2", "--sft.rows_per_micro_batch", "1", "--sft.eval_max_new_tokens", "4",
+         "--optim.lr", "1e-2", "--optim.warmup_steps", "0", "--train.eval_every", "0", "--train.max_steps", "2",
+         "--train.save_every", "0", "--train.progress", "false", "--train.export", "false",
+         "--train.output_dir", str(out))
+    _base_unchanged_adapters_moved(_model_tensors(out / "checkpoints" / "step-2", tmp_path), tiny)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--model.lora_rank", "-1"], "--model.lora_rank"),
+    (["--model.lora_rank", "4", "--model.lora_alpha", "0"], "--model.lora_alpha"),
+    (["--model.lora_rank", "4", "--model.lora_alpha", "nan"], "--model.lora_alpha"),
+    (["--model.lora_rank", "4", "--model.lora_dropout", "1"], "--model.lora_dropout"),
+    (["--model.lora_rank", "4", "--model.lora_targets", ","], "--model.lora_targets"),
+    (["--model.lora_rank", "4", "--train.fsdp", "always"], "--model.lora_rank"),
+    (["--model.lora_rank", "4", "--grpo.beta", "0.04", "--grpo.ref_refresh_steps", "2"], "--grpo.ref_refresh_steps"),
+])
+def test_bad_lora_options_fail_at_start_in_one_line(args, option):
+    with pytest.raises(ConfigError, match=option.replace(".", r"\.")) as e:
+        parse_args(GRPOJobConfig, args)
+    assert "\n" not in str(e.value)
+
+
+def test_lora_refused_with_several_processes_and_in_rejection_sampling():
+    from r1train.sft.rejection import RejectionJobConfig
+    from r1train.sft.trainer import SFTJobConfig
+
+    for cls in (GRPOJobConfig, SFTJobConfig):
+        cfg = parse_args(cls, ["--model.lora_rank", "4"])
+        with pytest.raises(ConfigError, match=r"--model\.lora_rank=4: not yet: LoRA with FSDP2 \(2 processes\)"):
+            cfg.validate(world_size=2)
+    with pytest.raises(ConfigError, match=r"--model\.lora_rank=4: rejection sampling trains no model"):
+        parse_args(RejectionJobConfig, ["--model.lora_rank", "4"])
+
+
+def test_lora_target_matching_no_layer_names_the_option_and_the_layers(tiny, tmp_path):
+    from r1train.model.load import load_model
+    from r1train.run.dist import DistInfo
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(ConfigError) as e:
+        load_model(ModelConfig(path=tiny, lora_rank=4, lora_targets="q_proj,qkv"), tmp_path, info)
+    msg = str(e.value)
+    assert msg.startswith("--model.lora_targets='q_proj,qkv': ") and "'qkv'" in msg and "down_proj" in msg
+    assert "\n" not in msg
+    # A frozen model (a reference, a sampler) gets no adapter whatever the options say.
+    _, _, lm = load_model(ModelConfig(path=tiny, lora_rank=4), tmp_path, info, trainable=False)
+    assert not [n for n, _ in lm.named_parameters() if "lora" in n]
