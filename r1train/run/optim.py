@@ -1,10 +1,13 @@
 """The optimizer of every trainer: AdamW with decoupled weight decay on matrices only, its warm-up
-+ constant/cosine learning-rate schedule, and the global gradient norm with clipping."""
++ constant/cosine learning-rate schedule, the global gradient norm with clipping, and the check
+that an update left every parameter finite."""
 from __future__ import annotations
 
 import math
 
 import torch
+
+from r1train.run.dist import all_reduce_sum
 
 # Devices where PyTorch has the fused AdamW kernel that `build_optimizer` uses.
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -56,3 +59,31 @@ def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
     return norm
+
+
+class NonFiniteParameters(RuntimeError):
+    """An optimizer update made a parameter NaN or infinite."""
+
+
+def check_finite_params(params, step: int, ckpt, device: torch.device, tag: str) -> None:
+    """Raise NonFiniteParameters on every rank when any rank holds a NaN/Inf parameter. Collective.
+
+    A parameter's sum is finite only if every element is (NaN and Inf propagate through a sum),
+    so one sum per parameter (this rank's shard under FSDP2) clears almost every parameter in
+    one read of the weights; only a non-finite sum, which finite elements can also give by
+    overflowing, is settled element by element with `isfinite`. Per-parameter `isfinite` alone
+    took 0.4 s a step on SmolLM2-135M (five passes over the weights), the sums 0.03 s. The loss
+    and gradient-norm guard cannot see this case: a finite gradient times an overflowing learning
+    rate (`--optim.lr 1e39` is a finite double but inf in float32) gives finite loss and
+    gradients and infinite weights."""
+    shards = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in params]
+    sums = torch.stack([s.sum().float() for s in shards]) if shards else torch.zeros(0, device=device)
+    bad = torch.zeros(1, device=device)
+    for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+        bad += (~torch.isfinite(shards[i])).any().float()
+    if all_reduce_sum(bad).item() > 0:
+        last = ckpt.latest()
+        raise NonFiniteParameters(
+            f"[{tag}] step {step}: the optimizer update made parameters non-finite (NaN/Inf); stopping "
+            f"before anything is saved or exported. The last checkpoint is intact: "
+            f"{last if last else f'none yet in {ckpt.root}'}. Lower --optim.lr (or --optim.max_grad_norm)")
