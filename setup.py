@@ -29,8 +29,10 @@ setup(
     ],
     extras_require={
         # matplotlib: the main-job test checks the curves PNG; kernels: Hugging Face's package of that
-        # name, which transformers >= 5.25 imports, installed for the test that runs a step beside it
-        "test": ["pytest>=8", "matplotlib", "kernels"],
+        # name, which transformers >= 5.25 imports, installed for the test that runs a step beside it;
+        # peft: the test that loads --train.export_adapter's folder in PEFT itself (the package never
+        # imports it: the format is written from model/lora.py)
+        "test": ["pytest>=8", "matplotlib", "kernels", "peft"],
         "plot": ["matplotlib"],
         # GGUF files as --model.path (r1train/model/gguf.py): transformers dequantizes them with the
         # gguf reader and needs accelerate to build the model.

@@ -1,8 +1,10 @@
 """LoRA wired into the stages (one process), end to end on the tiny model: only the adapters
 train (the base weights keep their bytes), GRPO's reference is the policy with its adapters off
 (no second model), the export is a plain Hugging Face model with the adapters merged in, a
-resumed run equals an uninterrupted one, SFT trains adapters too, and bad options fail at start
-in one line naming the option."""
+resumed run equals an uninterrupted one, the adapters exported alone in PEFT's format load in
+PEFT itself as the merged export, SFT trains adapters too, and bad options fail at start in one
+line naming the option."""
+import json
 import os
 from pathlib import Path
 
@@ -68,7 +70,7 @@ def _base_unchanged_adapters_moved(tensors, tiny) -> int:
 @pytest.fixture(scope="module")
 def four_steps(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-four")
-    _run("grpo", *GRPO, "--model.path", tiny, "--train.output_dir", str(out))
+    _run("grpo", *GRPO, "--model.path", tiny, "--train.output_dir", str(out), "--train.export_adapter", "true")
     return out
 
 
@@ -95,6 +97,57 @@ def test_grpo_lora_trains_adapters_only_and_exports_a_merged_plain_model(tiny, f
         base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - base).abs().max() > 1e-3  # not vacuous: the adapters changed the model
+
+
+def test_grpo_lora_adapter_export_loads_in_peft_as_the_merged_export(tiny, four_steps):
+    """final-adapter/ on the base model through PEFT itself computes the logits of final/ (the same
+    adapters merged), and not the base model's."""
+    peft = pytest.importorskip("peft", reason="peft (setup.py's test extra) checks the PEFT-format export")
+    from transformers import AutoModelForCausalLM
+
+    folder = four_steps / "final-adapter"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "manifest.json"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(tiny).resolve())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 8.0, sorted(DEFAULT_TARGETS))
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert len(tensors) == 2 * len(DEFAULT_TARGETS) * base.config.num_hidden_layers  # A and B of each projection
+    assert all(k.startswith("base_model.model.model.layers.") for k in tensors)
+
+    adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
+                                             folder).eval()
+    merged = AutoModelForCausalLM.from_pretrained(four_steps / "final", dtype=torch.float32)
+    ids = torch.randint(0, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, plain = adapted(input_ids=ids).logits, merged(ids).logits, base(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # not vacuous: the adapters PEFT loaded change the model
+
+
+def test_adapter_folder_is_guarded_like_final(four_steps, tmp_path):
+    """final-adapter/ is replaced by the next export: a file its manifest does not list is refused
+    at a resumed start; its scratch is removed, and a new run moves it aside with the rest."""
+    import shutil
+
+    from r1train.run.checkpoint import CheckpointManager
+    from r1train.run.dist import DistInfo
+    from r1train.run.loop import open_run
+
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    ckpt = CheckpointManager(out / "checkpoints", DistInfo(0, 1, 0, torch.device("cpu")))
+    (out / "final-adapter" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"final-adapter holds notes\.txt, which this project did not write"):
+        open_run(ckpt, out, True, "test")
+    (out / "final-adapter" / "notes.txt").unlink()
+    (out / "final-adapter.tmp").mkdir()
+    assert open_run(ckpt, out, True, "test") == out / "checkpoints" / "step-4"
+    assert not (out / "final-adapter.tmp").exists()
+    assert open_run(ckpt, out, False, "test") is None
+    old, = out.glob("old-*")
+    assert (old / "final-adapter" / "adapter_model.safetensors").is_file() and not (out / "final-adapter").exists()
 
 
 def test_grpo_lora_resume_equals_uninterrupted(tiny, four_steps, tmp_path):
@@ -161,6 +214,18 @@ def test_bad_lora_options_fail_at_start_in_one_line(args, option):
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")) as e:
         parse_args(GRPOJobConfig, args)
     assert "\n" not in str(e.value)
+
+
+def test_export_adapter_without_lora_is_refused_in_one_line():
+    from r1train.sft.rejection import RejectionJobConfig
+    from r1train.sft.trainer import SFTJobConfig
+
+    for cls in (GRPOJobConfig, SFTJobConfig, RejectionJobConfig):
+        with pytest.raises(ConfigError) as e:
+            parse_args(cls, ["--train.export_adapter", "true"])
+        msg = str(e.value)
+        assert msg.startswith("--train.export_adapter=True: ") and "--model.lora_rank" in msg and "\n" not in msg
+    parse_args(GRPOJobConfig, ["--train.export_adapter", "true", "--model.lora_rank", "4"])  # with LoRA: fine
 
 
 def test_lora_refused_with_several_processes_and_in_rejection_sampling():

@@ -19,6 +19,7 @@ from r1train.run.sections import (
     at_least,
     bad,
     check_data,
+    check_export_adapter,
     check_lora_unsharded,
     check_model,
     check_optim,
@@ -121,6 +122,7 @@ class GRPOJobConfig:
         check_data(self.data)
         check_optim(o)
         check_train(t)
+        check_export_adapter(self.model, t)
         at_least("rollout.group_size", r.group_size, 2, "(advantages compare completions within a group)")
         at_least("grpo.prompts_per_step", g.prompts_per_step, 1)
         if g.prompts_per_step % world_size:

@@ -30,11 +30,13 @@ after removing its temporary folder; the previous checkpoint is untouched.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -378,22 +380,68 @@ def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: Dis
         hf.load_state_dict(sd, assign=True, strict=False)
         if getattr(hf_config, "tie_word_embeddings", False):
             hf.tie_weights()
-        tmp = out.with_name(out.name + ".tmp")
-        remove_scratch(tmp, ignore_errors=True)  # a link there would take the export elsewhere
-        try:
+
+        def fill(tmp: Path) -> None:
             hf.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if config_text:
                 (tmp / "training_config.yaml").write_text(config_text)
-            give_new_file_modes(tmp)  # model.safetensors comes 0600, its siblings 0644 (umask 022)
-            write_manifest(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except Exception as e:  # noqa: BLE001 - re-raised with its cause and path
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"exporting {out} failed: {describe_failure(e, tmp)}; removed {tmp}. "
-                                  f"The checkpoints are untouched: run the same command again") from e
+        publish_export(out, fill)
     on_main(info, write)
     barrier()
     return out
+
+
+def export_adapter(model, hf_config, out_dir: str | os.PathLike, info: DistInfo, prefix: str = "") -> Path:
+    """Write the LoRA adapters of `model` alone in PEFT's format: `adapter_config.json` and
+    `adapter_model.safetensors` (model/lora.py: `peft_adapter_config`, `lora_state_dict`), which
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads onto the base model. The project never
+    imports PEFT; tests/test_lora_training.py checks the folder against it.
+
+    `prefix` names the Hugging Face model inside `model` ("lm." for the trainer's wrapper), so that
+    the keys are the causal LM's own paths. base_model_name_or_path is the path the run loaded
+    (`hf_config.name_or_path`): a local folder made absolute, so the adapter finds its base from
+    anywhere, a hub name as it is. One process only (LoRA with FSDP2 is refused at start); rank 0
+    writes, atomically as `export_hf`."""
+    from safetensors.torch import save_file
+
+    from r1train.model.lora import lora_state_dict, peft_adapter_config
+
+    lm = model.get_submodule(prefix.rstrip(".")) if prefix else model
+    base = str(hf_config.name_or_path)
+    if os.path.isdir(base):
+        base = os.path.abspath(base)
+    out = Path(out_dir)
+
+    def fill(tmp: Path) -> None:
+        # safetensors takes contiguous CPU tensors only; on CPU .to/.contiguous return the parameter's own.
+        tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(lm).items()}
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_adapter_config(lm, base), indent=2) + "\n")
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    def write():
+        check_export_folder(out)
+        publish_export(out, fill)
+    on_main(info, write)
+    barrier()
+    return out
+
+
+def publish_export(out: Path, fill: Callable[[Path], None]) -> None:
+    """Rank 0, after `check_export_folder(out)`: `fill(tmp)` writes the export into a temporary
+    folder next to `out`, which gets a manifest and is renamed into place, so a crash never leaves
+    a half-written export."""
+    tmp = out.with_name(out.name + ".tmp")
+    remove_scratch(tmp, ignore_errors=True)  # a link there would take the export elsewhere
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        give_new_file_modes(tmp)  # model.safetensors comes 0600, its siblings 0644 (umask 022)
+        write_manifest(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except Exception as e:  # noqa: BLE001 - re-raised with its cause and path
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"exporting {out} failed: {describe_failure(e, tmp)}; removed {tmp}. "
+                              f"The checkpoints are untouched: run the same command again") from e

@@ -2,11 +2,12 @@
 
 A run writes into `--train.output_dir`: `checkpoints/step-N/`, `metrics.jsonl`, `samples.jsonl`,
 `eval_samples.jsonl`, `config.yaml`,
-`final/` (the export) and, for the embedded model, `tiny-model/`. Some of these are replaced or
+`final/` (the export), `final-adapter/` (the LoRA adapters in PEFT's format, with
+`--train.export_adapter`) and, for the embedded model, `tiny-model/`. Some of these are replaced or
 deleted later (a checkpoint pruned, an export redone), so the project must know that what it is
 about to delete is its own. The rules:
 
-- A folder the project replaces as a whole (`final/`) carries a `manifest.json`, written last,
+- A folder the project replaces as a whole (`final/`, `final-adapter/`) carries a `manifest.json`, written last,
   listing every file with its size and SHA-256. A file the manifest does not list was put there by
   someone else: the run refuses to start, naming the folder and the file.
 - A checkpoint folder (`step-N/`, and its `.tmp`, `.deleting`, `.damaged` forms) holds only names
@@ -20,7 +21,7 @@ about to delete is its own. The rules:
 - One run at a time: a run (and a pipeline, on its own folder) holds `run.lock` for its whole
   life (`FolderLock`), and a second run into the same folder is refused, naming the holder.
 - The project never follows a symbolic link out of the output folder: a link where it keeps a
-  folder it replaces or deletes (`checkpoints/step-N/` and its `.damaged` form, `final/`) is
+  folder it replaces or deletes (`checkpoints/step-N/` and its `.damaged` form, the exports) is
   refused at start like a foreign file, and a link left where its scratch goes (`.tmp`,
   `.deleting`) is unlinked, its target untouched (`remove_scratch`). Deleting through the link
   would reach files elsewhere, and `shutil.rmtree` refuses a link anyway: a pruned link used to
@@ -59,8 +60,11 @@ CHECKPOINT_FILE = re.compile(
     r"|trainer_state\.pt|rng-rank\d+\.pt|config\.yaml|manifest\.json)$")
 CHECKPOINT_DIR = re.compile(r"^step-(\d+)(\.tmp|\.deleting|\.damaged)?$")
 
+EXPORTS = ("final", "final-adapter")
+"""The exported folders, each replaced as a whole by the next export (`check_export_folder`)."""
+
 # An earlier run, as a new run in the same folder would otherwise mix with it.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "config.yaml", "final")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "config.yaml", *EXPORTS)
 
 
 def files_under(folder: Path) -> list[str]:
@@ -181,7 +185,8 @@ def remove_scratch(path: Path, ignore_errors: bool = False) -> None:
 
 
 def check_export_folder(folder: Path) -> None:
-    """`final/` is replaced by the next export: every file in it must be listed in its manifest."""
+    """An export (`final/`, `final-adapter/`) is replaced by the next one: every file in it must be
+    listed in its manifest."""
     if folder.is_symlink():
         raise refuse_link(folder, "the exported model")
     if not folder.exists():
@@ -211,7 +216,7 @@ def check_checkpoint_folders(root: Path) -> None:
 
 def remove_leftovers(out: Path, ckpt_root: Path) -> list[Path]:
     """Remove what interrupted saves (`step-N.tmp`), prunes (`step-N.deleting`) and exports
-    (`final.tmp`) left behind; a checkpoint leftover holding a foreign file is refused instead,
+    (`final.tmp`, `final-adapter.tmp`) left behind; a checkpoint leftover holding a foreign file is refused instead,
     and a link is unlinked (`remove_scratch`)."""
     gone = []
     if ckpt_root.is_dir():
@@ -226,10 +231,11 @@ def remove_leftovers(out: Path, ckpt_root: Path) -> list[Path]:
                     raise refuse_foreign(d, name, "not a checkpoint file")
                 shutil.rmtree(d)
                 gone.append(d)
-    tmp = out / "final.tmp"
-    if tmp.is_dir() or tmp.is_symlink():
-        remove_scratch(tmp)
-        gone.append(tmp)
+    for name in EXPORTS:
+        tmp = out / f"{name}.tmp"
+        if tmp.is_dir() or tmp.is_symlink():
+            remove_scratch(tmp)
+            gone.append(tmp)
     return gone
 
 

@@ -3,7 +3,7 @@ the loop here runs them (STYLE 13; torchtitan's `Trainer.train`):
 
     resume (or start clean) -> evaluate step 0 -> for each step:
         train_step -> scheduler -> non-finite policy -> log -> evaluate? -> save? / stop?
-    -> final evaluation -> save -> export
+    -> final evaluation -> save -> export (and, with --train.export_adapter, the LoRA adapters)
 
 A subclass provides `train_step()` (one optimizer step, its metrics), `evaluate()` (held-out
 results or None), and what its checkpoints hold besides the model and optimizer
@@ -38,10 +38,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from r1train.run.checkpoint import CheckpointManager, export_hf
+from r1train.run.checkpoint import CheckpointManager, export_adapter, export_hf
 from r1train.run.config import format_config, to_dict
 from r1train.run.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from r1train.run.folder import (
+    EXPORTS,
     FolderLock,
     check_checkpoint_folders,
     check_export_folder,
@@ -210,6 +211,10 @@ class Trainer:
                           prefix="lm.", config_text=format_config(self.cfg))
                 if self.main:
                     say(f"[{self.tag}] exported {self.out / 'final'}")
+            if t.export_adapter:  # LoRA's A and B alone, in PEFT's format (checked at start: LoRA is on)
+                export_adapter(self.model, self.hf_config, self.out / "final-adapter", self.info, prefix="lm.")
+                if self.main:
+                    say(f"[{self.tag}] exported the LoRA adapters to {self.out / 'final-adapter'}")
             result = {**final, **self.final_result(), "eval_history": self.eval_history}
             if self.eval_history:
                 result["initial"] = self.eval_history[0]
@@ -364,7 +369,7 @@ def open_run(ckpt, out: Path, resume: bool, tag: str, config_text: str = "") -> 
     """The checkpoint to resume from (the newest intact one), or None for a clean start. Collective.
 
     First the leftovers of interrupted saves, prunes and exports are removed, and every folder a
-    resumed run may delete or replace (`checkpoints/step-N/`, `final/`) is checked to hold only
+    resumed run may delete or replace (`checkpoints/step-N/`, the exports) is checked to hold only
     the project's files (ConfigError naming the file otherwise). A clean start over an earlier
     run (`--train.resume false`, or nothing to resume) moves that run's checkpoints, logs and
     export to `<out>/old-<date>-<time>/`: a new run never prunes, appends to or resumes from an
@@ -380,7 +385,10 @@ def open_run(ckpt, out: Path, resume: bool, tag: str, config_text: str = "") -> 
     on_main(info, tidy)
     path = ckpt.resume_point() if resume else None
     if path is not None:
-        on_main(info, lambda: check_export_folder(out / "final"))
+        def check_exports():
+            for name in EXPORTS:
+                check_export_folder(out / name)
+        on_main(info, check_exports)
     else:
         moved = on_main(info, lambda: move_old_run_aside(out))
         if moved is not None:

@@ -159,6 +159,10 @@ class TrainConfig:
     """Stop after this many consecutive non-finite losses/gradients (each skips its update)."""
     export: bool = True
     """Export the final model as a Hugging Face folder <output_dir>/final."""
+    export_adapter: bool = False
+    """With LoRA (--model.lora_rank > 0): also write the adapters alone in PEFT's format,
+    <output_dir>/final-adapter (adapter_config.json, adapter_model.safetensors), which
+    `peft.PeftModel.from_pretrained(base_model, folder)` loads; independent of `export`."""
     wandb: bool = False
     """Mirror metrics to Weights & Biases (offline mode without an API key)."""
     wandb_project: str = "r1-from-scratch"
@@ -265,6 +269,13 @@ def check_lora_unsharded(m: ModelConfig, t: TrainConfig, world_size: int, sectio
         where = f"{world_size} processes" if world_size > 1 else "--train.fsdp always"
         bad(f"{section}.lora_rank", m.lora_rank, f"not yet: LoRA with FSDP2 ({where}) is not implemented; "
                                                  f"run one process with --train.fsdp auto, or --{section}.lora_rank 0")
+
+
+def check_export_adapter(m: ModelConfig, t: TrainConfig) -> None:
+    """--train.export_adapter writes the LoRA adapters: without them there is nothing to write."""
+    if t.export_adapter and not m.lora_rank:
+        bad("train.export_adapter", t.export_adapter, "needs LoRA adapters to export: set --model.lora_rank > 0, "
+                                                      "or --train.export_adapter false")
 
 
 def check_data(d, section: str = "data") -> None:

@@ -104,13 +104,14 @@ class RejectionJobConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the option, before the model or the prompts load."""
-        from r1train.run.sections import check_data, check_model, check_train
+        from r1train.run.sections import check_data, check_export_adapter, check_model, check_train
         check_model(self.model)
         if self.model.lora_rank:  # it samples from a frozen model: an adapter would be ignored
             raise ConfigError(f"--model.lora_rank={self.model.lora_rank}: rejection sampling trains no model; "
                               f"LoRA applies to the trained stages (grpo, sft, distill): use 0")
         check_data(self.data)
         check_train(self.train)
+        check_export_adapter(self.model, self.train)
         self.sampling.validate()
 
 

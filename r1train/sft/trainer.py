@@ -123,6 +123,7 @@ class SFTJobConfig:
         from r1train.run.sections import (
             at_least,
             check_data,
+            check_export_adapter,
             check_lora_unsharded,
             check_model,
             check_optim,
@@ -136,6 +137,7 @@ class SFTJobConfig:
         check_data(d)
         check_optim(self.optim)
         check_train(self.train)
+        check_export_adapter(self.model, self.train)
         at_least("sft.max_seq_len", s.max_seq_len, 8)
         at_least("sft.rows_per_micro_batch", s.rows_per_micro_batch, 1)
         if s.rows_per_step < 1 or s.rows_per_step % (s.rows_per_micro_batch * world_size):
