@@ -71,6 +71,26 @@ def test_the_estimate_is_the_hand_computation():
     assert gen.total == 4000 + 7296 + 1440 and gen.update == {}
 
 
+def test_with_lora_adam_and_gradients_count_the_adapters_only():
+    from dataclasses import replace
+    est = estimate_memory(replace(SHAPE, trainable=50), reference=False, **ROWS)
+    # the weights all stay (1000 * 4 = 4000); AdamW 2 * 50 * 4 = 400, gradients 50 * 4 = 200
+    assert (est.weights, est.optimizer, est.update["gradients"]) == (4000, 400, 200)
+
+
+def test_the_shape_of_a_model_counts_what_trains(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from r1train.data.tiny import build_tiny_model
+    from r1train.model.lora import apply_lora, lora_parameters
+    lm = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "tiny"))
+    full = ModelShape.of(lm)
+    assert full.trainable == full.params
+    apply_lora(lm, rank=4, alpha=16)
+    lora = ModelShape.of(lm)
+    assert lora.trainable == sum(p.numel() for p in lora_parameters(lm)) == lora.params - full.params
+
+
 def test_micro_batch_tokens():
     # 8 completions of a group of 8: its prompt once (at most one more when they straddle two)
     assert packed_micro_tokens(8, 8, 100, 50) == 8 * 50 + 2 * 100

@@ -76,6 +76,9 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    trainable: int | None = None
+    """Parameters that train (LoRA: the adapters'); None: all of them. AdamW and the gradients
+    are counted for these only."""
 
     @classmethod
     def of(cls, lm: torch.nn.Module) -> "ModelShape":
@@ -84,6 +87,7 @@ class ModelShape:
         heads = c.num_attention_heads
         p = next(lm.parameters())
         return cls(params=sum(q.numel() for q in lm.parameters()), param_bytes=p.element_size(),
+                   trainable=sum(q.numel() for q in lm.parameters() if q.requires_grad),
                    layers=c.num_hidden_layers, hidden=c.hidden_size,
                    intermediate=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
                    kv_heads=getattr(c, "num_key_value_heads", None) or heads,
@@ -148,12 +152,13 @@ def estimate_memory(shape: ModelShape, *, gen_rows: int, prompt_tokens: int, new
     if sharded:
         est.generation["gathered weights"] = s.params * compute_bytes
     if train:
-        est.optimizer = 2 * weight_bytes / share
+        trained_bytes = (s.params if s.trainable is None else s.trainable) * s.param_bytes
+        est.optimizer = 2 * trained_bytes / share
         est.batch = step_rows * positions * BATCH_BYTES
         per_token_layer = (12 * s.hidden + 4 * s.intermediate + 4 * s.kv_heads * s.head_dim) * compute_bytes
         kept = (4 * s.layers * s.hidden * compute_bytes + per_token_layer) if gradient_checkpointing \
             else s.layers * per_token_layer
-        est.update = {"gradients": weight_bytes / share, "activations": micro_tokens * kept,
+        est.update = {"gradients": trained_bytes / share, "activations": micro_tokens * kept,
                       "log-prob tile": float(min(tile_bytes, micro_tokens * s.vocab * 8))}
     return est
 
