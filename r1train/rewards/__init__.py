@@ -37,7 +37,7 @@ from r1train.rewards.accuracy import (
     get_accuracy_reward,
     get_cosine_scaled_reward,
 )
-from r1train.rewards.budget import DEFAULT_CUSTOM_TIMEOUT_S, RewardInterrupted, UserReward
+from r1train.rewards.budget import DEFAULT_CUSTOM_TIMEOUT_S, RECORD_COLUMNS, RewardInterrupted, UserReward
 from r1train.rewards.common import LENGTH_UNITS, RewardFn, pop_reward_metrics
 from r1train.rewards.custom import RewardError, checked_values, entry_name, entry_text, is_reference, load_reference
 from r1train.rewards.format import format_reward, reasoning_steps_reward, tag_count_reward
@@ -235,11 +235,10 @@ def score_completions(reward_fns: Sequence[tuple[str, RewardFn, float]], texts: 
     lists). An output of the wrong length or type raises RewardError naming the function."""
     import torch
 
-    standard = ("solution", "answer", "problem", "prompt")
-    keys = dict.fromkeys(standard)
+    keys = dict.fromkeys(RECORD_COLUMNS)
     for r in records:
         keys.update(dict.fromkeys(r))
-    columns = {k: [r.get(k, "" if k in standard else None) for r in records] for k in keys}
+    columns = {k: [r.get(k, "" if k in RECORD_COLUMNS else None) for r in records] for k in keys}
     columns["completion_ids"] = completion_ids
     values = [checked_values(name, fn, fn(texts, **columns), len(texts)) for name, fn, _ in reward_fns]
     return torch.tensor([[math.nan if v is None else v for v in col] for col in values],

@@ -35,8 +35,10 @@ from typing import Any
 
 from r1train.rewards.custom import RewardError, describe
 
-STANDARD_COLUMNS = ("solution", "answer", "problem", "prompt", "completion_ids")
-"""Keyword arguments every reward receives, whatever the dataset's columns (rewards/__init__.py)."""
+RECORD_COLUMNS = ("solution", "answer", "problem", "prompt")
+"""Columns every batch carries ("" where a record lacks one), whatever the dataset's columns."""
+STANDARD_COLUMNS = (*RECORD_COLUMNS, "completion_ids")
+"""Keyword arguments every reward receives (`score_completions`)."""
 
 DEFAULT_CUSTOM_TIMEOUT_S = 120.0
 

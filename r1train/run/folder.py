@@ -163,7 +163,7 @@ def refuse_link(path: Path, what: str) -> ConfigError:
                        f"or use another --train.output_dir")
 
 
-APPENDED_FILES = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "config.yaml")
+APPENDED_FILES = tuple(n for n in RUN_FILES if n not in ("checkpoints", *EXPORTS))
 """The run's files that a resumed run appends to or rewrites in place."""
 
 
