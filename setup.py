@@ -13,6 +13,7 @@ setup(
     # One import package: its name is no other distribution's, so nothing here shadows a user's
     # packages (`data`, `kernels`, `pipeline`, ...) or is shadowed by them.
     packages=find_packages(include=["r1train", "r1train.*"]),
+    package_data={"r1train.inspector": ["page.js", "page.css"]},  # inlined into the pages it writes
     install_requires=[
         "torch>=2.6",
         "transformers>=4.57.1",  # floors proven by .ci/floors.sh (.ci/floors.txt)

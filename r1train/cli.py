@@ -9,6 +9,8 @@ Commands:
   rejection-sample   K samples per prompt, keep the ones the rewards pass, write an SFT set
   distill            teacher traces -> student SFT (optionally token-level KL)
   pipeline           run the stages of a recipe in order, resumable stage by stage
+  inspect RUN_DIR    one HTML page of a run (or a pipeline's stages): curves, groups and
+                     completions token by token, held-out samples    r1train/inspector/page.py
 
 `python train.py COMMAND --help` lists every option with its default and documentation. The same
 commands: `r1-train` once installed, or `python -m r1train`.
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None):
                                       f"checkout of the repository (pip install -e .); or name one with --recipe")
                 argv = ["--recipe", DEFAULT_RECIPE, *argv]
             return run(argv)
+        if command == "inspect":
+            from r1train.inspector.page import main as inspect
+            return inspect(argv)
         from r1train.pipeline import command_entry
         from r1train.pipeline import main as run_pipeline
         run = run_pipeline if command == "pipeline" else command_entry(command)[1]

@@ -1,7 +1,7 @@
 """What the project owns in an output folder, and the rules for touching it.
 
 A run writes into `--train.output_dir`: `checkpoints/step-N/`, `metrics.jsonl`, `samples.jsonl`,
-`eval_samples.jsonl`, `config.yaml`,
+`eval_samples.jsonl`, `tokens.jsonl` (per-token records, inspector/records.py), `config.yaml`,
 `final/` (the export), `final-adapter/` (the LoRA adapters in PEFT's format, with
 `--train.export_adapter`) and, for the embedded model, `tiny-model/`. Some of these are replaced or
 deleted later (a checkpoint pruned, an export redone), so the project must know that what it is
@@ -64,7 +64,8 @@ EXPORTS = ("final", "final-adapter")
 """The exported folders, each replaced as a whole by the next export (`check_export_folder`)."""
 
 # An earlier run, as a new run in the same folder would otherwise mix with it.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "config.yaml", *EXPORTS)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "tokens.jsonl", "config.yaml",
+             *EXPORTS)
 
 
 def files_under(folder: Path) -> list[str]:

@@ -105,7 +105,7 @@ def json_line(row: dict) -> str:
     return json.dumps(finite_or_none(row), ensure_ascii=False, allow_nan=False) + "\n"
 
 
-PER_STEP_LOGS = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl")
+PER_STEP_LOGS = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "tokens.jsonl")
 """The logs of an output folder with rows stamped by step; a resumed run truncates each to its step."""
 
 

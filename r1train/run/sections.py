@@ -155,6 +155,9 @@ class TrainConfig:
     """Print a metrics line every N steps."""
     sample_every: int = 10
     """Write sample completions with their rewards every N steps (0 = never)."""
+    token_records: int = 2
+    """Every sample_every steps, keep per-token records of this many whole groups (GRPO) or packed
+    rows (SFT) in tokens.jsonl, for `train.py inspect` (0 = none)."""
     max_nonfinite: int = 3
     """Stop after this many consecutive non-finite losses/gradients (each skips its update)."""
     export: bool = True
@@ -343,6 +346,7 @@ def check_train(t: TrainConfig, section: str = "train") -> None:
     for name, least, note in (("eval_every", 0, "(0 = only at start and end)"),
                               ("save_every", 0, "(0 = only at the end)"), ("keep_last", 1, ""),
                               ("log_every", 1, ""), ("sample_every", 0, "(0 = never)"),
+                              ("token_records", 0, "(0 = none)"),
                               ("max_nonfinite", 1, ""), ("stop_at_step", 0, "(0 = off)")):
         at_least(f"{section}.{name}", getattr(t, name), least, note)
     if not t.collective_timeout_s > 0:

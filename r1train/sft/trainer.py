@@ -21,11 +21,13 @@ from r1train.data.problems import encode_prompts, load_conversations
 from r1train.data.prompts import SYSTEM_PROMPT
 from r1train.data.task import TaskConfig
 from r1train.evaluate import evaluate
+from r1train.inspector.records import RECORDS_FILE, sft_row_record, token_texts
 from r1train.model.engine import Engine
 from r1train.model.load import load_model
 from r1train.model.policy import PolicyModel
 from r1train.run.config import ConfigError
 from r1train.run.dist import all_reduce_sum, decoder_layers, shard_model
+from r1train.run.logging import write_jsonl
 from r1train.run.loop import Trainer, epoch_order
 from r1train.run.sections import EMBEDDED, ModelConfig, OptimConfig, TrainConfig
 from r1train.sft.packing import (
@@ -221,13 +223,14 @@ class SFTTrainer(Trainer):
             return batch, {"cu_seqlens": packed_model_inputs(batch, VARLEN_ATTENTION)["cu_seqlens"]}
         return collate_padded(rows, self.tokenizer.pad_token_id), {}  # right padding: causal suffices
 
-    def micro_loss(self, batch: dict, attention: dict, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed NLL of the label tokens / the step's global label-token count, the NLL sum)."""
+    def micro_loss(self, batch: dict, attention: dict, num_tokens: torch.Tensor):
+        """(summed NLL of the label tokens / the step's global label-token count, the NLL sum, the
+        [M] label log-probs, detached)."""
         dev = self.info.device
         ids, pos, labels = batch["input_ids"].to(dev), batch["position_ids"].to(dev), batch["labels"].to(dev)
         if self.teacher is None:
             logps = self.policy.label_logprobs(ids, pos, labels, use_cache=False, **attention)  # [M]
-            return -logps.sum() / num_tokens.clamp(min=1), -logps.detach().sum()
+            return -logps.sum() / num_tokens.clamp(min=1), -logps.detach().sum(), logps.detach()
         # Distillation with a token-level KL(teacher || student) on the same label positions.
         logps, logits = self.policy.label_logprobs(ids, pos, labels, return_logits=True, use_cache=False,
                                                    **attention)  # [M], [M, V]
@@ -238,7 +241,7 @@ class SFTTrainer(Trainer):
         t_logp = t_logits[:, :v].log_softmax(-1)
         kl = (t_logp.exp() * (t_logp - logits[:, :v].log_softmax(-1))).sum(-1)  # [M]
         loss = (-logps.sum() + self.kl_weight * kl.sum()) / num_tokens.clamp(min=1)
-        return loss, -logps.detach().sum()
+        return loss, -logps.detach().sum(), logps.detach()
 
     def train_step(self) -> dict:
         """Rows, forward, the step's token-level NLL (global count), one optimizer update."""
@@ -249,17 +252,42 @@ class SFTTrainer(Trainer):
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in batches)
         num_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=info.device))
         nll = torch.zeros((), device=info.device)
-        for batch, attention in batches:
+        t = self.cfg.train
+        keep = t.token_records if self.main and t.sample_every and self.step % t.sample_every == 0 else 0
+        kept = []
+        for m, (batch, attention) in zip(micro, batches):
             self.stop_point()  # no update yet this step: a stop saves the previous step
             with self.autocast():
-                loss, part = self.micro_loss(batch, attention, num_tokens)
+                loss, part, logps = self.micro_loss(batch, attention, num_tokens)
             loss.backward()  # FSDP sums the ranks' gradients: the count above is global
             nll += part
+            if len(kept) < keep:
+                lengths = [len(_ids_and_labels(self.rows[i])[0]) for i in m]
+                kept += self.token_records(batch, logps, lengths, keep - len(kept), first_row=len(kept))
         nll = all_reduce_sum(nll) / num_tokens.clamp(min=1)
         norm, stepped = self.optimizer_step(nll)
+        if kept:
+            write_jsonl(self.out / RECORDS_FILE, kept)
         self.last_loss = float(nll)
         return {"loss": self.last_loss, "grad_norm": float(norm), "tokens": float(num_tokens),
                 "skipped_update": float(not stepped), "packing_efficiency": self.pack_stats.efficiency}
+
+    def token_records(self, batch: dict, logps: torch.Tensor, lengths: list[int], count: int,
+                      first_row: int) -> list[dict]:
+        """Per-token records (inspector/records.py) of the first `count` rows of a micro-batch
+        (`lengths`: their tokens without padding), from its [M] label log-probs (row-major over
+        the label positions)."""
+        target = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, L-1]: the label at t+1 is predicted at t
+        per_row = target.sum(-1).tolist()
+        out, start = [], 0
+        for b in range(min(count, target.shape[0])):
+            n, ids = lengths[b], batch["input_ids"][b]
+            is_label = torch.cat([torch.zeros(1, dtype=torch.bool), target[b]])  # [L]
+            doc = batch["segment_ids"][b] if "segment_ids" in batch else torch.zeros_like(ids)  # [L]
+            out.append(sft_row_record(self.step, first_row + b, token_texts(self.tokenizer, ids[:n].tolist()),
+                                      -logps[start:start + per_row[b]].float(), is_label[:n], doc[:n]))
+            start += per_row[b]
+        return out
 
     def evaluate(self) -> dict | None:
         if not self.eval_records:

@@ -1,0 +1,69 @@
+"""Per-token records: what the objective saw, token by token, kept every `train.sample_every` steps.
+
+A GRPO record is one whole group (all G completions of one prompt: the comparison GRPO makes),
+an SFT record one packed row. They are appended to `<output_dir>/tokens.jsonl`, one JSON object
+per line stamped with its step (cut back on resume like the other per-step logs), and read by
+`train.py inspect` (inspector/page.py).
+
+GRPO record:
+    {"step", "kind": "grpo", "group", "problem", "answer", "reward_names": [F names],
+     "settings": {"epsilon_low", "epsilon_high", "beta", "kl_estimator", "importance_sampling"},
+     "completions": [{"tokens": [T strings], "reward": r_i, "advantage": A_i, "rewards": [F values],
+                      "truncated": bool, "values": {name: [T numbers]}, "why": [T strings]}]}
+
+`values` holds, per completion token, the numbers the loss used in the last pass of the step:
+"logp" (policy), "old_logp" (num_iterations > 1), "ref_logp" (beta > 0 or LoRA reference),
+"ratio", "clip" (-1 lower clip active, +1 upper, 0 neither), "kl" (the estimator's per-token
+term), "entropy", "loss_mask" (1 where the token is in the loss), and whatever per-token weights
+the loss applied (`extra`). `why` says why a token is out of the loss ("" when it is in):
+"truncated" (grpo.mask_truncated), "zero-std group" (grpo.drop_zero_std_groups), or the name of
+a per-token mask. SFT record:
+    {"step", "kind": "sft", "row", "tokens": [L strings], "nll": [L numbers or null], "doc": [L ints]}
+with the per-token negative log-likelihood where a token is a label, null where it is not (the
+prompt side, or padding), and the document each token belongs to.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+RECORDS_FILE = "tokens.jsonl"
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token as text on its own. A character split over several byte-level tokens shows as
+    U+FFFD in each of them: the page shows tokens, not the decoded string."""
+    return tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+
+
+def _numbers(x: torch.Tensor) -> list:
+    """A 1-D tensor as a JSON-safe list: floats (exact float32 values) or None where not finite."""
+    return [v if math.isfinite(v) else None for v in x.detach().double().cpu().tolist()]
+
+
+def grpo_group_record(step: int, group: int, record: dict, texts: list[list[str]], values: list[dict],
+                      why: list[list[str]], rewards: torch.Tensor, advantages: torch.Tensor,
+                      per_fn: torch.Tensor, truncated: torch.Tensor, reward_names: list[str],
+                      settings: dict) -> dict:
+    """One group's record. `texts[i]`: completion i's token texts; `values[i]`: name -> [T_i]
+    tensor; `why[i]`: T_i strings; rewards, advantages, truncated `[G]`, per_fn `[G, F]`."""
+    completions = []
+    for i in range(len(texts)):
+        completions.append({
+            "tokens": texts[i], "reward": float(rewards[i]), "advantage": float(advantages[i]),
+            "rewards": _numbers(per_fn[i]), "truncated": bool(truncated[i]),
+            "values": {k: _numbers(v) for k, v in values[i].items()}, "why": why[i]})
+    return {"step": step, "kind": "grpo", "group": group, "problem": record.get("problem", ""),
+            "answer": record.get("answer", ""), "reward_names": list(reward_names), "settings": settings,
+            "completions": completions}
+
+
+def sft_row_record(step: int, row: int, texts: list[str], nll: torch.Tensor, is_label: torch.Tensor,
+                   doc: torch.Tensor) -> dict:
+    """One packed row's record: `texts` [L] token texts, `nll` [M] the NLL of its M label tokens in
+    order, `is_label` [L] bool (token t is a label, predicted at t-1), `doc` [L] document index."""
+    out: list = [None] * len(texts)
+    for t, v in zip(torch.nonzero(is_label).flatten().tolist(), _numbers(nll)):
+        out[t] = v
+    return {"step": step, "kind": "sft", "row": row, "tokens": texts, "nll": out, "doc": doc.tolist()}
