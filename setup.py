@@ -32,8 +32,9 @@ setup(
         # matplotlib: the main-job test checks the curves PNG; kernels: Hugging Face's package of that
         # name, which transformers >= 5.25 imports, installed for the test that runs a step beside it;
         # peft: the test that loads --train.export_adapter's folder in PEFT itself (the package never
-        # imports it: the format is written from model/lora.py)
-        "test": ["pytest>=8", "matplotlib", "kernels", "peft"],
+        # imports it: the format is written from model/lora.py); playwright: drives a headless
+        # Chromium for the inspector page's browser test (the browser itself: Debian's chromium)
+        "test": ["pytest>=8", "matplotlib", "kernels", "peft", "playwright"],
         "plot": ["matplotlib"],
         # GGUF files as --model.path (r1train/model/gguf.py): transformers dequantizes them with the
         # gguf reader and needs accelerate to build the model.

@@ -97,3 +97,53 @@ def test_page_data_of_a_run_and_of_a_pipeline_folder(sft_run, tmp_path):
     assert [*page_data(sft_run, step=2)["sections"][0]["records"]] == ["2"]
     page = write_page(sft_run, tmp_path / "page.html")
     assert page.stat().st_size < MAX_RECORD_BYTES
+
+
+def _browser():
+    """(playwright's sync API, a Chromium executable or None for playwright's own), or a skip
+    naming what is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e .[test])")
+    exe = os.environ.get("R1_CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    if exe is None:
+        with sync_playwright() as p:
+            if not Path(p.chromium.executable_path).exists():
+                pytest.skip("no Chromium: install Debian's `chromium` package (.ci/run does where it can) or set "
+                            "R1_CHROMIUM to a Chromium executable")
+    return sync_playwright, exe
+
+
+def open_page(path: Path, check):
+    """Open `path` in headless Chromium and run `check(page)`; returns the console errors."""
+    sync_playwright, exe = _browser()
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(path.resolve().as_uri())
+            check(page)
+        finally:
+            browser.close()
+    return errors
+
+
+def test_sft_page_in_a_browser(sft_run, tmp_path):
+    path = write_page(sft_run, tmp_path / "sft.html")
+
+    def check(page):
+        assert page.locator("h2").first.inner_text() == f"{sft_run.name} (sft)"
+        trained = page.locator(".tok:not(.out)").first
+        trained.hover()
+        tip = page.inner_text("#tip")
+        assert "loss (NLL)" in tip and "document 0" in tip
+        assert float(tip.split("loss (NLL) ")[1].split()[0]) > 0
+        assert page.locator(".chart").count() >= 2  # loss and grad_norm at least
+        page.select_option("select.step", "1")
+        assert page.locator(".group h3").first.inner_text().startswith("packed row 0")
+    assert open_page(path, check) == []
