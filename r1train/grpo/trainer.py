@@ -94,7 +94,7 @@ class GRPOTrainer(Trainer):
         g = cfg.grpo
         try:
             self.rewards = get_reward_functions(g.rewards if reward_funcs is None else reward_funcs,
-                                                cfg.rewards, g.reward_weights or None)
+                                                cfg.rewards, g.reward_weights or None, device=self.info.device)
         except ValueError as e:
             raise ConfigError(f"--grpo.rewards: {e}") from None
         self.weights = [w for _, _, w in self.rewards]
