@@ -160,6 +160,17 @@ def test_without_a_chat_template_the_plain_rendering_is_scored(rm, tmp_path):
     assert_scores(got, want)
 
 
+def test_bfloat16_weights_score_close_to_float32(rm):
+    texts, prompts = COMPLETIONS, PROMPTS
+    full = rm_reward(f"rm:{rm}")[1](texts, prompt=prompts)
+    half = rm_reward(f"rm:{rm}", rm_dtype="bfloat16")[1]
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    scores = half(texts, prompt=prompts)
+    # bf16 keeps 8 bits of mantissa: through two layers and a large score head, within 20% here
+    assert_scores(scores, full, rtol=0.2, atol=0.2)
+    assert scores != full
+
+
 def test_long_inputs_are_cut_from_the_left_and_counted(rm, tmp_path):
     texts = [chatml(with_reply(p, c)) for p, c in zip(PROMPTS, COMPLETIONS)]
     pop_reward_metrics()
@@ -256,7 +267,7 @@ def test_a_recipe_with_a_reward_model_passes_validation(rm, tmp_path):
 
 # --- in training ---------------------------------------------------------------------------------
 
-def test_a_grpo_step_scores_with_the_reward_model_weighted_and_leaves_it_untouched(rm, tiny, tmp_path):
+def test_a_grpo_step_scores_with_the_reward_model_weighted_and_leaves_it_untouched(rm, tiny, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from r1train.grpo.trainer import GRPOTrainer
@@ -271,6 +282,8 @@ def test_a_grpo_step_scores_with_the_reward_model_weighted_and_leaves_it_untouch
     trainer = GRPOTrainer(cfg)
     pop_reward_metrics()  # what earlier tests counted
     trainer.train()
+    assert f"[grpo] reward 'rm': LlamaForSequenceClassification from {rm}, 0.0M parameters in float32 on cpu, " \
+           f"inputs of at most 256 tokens, 8 per forward" in capsys.readouterr().out
     [step] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"rm/mean"' in line]
     assert math.isfinite(step["rm/mean"]) and step["rewards/rm/truncated"] == 0
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

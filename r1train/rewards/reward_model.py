@@ -133,7 +133,8 @@ def truncate_left(ids: list[int], max_tokens: int, keep_first: bool) -> list[int
 
 class RewardModel:
     """The reward `fn(completions, prompt, **columns) -> list[float]` of a reward-model folder
-    (module docstring). Built once per trainer; holds the model on `device`."""
+    (module docstring). Built once per trainer; holds the model on `device`; `summary` is a line
+    saying what was loaded, for the trainer to print."""
 
     def __init__(self, name: str, entry: str, path: str, device: Any = "cpu",
                  dtype: str = "float32", batch_size: int = 8, max_tokens: int = 0):
@@ -166,6 +167,10 @@ class RewardModel:
         self.max_tokens = max_tokens or max_tokens_of(model.config, tokenizer)
         self.first_ids = {i for i in (tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None))
                           if i is not None}
+        params = sum(p.numel() for p in model.parameters())
+        self.summary = (f"reward {name!r}: {type(model).__name__} from {path}, {params / 1e6:.1f}M parameters in "
+                        f"{dtype} on {self.device}, inputs of at most {self.max_tokens or 'any number of'} tokens, "
+                        f"{self.batch_size} per forward")
 
     def encode(self, prompt: Any, completion: str) -> tuple[list[int], bool]:
         """(token ids the RM scores, whether they were cut) of one completion after its prompt."""
