@@ -64,6 +64,7 @@ from r1train.model.memory import (
 )
 from r1train.model.policy import PolicyModel
 from r1train.rewards import RewardError, RewardInterrupted, entry_text, get_reward_functions, score_completions
+from r1train.rewards.reward_model import RewardModel
 from r1train.run.config import ConfigError
 from r1train.run.dist import all_gather_cat, all_reduce_max, all_reduce_sum, decoder_layers, shard_model
 from r1train.run.folder import on_main
@@ -94,10 +95,13 @@ class GRPOTrainer(Trainer):
         g = cfg.grpo
         try:
             self.rewards = get_reward_functions(g.rewards if reward_funcs is None else reward_funcs,
-                                                cfg.rewards, g.reward_weights or None)
+                                                cfg.rewards, g.reward_weights or None, device=self.info.device)
         except ValueError as e:
             raise ConfigError(f"--grpo.rewards: {e}") from None
         self.weights = [w for _, _, w in self.rewards]
+        for _, fn, _ in self.rewards:
+            if say and isinstance(fn, RewardModel):
+                say(fn.summary)
 
         _, tokenizer, lm = load_model(cfg.model, self.out, self.info)
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)

@@ -6,20 +6,22 @@ per completion, None for "no opinion". The trainer sums them with weights:
     for name, fn, weight in get_reward_functions(["accuracy", "format"], RewardConfig()):
         rewards[name] = fn(completions, **batch_columns)
 
-| name                 | file         | range            | what                                    |
-| -------------------- | ------------ | ---------------- | --------------------------------------- |
-| accuracy             | accuracy.py  | {0, 0.5*, 1}     | math_verify equality with the gold      |
-| format               | format.py    | {0, 1}           | `<think>..</think><answer>..</answer>`  |
-| tag_count            | format.py    | {0, 0.25, .., 1} | partial credit per well-placed tag      |
-| reasoning_steps      | format.py    | [0, 1]           | min(1, step markers / 3)                |
-| cosine               | accuracy.py  | [-0.5, 1]        | correctness scaled by length            |
-| repetition_penalty   | penalties.py | [-0.1, 0]        | repeated word n-grams                   |
-| language_consistency | language.py  | [0, 1] or None   | share of letters in the prompt's script |
-| soft_overlong        | penalties.py | [-1, 0]          | DAPO Eq. (13)                           |
+| name                 | file            | range            | what                                    |
+| -------------------- | --------------- | ---------------- | --------------------------------------- |
+| accuracy             | accuracy.py     | {0, 0.5*, 1}     | math_verify equality with the gold      |
+| format               | format.py       | {0, 1}           | `<think>..</think><answer>..</answer>`  |
+| tag_count            | format.py       | {0, 0.25, .., 1} | partial credit per well-placed tag      |
+| reasoning_steps      | format.py       | [0, 1]           | min(1, step markers / 3)                |
+| cosine               | accuracy.py     | [-0.5, 1]        | correctness scaled by length            |
+| repetition_penalty   | penalties.py    | [-0.1, 0]        | repeated word n-grams                   |
+| language_consistency | language.py     | [0, 1] or None   | share of letters in the prompt's script |
+| soft_overlong        | penalties.py    | [-1, 0]          | DAPO Eq. (13)                           |
+| rm:<folder>          | reward_model.py | the RM's logit   | a sequence-classification reward model  |
 
 (*) 0.5 for an unparseable gold under the default "neutral" policy; ranges are for the
 default config. Next to these names, a reward may be a function the user brings: `module:fn`,
-`path/to/file.py:fn`, `name=...` or, from Python, a callable (custom.py). Worker processes, timeouts and the verdict cache: verifier_pool.py, accuracy.py.
+`path/to/file.py:fn`, `name=...` or, from Python, a callable (custom.py); a reward model is
+`rm:path/to/folder` (reward_model.py). Worker processes, timeouts and the verdict cache: verifier_pool.py, accuracy.py.
 `pop_reward_metrics()` returns counters (timeouts, unparseable golds, ...) since its last call.
 """
 from __future__ import annotations
@@ -39,10 +41,19 @@ from r1train.rewards.accuracy import (
 )
 from r1train.rewards.budget import DEFAULT_CUSTOM_TIMEOUT_S, RECORD_COLUMNS, RewardInterrupted, UserReward
 from r1train.rewards.common import LENGTH_UNITS, RewardFn, pop_reward_metrics
-from r1train.rewards.custom import RewardError, checked_values, entry_name, entry_text, is_reference, load_reference
+from r1train.rewards.custom import (
+    RewardError,
+    checked_values,
+    entry_name,
+    entry_text,
+    is_reference,
+    load_reference,
+    reward_model_folder,
+)
 from r1train.rewards.format import format_reward, reasoning_steps_reward, tag_count_reward
 from r1train.rewards.language import language_consistency_reward
 from r1train.rewards.penalties import get_repetition_penalty_reward, get_soft_overlong_punishment
+from r1train.rewards.reward_model import RM_DTYPES, RewardModel
 
 REWARD_NAMES = ("accuracy", "format", "tag_count", "reasoning_steps", "cosine",
                 "repetition_penalty", "language_consistency", "soft_overlong")
@@ -103,6 +114,17 @@ class RewardConfig:
         "help": "bound in seconds on one call of a reward function the user brings (module:fn, "
                 "file.py:fn, a callable), on one rank's batch; an overrun stops the run naming the "
                 "function, the last checkpoint intact; None: unbounded (rewards/budget.py)"})
+    rm_device: str = field(default="", metadata={
+        "help": "device of a reward model (rm:<folder> in the rewards): cpu, cuda or cuda:N; empty: the "
+                "trainer's device (each rank holds its own copy)"})
+    rm_dtype: str = field(default="float32", metadata={
+        "help": "weights dtype of a reward model: float32 or bfloat16 (half the memory of a large RM)"})
+    rm_batch_size: int = field(default=8, metadata={
+        "help": "sequences a reward model scores per forward (sorted by length, padded on the right)"})
+    rm_max_tokens: int = field(default=0, metadata={
+        "help": "longest input a reward model reads, in its tokens; longer ones are cut from the left "
+                "(the completion's end stays) and counted as rewards/<name>/truncated; 0: the RM's own "
+                "limit (max_position_embeddings, its tokenizer's model_max_length)"})
 
     def __post_init__(self) -> None:
         self.check()
@@ -130,6 +152,15 @@ class RewardConfig:
             bad("accuracy_batch_timeout_s", "must be a finite number of seconds > 0, or None")
         if self.custom_timeout_s is not None and not (finite("custom_timeout_s") and self.custom_timeout_s > 0):
             bad("custom_timeout_s", "must be a finite number of seconds > 0, or None")
+        if self.rm_device and not _usable_device(self.rm_device):
+            bad("rm_device", "must be cpu, cuda or cuda:N naming a GPU this machine has (empty: the trainer's "
+                             "device)")
+        if self.rm_dtype not in RM_DTYPES:
+            bad("rm_dtype", f"must be one of {', '.join(RM_DTYPES)}")
+        if self.rm_batch_size < 1:
+            bad("rm_batch_size", "must be >= 1")
+        if self.rm_max_tokens < 0:
+            bad("rm_max_tokens", "must be >= 0 (0 = the reward model's own limit)")
         if self.accuracy_pool_size < 0:
             bad("accuracy_pool_size", "must be >= 0 (0 = min(4, CPU count))")
         if self.accuracy_pool_threshold < 1:
@@ -162,6 +193,18 @@ class RewardConfig:
                              batch_timeout_s=self.accuracy_batch_timeout_s)
 
 
+def _usable_device(name: str) -> bool:
+    """cpu, or cuda / cuda:N where CUDA has that GPU."""
+    import torch
+
+    if name == "cpu":
+        return True
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()) or not torch.cuda.is_available():
+        return False
+    return not index or int(index) < torch.cuda.device_count()
+
+
 def _builders(config: RewardConfig, checker: AnswerChecker) -> dict[str, Callable[[], RewardFn]]:
     c = config
     return {
@@ -182,7 +225,7 @@ def _builders(config: RewardConfig, checker: AnswerChecker) -> dict[str, Callabl
 
 
 def get_reward_functions(names: Sequence[Any] | str, config: RewardConfig | None = None,
-                         weights: Sequence[float] | None = None
+                         weights: Sequence[float] | None = None, device: Any = None
                          ) -> list[tuple[str, RewardFn, float]]:
     """`(name, fn, weight)` per requested reward, in order; weights default to 1.0.
 
@@ -191,7 +234,9 @@ def get_reward_functions(names: Sequence[Any] | str, config: RewardConfig | None
     `(name, callable)` pair (custom.py); names must be distinct. `accuracy` and `cosine` share
     one AnswerChecker, so cosine reuses accuracy's verdicts from its cache. A function the user
     brings is wrapped in a `UserReward` (budget.py): its signature checked now, each call bounded
-    by `config.custom_timeout_s` and given its own copy of the batch.
+    by `config.custom_timeout_s` and given its own copy of the batch. A reward model
+    (`rm:path/to/folder`) is loaded here, on `config.rm_device` or else on `device` (the trainer's;
+    None: the CPU).
     """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
@@ -199,7 +244,8 @@ def get_reward_functions(names: Sequence[Any] | str, config: RewardConfig | None
     unknown = [n for n in names if isinstance(n, str) and not is_reference(n) and n not in REWARD_NAMES]
     if unknown:
         raise ValueError(f"unknown reward name(s) {unknown}; valid names: {list(REWARD_NAMES)}, or a "
-                         f"function as module:function or path/to/file.py:function")
+                         f"function as module:function or path/to/file.py:function, or a reward model as "
+                         f"rm:path/to/folder")
     labels = [entry_name(n) for n in names]
     if len(set(labels)) != len(labels):
         raise ValueError(f"reward names must be distinct, got {labels}")
@@ -215,6 +261,11 @@ def get_reward_functions(names: Sequence[Any] | str, config: RewardConfig | None
     builders = _builders(config, config.checker())
     out = []
     for entry, label, w in zip(names, labels, weights):
+        folder = reward_model_folder(entry)
+        if folder is not None:
+            out.append((label, RewardModel(label, entry, folder, config.rm_device or device or "cpu", config.rm_dtype,
+                                           config.rm_batch_size, config.rm_max_tokens), w))
+            continue
         if isinstance(entry, str) and not is_reference(entry):
             out.append((label, builders[entry](), w))
             continue

@@ -7,6 +7,8 @@ A reward entry (`--grpo.rewards`, `--sampling.rewards`, a recipe's `rewards:` li
                                   packages, PYTHONPATH; the working directory is not searched)
     path/to/rewards.py:brevity    a function of a Python file, loaded from that path
     short=my_pkg.rewards:brevity  either, under another metric name (`short/mean` in metrics)
+    rm:path/to/folder             a reward model: a sequence-classification model's scalar
+                                  logit (reward_model.py); metric name `rm` unless `name=rm:...`
 
 and, from Python, a callable (`GRPOTrainer(cfg, reward_funcs=[brevity])`) or a
 `(name, callable)` pair. A reward keeps the built-ins' calling convention,
@@ -33,6 +35,7 @@ from typing import Any
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 PYTHON = "python"  # the target of a recorded callable: `name=python:module.qualname`
 FILE_MODULE = "r1_user_rewards_"  # the module name of a reward file loaded by path, before its hash
+RM = "rm"  # the target of a reward model: `[name=]rm:path/to/folder` (its default metric name too)
 
 
 class RewardError(ValueError):
@@ -49,12 +52,12 @@ def split_reference(entry: str) -> tuple[str, str, str]:
     name, eq, ref = entry.partition("=")
     if not eq:
         name, ref = "", entry
-    target, _, attribute = ref.strip().partition(":") if ref.strip().startswith(PYTHON + ":") \
-        else ref.strip().rpartition(":")
+    whole = ref.strip().startswith((PYTHON + ":", RM + ":"))  # what follows is a qualname or a path
+    target, _, attribute = ref.strip().partition(":") if whole else ref.strip().rpartition(":")
     target, attribute, name = target.strip(), attribute.strip(), name.strip()
     if not target or not attribute:
-        raise RewardError(f"reward {entry!r}: expected module:function or path/to/file.py:function")
-    name = name or attribute.rsplit(".", 1)[-1]
+        raise RewardError(f"reward {entry!r}: expected module:function, path/to/file.py:function or rm:path/to/folder")
+    name = name or (RM if target == RM else attribute.rsplit(".", 1)[-1])
     if not NAME.match(name):
         raise RewardError(f"reward {entry!r}: metric name {name!r} must be letters, digits, '_', '.' or '-'")
     return name, target, attribute
@@ -83,6 +86,14 @@ def entry_text(entry: Any) -> str:
     if module in ("__main__", "?") or "<" in qualname:
         return f"{name}={PYTHON}:{module}.{qualname}"
     return f"{name}={module}:{qualname}"
+
+
+def reward_model_folder(entry: Any) -> str | None:
+    """The folder of a reward-model entry `[name=]rm:path/to/folder`; None for any other entry."""
+    if not isinstance(entry, str) or not is_reference(entry):
+        return None
+    _, target, folder = split_reference(entry)
+    return folder if target == RM else None
 
 
 def from_python(entry: str) -> bool:
@@ -163,6 +174,8 @@ def load_reference(entry: str) -> tuple[str, Callable]:
     if target == PYTHON:
         raise RewardError(f"reward {entry!r}: a function that was given from Python (reward_funcs=) "
                           f"cannot be loaded by this name; pass it again, or name it as module:function")
+    if target == RM:
+        raise RewardError(f"reward {entry!r}: a reward model, not a function (rewards/reward_model.py)")
     module = _load_file(entry, target) if _is_file(target) else _load_module(entry, target)
     where = target if _is_file(target) else f"module {target!r}"
     fn = module

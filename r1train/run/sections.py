@@ -211,22 +211,27 @@ def one_of(option: str, value, allowed) -> None:
 def check_rewards(option: str, names: list[str], weights: list[float] | None = None) -> None:
     """Rewards known or loadable, no metric name twice, at least one; one finite weight per
     reward when given. A reference (`module:fn`, `file.py:fn`) is imported here, so a wrong
-    module, file or attribute fails at start, before any model loads (rewards/custom.py)."""
+    module, file or attribute fails at start, before any model loads (rewards/custom.py); a
+    reward model's folder (`rm:path`) has its config and tokenizer read, not its weights
+    (rewards/reward_model.py)."""
     from r1train.rewards import REWARD_NAMES, RewardError, entry_name, is_reference
-    from r1train.rewards.custom import from_python, load_reference
+    from r1train.rewards.custom import from_python, load_reference, reward_model_folder
+    from r1train.rewards.reward_model import check_reward_model
 
     if not names:
         bad(option, names, "needs at least one reward function")
     unknown = [n for n in names if not is_reference(n) and n not in REWARD_NAMES]
     if unknown:
         bad(option, unknown, f"unknown reward; valid names: {', '.join(REWARD_NAMES)}, or a function as "
-                             f"module:function or path/to/file.py:function")
+                             f"module:function or path/to/file.py:function, or a reward model as rm:path/to/folder")
     for n in names:
-        if is_reference(n) and not from_python(n):  # a callable's record is checked by the trainer
-            try:
+        try:
+            if (folder := reward_model_folder(n)) is not None:
+                check_reward_model(n, folder)
+            elif is_reference(n) and not from_python(n):  # a callable's record is checked by the trainer
                 load_reference(n)
-            except RewardError as e:
-                raise ConfigError(f"--{option}: {e}") from None
+        except RewardError as e:
+            raise ConfigError(f"--{option}: {e}") from None
     labels = [entry_name(n) for n in names]
     if len(set(labels)) != len(labels):
         bad(option, names, f"names a reward twice (metric names {labels}; rename one as name=module:function)")

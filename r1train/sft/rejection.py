@@ -143,7 +143,7 @@ def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list
     The memory the generation needs is checked first (`check_sampling_memory`; `tag` names the stage).
     """
     on_main(info, lambda: check_sampling_memory(engine, prompt_ids, info, s, tag))
-    rewards = get_reward_functions(s.rewards, None, s.reward_weights or None)
+    rewards = get_reward_functions(s.rewards, None, s.reward_weights or None, device=info.device)
     names = [n for n, _, _ in rewards]
     mine = list(range(info.rank, len(records), info.world_size))
     n_batches = -(-len(records) // (info.world_size * s.prompts_per_batch))
