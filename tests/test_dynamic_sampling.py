@@ -4,10 +4,13 @@ The reward is 0 on every completion of a subtraction problem ("What is 63 - 34?"
 the embedded task's) and varies between the random model's completions elsewhere, so which groups
 carry a signal is known from the prompts alone: the tests work out from the epoch order which
 prompts a step must train on, how many rounds it needs and what the data position becomes, and
-check the trainer against that. Then: the rounds stop at the cap with zero-signal groups filling
-the batch, every row keeps the seed of its global candidate index, a step whose groups all carry a
-signal is the plain step, 2 processes train what 1 does (groups change ranks), a resumed run equals
-an uninterrupted one, and checkpoints written before the data position was kept still resume.
+check the trainer against that. Then: every row keeps the seed of its global candidate index, the
+rounds stop at the cap with zero-signal groups filling the batch, scale_rewards=batch and
+drop_zero_std_groups act on the trained batch (advantages against a float64 transcription), a step
+whose groups all carry a signal is the plain step, 2 processes train what 1 does (groups change
+ranks), a resumed run equals an uninterrupted one, and checkpoints written before the data
+position was kept still resume. Mutations checked to fail here: groups that never change ranks,
+later rounds seeded as round 0, the position not restored, the surplus kept instead of dropped.
 """
 import json
 import os
@@ -178,6 +181,30 @@ def test_rounds_stop_at_the_cap_and_flat_groups_fill(tiny, tmp_path, capsys):
     assert capsys.readouterr().out.count("groups whose rewards are all equal fill the batch") == 1
 
 
+def test_batch_std_and_dropped_groups_are_of_the_trained_batch(tiny, tmp_path):
+    """scale_rewards=batch divides by the std of the trained rewards (not of every group generated),
+    and drop_zero_std_groups leaves out exactly the flat groups that filled the batch."""
+    trainer = _trainer(tiny, tmp_path, reward=flat_if(_rare), dynamic_sampling=True, max_generation_rounds=2,
+                       scale_rewards="batch", drop_zero_std_groups=True)
+    for step in (1, 2, 3):
+        trainer.step = step
+        batch, stats = trainer.rollout()
+        trainer.data_position = trainer.next_position
+        r = batch.rewards.double().tolist()
+        mean = sum(r) / len(r)
+        std = (sum((x - mean) ** 2 for x in r) / (len(r) - 1)) ** 0.5  # unbiased, all P * G trained rows
+        for g in range(P):
+            group = r[g * G:(g + 1) * G]
+            flat = max(group) == min(group)
+            for j in range(G):
+                want = 0.0 if flat else (group[j] - sum(group) / G) / (std + 1e-4)
+                assert float(batch.advantages[g * G + j]) == pytest.approx(want, rel=1e-9, abs=1e-12)
+                assert float(batch.loss_weight[g * G + j]) == (0.0 if flat else 1.0)
+        if stats["dynamic/rounds"] == 2 and float(batch.loss_weight.sum()) < P * G:
+            return
+    pytest.fail("no step filled its batch with flat groups: the test would be vacuous")
+
+
 def test_every_group_with_signal_is_the_plain_step(tiny, tmp_path):
     """Round 0 is the plain step row for row: same prompts, seeds, rewards, advantages."""
     plain = _trainer(tiny, tmp_path / "plain", reward=token_sum)
@@ -187,6 +214,7 @@ def test_every_group_with_signal_is_the_plain_step(tiny, tmp_path):
     b, stats = dynamic.rollout()
     assert stats["dynamic/rounds"] == 1 and dynamic.next_position == P
     assert a.texts == b.texts and a.records == b.records
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
     assert torch.equal(a.completion_mask, b.completion_mask) and torch.equal(a.completion_ids, b.completion_ids)
     assert torch.equal(a.advantages, b.advantages) and torch.equal(a.loss_weight, b.loss_weight)
     assert len(set(a.advantages.tolist())) > 1

@@ -281,8 +281,10 @@ class GRPOTrainer(Trainer):
         stats["time/generate"] += clock(info.device) - t0
         self.next_position = self.data_position + len(zero_std)
         with_signal = int((~zero_std[kept]).sum())
-        stats.update({"dynamic/rounds": len(rounds),
+        stats.update({"dynamic/rounds": len(rounds),  # generation rounds this step
+                      # groups generated per group trained with a signal: what a useful group cost
                       "dynamic/groups_per_kept": len(zero_std) / with_signal if with_signal else float("nan"),
+                      # share of the generated groups without signal (frac_reward_zero_std: the trained ones)
                       "dynamic/frac_zero_std_generated": zero_std.double().mean().item()})
         if with_signal < P and self.main and not self.warned_cap:
             self.warned_cap = True
