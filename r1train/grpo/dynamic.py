@@ -2,8 +2,8 @@
 
 DAPO takes its objective (Eq. 11) subject to 0 < |{o_i : is_equivalent(a, o_i)}| < G: a group in
 which every completion is right, or every one wrong, has advantage 0 on every token and teaches
-nothing (with beta > 0, only the KL term). DAPO "over-samples and filters out prompts with the
-accuracy equal to 1 and 0", generating until the batch is full of groups that carry a signal.
+nothing (with beta > 0, only the KL term). DAPO over-samples and filters out the prompts whose
+accuracy is 1 or 0, sampling until the batch is full of groups that carry a signal.
 Here "carries a signal" is `advantages.zero_std_groups` negated: the weighted rewards of a
 group's valid rows are not all equal (any reward, not accuracy alone; verl's
 `algorithm.filter_groups.metric` picks one reward instead).
