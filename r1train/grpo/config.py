@@ -90,6 +90,12 @@ class GRPOConfig:
     drop_zero_std_groups: bool = False
     """Leave groups whose rewards are all equal out of the loss (DAPO dynamic sampling, lite), as
     mask_truncated leaves a row out."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: generate rounds of prompts_per_step new prompts until prompts_per_step
+    groups have rewards that differ, and train on those (grpo/dynamic.py)."""
+    max_generation_rounds: int = 4
+    """dynamic_sampling: rounds one step may generate; at the cap, groups without signal fill the
+    batch (verl's max_num_gen_batches, which stops the run instead)."""
     ref_refresh_steps: int = 0
     """tau: every tau steps mix the policy into the reference (0 = never)."""
     ref_mix_alpha: float = 0.6
@@ -159,6 +165,10 @@ class GRPOJobConfig:
                                   ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))):
             one_of(opt, val, allowed)
         check_rewards("grpo.rewards", g.rewards, g.reward_weights)
+        at_least("grpo.max_generation_rounds", g.max_generation_rounds, 1,
+                 "(1 = generate once; verl's 0, no limit, is not offered: data with no signal would never end)")
+        if not g.dynamic_sampling and g.max_generation_rounds != GRPOConfig.max_generation_rounds:
+            bad("grpo.max_generation_rounds", g.max_generation_rounds, "needs --grpo.dynamic_sampling true")
         if not 0 <= g.ref_mix_alpha <= 1:
             bad("grpo.ref_mix_alpha", g.ref_mix_alpha, "must be in [0, 1]")
         at_least("grpo.ref_refresh_steps", g.ref_refresh_steps, 0, "(0 = never)")

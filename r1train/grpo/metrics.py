@@ -27,7 +27,11 @@ def _valid_group_std(rewards: torch.Tensor, valid: torch.Tensor, g: int) -> torc
 
 def reward_metrics(per_fn: torch.Tensor, rewards: torch.Tensor, lengths: torch.Tensor,
                    truncated: torch.Tensor, names: list[str], group_size: int, device=None) -> dict:
-    """Reward, per-function and length statistics of the step's rows, every rank's (gathered).
+    """Reward, per-function and length statistics of the step's rows, every rank's (gathered):
+    the rows trained on. With grpo.dynamic_sampling those are the groups chosen, not every group
+    generated, so `frac_reward_zero_std` is 0 unless the rounds ran out (the generated groups'
+    share is `dynamic/frac_zero_std_generated`, GRPOTrainer._dynamic_rounds), as verl logs
+    its metrics on the filtered batch.
 
     per_fn `[N, F]` (NaN = no opinion), rewards `[N]`, lengths `[N]`, truncated `[N]` bool. A row
     on which every reward function abstained carries a placeholder reward of 0 and advantage 0

@@ -4,6 +4,9 @@ One optimizer step, in named phases (`train_step`; the loop around it is `run.lo
   1. sample prompts   - this step's slice of a seeded, epoch-wise permutation of the train set
   2. generate         - group_size completions per prompt (model/engine.py), seeded per row
   3. score            - every reward function, weighted, NaN = no opinion (rewards/)
+     With grpo.dynamic_sampling (DAPO), 1-3 repeat in rounds of new prompts until the step has
+     prompts_per_step groups whose rewards differ; the chosen groups move to the ranks that
+     train them (grpo/dynamic.py). The data position is kept in the checkpoints.
   4. advantages       - group-normalized (grpo/advantages.py), on whole groups of one rank
   5. old / ref logps  - no grad, fused log-prob kernel at the sampling temperature
   6. update           - num_iterations passes over micro-batches, gradient accumulation,
@@ -24,7 +27,8 @@ Departures from DeepSeekMath's GRPO, said out loud:
 - rows left out of the loss (grpo.mask_truncated, grpo.drop_zero_std_groups; `loss_weight` 0)
   add no term and no tokens: they leave the token counts of "bnpo" and "dapo", but stay in the N
   of "grpo" and "dr_grpo", which count the completions sampled (TRL's mask_truncated_completions,
-  which zeroes their completion mask, does the same); DAPO resamples dropped groups instead.
+  which zeroes their completion mask, does the same). grpo.dynamic_sampling resamples instead, as
+  DAPO does; where its rounds run out, zero-signal groups fill the batch (verl stops the run).
 - each of the num_iterations passes ends in its own optimizer step and carries the whole batch's
   loss (TRL's num_iterations, verl's ppo_epochs): micro-batch losses are divided by the count of
   the whole step (`loss_denominator`) and FSDP sums the ranks' gradients, so a pass's gradient
@@ -45,6 +49,7 @@ from r1train.grpo.advantages import (
 )
 from r1train.grpo.batch import GRPOBatch, split_to, token_budget_micro_batches
 from r1train.grpo.config import GRPOJobConfig
+from r1train.grpo.dynamic import batch_of_groups, gather_trained_groups, select_groups
 from r1train.grpo.loss import loss_denominator, policy_loss
 from r1train.grpo.metrics import reward_metrics, update_metrics
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
@@ -113,6 +118,10 @@ class GRPOTrainer(Trainer):
             _, _, ref_lm = load_model(cfg.model, self.out, self.info, trainable=False)
             self.ref = shard_model(PolicyModel(ref_lm), decoder_layers(ref_lm), self.info).eval()
         self.ref_refreshes = 0  # refreshes applied to self.ref: 0 means it is the initial model
+        # Prompts of the epoch order taken before this step (dynamic sampling takes more than
+        # prompts_per_step in a step); the next step's start once this one is done.
+        self.data_position = self.next_position = 0
+        self.warned_cap = False  # dynamic sampling said once that a step ran out of rounds
         self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast,
                              compile_decode=cfg.rollout.compile_decode)
         self.setup_training(self.policy, lm.config, tokenizer)
@@ -168,26 +177,57 @@ class GRPOTrainer(Trainer):
                  "reward": float(batch.rewards[j]), "advantage": float(batch.advantages[j]),
                  **{n: float(batch.per_fn[j, f]) for f, n in enumerate(names)}}
                 for j in range(min(8, len(batch)))])
+        self.data_position = self.next_position  # the step is done: a save from here on starts after it
         return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
                                  names, self.cfg.rollout.group_size, self.info.device),
                 **update_metrics(update, self.info.device),
                 "grad_norm": update["grad_norm"], "skipped_update": update["skipped_update"], **timings}
 
     def rollout(self) -> tuple[GRPOBatch, dict]:
-        """Phases 1-4: this rank's prompts, their completions, rewards and advantages."""
+        """Phases 1-4: this rank's prompts, their completions, rewards and advantages. With
+        grpo.dynamic_sampling, phases 1-3 run in rounds until the step holds prompts_per_step
+        groups whose rewards differ (grpo/dynamic.py). Also returns the step's timings (and
+        dynamic/* metrics); `next_position` is where the next step's prompts start."""
+        g, r = self.cfg.grpo, self.cfg.rollout
+        if g.dynamic_sampling:
+            batch, valid, stats = self._dynamic_rounds()
+        else:
+            batch, valid, stats = self._candidates(self.data_position, 0)
+            self.next_position = self.data_position + g.prompts_per_step
+
+        # 4. advantages on this rank's whole groups
+        if g.advantage_estimator == "rloo":
+            batch.advantages = rloo_advantages(batch.rewards, r.group_size, valid=valid)
+        else:
+            std = None
+            if g.scale_rewards == "batch":  # the std of the whole global batch, every rank's rows
+                dev = self.info.device
+                std = batch_reward_std(all_gather_cat(batch.rewards.to(dev)).cpu(),
+                                       all_gather_cat(valid.to(dev, batch.rewards.dtype)).cpu() > 0)
+            batch.advantages = group_advantages(batch.rewards, r.group_size, scale=g.scale_rewards,
+                                                valid=valid, batch_std=std)
+        flat = zero_std_groups(batch.rewards, r.group_size, valid=valid).repeat_interleave(r.group_size)  # [N]
+        drop = (g.mask_truncated & batch.truncated.cpu()) | (g.drop_zero_std_groups & flat)
+        batch.loss_weight = (~drop).double()  # [N]
+        return batch, stats
+
+    def _candidates(self, start: int, first: int) -> tuple[GRPOBatch, torch.Tensor, dict]:
+        """Phases 1-3 for prompts_per_step prompts, items `start`.. of the epoch order: this rank's
+        whole groups, generated and scored. `first`: the step's global index of the first group
+        (0, or a later round's; rows are seeded by their global index). Returns the batch, the
+        rows that some reward had an opinion on ([N] bool), and the phases' timings."""
         cfg, info, g, r = self.cfg, self.info, self.cfg.grpo, self.cfg.rollout
         # 1. sample prompts: this rank's whole groups
         t0 = clock(info.device)
         per_rank = g.prompts_per_step // info.world_size
-        order = epoch_order(len(self.train_records), cfg.train.seed, (self.step - 1) * g.prompts_per_step,
-                            g.prompts_per_step)
+        order = epoch_order(len(self.train_records), cfg.train.seed, start, g.prompts_per_step)
         mine = order[info.rank * per_rank:(info.rank + 1) * per_rank]
         # 2. generate, in chunks of prompts_per_generation prompts
         chunk = r.prompts_per_generation or per_rank
         rollouts, records = [], []
         for c in range(0, per_rank, chunk):
             idx = [i for i in mine[c:c + chunk] for _ in range(r.group_size)]
-            first_row = (info.rank * per_rank + c) * r.group_size  # global row index: seeds
+            first_row = (first + info.rank * per_rank + c) * r.group_size  # global row index: seeds
             rollouts.append(self.engine.generate(
                 [self.train_ids[i] for i in idx], [row_seed(cfg.train.seed, self.step, first_row + j)
                                                    for j in range(len(idx))],
@@ -200,7 +240,7 @@ class GRPOTrainer(Trainer):
 
         # 3. score: [N, F], NaN where a reward has no opinion
         t0 = clock(info.device)
-        failure = None
+        failure, valid = None, None
         try:
             batch.per_fn = score_completions(self.rewards, batch.texts, records, batch.completion_lists())  # [N, F]
             batch.rewards, valid = combine_rewards(batch.per_fn, self.weights)  # [N], [N]
@@ -216,22 +256,47 @@ class GRPOTrainer(Trainer):
             failure = RewardError(f"step {self.step}: {e}")
         timings["time/score"] = clock(info.device) - t0
         self.stop_point(failure)
+        return batch, valid, timings
 
-        # 4. advantages on this rank's whole groups
-        if g.advantage_estimator == "rloo":
-            batch.advantages = rloo_advantages(batch.rewards, r.group_size, valid=valid)
-        else:
-            std = None
-            if g.scale_rewards == "batch":  # the std of the whole global batch, every rank's rows
-                dev = info.device
-                std = batch_reward_std(all_gather_cat(batch.rewards.to(dev)).cpu(),
-                                       all_gather_cat(valid.to(dev, batch.rewards.dtype)).cpu() > 0)
-            batch.advantages = group_advantages(batch.rewards, r.group_size, scale=g.scale_rewards,
-                                                valid=valid, batch_std=std)
-        flat = zero_std_groups(batch.rewards, r.group_size, valid=valid).repeat_interleave(r.group_size)  # [N]
-        drop = (g.mask_truncated & batch.truncated.cpu()) | (g.drop_zero_std_groups & flat)
-        batch.loss_weight = (~drop).double()  # [N]
-        return batch, timings
+    def _dynamic_rounds(self) -> tuple[GRPOBatch, torch.Tensor, dict]:
+        """Phases 1-3 with DAPO dynamic sampling (grpo/dynamic.py): rounds of prompts_per_step new
+        groups until prompts_per_step of them carry a signal, or max_generation_rounds ran; then
+        this rank's share of the chosen groups, in candidate order."""
+        cfg, info, g, G = self.cfg, self.info, self.cfg.grpo, self.cfg.rollout.group_size
+        P = g.prompts_per_step
+        rounds, flags, stats = [], [], {"time/generate": 0.0, "time/score": 0.0}
+        for k in range(g.max_generation_rounds):
+            batch, valid, timings = self._candidates(self.data_position + k * P, k * P)
+            stats = {key: stats[key] + timings[key] for key in stats}
+            local = zero_std_groups(batch.rewards, G, valid=valid)  # [P / W], this rank's groups
+            flags.append(all_gather_cat(local.to(info.device, torch.float32)).cpu() > 0)  # [P], candidate order
+            rounds.append(batch)
+            if int((~torch.cat(flags)).sum()) >= P:
+                break
+        zero_std = torch.cat(flags)  # [rounds * P]
+        kept = select_groups(zero_std, P)
+        t0 = clock(info.device)
+        groups = gather_trained_groups(rounds, kept, info.rank, info.world_size, G)
+        prompts = epoch_order(len(self.train_records), cfg.train.seed, self.data_position, len(zero_std))
+        mine = [prompts[c] for c in kept[info.rank * len(groups):(info.rank + 1) * len(groups)]]
+        batch = batch_of_groups(groups, [self.train_ids[i] for i in mine], [self.train_records[i] for i in mine],
+                                G, self.tokenizer.pad_token_id, info.device)
+        batch.rewards, valid = combine_rewards(batch.per_fn, self.weights)  # [N], [N]: as the round computed them
+        stats["time/generate"] += clock(info.device) - t0
+        self.next_position = self.data_position + len(zero_std)
+        with_signal = int((~zero_std[kept]).sum())
+        stats.update({"dynamic/rounds": len(rounds),  # generation rounds this step
+                      # groups generated per group trained with a signal: what a useful group cost
+                      "dynamic/groups_per_kept": len(zero_std) / with_signal if with_signal else float("nan"),
+                      # share of the generated groups without signal (frac_reward_zero_std: the trained ones)
+                      "dynamic/frac_zero_std_generated": zero_std.double().mean().item()})
+        if with_signal < P and self.main and not self.warned_cap:
+            self.warned_cap = True
+            print(f"[grpo] step {self.step}: {with_signal} of {P} groups carry a signal after "
+                  f"--grpo.max_generation_rounds={g.max_generation_rounds} rounds; groups whose rewards are all "
+                  f"equal fill the batch (frac_reward_zero_std in metrics.jsonl counts them at every step)",
+                  flush=True)
+        return batch, valid, stats
 
     def _training_attention(self):
         """Packed passes attend within their segments, in the forward and in a checkpointed
@@ -347,10 +412,12 @@ class GRPOTrainer(Trainer):
                         seed=self.cfg.train.seed, return_samples=len(self.eval_records))
 
     def trainer_state(self) -> dict:
-        return {"ref_refreshes": self.ref_refreshes}
+        return {"ref_refreshes": self.ref_refreshes, "data_position": self.data_position}
 
     def load_trainer_state(self, state: dict, checkpoint) -> None:
         self.ref_refreshes = int(state["ref_refreshes"]) if self.ref is not None else 0
+        # Checkpoints written before the position was kept: every step had taken prompts_per_step.
+        self.data_position = int(state.get("data_position", self.step * self.cfg.grpo.prompts_per_step))
         if self.main and self.ref_refreshes:
             print(f"[grpo] reference refreshed {self.ref_refreshes} times", flush=True)
 
