@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -233,3 +234,75 @@ def test_results_table_adds_pass_and_maj_only_when_sampled():
     assert table[2].split()[-3:] == ["-", "-", "-"]  # before sft: evaluated once
     assert table[4].split() == ["grpo", "50.0%", "100.0%", "30.0", "62.5%", "50.0%", "9s"]
     assert len({len(line) for line in table}) == 1  # the columns line up
+
+
+# ---- end to end: the committed cold-start model (47.5% greedy accuracy), right and wrong -------
+TINY_SFT = ROOT / "tests" / "assets" / "tiny-r1-sft"
+GRPO = ["grpo", "--model.path", str(TINY_SFT), "--rollout.group_size", "2", "--grpo.prompts_per_step", "2",
+        "--grpo.micro_batch_size", "2", "--rollout.max_new_tokens", "40", "--grpo.beta", "0",
+        "--train.max_steps", "1", "--train.eval_every", "0", "--data.num_eval", "7",
+        "--data.task.max_operands", "3", "--data.task.max_value", "9", "--train.progress", "false",
+        "--train.export", "false", "--train.save_every", "0", "--eval.samples", "4", "--eval.temperature", "1.0"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_grpo_run_with_eval_samples_writes_pass_and_maj_and_two_processes_match_one(tmp_path):
+    """--eval.samples 4 on 7 held-out problems: metrics.jsonl holds eval/pass@1..4 and eval/maj@4,
+    equal to enumeration and a hand count over the completions in eval_samples.jsonl (answers
+    read with a regular expression here); 2 processes (4 and 3 problems) evaluate the step-0
+    model as one does."""
+    from launch import train_py
+    res = train_py(*GRPO, "--train.output_dir", str(tmp_path / "one"), env=ENV, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "pass@1" in res.stdout and "maj@4" in res.stdout  # the eval line says them too
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(ROOT / "train.py"), *GRPO, "--train.output_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+
+    evals = {run: [m for m in _jsonl(tmp_path / run / "metrics.jsonl") if "eval/accuracy" in m]
+             for run in ("one", "two")}
+    first = evals["one"][0]
+    assert [m["step"] for m in evals["one"]] == [0, 1] and evals["two"][0] == first
+    names = ["accuracy", "format", "mean_length", "num_problems", "pass@1", "pass@2", "pass@3", "pass@4", "maj@4"]
+    assert sorted(first) == sorted(["step", *(f"eval/{n}" for n in names)]) and first["eval/num_problems"] == 7
+
+    samples = {run: [s for s in _jsonl(tmp_path / run / "eval_samples.jsonl") if s["step"] == 0]
+               for run in ("one", "two")}
+    assert samples["one"] == samples["two"] and len(samples["one"]) == 7 * 4
+    by_problem: dict[str, list[dict]] = {}
+    for s in samples["one"]:
+        by_problem.setdefault(s["problem"], []).append(s)
+    for m in range(1, 5):
+        exact = sum(enumerated_pass_at_k(4, sum(s["accuracy"] == 1.0 for s in v), m) for v in by_problem.values())
+        assert first[f"eval/pass@{m}"] == pytest.approx(float(exact / 7), abs=1e-12), m
+    won = 0
+    for v in by_problem.values():
+        answers = [(re.findall(r"<answer>\s*(.*?)\s*</answer>", s["completion"]) or [None])[-1] for s in v]
+        w = hand_vote(answers)
+        won += w is not None and v[w]["accuracy"] == 1.0
+    assert first["eval/maj@4"] == pytest.approx(won / 7, abs=1e-12)
+    assert first["eval/accuracy"] == pytest.approx(sum(s["accuracy"] for s in samples["one"]) / 28, abs=1e-12)
+    # Not vacuous: right and wrong samples, problems solved by some samples only.
+    assert 0 < first["eval/pass@1"] < first["eval/pass@4"] < 1 and 0 < first["eval/maj@4"] < 1
+
+
+def test_sft_run_with_eval_samples(tmp_path):
+    """SFT (and distill, its subclass) evaluates with the same option: k samples at --eval.temperature."""
+    from launch import train_py
+    out = tmp_path / "sft"
+    res = train_py("sft", "--model.path", str(TINY_SFT), "--data.num_train", "16", "--data.num_eval", "4",
+                   "--data.task.max_operands", "3", "--data.task.max_value", "9", "--sft.max_seq_len", "512",
+                   "--sft.rows_per_step", "2", "--sft.eval_max_new_tokens", "40", "--train.max_steps", "1",
+                   "--train.eval_every", "0", "--train.save_every", "0", "--train.export", "false",
+                   "--train.progress", "false", "--eval.samples", "3", "--train.output_dir", str(out),
+                   env=ENV, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    evals = [m for m in _jsonl(out / "metrics.jsonl") if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 1]
+    assert all({"eval/pass@1", "eval/pass@2", "eval/pass@3", "eval/maj@3"} <= set(m) for m in evals)
+    assert len([s for s in _jsonl(out / "eval_samples.jsonl") if s["step"] == 0]) == 4 * 3
