@@ -94,7 +94,9 @@ def test_fsdp_of_one_process_and_checkpointing_match_plain(tiny, tmp_path):
 
 # The uninterrupted 4-step run, checkpointed at steps 2 and 4 and exported, made once: the reference
 # of the plain resume below, and the run whose step-2 checkpoint is resumed with refreshes turned on.
-FOUR = [*BASE, "--train.max_steps", "4", "--train.save_every", "2"]
+# Its evaluations sample 2 completions per problem (--eval.samples), each seeded by (problem,
+# sample) alone: the resumed run's final evaluation draws what the uninterrupted one drew.
+FOUR = [*BASE, "--train.max_steps", "4", "--train.save_every", "2", "--eval.samples", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,13 @@ def test_resume_equals_uninterrupted_and_export_loads(tiny, four_steps, tmp_path
     for x, y in zip(ma, mb):
         assert x["reward"] == pytest.approx(y["reward"], abs=1e-9)
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-7)
+    ea, eb = ([m for m in _metrics(run) if "eval/pass@2" in m] for run in (full, part))
+    assert [m["step"] for m in ea] == [m["step"] for m in eb] == [0, 4]
+    for x, y in zip(ea, eb):
+        assert x == pytest.approx(y, abs=1e-9)
+    sa, sb = ([json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
+              for run in (full, part))
+    assert [s for s in sa if s["step"] == 4] == [s for s in sb if s["step"] == 4] and len(sa) == 2 * 4 * 2
     assert (full / "samples.jsonl").exists()
 
     # The export loads in a fresh process and generates.

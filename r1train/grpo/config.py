@@ -13,12 +13,14 @@ from r1train.rewards import RewardConfig
 from r1train.run.config import ConfigError
 from r1train.run.sections import (
     DataConfig,
+    EvalConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
     at_least,
     bad,
     check_data,
+    check_eval,
     check_export_adapter,
     check_lora_unsharded,
     check_model,
@@ -116,6 +118,7 @@ class GRPOJobConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the option, on values and combinations that cannot train.
@@ -151,6 +154,7 @@ class GRPOJobConfig:
             bad("rollout.top_p", r.top_p, "must be in (0, 1]")
         at_least("rollout.top_k", r.top_k, 0, "(0 = off)")
         at_least("rollout.eval_temperature", r.eval_temperature, 0, "(0 = greedy)", finite_only=True)
+        check_eval(self.eval, r.eval_temperature)
         at_least("grpo.beta", g.beta, 0, finite_only=True)
         at_least("grpo.num_iterations", g.num_iterations, 1)
         if not 0 <= g.epsilon_low < 1:  # 1 - epsilon_low is the ratio's lower clip, and a ratio is > 0

@@ -140,7 +140,7 @@ class GRPOTrainer(Trainer):
         shape = ModelShape.of(self.policy.lm)
         est = estimate_memory(
             shape, gen_rows=max(min(r.prompts_per_generation or per_rank, per_rank) * r.group_size,
-                                min(EVAL_BATCH_SIZE, len(self.eval_ids))),
+                                min(EVAL_BATCH_SIZE, len(self.eval_ids) * cfg.eval.samples)),
             prompt_tokens=longest, new_tokens=r.max_new_tokens,
             compute_bytes=compute_bytes(info.device, shape.param_bytes, bf16=True),  # autocast or FSDP's
             reference=self.ref is not None, step_rows=per_rank * r.group_size,
@@ -406,10 +406,11 @@ class GRPOTrainer(Trainer):
 
     # ---------------------------------------------------------------- what the loop asks
     def evaluate(self) -> dict:
-        r = self.cfg.rollout
+        r, e = self.cfg.rollout, self.cfg.eval
         return evaluate(self.engine, self.eval_records, self.eval_ids, self.info,
-                        max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature,
-                        seed=self.cfg.train.seed, return_samples=len(self.eval_records))
+                        max_new_tokens=r.max_new_tokens, seed=self.cfg.train.seed,
+                        temperature=e.temperature if e.samples > 1 else r.eval_temperature,
+                        samples=e.samples, return_samples=len(self.eval_records))
 
     def trainer_state(self) -> dict:
         return {"ref_refreshes": self.ref_refreshes, "data_position": self.data_position}

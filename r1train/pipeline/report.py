@@ -86,21 +86,39 @@ def write_report(out: Path, files: dict[str, bytes]) -> None:
     fsync_path(out)
 
 
+def samples_of(evaluation: dict) -> int:
+    """k of an evaluation with --eval.samples k > 1 (it holds pass@1..pass@k, maj@k), else 1."""
+    return max((int(n[len("pass@"):]) for n in evaluation if n.startswith("pass@")), default=1)
+
+
 def results_table(rows: list[dict]) -> str:
-    """stage | accuracy | format rate | mean completion length | wall time."""
-    lines = [f"{'stage':<22}{'accuracy':>10}{'format':>10}{'mean len':>10}{'wall time':>11}",
-             "-" * 63]
+    """stage | accuracy | format rate | mean completion length | wall time; with --eval.samples
+    k > 1 in a stage, also pass@k and maj@k (a dash for the stages evaluated once)."""
     first = next((r for r in rows if isinstance(r.get("initial"), dict)), None)
+    evaluations = [r for r in rows if "accuracy" in r] + ([first["initial"]] if first else [])
+    ks = sorted({samples_of(e) for e in evaluations} - {1})
+    label, width = (f"@{ks[0]}", 10) if len(ks) == 1 else ("@k", 14)  # different k: each cell says its k
+
+    def sampled(e: dict | None) -> str:  # the pass@k and maj@k cells of a row
+        k = samples_of(e) if e else 1
+        cells = ["-", "-"] if k == 1 else [f"{e[f'pass@{k}']:.1%}", f"{e[f'maj@{k}']:.1%}"]
+        if k > 1 and len(ks) > 1:
+            cells = [f"{c} k={k}" for c in cells]
+        return "".join(f"{c:>{width}}" for c in cells) if ks else ""
+    extra = f"{'pass' + label:>{width}}{'maj' + label:>{width}}" if ks else ""
+    lines = [f"{'stage':<22}{'accuracy':>10}{'format':>10}{'mean len':>10}{extra}{'wall time':>11}",
+             "-" * (63 + len(extra))]
     if first is not None:
         e = first["initial"]
         lines.append(f"{'before ' + first['stage']:<22}{e['accuracy']:>10.1%}"
-                     f"{e['format']:>10.1%}{e['mean_length']:>10.1f}{'-':>11}")
+                     f"{e['format']:>10.1%}{e['mean_length']:>10.1f}{sampled(e)}{'-':>11}")
     for r in rows:
         if "accuracy" not in r:
-            lines.append(f"{r['stage']:<22}{'-':>10}{'-':>10}{'-':>10}{r.get('wall_time_s', 0):>10.0f}s")
+            lines.append(f"{r['stage']:<22}{'-':>10}{'-':>10}{'-':>10}{sampled(None)}"
+                         f"{r.get('wall_time_s', 0):>10.0f}s")
             continue
         lines.append(f"{r['stage']:<22}{r['accuracy']:>10.1%}{r['format']:>10.1%}"
-                     f"{r['mean_length']:>10.1f}{r.get('wall_time_s', 0):>10.0f}s")
+                     f"{r['mean_length']:>10.1f}{sampled(r)}{r.get('wall_time_s', 0):>10.0f}s")
     return "\n".join(lines)
 
 

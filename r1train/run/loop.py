@@ -276,8 +276,10 @@ class Trainer:
             write_jsonl(self.out / "eval_samples.jsonl", [{"step": self.step, **x} for x in samples])
         self.eval_history.append(res)
         if self.main:
+            extra = [n for n in res if n.startswith(("pass@", "maj@"))]  # k > 1: pass@1..pass@k, maj@k
+            extra = "".join(f" {n} {res[n]:.3f}" for n in extra[:1] + extra[-2:])  # pass@1, pass@k, maj@k
             say(f"[{self.tag}] eval step {self.step}: accuracy {res['accuracy']:.3f} format "
-                f"{res['format']:.3f} mean length {res['mean_length']:.1f}")
+                f"{res['format']:.3f} mean length {res['mean_length']:.1f}{extra}")
         self.logger.log({f"eval/{k}": v for k, v in res.items() if k != "step"}, self.step)
         return res
 

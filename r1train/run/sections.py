@@ -181,6 +181,17 @@ class TrainConfig:
     200 MB/s takes 8 minutes while the others wait). A pipeline's process group keeps the default."""
 
 
+@dataclass
+class EvalConfig:
+    samples: int = 1
+    """k: completions per held-out problem. 1: one completion, greedy (GRPO: at
+    --rollout.eval_temperature); k > 1: k sampled at `temperature`, and pass@1..pass@k and maj@k
+    reported besides the means over all samples (evaluate.py)."""
+    temperature: float = 0.6
+    """Sampling temperature of the k > 1 samples (DeepSeek-R1 evaluated pass@1 at 0.6); unused
+    with samples 1."""
+
+
 # ---- checks ------------------------------------------------------------------------------
 def bad(option: str, value, why: str):
     raise ConfigError(f"--{option}={value!r}: {why}")
@@ -321,6 +332,21 @@ def check_data(d, section: str = "data") -> None:
         TaskConfig(**dataclasses.asdict(d.task))
     except ValueError as e:
         raise ConfigError(f"--{section}.{e}") from None
+
+
+def check_eval(e: EvalConfig, eval_temperature: float = 0.0) -> None:
+    """`eval_temperature`: GRPO's --rollout.eval_temperature, the temperature of the single
+    completion of samples 1; with k > 1 samples --eval.temperature applies, and both set would
+    leave a reader guessing which one did."""
+    at_least("eval.samples", e.samples, 1, "(1 = one greedy completion per problem)")
+    if e.samples > 1:
+        if not (finite(e.temperature) and e.temperature > 0):
+            bad("eval.temperature", e.temperature, f"must be a finite number > 0: --eval.samples {e.samples} "
+                                                   f"samples each problem (0 would give k equal greedy completions)")
+        if eval_temperature:
+            bad("rollout.eval_temperature", eval_temperature,
+                f"sets the single completion of --eval.samples 1; with --eval.samples {e.samples} the samples "
+                f"use --eval.temperature ({e.temperature}): leave --rollout.eval_temperature at 0")
 
 
 def check_optim(o: OptimConfig, section: str = "optim") -> None:

@@ -29,7 +29,7 @@ from r1train.run.config import ConfigError
 from r1train.run.dist import all_reduce_sum, decoder_layers, shard_model
 from r1train.run.logging import write_jsonl
 from r1train.run.loop import Trainer, epoch_order
-from r1train.run.sections import EMBEDDED, ModelConfig, OptimConfig, TrainConfig
+from r1train.run.sections import EMBEDDED, EvalConfig, ModelConfig, OptimConfig, TrainConfig
 from r1train.sft.packing import (
     IGNORE_INDEX,
     VARLEN_ATTENTION,
@@ -119,12 +119,14 @@ class SFTJobConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/sft", max_steps=1000))
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the option, before any model or data loads (NaN fails too)."""
         from r1train.run.sections import (
             at_least,
             check_data,
+            check_eval,
             check_export_adapter,
             check_lora_unsharded,
             check_model,
@@ -140,6 +142,7 @@ class SFTJobConfig:
         check_optim(self.optim)
         check_train(self.train)
         check_export_adapter(self.model, self.train)
+        check_eval(self.eval)
         at_least("sft.max_seq_len", s.max_seq_len, 8)
         at_least("sft.rows_per_micro_batch", s.rows_per_micro_batch, 1)
         if s.rows_per_step < 1 or s.rows_per_step % (s.rows_per_micro_batch * world_size):
@@ -294,8 +297,10 @@ class SFTTrainer(Trainer):
             return None
         # Generation has no document boundaries: plain SDPA with the KV cache, then back.
         self.lm.set_attn_implementation(self.cfg.model.attn_implementation)
+        e = self.cfg.eval
         res = evaluate(self.engine, self.eval_records, self.eval_ids, self.info,
                        max_new_tokens=self.cfg.sft.eval_max_new_tokens, seed=self.cfg.train.seed,
+                       temperature=e.temperature if e.samples > 1 else 0.0, samples=e.samples,
                        return_samples=len(self.eval_records))
         self._training_attention()
         return res
