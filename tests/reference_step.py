@@ -21,6 +21,15 @@ and the options, `grpo_step` computes with plain loops over rows and Hugging Fac
   metrics    kl (k3), ratio, clip fractions (A < 0 and ratio < 1 - eps_low; A > 0 and ratio >
              1 + eps_high; either) and the entropy of softmax(logits / temperature): means over
              every token of the rows in the loss, of every pass; the loss averaged over passes
+  w_it       weights of the policy term only (term_it = w_it * -min(..) + beta k3_it), the
+             denominators unchanged, from two selections made at the step's start:
+               rho        = exp(old_it - sampler_it), or exp(sum_t ...) per row (sequence level)
+               tis        w = min(rho, C);  mis: w = rho inside [C_low, C], else 0   (Yao et al. 2025)
+               entropy    w *= [H_it >= tau], tau the entropy of the k-th token from the top of
+                          every kept token's entropy sorted, k = the fewest reaching a share q
+                          ("Beyond the 80/20 Rule")
+             logged: mismatch_kl = mean of rho_t - 1 - log rho_t (token ratios), the mean
+             weight, the share truncated or masked, the share the entropy kept, and tau
   g          = d loss / d theta; |g| its global norm; g *= min(1, max_norm / (|g| + 1e-6))
   lr         = lr0 * (k + 1) / warmup (k < warmup), else lr0 (constant) or the cosine formula;
                k = training steps already taken
@@ -41,6 +50,7 @@ separately (its docstring).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -108,19 +118,23 @@ def lr_at(k: int, lr: float, warmup: int, max_steps: int, schedule: str, min_rat
 
 
 def grpo_loss(lm, rows, advantages, old, ref, keep, *, loss_type, beta, eps_low, eps_high, temperature,
-              max_new_tokens) -> tuple[torch.Tensor, dict]:
+              max_new_tokens, weights=None) -> tuple[torch.Tensor, dict]:
     """The step's objective (module docstring) at lm's weights, a float64 scalar with a graph, and
-    the statistics' sums over the tokens of the rows kept ("tokens": their count)."""
+    the statistics' sums over the tokens of the rows kept ("tokens": their count). `weights`:
+    each row's [T] weights of the policy term (None: 1)."""
     sums, lengths = [], []
     stats = dict.fromkeys(("tokens", "kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "clip_frac",
                            "entropy"), 0.0)
-    for (prompt, completion), a, old_i, ref_i, kept in zip(rows, advantages, old, ref, keep):
+    weights = weights or [None] * len(rows)
+    for (prompt, completion), a, old_i, ref_i, kept, w in zip(rows, advantages, old, ref, keep, weights):
         if not kept:
             continue
         logp, entropy = completion_logprobs(lm, prompt, completion, temperature, entropy=True)
         ratio = torch.exp(logp - old_i)
         clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
         term = -torch.minimum(ratio * a, clipped * a)
+        if w is not None:
+            term = w * term
         k3 = torch.exp(ref_i - logp) - (ref_i - logp) - 1
         if beta:
             term = term + beta * k3
@@ -158,8 +172,67 @@ def adamw(params: dict, grads: dict, state: dict, *, lr, betas, weight_decay, de
         params[name] = new
 
 
+def token_selection(rows, old, sampler, keep, entropies, g) -> tuple[list, dict]:
+    """Each row's [T] weights of the policy term (None everywhere when no selection is on) and
+    the selection's logged means (module docstring). `sampler`: each row's [T] sampler log-probs;
+    `entropies`: each row's [T] entropies at the step's start; `g`: the GRPOConfig."""
+    kept_rows = [i for i in range(len(rows)) if keep[i]]
+    tokens = sum(len(rows[i][1]) for i in kept_rows)
+    weights = [torch.ones(len(c), dtype=torch.float64) for _, c in rows]
+    logged = {}
+    if sampler is not None:
+        mismatch = 0.0
+        for i in kept_rows:
+            for t in range(len(rows[i][1])):
+                x = float(old[i][t]) - float(sampler[i][t])
+                mismatch += math.exp(x) - 1 - x
+        logged["mismatch_kl"] = mismatch / max(tokens, 1)
+    if g.rollout_correction != "none":
+        outside, bounds = 0, [math.log(g.correction_bound)] + ([math.log(g.correction_bound_low)]
+                                                             if g.correction_bound_low else [])
+        # how near a ratio comes to a bound (in log): a ratio at rounding distance from one is a
+        # coin toss between the trainer's logps and these
+        logged["_bound_gap"] = min(abs(float(old[i][t]) - float(sampler[i][t]) - b) if g.correction_level == "token"
+                                   else abs(sum(float(old[i][u]) - float(sampler[i][u])
+                                                for u in range(len(rows[i][1]))) - b)
+                                   for i in kept_rows for t in range(len(rows[i][1])) for b in bounds)
+        for i in kept_rows:
+            log_row = sum(float(old[i][t]) - float(sampler[i][t]) for t in range(len(rows[i][1])))
+            for t in range(len(rows[i][1])):
+                log_rho = log_row if g.correction_level == "sequence" else float(old[i][t]) - float(sampler[i][t])
+                rho = math.exp(log_rho)
+                if g.rollout_correction == "tis":
+                    weights[i][t] = min(rho, g.correction_bound)
+                    outside += rho > g.correction_bound
+                else:
+                    inside = g.correction_bound_low <= rho <= g.correction_bound
+                    weights[i][t] = rho if inside else 0.0
+                    outside += not inside
+        logged["is_weight_mean"] = sum(float(weights[i].sum()) for i in kept_rows) / max(tokens, 1)
+        name = "is_truncated_frac" if g.rollout_correction == "tis" else "is_masked_frac"
+        logged[name] = outside / max(tokens, 1)
+    if g.top_entropy_quantile < 1:
+        every = sorted((float(h) for i in kept_rows for h in entropies[i]), reverse=True)
+        share, k = Fraction(str(g.top_entropy_quantile)), 1
+        while k < len(every) and Fraction(k, len(every)) < share:
+            k += 1
+        tau, selected = every[k - 1], 0
+        for i in kept_rows:
+            on = torch.tensor([float(h) >= tau for h in entropies[i]], dtype=torch.float64)
+            weights[i] = weights[i] * on
+            selected += int(on.sum())
+        logged.update(entropy_kept_frac=selected / max(tokens, 1), entropy_threshold=tau)
+        # how far tau is from the next entropy down: a gap at float rounding would make the
+        # selection a coin toss between the trainer's float32-normed entropies and these
+        logged["_entropy_gap"] = tau - max([h for h in every if h < tau], default=-math.inf)
+    if g.rollout_correction == "none" and g.top_entropy_quantile == 1:
+        weights = None
+    return weights, logged
+
+
 def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], ref_weights: dict | None, rows,
-              truncated, per_fn, reward_weights, adam_state: dict, *, G: int, k: int, cfg) -> dict:
+              truncated, per_fn, reward_weights, adam_state: dict, *, G: int, k: int, cfg,
+              sampler_logps: list | None = None) -> dict:
     """One training step (module docstring), checked in two independent halves per pass:
 
     - the objective's gradient at the weights the pass starts from (`pass_weights[i]`, name ->
@@ -171,20 +244,24 @@ def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], re
     `rows`: [(prompt ids, completion ids)]; `truncated`: [bool] whether each row hit
     max_new_tokens; `ref_weights`: the frozen reference (None: beta 0); `adam_state`: name ->
     (m, v, t) before the step, updated; `k`: training steps already taken; `cfg`: a GRPOJobConfig
-    (its numbers only). Returns {"rewards", "advantages", "keep" (the rows in the loss), "lr",
-    "grads", "norms" (of the objective's gradients), "given_norms" (of `trainer_grads`), "weights"
-    (after each pass's update), "metrics" (the loss and the per-token means of the step)}."""
+    (its numbers only); `sampler_logps`: each row's [T] log-probs under the sampler (the rollout
+    correction's pi_sampler; None: no mismatch logged). Returns {"rewards", "advantages", "keep"
+    (the rows in the loss), "lr", "grads", "norms" (of the objective's gradients), "given_norms"
+    (of `trainer_grads`), "weights" (after each pass's update), "metrics" (the loss and the
+    per-token means of the step, and the selections' logged numbers), "entropy_gap",
+    "bound_gap" (`token_selection`: how far the selections are from a coin toss)}."""
     g, o, r = cfg.grpo, cfg.optim, cfg.rollout
     rewards = weighted_rewards(per_fn, reward_weights)
     advantages = group_advantages(rewards, G, g.advantage_estimator)
     keep = kept_rows(rewards, truncated, G, g.mask_truncated, g.drop_zero_std_groups)
     with torch.no_grad():
         start = load_float64(path, pass_weights[0])
-        old = [completion_logprobs(start, p, c, r.temperature) for p, c in rows]
+        old, entropies = zip(*(completion_logprobs(start, p, c, r.temperature, entropy=True) for p, c in rows))
         ref = old
         if g.beta:
             ref_lm = load_float64(path, ref_weights)
             ref = [completion_logprobs(ref_lm, p, c, r.temperature) for p, c in rows]
+    selection, logged = token_selection(rows, old, sampler_logps, keep, entropies, g)
     lr = lr_at(k, o.lr, o.warmup_steps, cfg.train.max_steps, o.schedule, o.min_lr_ratio)
     out = {"rewards": rewards, "advantages": advantages, "keep": keep, "lr": lr, "grads": [], "norms": [],
            "given_norms": [], "weights": []}
@@ -193,7 +270,7 @@ def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], re
         lm = load_float64(path, weights)
         loss, stats = grpo_loss(lm, rows, advantages, old, ref, keep, loss_type=g.loss_type, beta=g.beta,
                                 eps_low=g.epsilon_low, eps_high=g.epsilon_high or g.epsilon_low,
-                                temperature=r.temperature, max_new_tokens=r.max_new_tokens)
+                                temperature=r.temperature, max_new_tokens=r.max_new_tokens, weights=selection)
         losses.append(float(loss.detach()))
         totals = {name: totals.get(name, 0.0) + x for name, x in stats.items()}
         loss.backward()
@@ -205,6 +282,9 @@ def grpo_step(path: str, pass_weights: list[dict], trainer_grads: list[dict], re
         out["weights"].append(params)
     tokens = totals.pop("tokens")
     out["metrics"] = {"loss": sum(losses) / len(losses), **{name: x / tokens for name, x in totals.items()}}
+    out["entropy_gap"] = logged.pop("_entropy_gap", None)
+    out["bound_gap"] = logged.pop("_bound_gap", None)
+    out["metrics"].update(logged)
     return out
 
 

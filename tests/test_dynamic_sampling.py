@@ -218,6 +218,8 @@ def test_every_group_with_signal_is_the_plain_step(tiny, tmp_path):
     assert torch.equal(a.completion_mask, b.completion_mask) and torch.equal(a.completion_ids, b.completion_ids)
     assert torch.equal(a.advantages, b.advantages) and torch.equal(a.loss_weight, b.loss_weight)
     assert len(set(a.advantages.tolist())) > 1
+    # The sampler's log-probs travel with their groups (grpo.rollout_correction, mismatch_kl).
+    assert a.sampler_logps is not None and torch.equal(a.sampler_logps, b.sampler_logps)
 
 
 # --- end to end: train.py, 1 and 2 processes, resume ---------------------------------------------
@@ -225,9 +227,10 @@ RUN = ["--rollout.group_size", str(G), "--grpo.prompts_per_step", str(P), "--grp
        "--rollout.max_new_tokens", "12", "--grpo.beta", "0.04", "--optim.lr", "1e-3", "--optim.warmup_steps", "0",
        "--data.num_train", "64", "--data.num_eval", "2", "--train.eval_every", "0", "--train.progress", "false",
        "--train.max_steps", "3", "--train.save_every", "1", "--train.export", "false",
-       "--grpo.dynamic_sampling", "true", "--grpo.max_generation_rounds", "3"]
+       "--grpo.dynamic_sampling", "true", "--grpo.max_generation_rounds", "3",
+       "--grpo.rollout_correction", "tis"]  # groups that change rank carry their sampler log-probs
 COMPARED = ("reward", "loss", "kl", "grad_norm", "frac_reward_zero_std", "dynamic/rounds", "dynamic/groups_per_kept",
-            "dynamic/frac_zero_std_generated")
+            "dynamic/frac_zero_std_generated", "mismatch_kl", "is_weight_mean")
 
 
 def _run(args, nproc=1):

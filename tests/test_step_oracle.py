@@ -190,7 +190,8 @@ def capture_grpo(trainer: GRPOTrainer) -> dict:
                      in zip(batch.input_ids, batch.attention_mask, batch.completion_lists())],
             "per_fn": batch.per_fn.tolist(), "rewards": batch.rewards.tolist(),
             "advantages": batch.advantages.tolist(), "truncated": batch.truncated.tolist(),
-            "loss_weight": batch.loss_weight.tolist()}
+            "loss_weight": batch.loss_weight.tolist(),
+            "sampler_logps": [x[: len(c)].tolist() for x, c in zip(batch.sampler_logps, batch.completion_lists())]}
     ranks = [mine]
     if torch.distributed.is_initialized():  # each rank holds whole groups: rank order is group order
         ranks = [None] * torch.distributed.get_world_size()
@@ -216,9 +217,17 @@ def check_grpo(seen: dict, cfg) -> list[str]:
     g, r = cfg.grpo, cfg.rollout
     truncated = hit_the_budget(cfg.model.path, seen["rows"], r.max_new_tokens, r.stop_strings)
     want = grpo_step(cfg.model.path, seen["weights"], seen["grads"], seen["ref_weights"], seen["rows"], truncated,
-                     seen["per_fn"], seen["reward_weights"], seen["moments"], G=r.group_size, k=1, cfg=cfg)
+                     seen["per_fn"], seen["reward_weights"], seen["moments"], G=r.group_size, k=1, cfg=cfg,
+                     sampler_logps=seen["sampler_logps"])
     problems = Disagreements()
     close = problems.close
+    for name, gap in (("an entropy next to the threshold", want["entropy_gap"]),
+                      ("a log ratio next to a correction bound", want["bound_gap"])):
+        if gap is not None and gap < 1e-6:
+            problems.append(f"{name} ({gap:.2g} away): the selection is decided by rounding, pick other options")
+    for name in ("is_truncated_frac", "is_masked_frac", "entropy_kept_frac"):
+        if name in want["metrics"] and not 0 < want["metrics"][name] < 1:
+            problems.append(f"{name} {want['metrics'][name]}: the selection took all tokens or none, untested")
     close("rewards", seen["rewards"], want["rewards"], rtol=1e-12)
     close("advantages", seen["advantages"], want["advantages"], rtol=1e-9, atol=1e-12)
     if not any(a != 0 for a in want["advantages"]):
@@ -266,13 +275,43 @@ CASES = {
     "dapo, mask_truncated, drop_zero_std_groups": {
         "rollout.stop_strings": ["y"], "grpo.loss_type": "dapo", "grpo.mask_truncated": True,
         "grpo.drop_zero_std_groups": True, "rewards": SOME_GROUPS_FLAT},
+    # The token selections (grpo/loss.py), against a sampler whose log-probs are off by N(0, 0.3^2):
+    # token-level TIS truncating ~1/4 of the ratios; sequence-level MIS with a two-sided bound,
+    # over 2 passes (old_logps from phase 5) and rows left out; the top 20% entropy tokens, with
+    # and without TIS, their threshold over every loss token of the step.
+    "tis, token": {"grpo.rollout_correction": "tis", "grpo.correction_bound": 1.2, "sampler_noise": 0.3},
+    "mis, sequence, two-sided, 2 passes, mask_truncated": {
+        "grpo.rollout_correction": "mis", "grpo.correction_level": "sequence", "grpo.correction_bound": 3.0,
+        "grpo.correction_bound_low": 0.3, "grpo.num_iterations": 2, "rollout.stop_strings": ["y"],
+        "grpo.mask_truncated": True, "sampler_noise": 0.3},
+    "top 20% entropy, dapo": {"grpo.top_entropy_quantile": 0.2, "grpo.loss_type": "dapo"},
+    "top 20% entropy and tis, 2 passes": {
+        "grpo.top_entropy_quantile": 0.2, "grpo.rollout_correction": "tis", "grpo.correction_bound": 1.2,
+        "grpo.num_iterations": 2, "sampler_noise": 0.3},
 }
 
 
 def _case_trainer(model_path, out, options: dict) -> GRPOTrainer:
     options = dict(options)
     rewards = options.pop("rewards", REWARDS)
-    return _float64_trainer(_config(model_path, out, **options), rewards)
+    noise = options.pop("sampler_noise", 0.0)
+    trainer = _float64_trainer(_config(model_path, out, **options), rewards)
+    if noise:
+        trainer.rollout = _mismatched_sampler(trainer.rollout, trainer, noise)
+    return trainer
+
+
+def _mismatched_sampler(real_rollout, trainer, noise: float):
+    """A sampler whose numbers differ from the trainer's: in one float64 process the engine's
+    log-probs equal the trainer's to ~1e-7, which leaves a rollout correction nothing to do. Its
+    recorded log-probs get seeded N(0, noise^2) offsets (the tokens stay those sampled)."""
+    def rollout():
+        batch, timings = real_rollout()
+        g = torch.Generator().manual_seed(1000 + trainer.step)
+        offsets = noise * torch.randn(batch.sampler_logps.shape, generator=g, dtype=torch.float64)
+        batch.sampler_logps = batch.sampler_logps + offsets * batch.completion_mask
+        return batch, timings
+    return rollout
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -293,9 +332,15 @@ MUTATIONS = {
                               lambda real: lambda step, **k: real(max(step - 1, 0), **k), "learning rate"),
     "rows left out of the loss still in it": ("r1train.grpo.batch.GRPOBatch.loss_mask",
                                               lambda real: property(lambda b: b.completion_mask.float()), "gradient"),
+    "TIS weights never truncated": ("r1train.grpo.trainer.rollout_correction",
+                                    lambda real: lambda *a, **k: real(*a, **{**k, "bound": 1e9}), "gradient"),
+    "the low-entropy tokens kept instead": ("r1train.grpo.trainer.entropy_mask",
+                                            lambda real: lambda e, m, tau: (e < tau) & (m != 0), "gradient"),
 }
 # the case a mutation runs on, where it is not the first
-MUTATION_CASES = {"rows left out of the loss still in it": "grpo, mask_truncated"}
+MUTATION_CASES = {"rows left out of the loss still in it": "grpo, mask_truncated",
+                  "TIS weights never truncated": "tis, token",
+                  "the low-entropy tokens kept instead": "top 20% entropy, dapo"}
 
 
 def _lookup(target: str):

@@ -2,7 +2,8 @@
 
 The rollout's tensors are collated once into `[N, P + T]` sequences (prompts left-padded to P,
 completions right-padded to T); scoring adds rewards and advantages, the log-prob phase old and
-reference log-probs, and the update slices micro-batches out of it. A micro-batch is trimmed to
+reference log-probs (and the entropies that grpo.top_entropy_quantile selects tokens by), and the
+update slices micro-batches out of it. The sampler's own log-probs come with the rollout. A micro-batch is trimmed to
 its own rows' longest prompt and completion, so that it computes no more padding than a batch
 collated from those rows alone would (and the same numbers).
 
@@ -42,6 +43,9 @@ class GRPOBatch:
     loss_weight: torch.Tensor | None = None  # [N] 1.0, or 0.0 for rows left out of the loss
     old_logps: torch.Tensor | None = None    # [N, T] log pi_old, when num_iterations > 1
     ref_logps: torch.Tensor | None = None    # [N, T] log pi_ref, when beta > 0
+    sampler_logps: torch.Tensor | None = None  # [N, T] float64 log-probs of the sampler (Rollout.logps)
+    entropy: torch.Tensor | None = None      # [N, T] policy entropy at the step's start, when
+    #                                          grpo.top_entropy_quantile < 1 (phase 5)
 
     @classmethod
     def from_rollouts(cls, rollouts: list[Rollout], records: list[dict], pad_id: int) -> "GRPOBatch":
@@ -56,11 +60,14 @@ class GRPOBatch:
         prompt_mask = torch.cat([widen(r.prompt_mask, P, True, 0) for r in rollouts])  # [N, P]
         completion = torch.cat([widen(r.completion_ids, T, False, pad_id) for r in rollouts])  # [N, T]
         completion_mask = torch.cat([widen(r.completion_mask, T, False, 0) for r in rollouts])  # [N, T]
+        sampler_logps = None
+        if all(r.logps is not None for r in rollouts):
+            sampler_logps = torch.cat([widen(r.logps, T, False, 0.0) for r in rollouts])  # [N, T]
         return cls(input_ids=torch.cat([prompt, completion], dim=1),
                    attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
                    prompt_len=P, completion_ids=completion, completion_mask=completion_mask,
                    truncated=torch.cat([r.truncated for r in rollouts]),
-                   texts=[t for r in rollouts for t in r.texts], records=records)
+                   texts=[t for r in rollouts for t in r.texts], records=records, sampler_logps=sampler_logps)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -103,7 +110,8 @@ class GRPOBatch:
                        records=[self.records[i] for i in rows], per_fn=pick(self.per_fn),
                        rewards=pick(self.rewards), advantages=pick(self.advantages),
                        loss_weight=pick(self.loss_weight), old_logps=take(self.old_logps),
-                       ref_logps=take(self.ref_logps))
+                       ref_logps=take(self.ref_logps), sampler_logps=take(self.sampler_logps),
+                       entropy=take(self.entropy))
 
     def set_logps(self, name: str, rows: list[int], values: torch.Tensor) -> None:
         """Store a micro-batch's [n, t] log-probs into the [N, T] tensor `name` (zero elsewhere)."""

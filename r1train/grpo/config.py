@@ -98,6 +98,19 @@ class GRPOConfig:
     max_generation_rounds: int = 4
     """dynamic_sampling: rounds one step may generate; at the cap, groups without signal fill the
     batch (verl's max_num_gen_batches, which stops the run instead)."""
+    rollout_correction: str = "none"
+    """none, tis or mis: weight each token's policy term by pi_old / pi_sampler, truncated at
+    correction_bound (tis) or masked to 0 past the bounds (mis), for a sampler whose numbers
+    differ from the trainer's (grpo/loss.py rollout_correction)."""
+    correction_level: str = "token"
+    """token or sequence: the ratio of each token, or of the whole completion (the product)."""
+    correction_bound: float = 2.0
+    """C: tis truncates the ratio at C; mis masks ratios above C (Yao et al. use C = 2)."""
+    correction_bound_low: float = 0.0
+    """mis only: also mask ratios below this (IcePop's two-sided mask; 0 = from above only)."""
+    top_entropy_quantile: float = 1.0
+    """rho: share of the step's loss tokens, the highest-entropy ones, that keep the policy
+    gradient ("Beyond the 80/20 Rule" uses 0.2; 1.0 = all). The KL applies to every token."""
     ref_refresh_steps: int = 0
     """tau: every tau steps mix the policy into the reference (0 = never)."""
     ref_mix_alpha: float = 0.6
@@ -166,8 +179,26 @@ class GRPOJobConfig:
                                   ("grpo.kl_estimator", g.kl_estimator, ("k1", "k2", "k3")),
                                   ("grpo.importance_sampling", g.importance_sampling, ("token", "sequence")),
                                   ("grpo.advantage_estimator", g.advantage_estimator, ("grpo", "rloo")),
-                                  ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))):
+                                  ("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none")),
+                                  ("grpo.rollout_correction", g.rollout_correction, ("none", "tis", "mis")),
+                                  ("grpo.correction_level", g.correction_level, ("token", "sequence"))):
             one_of(opt, val, allowed)
+        if not (finite(g.correction_bound) and g.correction_bound > 0):
+            bad("grpo.correction_bound", g.correction_bound, "must be a finite number > 0 (2 in Yao et al.)")
+        if not (finite(g.correction_bound_low) and 0 <= g.correction_bound_low < g.correction_bound):
+            bad("grpo.correction_bound_low", g.correction_bound_low,
+                f"must be in [0, correction_bound = {g.correction_bound})")
+        if g.correction_bound_low and g.rollout_correction != "mis":
+            bad("grpo.correction_bound_low", g.correction_bound_low,
+                "needs --grpo.rollout_correction mis (tis truncates from above only)")
+        if g.rollout_correction == "none":
+            for opt, val, default in (("grpo.correction_level", g.correction_level, "token"),
+                                      ("grpo.correction_bound", g.correction_bound, 2.0)):
+                if val != default:
+                    bad(opt, val, "has no effect with --grpo.rollout_correction none (tis or mis turn it on)")
+        if not 0 <= g.top_entropy_quantile <= 1:
+            bad("grpo.top_entropy_quantile", g.top_entropy_quantile,
+                "must be in [0, 1]: the share of tokens that keep the policy gradient (1 = all)")
         check_rewards("grpo.rewards", g.rewards, g.reward_weights)
         at_least("grpo.max_generation_rounds", g.max_generation_rounds, 1,
                  "(1 = generate once; verl's 0, no limit, is not offered: data with no signal would never end)")

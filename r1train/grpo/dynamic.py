@@ -66,7 +66,9 @@ def group_rows(batch: GRPOBatch, group: int, group_size: int) -> dict:
             "completion_mask": batch.completion_mask[rows, :t].cpu(),  # [G, t]
             "truncated": batch.truncated[rows].cpu(),  # [G]
             "texts": batch.texts[rows],
-            "per_fn": batch.per_fn[rows].cpu()}  # [G, F]
+            "per_fn": batch.per_fn[rows].cpu(),  # [G, F]
+            # [G, t] the sampler's log-probs (grpo.rollout_correction, mismatch_kl), when recorded
+            "sampler_logps": None if batch.sampler_logps is None else batch.sampler_logps[rows, :t].cpu()}
 
 
 def batch_of_groups(groups: list[dict], prompts: list[list[int]], records: list[dict], group_size: int,
@@ -79,7 +81,8 @@ def batch_of_groups(groups: list[dict], prompts: list[list[int]], records: list[
         rollouts.append(Rollout(prompt_ids=ids, prompt_mask=torch.ones_like(ids),
                                 completion_ids=grp["completion_ids"].to(device),
                                 completion_mask=grp["completion_mask"].to(device),
-                                truncated=grp["truncated"].to(device), texts=list(grp["texts"])))
+                                truncated=grp["truncated"].to(device), texts=list(grp["texts"]),
+                                logps=None if grp["sampler_logps"] is None else grp["sampler_logps"].to(device)))
     batch = GRPOBatch.from_rollouts(rollouts, [r for r in records for _ in range(group_size)], pad_id)
     batch.per_fn = torch.cat([grp["per_fn"] for grp in groups])  # [N, F]
     return batch

@@ -22,6 +22,13 @@ with the per-token KL estimator of DeepSeekMath Eq. 4 (Schulman's "k3"):
   Without a denominator the batch is its own step.
 - `importance_sampling="sequence"`: GSPO's ratio s_i = exp(1/|o_i| sum_t log r_it).
 - `kl_estimator`: "k1", "k2" or "k3" against the frozen reference policy.
+- `token_weights`: a constant per token multiplying the clipped surrogate (not the KL), from
+  two token selections below, both computed before the update:
+    `rollout_correction`  truncated or masked importance weights pi_old / pi_sampler that
+                          correct for the sampler's numbers differing from the trainer's
+                          (Yao et al. 2025, TIS; TRL's token_mask / sequence_mask, IcePop, MIS)
+    `entropy_mask`        only the highest-entropy tokens keep the policy gradient
+                          ("Beyond the 80/20 Rule", Wang et al. 2025)
 
 Shapes: N completions (all prompts x G, flattened), T completion tokens (right-padded).
 
@@ -40,6 +47,13 @@ Where this code departs from the papers, and why:
 - "bnpo" and "dapo" differ only in their denominator: "dapo" divides by the tokens of the whole
   step, "bnpo" by each rank's own tokens times the number of ranks (TRL normalizes "bnpo" per
   process and then averages the processes' gradients). On one process they are the same.
+- `token_weights` leave the KL term and every denominator as they are: a token weighted 0 still
+  counts in |o_i| and in the token counts, and its KL is still paid. This is TRL's choice for
+  both selections (the weights multiply its per-token policy loss before beta * KL is added, its
+  masks and counts unchanged) and the 80/20 paper's objective (the indicator sits inside DAPO's
+  1/sum_i |o_i| sum_i sum_t). An importance weight estimates a term; 0 is its estimate, not a
+  token removed. verl's rejection sampling (`rollout_rs`) differs: it takes rejected tokens out
+  of its response mask, so out of the token-mean's count and the KL too.
 - GSPO: the sequence ratio s_i is broadcast to every token of o_i and gradients flow through it:
   d s_i = s_i/|o_i| sum_t d log pi_theta(o_it). This is the GSPO objective under "grpo"
   normalization (each token of o_i carries the same loss), and because A_i is one number per
@@ -48,6 +62,7 @@ Where this code departs from the papers, and why:
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -55,6 +70,7 @@ import torch
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_SAMPLING = ("token", "sequence")
+CORRECTION_LEVELS = ("token", "sequence")
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -100,14 +116,16 @@ def loss_denominator(loss_type: str, *, sequences, tokens, rank_tokens, world_si
 
 
 def _check_args(logps, old_logps, advantages, mask, ref_logps, beta, epsilon_low, epsilon_high,
-                loss_type, importance_sampling, kl_estimator, max_completion_length, denominator):
+                loss_type, importance_sampling, kl_estimator, max_completion_length, denominator,
+                token_weights=None):
     if not isinstance(logps, torch.Tensor) or logps.dim() != 2 or not logps.is_floating_point():
         raise ValueError(f"logps must be a floating 2-D tensor [N, T], got {_shape(logps)}")
     n, t = logps.shape
     if n == 0:
         raise ValueError("logps has N=0 completions; the loss of an empty batch is undefined")
-    for name, x in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
-        if name == "ref_logps" and x is None:
+    for name, x in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps),
+                    ("token_weights", token_weights)):
+        if name in ("ref_logps", "token_weights") and x is None:
             continue
         if not isinstance(x, torch.Tensor) or x.shape != logps.shape:
             raise ValueError(f"{name} must have the shape of logps {(n, t)}, got {_shape(x)}")
@@ -160,6 +178,7 @@ def policy_loss(
     kl_estimator: str = "k3",
     max_completion_length: int | None = None,
     denominator: int | float | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Negative clipped surrogate plus beta * KL: -J of DeepSeekMath Eq. 3 and its variants.
 
@@ -185,6 +204,9 @@ def policy_loss(
             (`loss_denominator`; int or 0-d tensor, so the trainer can all-reduce it without a
             host sync). None = this batch's own: N for "grpo", N L for "dr_grpo", its mask sum
             for "bnpo" and "dapo".
+        token_weights: `[N, T]` constants (detached) multiplying each token's clipped surrogate:
+            w_it * -min(r_it A_i, clip(r_it) A_i) + beta KL_it. The KL and the denominators are
+            not weighted (module docstring). None = 1 everywhere.
 
     Returns:
         loss: scalar.
@@ -193,7 +215,7 @@ def policy_loss(
             r>1+epsilon_high), "clip_frac" (either), and "kl" when ref_logps is given.
     """
     _check_args(logps, old_logps, advantages, mask, ref_logps, beta, epsilon_low, epsilon_high,
-                loss_type, importance_sampling, kl_estimator, max_completion_length, denominator)
+                loss_type, importance_sampling, kl_estimator, max_completion_length, denominator, token_weights)
     if epsilon_high is None:
         epsilon_high = epsilon_low
     n = logps.shape[0]
@@ -213,6 +235,8 @@ def policy_loss(
     # --- clipped surrogate ---
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [N, T]
     per_token_loss = -torch.minimum(ratio * A, clipped_ratio * A)  # [N, T]
+    if token_weights is not None:  # the policy term only; where(): a weight of padding may be anything
+        per_token_loss = per_token_loss * torch.where(mask, token_weights.detach().to(logps.dtype), 0.0)
 
     # --- KL to the reference ---
     kl = None
@@ -257,3 +281,102 @@ def policy_loss(
         if kl is not None:
             metrics["kl"] = masked_mean(kl)
     return loss, metrics
+
+
+def rollout_correction(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, *,
+                       method: str, level: str = "token", bound: float = 2.0,
+                       bound_low: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights that correct for the sampler's numbers differing from the trainer's.
+
+    The tokens were drawn from pi_sampler (the generation engine: bf16, other kernels, a
+    compiled decode), while the objective is an expectation under pi_old as the trainer computes
+    it. With rho = pi_old / pi_sampler of the sampled tokens (Yao et al. 2025, "Your efficient
+    RL framework secretly brings you off-policy RL training"):
+
+        level "token":     rho_it = exp(old_it - sampler_it)
+        level "sequence":  rho_i  = exp(sum_t (old_it - sampler_it)), the sequence's likelihood
+                           ratio (a product of the token ratios), the same for each of its tokens
+        method "tis":      w = min(rho, bound)                          truncated IS (Yao et al., C = 2)
+        method "mis":      w = rho if bound_low <= rho <= bound else 0  masked IS: a token (or a
+                           whole sequence) past a bound leaves the policy term
+
+    w multiplies the clipped surrogate of each token (policy_loss's `token_weights`), detached.
+    "mis" keeps the ratio of the tokens it keeps: TRL's token_mask / sequence_mask, and IcePop's
+    two-sided token mask [alpha, beta] (Ling Team, Ring-1T report, 2025) with bound_low = alpha;
+    bound_low = 0 masks from above only (TRL's default; Liu et al. 2025, "When speed kills
+    stability", mask whole sequences whose ratio exceeds C).
+
+    Departures: the sequence level is the product, as in TRL and verl's rollout_is="sequence",
+    not a geometric mean (verl's rollout_rs="geometric" rejects on the length-normalized ratio,
+    which is no importance weight); "tis" truncates from above only.
+
+    Args:
+        old_logps: `[N, T]` log pi_old under the trainer (the update's logps.detach() when
+            num_iterations is 1).
+        sampler_logps: `[N, T]` log pi_sampler of the same tokens (`Rollout.logps`).
+        mask: `[N, T]` the tokens in the loss.
+
+    Returns:
+        weights: `[N, T]` detached, in the dtype of old_logps, 0 at masked positions.
+        metrics: detached 0-d tensors, means over the unmasked tokens: "mismatch_kl", the k3
+            estimate of KL(pi_sampler || pi_old) (`kl_penalty` with the sampler as the sampling
+            policy: E_sampler[rho - 1 - log rho], unbiased, >= 0); "is_weight_mean"; and
+            "is_truncated_frac" (tis: rho > bound) or "is_masked_frac" (mis: w = 0).
+    """
+    if method not in ("tis", "mis"):
+        raise ValueError(f"method must be 'tis' or 'mis', got {method!r}")
+    if level not in CORRECTION_LEVELS:
+        raise ValueError(f"level must be one of {CORRECTION_LEVELS}, got {level!r}")
+    if not (bound > 0 and 0 <= bound_low < bound):
+        raise ValueError(f"need 0 <= bound_low < bound, got bound_low={bound_low!r}, bound={bound!r}")
+    for name, x in (("sampler_logps", sampler_logps), ("mask", mask)):
+        if not isinstance(x, torch.Tensor) or x.shape != old_logps.shape:
+            raise ValueError(f"{name} must have the shape of old_logps {tuple(old_logps.shape)}, got {_shape(x)}")
+    mask = mask != 0  # [N, T]
+    old, sampler = old_logps.detach().double(), sampler_logps.detach().double()
+    log_rho = torch.where(mask, old - sampler, 0.0)  # [N, T]
+    if level == "sequence":
+        log_rho = log_rho.sum(-1, keepdim=True).expand_as(log_rho)  # [N, T]: each token its row's
+    rho = torch.exp(log_rho)  # [N, T]; a sequence's may overflow to inf: min() and the bounds take it
+    if method == "tis":
+        outside = rho > bound  # [N, T]
+        weights = rho.clamp(max=bound)
+    else:
+        outside = (rho < bound_low) | (rho > bound)  # [N, T]
+        weights = torch.where(outside, 0.0, rho)
+    weights = torch.where(mask, weights, 0.0)  # [N, T]
+    n_tok = mask.sum().clamp(min=1)
+
+    def masked_mean(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, x.double(), 0.0).sum() / n_tok
+
+    metrics = {"mismatch_kl": masked_mean(kl_penalty(sampler, old, "k3")),
+               "is_weight_mean": masked_mean(weights),
+               "is_truncated_frac" if method == "tis" else "is_masked_frac": masked_mean(outside)}
+    dtype = old_logps.dtype
+    return weights.to(dtype), {k: v.to(dtype) for k, v in metrics.items()}
+
+
+def entropy_threshold(entropies: torch.Tensor, top_quantile: float) -> torch.Tensor:
+    """tau: the entropy at or above which a share `top_quantile` of the tokens lies.
+
+    "Beyond the 80/20 Rule" (Wang et al. 2025) restricts DAPO's objective to the forking tokens:
+    each token's term is multiplied by I[H_it >= tau_rho^B], tau_rho^B the entropy above which
+    the top rho of the tokens of the batch B lie (rho = 0.2 in the paper). `entropies`: `[M]`,
+    the entropies of every loss token of the step, every rank's (the caller gathers them). With
+    k = ceil(top_quantile * M), at least 1, tau is the k-th largest entropy (an order statistic;
+    q * M is taken with a 1e-6 tolerance, so that 0.2 of 10 tokens is 2, not 3 by rounding).
+    Ties: every token whose entropy equals tau is kept, so the share kept may exceed q.
+    TRL's `top_entropy_quantile` takes torch.quantile(H, 1 - q) instead (linear interpolation,
+    about q (M - 1) + 1 tokens kept, and at most 2^24 tokens). No token: +inf (none kept)."""
+    m = entropies.numel()
+    if m == 0:
+        return torch.tensor(float("inf"), dtype=entropies.dtype, device=entropies.device)
+    k = min(max(1, math.ceil(top_quantile * m - 1e-6)), m)
+    return torch.kthvalue(entropies.flatten(), m - k + 1).values  # the k-th largest
+
+
+def entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """`[N, T]` bool: the tokens of `mask` whose entropy reaches `threshold` (`entropy_threshold`),
+    those that keep the policy gradient (policy_loss's `token_weights`)."""
+    return (entropy >= threshold) & (mask != 0)

@@ -13,7 +13,11 @@ from r1train.run.dist import all_gather_cat
 # the tokens of a short micro-batch more weight, and a micro-batch whose rows all left the loss
 # (grpo.mask_truncated) a weight with no tokens. "loss" is each rank's share of the whole step's
 # loss (its sum over the global count), summed over ranks.
-UPDATE_MEANS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy")
+UPDATE_MEANS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "mismatch_kl")
+# The same, logged only by the runs whose option makes them (grpo.rollout_correction,
+# grpo.top_entropy_quantile): the mean importance weight, the share of tokens whose weight was
+# truncated (tis) or masked to 0 (mis), the share of tokens the entropy selection kept.
+OPTIONAL_MEANS = ("is_weight_mean", "is_truncated_frac", "is_masked_frac", "entropy_kept_frac")
 
 
 def _valid_group_std(rewards: torch.Tensor, valid: torch.Tensor, g: int) -> torch.Tensor:
@@ -59,16 +63,19 @@ def reward_metrics(per_fn: torch.Tensor, rewards: torch.Tensor, lengths: torch.T
     return m
 
 
-def update_means(per_rank: torch.Tensor) -> dict:
+def update_means(per_rank: torch.Tensor, names: tuple = UPDATE_MEANS) -> dict:
     """The step's update metrics from every rank's row of `[loss share, loss tokens, the sum of
-    each of UPDATE_MEANS over those tokens]` (`[R, 2 + len(UPDATE_MEANS)]`): the loss shares
-    summed, each statistic's sums over the tokens' count (0 when no token counted)."""
+    each of `names` over those tokens]` (`[R, 2 + len(names)]`): the loss shares summed, each
+    statistic's sums over the tokens' count (0 when no token counted)."""
     loss, tokens, *sums = per_rank.double().sum(0).tolist()
-    return {"loss": loss, **{k: s / max(tokens, 1.0) for k, s in zip(UPDATE_MEANS, sums)}}
+    return {"loss": loss, **{k: s / max(tokens, 1.0) for k, s in zip(names, sums)}}
 
 
 def update_metrics(update: dict, device=None) -> dict:
-    """`update_means` of every rank's `update` ("loss", "tokens", "sums": GRPOTrainer.update)."""
-    row = torch.tensor([[update["loss"], update["tokens"], *(update["sums"][k] for k in UPDATE_MEANS)]],
+    """`update_means` of every rank's `update` ("loss", "tokens", "sums": GRPOTrainer.update):
+    UPDATE_MEANS, and those of OPTIONAL_MEANS that the sums hold (the same on every rank: the
+    options are)."""
+    names = UPDATE_MEANS + tuple(k for k in OPTIONAL_MEANS if k in update["sums"])
+    row = torch.tensor([[update["loss"], update["tokens"], *(update["sums"].get(k, 0.0) for k in names)]],
                        dtype=torch.float64)  # [1, K]
-    return update_means(all_gather_cat(row.to(device) if device is not None else row).cpu())
+    return update_means(all_gather_cat(row.to(device) if device is not None else row).cpu(), names)

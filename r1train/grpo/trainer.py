@@ -8,9 +8,12 @@ One optimizer step, in named phases (`train_step`; the loop around it is `run.lo
      prompts_per_step groups whose rewards differ; the chosen groups move to the ranks that
      train them (grpo/dynamic.py). The data position is kept in the checkpoints.
   4. advantages       - group-normalized (grpo/advantages.py), on whole groups of one rank
-  5. old / ref logps  - no grad, fused log-prob kernel at the sampling temperature
+  5. old / ref logps  - no grad, fused log-prob kernel at the sampling temperature (and the
+                        policy's entropies, when grpo.top_entropy_quantile selects tokens by them)
   6. update           - num_iterations passes over micro-batches, gradient accumulation,
-                        clipped policy loss + beta * KL (grpo/loss.py), AdamW, grad clipping
+                        clipped policy loss + beta * KL (grpo/loss.py), AdamW, grad clipping;
+                        each token's policy term weighted by the rollout correction and the
+                        entropy selection when they are on (`token_weights`)
   Phases 5 and 6 run on packed rows (grpo.packing, grpo/batch.py): each prompt once, then its
   completions, no padding; micro-batches of micro_batch_size completions or micro_batch_tokens.
   7. ref refresh      - optional: ref <- alpha * policy + (1 - alpha) * ref every tau steps;
@@ -29,6 +32,17 @@ Departures from DeepSeekMath's GRPO, said out loud:
   of "grpo" and "dr_grpo", which count the completions sampled (TRL's mask_truncated_completions,
   which zeroes their completion mask, does the same). grpo.dynamic_sampling resamples instead, as
   DAPO does; where its rounds run out, zero-signal groups fill the batch (verl stops the run).
+- grpo.rollout_correction compares the sampler's log-probs (`Rollout.logps`) with pi_old as the
+  trainer computes it: the update's logps.detach() when num_iterations is 1 (the same numbers
+  as the extra forward TRL runs for it), phase 5's old_logps otherwise. `mismatch_kl`, the k3
+  estimate of KL(sampler || trainer) over the step's loss tokens, is logged either way.
+- grpo.top_entropy_quantile needs every loss token's entropy before the first micro-batch
+  update, since the threshold is a quantile over the whole step on every rank (the paper's
+  batch-level tau, and the same mask on 1 and 2 processes): phase 5 computes them with the
+  policy at the step's start. With num_iterations > 1 that pass runs anyway (old_logps; the
+  fused kernel adds the entropy); with num_iterations 1 it is one extra no-grad forward of the
+  policy over the batch, about a third of the update's compute (forward + backward). TRL
+  thresholds each micro-batch's tokens instead, gathered over processes.
 - each of the num_iterations passes ends in its own optimizer step and carries the whole batch's
   loss (TRL's num_iterations, verl's ppo_epochs): micro-batch losses are divided by the count of
   the whole step (`loss_denominator`) and FSDP sums the ranks' gradients, so a pass's gradient
@@ -50,7 +64,14 @@ from r1train.grpo.advantages import (
 from r1train.grpo.batch import GRPOBatch, split_to, token_budget_micro_batches
 from r1train.grpo.config import GRPOJobConfig
 from r1train.grpo.dynamic import batch_of_groups, gather_trained_groups, select_groups
-from r1train.grpo.loss import loss_denominator, policy_loss
+from r1train.grpo.loss import (
+    entropy_mask,
+    entropy_threshold,
+    kl_penalty,
+    loss_denominator,
+    policy_loss,
+    rollout_correction,
+)
 from r1train.grpo.metrics import reward_metrics, update_metrics
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
@@ -71,7 +92,14 @@ from r1train.model.policy import PolicyModel
 from r1train.rewards import RewardError, RewardInterrupted, entry_text, get_reward_functions, score_completions
 from r1train.rewards.reward_model import RewardModel
 from r1train.run.config import ConfigError
-from r1train.run.dist import all_gather_cat, all_reduce_max, all_reduce_sum, decoder_layers, shard_model
+from r1train.run.dist import (
+    all_gather_cat,
+    all_gather_ragged,
+    all_reduce_max,
+    all_reduce_sum,
+    decoder_layers,
+    shard_model,
+)
 from r1train.run.folder import on_main
 from r1train.run.logging import clock, write_jsonl
 from r1train.run.loop import Trainer, epoch_order
@@ -178,9 +206,10 @@ class GRPOTrainer(Trainer):
                  **{n: float(batch.per_fn[j, f]) for f, n in enumerate(names)}}
                 for j in range(min(8, len(batch)))])
         self.data_position = self.next_position  # the step is done: a save from here on starts after it
+        extra = {"entropy_threshold": update["entropy_threshold"]} if "entropy_threshold" in update else {}
         return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
                                  names, self.cfg.rollout.group_size, self.info.device),
-                **update_metrics(update, self.info.device),
+                **update_metrics(update, self.info.device), **extra,
                 "grad_norm": update["grad_norm"], "skipped_update": update["skipped_update"], **timings}
 
     def rollout(self) -> tuple[GRPOBatch, dict]:
@@ -333,12 +362,19 @@ class GRPOTrainer(Trainer):
 
     @torch.no_grad()
     def logprobs(self, batch: GRPOBatch) -> None:
-        """Phase 5: old-policy (num_iterations > 1) and reference log-probs, [N, T] each."""
+        """Phase 5: old-policy (num_iterations > 1) and reference log-probs, [N, T] each, and the
+        policy's entropies when grpo.top_entropy_quantile < 1 (module docstring)."""
+        g = self.cfg.grpo
         with self.autocast():
             for rows in self._micro_batches(batch):
                 self.stop_point()
                 mb = batch.micro(rows)
-                if self.cfg.grpo.num_iterations > 1:
+                if g.top_entropy_quantile < 1:  # the extra forward when num_iterations is 1
+                    logps, entropy = self._logps(self.policy, mb, with_entropy=True)
+                    batch.set_logps("entropy", rows, entropy)
+                    if g.num_iterations > 1:
+                        batch.set_logps("old_logps", rows, logps)
+                elif g.num_iterations > 1:
                     batch.set_logps("old_logps", rows, self._logps(self.policy, mb))
                 if self.ref is not None:
                     batch.set_logps("ref_logps", rows, self._logps(self.ref, mb))
@@ -350,14 +386,23 @@ class GRPOTrainer(Trainer):
         """Phase 6: num_iterations passes, each accumulating the whole batch's gradient over
         micro-batches and ending in one optimizer step. Returns this rank's share of the step's
         loss (averaged over passes), its loss tokens counted once per pass ("tokens"), and each
-        statistic's sum over those tokens ("sums"): `update_metrics` turns them into means."""
+        statistic's sum over those tokens ("sums"): `update_metrics` turns them into means; and
+        the entropy selection's threshold, the same on every rank ("entropy_threshold"), when on."""
         info, g, r = self.info, self.cfg.grpo, self.cfg.rollout
         local_tokens = batch.loss_mask.sum()  # this rank's loss tokens
         denominator = loss_denominator(
             g.loss_type, sequences=len(batch) * info.world_size, tokens=all_reduce_sum(local_tokens.clone()),
             rank_tokens=local_tokens, world_size=info.world_size, max_completion_length=r.max_new_tokens)
         # The statistics' sums over every loss token of every pass (update_metrics divides them).
-        sums = {k: torch.zeros((), device=info.device) for k in ("entropy", *STATS)}
+        names = ("entropy", *STATS, "mismatch_kl")
+        if g.rollout_correction != "none":
+            names += ("is_weight_mean", "is_truncated_frac" if g.rollout_correction == "tis" else "is_masked_frac")
+        threshold = None
+        if g.top_entropy_quantile < 1:  # over every loss token of the step, every rank's
+            names += ("entropy_kept_frac",)
+            local = batch.entropy[batch.loss_mask.to(batch.entropy.device) > 0]  # [M_rank]
+            threshold = entropy_threshold(all_gather_ragged(local.to(info.device)), g.top_entropy_quantile)
+        sums = {k: torch.zeros((), device=info.device) for k in names}
         step_loss = torch.zeros((), device=info.device)
         gen = torch.Generator().manual_seed(row_seed(self.cfg.train.seed, self.step, 7))
         skipped, norm = False, torch.zeros(())
@@ -374,27 +419,55 @@ class GRPOTrainer(Trainer):
                     mask = mb.loss_mask  # [n, t]
                     # float32 advantages under float32 or bf16 log-probs; float64 ones keep theirs
                     advantages = mb.advantages.to(info.device, torch.promote_types(logps.dtype, torch.float32))
-                    loss, m = policy_loss(logps, mb.old_logps if mb.old_logps is not None else logps.detach(),
-                                          advantages, mask,
+                    old_logps = mb.old_logps if mb.old_logps is not None else logps.detach()
+                    weights, selected = self._token_weights(mb, old_logps, mask, threshold)  # [n, t] or None
+                    loss, m = policy_loss(logps, old_logps, advantages, mask,
                                           ref_logps=mb.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
                                           epsilon_high=g.epsilon_high or None, loss_type=g.loss_type,
                                           importance_sampling=g.importance_sampling,
                                           kl_estimator=g.kl_estimator, max_completion_length=r.max_new_tokens,
-                                          denominator=denominator)
+                                          denominator=denominator, token_weights=weights)
+                    m.update(selected)
                     loss.backward()
                     pass_loss += loss.detach()
                     # Metrics stay on the device until the step ends: one host sync per step.
                     tokens = mask.sum()  # m's means are over these tokens
                     sums["entropy"] += (entropy.detach() * mask).sum()
-                    for k in STATS:
+                    for k in names[1:]:
                         if k in m:
                             sums[k] += m[k] * tokens
                 step_loss += pass_loss / g.num_iterations
                 norm, stepped = self.optimizer_step(pass_loss)
                 skipped |= not stepped
-        return {"loss": float(step_loss), "tokens": float(local_tokens) * g.num_iterations,
-                "sums": {k: float(v) for k, v in sums.items()}, "grad_norm": float(norm),
-                "skipped_update": float(skipped)}
+        out = {"loss": float(step_loss), "tokens": float(local_tokens) * g.num_iterations,
+               "sums": {k: float(v) for k, v in sums.items()}, "grad_norm": float(norm),
+               "skipped_update": float(skipped)}
+        if threshold is not None:
+            out["entropy_threshold"] = float(threshold)
+        return out
+
+    def _token_weights(self, mb: GRPOBatch, old_logps: torch.Tensor, mask: torch.Tensor, threshold):
+        """The micro-batch's [n, t] weights of the policy term (None: all 1): the rollout
+        correction's importance weights times the entropy selection's 0/1, each when on; and
+        the per-token means that describe them (means over `mask`'s tokens)."""
+        g, stats, weights = self.cfg.grpo, {}, None
+        if mb.sampler_logps is None and g.rollout_correction != "none":
+            raise RuntimeError("grpo.rollout_correction needs the sampler's log-probs (Rollout.logps) in the batch")
+        if mb.sampler_logps is not None:
+            sampler_logps = mb.sampler_logps.to(old_logps.device)
+            if g.rollout_correction != "none":
+                weights, stats = rollout_correction(old_logps, sampler_logps, mask, method=g.rollout_correction,
+                                                    level=g.correction_level, bound=g.correction_bound,
+                                                    bound_low=g.correction_bound_low)
+            else:  # measured all the same: whether the correction is needed
+                n_tok = (mask != 0).sum().clamp(min=1)
+                kl = kl_penalty(sampler_logps, old_logps.detach().double(), "k3")  # [n, t]
+                stats = {"mismatch_kl": (torch.where(mask != 0, kl, 0.0).sum() / n_tok).to(old_logps.dtype)}
+        if threshold is not None:
+            kept = entropy_mask(mb.entropy.to(mask.device), mask, threshold)  # [n, t] bool
+            stats["entropy_kept_frac"] = kept.sum().to(old_logps.dtype) / (mask != 0).sum().clamp(min=1)
+            weights = kept.to(old_logps.dtype) if weights is None else weights * kept
+        return weights, stats
 
     def refresh_reference(self) -> None:
         """Phase 7 (TR-DPO style): ref <- alpha * policy + (1 - alpha) * ref, shard by shard."""

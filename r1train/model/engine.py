@@ -21,6 +21,9 @@ Sampling is seeded per sequence, not per batch: each completion draws its unifor
 generator seeded by its own seed (`row_seed(seed, step, global row)` in training) and samples by
 inverse CDF. The same row gets the same completion whatever batch or rank it lands on, which is
 what makes a 2-process run reproduce a 1-process run, and a resumed run an uninterrupted one.
+Each sampled token's log-probability under the distribution it was drawn from comes back too
+(`Rollout.logps`, from the probabilities the draw already computed): the sampler's side of the
+trainer's rollout correction (grpo/loss.py `rollout_correction`).
 """
 from __future__ import annotations
 
@@ -85,16 +88,31 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int,
-                  top_p: float) -> torch.Tensor:
-    """One token per row by inverse CDF with the row's own uniform `u` [B]; greedy at T=0."""
+                  top_p: float, return_logps: bool = False):
+    """One token per row by inverse CDF with the row's own uniform `u` [B]; greedy at T=0.
+
+    `return_logps`: also the [B] float64 log-probability of each token under the distribution it
+    was drawn from: softmax(logits / temperature), restricted by top_k / top_p to the tokens they
+    keep and renormalized over them (what vLLM calls "processed" log-probs). With top_k or
+    top_p on, that is not the policy's own distribution: the kept tokens' log-probs rise by
+    -log(kept mass). Greedy decoding draws from a point mass: log-prob 0."""
     if temperature == 0.0:
-        return logits.argmax(-1)
+        tokens = logits.argmax(-1)
+        return (tokens, torch.zeros(tokens.shape, dtype=torch.float64, device=logits.device)) if return_logps \
+            else tokens
     probs = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)  # [B, V]
     cdf = probs.cumsum(-1)
     # the first token whose cdf exceeds u (right=True): a filtered-out token adds nothing to
     # the cdf, so it is never picked, not even at u = 0
     idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    return idx.clamp(max=logits.shape[-1] - 1)
+    tokens = idx.clamp(max=logits.shape[-1] - 1)
+    if not return_logps:
+        return tokens
+    # The draw is from probs / cdf[-1] (cdf[-1] is 1 up to rounding). From the probabilities
+    # already made, not a log_softmax: no second [B, V] tensor; float64 keeps log p exact to
+    # ~1e-16 relative for any p a draw can reach.
+    logps = probs.gather(-1, tokens[:, None]).squeeze(-1).log() - cdf[:, -1].log()  # [B]
+    return tokens, logps
 
 
 @dataclass
@@ -105,6 +123,8 @@ class Rollout:
     completion_mask: torch.Tensor  # [B, T] 1 up to and including EOS / the stop string
     truncated: torch.Tensor        # [B] bool: hit max_new_tokens without EOS or stop
     texts: list[str]
+    logps: torch.Tensor | None = None  # [B, T] float64 log-prob of each token under the distribution
+    #                                    it was sampled from (`sample_tokens`), 0 after the row's end
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -158,14 +178,16 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
             cache.batch_select_indices(inverse)
         next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: position of the first completion token
         out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)  # [B, max_new]
+        out_logps = torch.zeros((b, max_new_tokens), dtype=torch.float64, device=device)  # [B, max_new]
         finish_at = torch.full((b,), -1, dtype=torch.long, device=device)  # [B] token that ended the row
         live = torch.arange(b, device=device)  # [L] rows in the decode batch (and the cache)
         steps = 0
         for t in range(max_new_tokens):
             done = finish_at[live] >= 0  # [L]
-            tok = sample_tokens(logits, u[live, t], temperature, top_k, top_p)  # [L]
+            tok, logp = sample_tokens(logits, u[live, t], temperature, top_k, top_p, return_logps=True)  # [L]
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             out[live, t] = tok
+            out_logps[live, t] = torch.where(done, 0.0, logp)
             hit = torch.isin(tok, eos)
             if stop_strings:  # decode only the rows whose new token can complete a stop string
                 check = ~done
@@ -194,9 +216,10 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         # Mask: every token up to and including the one that finished the row (all when truncated).
         completion_mask = (torch.arange(steps, device=device)[None, :] <= last[:, None]).long()
         out = out.masked_fill(completion_mask == 0, pad)
+        logps = out_logps[:, :steps].masked_fill(completion_mask == 0, 0.0)  # [B, T]
         texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(out, completion_mask)],
                                        skip_special_tokens=True)
-        return Rollout(prompt_ids, prompt_mask, out, completion_mask, truncated, texts)
+        return Rollout(prompt_ids, prompt_mask, out, completion_mask, truncated, texts, logps)
 
 
 # At most this many rows take the (W @ x^T)^T form: a decode step's live rows, not a prefill

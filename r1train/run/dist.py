@@ -123,6 +123,18 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def all_gather_ragged(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D `t`, of any length, concatenated in rank order (padded to the longest for
+    the collective, the padding cut off after)."""
+    if not dist.is_initialized():
+        return t
+    lengths = all_gather_cat(torch.tensor([t.numel()], device=t.device)).tolist()
+    padded = torch.zeros(max(lengths), dtype=t.dtype, device=t.device)
+    padded[: t.numel()] = t
+    parts = all_gather_cat(padded[None])  # [R, longest]
+    return torch.cat([row[:n] for row, n in zip(parts, lengths)])
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj
