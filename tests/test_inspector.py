@@ -147,3 +147,136 @@ def test_sft_page_in_a_browser(sft_run, tmp_path):
         page.select_option("select.step", "1")
         assert page.locator(".group h3").first.inner_text().startswith("packed row 0")
     assert open_page(path, check) == []
+
+
+# --- GRPO ----------------------------------------------------------------------------------------
+SFT_MODEL = ROOT / "tests" / "assets" / "tiny-r1-sft"  # the main job's cold start: rewards that differ
+G, P, EPS, BETA = 4, 2, 0.2, 0.04
+GRPO = ["grpo", "--model.path", str(SFT_MODEL), "--rollout.group_size", str(G), "--grpo.prompts_per_step", str(P),
+        "--grpo.micro_batch_size", "4", "--rollout.max_new_tokens", "24", "--data.num_train", "32",
+        "--data.num_eval", "4", "--optim.lr", "2e-3", "--optim.warmup_steps", "0", "--grpo.beta", str(BETA),
+        "--grpo.epsilon_low", str(EPS), "--train.max_steps", "2", "--train.save_every", "0",
+        "--train.eval_every", "0", "--train.sample_every", "1", "--train.token_records", str(P),
+        "--train.progress", "false", "--train.export", "false"]
+
+
+def _grpo(out: Path, *extra) -> tuple[list[dict], dict[int, dict]]:
+    res = train_py(*GRPO, "--train.output_dir", str(out), *extra, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = {r["step"]: r for r in _rows(out / "metrics.jsonl") if "loss" in r}
+    return _rows(out / "tokens.jsonl"), metrics
+
+
+def _k3(logp: float, ref: float) -> float:
+    return math.exp(ref - logp) - (ref - logp) - 1
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """Two passes over each batch (ratio != 1 in the second, whose numbers are recorded), a KL
+    term, and truncated completions left out of the loss."""
+    out = tmp_path_factory.mktemp("grpo")
+    records, metrics = _grpo(out, "--grpo.num_iterations", "2", "--grpo.mask_truncated", "true",
+                             "--rollout.max_new_tokens", "20")
+    return out, records, metrics
+
+
+def test_grpo_records_hold_what_the_loss_computed(grpo_run):
+    _, records, metrics = grpo_run
+    assert sorted((r["step"], r["group"]) for r in records) == [(s, g) for s in (1, 2) for g in range(P)]
+    ratios, truncated = [], 0
+    for rec in records:
+        assert len(rec["completions"]) == G and rec["reward_names"] == ["accuracy", "format"]
+        for c in rec["completions"]:
+            v, a = c["values"], c["advantage"]
+            assert {"logp", "old_logp", "ref_logp", "ratio", "clip", "kl", "entropy", "loss_mask"} <= set(v)
+            assert all(len(x) == len(c["tokens"]) for x in (*v.values(), c["why"]))
+            for t in range(len(c["tokens"])):
+                if not v["loss_mask"][t]:  # the loss sets a token it ignores to ratio 1, KL 0
+                    assert (v["ratio"][t], v["clip"][t], v["kl"][t]) == (1.0, 0.0, 0.0)
+                    continue
+                ratio = math.exp(v["logp"][t] - v["old_logp"][t])
+                assert v["ratio"][t] == pytest.approx(ratio, rel=1e-5)
+                clip = 1 if a > 0 and v["ratio"][t] > 1 + EPS else -1 if a < 0 and v["ratio"][t] < 1 - EPS else 0
+                assert v["clip"][t] == clip
+                assert v["kl"][t] == pytest.approx(_k3(v["logp"][t], v["ref_logp"][t]), rel=1e-4, abs=1e-7)
+                ratios.append(v["ratio"][t])
+            # Exactly the truncated completions are out of the loss (grpo.mask_truncated), all
+            # their tokens, and no other token.
+            cut = len(c["tokens"]) == 20 and c["tokens"][-1] != "<|im_end|>"
+            assert c["truncated"] == cut
+            assert v["loss_mask"] == [0.0 if cut else 1.0] * len(c["tokens"])
+            assert c["why"] == ["truncated" if cut else ""] * len(c["tokens"])
+            truncated += cut
+    assert truncated and max(abs(r - 1) for r in ratios) > 1e-3  # both cases are exercised
+    # Every group of the step is recorded, so the step's loss follows from the records alone,
+    # in float64: "grpo" normalization, 1/N sum_i 1/|o_i| sum_t (-min(r A, clip(r) A) + beta KL)
+    # over the loss tokens, N counting every sampled completion. The logged loss is the mean of
+    # the two passes; the first pass ran at the step's starting policy (old_logp: ratio 1).
+    for step in (1, 2):
+        comps = [c for r in records if r["step"] == step for c in r["completions"]]
+        passes = []
+        for first_pass in (True, False):
+            total = 0.0
+            for c in comps:
+                v, a, n = c["values"], c["advantage"], sum(c["values"]["loss_mask"])
+                terms = []
+                for t in range(len(c["tokens"])):
+                    if not v["loss_mask"][t]:
+                        continue
+                    logp = v["old_logp"][t] if first_pass else v["logp"][t]
+                    r = math.exp(logp - v["old_logp"][t])
+                    surrogate = min(r * a, min(max(r, 1 - EPS), 1 + EPS) * a)
+                    terms.append(-surrogate + BETA * _k3(logp, v["ref_logp"][t]))
+                total += sum(terms) / max(n, 1)
+            passes.append(total / len(comps))
+        assert metrics[step]["loss"] == pytest.approx(sum(passes) / 2, rel=1e-4, abs=1e-6)
+
+
+def test_grpo_records_say_which_tokens_a_selection_left_out(tmp_path):
+    """The catalog's per-token selections are visible token by token: top_entropy_quantile's
+    low-entropy tokens carry weight 0 and say so, and the logged loss is the records' loss."""
+    records, metrics = _grpo(tmp_path, "--grpo.top_entropy_quantile", "0.5", "--grpo.beta", "0")
+    for step in (1, 2):
+        recs = [r for r in records if r["step"] == step]
+        threshold = recs[0]["settings"]["entropy_threshold"]
+        assert threshold == metrics[step]["entropy_threshold"]
+        total, n_rows, kept, tokens = 0.0, 0, 0, 0
+        for c in (c for r in recs for c in r["completions"]):
+            v = c["values"]
+            low = [v["selection_entropy"][t] < threshold for t in range(len(c["tokens"]))]
+            assert v["weight"] == [0.0 if x else 1.0 for x in low]
+            assert c["why"] == ["low entropy (policy term 0)" if x else "" for x in low]
+            total += sum(-c["advantage"] * w for w in v["weight"]) / len(c["tokens"])  # ratio 1, beta 0
+            n_rows, kept, tokens = n_rows + 1, kept + sum(v["weight"]), tokens + len(c["tokens"])
+        assert 0.4 <= kept / tokens <= 0.75  # about half keep the policy gradient (ties kept)
+        assert metrics[step]["loss"] == pytest.approx(total / n_rows, rel=1e-4, abs=1e-6)
+
+
+def test_grpo_page_in_a_browser(grpo_run, tmp_path):
+    out, _, _ = grpo_run
+    path = write_page(out, tmp_path / "grpo.html")
+    assert path.stat().st_size < 5_000_000
+
+    def check(page):
+        load_ms = page.evaluate("performance.getEntriesByType('navigation')[0].duration")
+        assert load_ms < 1000, load_ms
+        assert page.locator(".group").count() == P  # the last step's groups
+        assert page.locator(".group").first.locator("tr.completion").count() == G
+        # Completions sorted by reward, best first.
+        cells = page.locator(".group").first.locator("tr.completion td:nth-child(2)")
+        rewards = [float(x) for x in cells.all_inner_texts()]
+        assert rewards == sorted(rewards, reverse=True)
+        token = page.locator("tr.completion .tok:not(.out)").first
+        token.hover()
+        tip = page.inner_text("#tip")
+        for name in ("logp", "old_logp", "ref_logp", "ratio", "clip", "kl", "entropy", "advantage"):
+            assert f"\n{name} " in tip, tip
+        colors = lambda: page.eval_on_selector_all("tr.completion .tok", "ts => ts.map(t => t.style.background)")  # noqa: E731
+        before = colors()
+        page.select_option("select.quantity", "entropy")
+        after = colors()
+        assert before != after and any(after)
+        page.select_option("select.step", "1")
+        assert page.locator(".group").count() == P
+    assert open_page(path, check) == []

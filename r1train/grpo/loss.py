@@ -179,6 +179,7 @@ def policy_loss(
     max_completion_length: int | None = None,
     denominator: int | float | torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    per_token: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Negative clipped surrogate plus beta * KL: -J of DeepSeekMath Eq. 3 and its variants.
 
@@ -207,6 +208,9 @@ def policy_loss(
         token_weights: `[N, T]` constants (detached) multiplying each token's clipped surrogate:
             w_it * -min(r_it A_i, clip(r_it) A_i) + beta KL_it. The KL and the denominators are
             not weighted (module docstring). None = 1 everywhere.
+        per_token: also return the per-token quantities, detached, in metrics["per_token"]:
+            "ratio" and "clip" (-1 where the lower clip binds, +1 the upper, 0 neither) `[N, T]`,
+            and "kl" when measured; what the run inspector records (inspector/records.py).
 
     Returns:
         loss: scalar.
@@ -280,6 +284,11 @@ def policy_loss(
         }
         if kl is not None:
             metrics["kl"] = masked_mean(kl)
+        if per_token:
+            clip = is_high_clipped.to(torch.int8) - is_low_clipped.to(torch.int8)  # [N, T]
+            metrics["per_token"] = {"ratio": ratio.detach(), "clip": clip}
+            if kl is not None:
+                metrics["per_token"]["kl"] = kl.detach()
     return loss, metrics
 
 

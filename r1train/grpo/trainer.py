@@ -73,6 +73,7 @@ from r1train.grpo.loss import (
     rollout_correction,
 )
 from r1train.grpo.metrics import reward_metrics, update_metrics
+from r1train.inspector.records import RECORDS_FILE, GroupRecorder
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
 from r1train.model.load import load_model
@@ -205,6 +206,8 @@ class GRPOTrainer(Trainer):
                  "reward": float(batch.rewards[j]), "advantage": float(batch.advantages[j]),
                  **{n: float(batch.per_fn[j, f]) for f, n in enumerate(names)}}
                 for j in range(min(8, len(batch)))])
+        if "recorder" in update:
+            self._write_records(batch, update.pop("recorder"), update.get("entropy_threshold"))
         self.data_position = self.next_position  # the step is done: a save from here on starts after it
         extra = {"entropy_threshold": update["entropy_threshold"]} if "entropy_threshold" in update else {}
         return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
@@ -403,6 +406,7 @@ class GRPOTrainer(Trainer):
             local = batch.entropy[batch.loss_mask.to(batch.entropy.device) > 0]  # [M_rank]
             threshold = entropy_threshold(all_gather_ragged(local.to(info.device)), g.top_entropy_quantile)
         sums = {k: torch.zeros((), device=info.device) for k in names}
+        recorder = self._recorder(len(batch))  # per-token records of a few groups, on sample steps
         step_loss = torch.zeros((), device=info.device)
         gen = torch.Generator().manual_seed(row_seed(self.cfg.train.seed, self.step, 7))
         skipped, norm = False, torch.zeros(())
@@ -421,12 +425,20 @@ class GRPOTrainer(Trainer):
                     advantages = mb.advantages.to(info.device, torch.promote_types(logps.dtype, torch.float32))
                     old_logps = mb.old_logps if mb.old_logps is not None else logps.detach()
                     weights, selected = self._token_weights(mb, old_logps, mask, threshold)  # [n, t] or None
+                    record = recorder is not None and it == g.num_iterations - 1  # the last pass's numbers
                     loss, m = policy_loss(logps, old_logps, advantages, mask,
                                           ref_logps=mb.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
                                           epsilon_high=g.epsilon_high or None, loss_type=g.loss_type,
                                           importance_sampling=g.importance_sampling,
                                           kl_estimator=g.kl_estimator, max_completion_length=r.max_new_tokens,
-                                          denominator=denominator, token_weights=weights)
+                                          denominator=denominator, token_weights=weights, per_token=record)
+                    if record:
+                        pt = m.pop("per_token")
+                        recorder.add(rows, mb.completion_mask.sum(-1), {
+                            "logp": logps, "old_logp": mb.old_logps, "ref_logp": mb.ref_logps,
+                            "sampler_logp": mb.sampler_logps, "ratio": pt["ratio"], "clip": pt["clip"],
+                            "kl": pt.get("kl"), "entropy": entropy, "selection_entropy": mb.entropy,
+                            "loss_mask": mask, "weight": weights})
                     m.update(selected)
                     loss.backward()
                     pass_loss += loss.detach()
@@ -444,7 +456,37 @@ class GRPOTrainer(Trainer):
                "skipped_update": float(skipped)}
         if threshold is not None:
             out["entropy_threshold"] = float(threshold)
+        if recorder is not None:
+            out["recorder"] = recorder
         return out
+
+    def _recorder(self, rows: int) -> GroupRecorder | None:
+        """Rank 0's first train.token_records groups on a sample step (None otherwise)."""
+        t, G = self.cfg.train, self.cfg.rollout.group_size
+        if not (self.main and t.sample_every and t.token_records and self.step % t.sample_every == 0):
+            return None
+        return GroupRecorder(list(range(min(t.token_records * G, rows))))
+
+    def _write_records(self, batch: GRPOBatch, recorder: GroupRecorder, threshold: float | None) -> None:
+        """The recorded groups to tokens.jsonl, with why each token left the loss (or its policy term)."""
+        g = self.cfg.grpo
+        weight = batch.loss_weight.tolist()
+        why_row = ["" if w else ("truncated" if g.mask_truncated and bool(batch.truncated[i]) else "zero-std group")
+                   for i, w in enumerate(weight)]
+
+        def why_token(values: dict) -> list[str]:
+            if "weight" not in values:
+                return [""] * len(values["logp"])
+            low = values["selection_entropy"] < threshold if threshold is not None else None
+            return ["" if w else "low entropy (policy term 0)" if low is not None and low[k]
+                    else "IS ratio out of bounds (policy term 0)" for k, w in enumerate(values["weight"].tolist())]
+        settings = {"epsilon_low": g.epsilon_low, "epsilon_high": g.epsilon_high or g.epsilon_low, "beta": g.beta,
+                    "kl_estimator": g.kl_estimator, "importance_sampling": g.importance_sampling,
+                    "loss_type": g.loss_type, "rollout_correction": g.rollout_correction,
+                    "entropy_threshold": threshold}
+        write_jsonl(self.out / RECORDS_FILE, recorder.records(
+            self.step, self.cfg.rollout.group_size, batch, self.tokenizer, [n for n, _, _ in self.rewards],
+            settings, why_row, why_token))
 
     def _token_weights(self, mb: GRPOBatch, old_logps: torch.Tensor, mask: torch.Tensor, threshold):
         """The micro-batch's [n, t] weights of the policy term (None: all 1): the rollout

@@ -67,3 +67,41 @@ def sft_row_record(step: int, row: int, texts: list[str], nll: torch.Tensor, is_
     for t, v in zip(torch.nonzero(is_label).flatten().tolist(), _numbers(nll)):
         out[t] = v
     return {"step": step, "kind": "sft", "row": row, "tokens": texts, "nll": out, "doc": doc.tolist()}
+
+
+class GroupRecorder:
+    """Collects, during GRPO's update, the per-token values of the rows of a few whole groups, one
+    micro-batch at a time (rows of one group may sit in different micro-batches), then turns
+    them into `grpo_group_record`s. `rows`: the batch rows to keep (whole groups)."""
+
+    def __init__(self, rows: list[int]):
+        self.rows = set(rows)
+        self.values: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(self, rows: list[int], lengths: torch.Tensor, values: dict[str, torch.Tensor | None]) -> None:
+        """`rows`: the micro-batch's batch rows; `lengths` `[n]` their completion tokens; `values`:
+        name -> `[n, t]` tensor (None: not computed in this run)."""
+        for j, row in enumerate(rows):
+            if row in self.rows:
+                n = int(lengths[j])
+                self.values[row] = {k: v[j, :n].detach().float().cpu() for k, v in values.items() if v is not None}
+
+    def records(self, step: int, group_size: int, batch, tokenizer, reward_names: list[str], settings: dict,
+                why_row: list[str], why_token) -> list[dict]:
+        """The groups' records. `batch`: the step's GRPOBatch; `why_row[i]`: why row i is out of
+        the loss ("" if it is in); `why_token(values) -> [T] strings` names the tokens a per-token
+        selection left out of the policy term."""
+        out, ids = [], batch.completion_lists()
+        for first in sorted(r for r in self.rows if r % group_size == 0):
+            rows = list(range(first, first + group_size))
+            if not all(r in self.values for r in rows):
+                continue
+            texts = [token_texts(tokenizer, ids[r]) for r in rows]
+            values = [self.values[r] for r in rows]
+            why = [[why_row[r]] * len(texts[k]) if why_row[r] else why_token(values[k])
+                   for k, r in enumerate(rows)]
+            sl = slice(first, first + group_size)
+            out.append(grpo_group_record(step, first // group_size, batch.records[first], texts, values, why,
+                                         batch.rewards[sl], batch.advantages[sl], batch.per_fn[sl],
+                                         batch.truncated[sl], reward_names, settings))
+        return out
