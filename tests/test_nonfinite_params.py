@@ -105,8 +105,8 @@ def test_a_non_finite_loss_skips_its_update_and_max_nonfinite_in_a_row_stops_the
     real = SFTTrainer.micro_loss
 
     def nan_at_some_steps(self, *args):
-        loss, logged = real(self, *args)
-        return (loss * float("nan"), logged) if self.step in (2, 4, 5) else (loss, logged)
+        loss, logged, logps = real(self, *args)
+        return (loss * float("nan"), logged, logps) if self.step in (2, 4, 5) else (loss, logged, logps)
 
     monkeypatch.setattr(SFTTrainer, "micro_loss", nan_at_some_steps)
     trainer = SFTTrainer(cfg)

@@ -463,8 +463,8 @@ def test_the_oracle_catches_an_sft_loss_backpropagated_twice(tiny, tmp_path, mon
     real = SFTTrainer.micro_loss
 
     def doubled(self, *args):
-        loss, logged = real(self, *args)
-        return 2 * loss, logged
+        loss, logged, logps = real(self, *args)
+        return 2 * loss, logged, logps
 
     monkeypatch.setattr(SFTTrainer, "micro_loss", doubled)
     problems = run_and_check_sft(_sft_trainer(tiny, tmp_path))
