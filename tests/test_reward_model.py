@@ -8,7 +8,10 @@ through the code under test.
 """
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ from r1train.rewards.custom import entry_name, reward_model_folder
 from r1train.rewards.reward_model import RewardModel
 from r1train.run.config import ConfigError, parse_args
 from r1train.run.sections import check_rewards
+
+from launch import train_py
 
 SYSTEM = {"role": "system", "content": SYSTEM_PROMPT}
 COMPLETIONS = ["<think>2 plus 3 is 5</think><answer>5</answer>", "the answer is 7",
@@ -298,3 +303,35 @@ def test_a_grpo_step_scores_with_the_reward_model_weighted_and_leaves_it_untouch
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     assert all(torch.equal(t, saved[k]) for k, t in model.state_dict().items() if k in saved) and len(saved) > 0
     assert yaml.safe_load((out / "config.yaml").read_text())["grpo"]["rewards"] == ["accuracy", f"rm:{rm}"]
+
+
+def test_two_processes_and_a_resume_score_as_one_uninterrupted_run(rm, tiny, tmp_path):
+    """The reward model on 2 processes (each rank scores its own groups) and across a resume
+    gives the per-step rewards, losses and gradient norms of one uninterrupted process."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["grpo", "--model.path", str(tiny), "--rollout.group_size", "2", "--grpo.prompts_per_step", "2",
+            "--grpo.micro_batch_size", "2", "--rollout.max_new_tokens", "8", "--grpo.beta", "0", "--optim.lr", "1e-2",
+            "--optim.warmup_steps", "0", "--train.max_steps", "3", "--train.eval_every", "0", "--data.num_eval", "1",
+            "--train.progress", "false", "--train.save_every", "1", "--train.export", "false",
+            "--grpo.rewards", f"format,rm:{rm}", "--grpo.reward_weights", "1,2"]
+
+    def metrics(out: Path) -> list[dict]:
+        return [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in m]
+
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    for res in (train_py(*args, "--train.output_dir", one, env=env),
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                                str(root / "train.py"), *args, "--train.output_dir", str(two)],
+                               capture_output=True, text=True, env=env, timeout=600),
+                train_py(*args, "--train.output_dir", resumed, "--train.stop_at_step", "1", env=env),
+                train_py(*args, "--train.output_dir", resumed, env=env)):
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    base = metrics(one)
+    assert [m["step"] for m in base] == [1, 2, 3] and len({m["rm/mean"] for m in base}) > 1
+    for other in (two, resumed):
+        got = metrics(other)
+        assert [m["step"] for m in got] == [1, 2, 3]
+        for a, b in zip(base, got):
+            for k in ("rm/mean", "reward", "loss", "grad_norm"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (other.name, a["step"], k)
