@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None):
                     raise ConfigError(f"the main job's recipe {DEFAULT_RECIPE} is not there: it comes with a "
                                       f"checkout of the repository (pip install -e .); or name one with --recipe")
                 argv = ["--recipe", DEFAULT_RECIPE, *argv]
-            return run(argv)
+            return _leave_process_group(run(argv))
         if command == "inspect":
             from r1train.inspector.page import main as inspect
             return inspect(argv)
         from r1train.pipeline import command_entry
         from r1train.pipeline import main as run_pipeline
         run = run_pipeline if command == "pipeline" else command_entry(command)[1]
-        return run(argv)
+        return _leave_process_group(run(argv))
     except (ConfigError, DatasetError, RewardError) as e:
         # A user's mistake (an option, a recipe, a data file or row, a model path, a reward
         # function that broke its contract): one line that names it, no traceback, and status 2
@@ -58,3 +58,16 @@ def main(argv: list[str] | None = None):
         print(error_line(e), file=sys.stderr)
         raise SystemExit(2) from None
 
+
+
+def _leave_process_group(result):
+    """A torchrun worker whose run finished: the ranks leave together and the process group is
+    destroyed before the interpreter exits, rather than torn down by its finalizers in whatever
+    order they run (PyTorch asks for this; a teardown left to the finalizers was seen to abort
+    once, after the run's work was done)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
