@@ -280,3 +280,13 @@ def test_grpo_page_in_a_browser(grpo_run, tmp_path):
         page.select_option("select.step", "1")
         assert page.locator(".group").count() == P
     assert open_page(path, check) == []
+
+
+def test_a_page_past_its_budget_keeps_evenly_spaced_steps_and_the_last():
+    from r1train.inspector.page import _thin
+    records = {s: [{"x": "y" * 1000}] for s in range(1, 21)}  # 20 steps of ~1 kB
+    kept, left_out = _thin(records, 10**6)
+    assert kept == records and left_out == []
+    kept, left_out = _thin(records, 7_500)  # room for 7 steps: every third, counted from the last
+    assert sorted(kept) == [2, 5, 8, 11, 14, 17, 20]
+    assert sorted(left_out) == sorted(set(range(1, 21)) - set(kept))
