@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from r1train.data.prompts import with_prefix
 from r1train.model.engine import Engine, row_seed
 from r1train.rewards import accuracy_reward, format_reward
 from r1train.rewards.math_answer import extract_answer_span, plain_number
@@ -117,7 +118,7 @@ def sample_seed(seed: int, problem: int, sample: int) -> int:
 @torch.no_grad()
 def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], info: DistInfo, *,
              max_new_tokens: int, batch_size: int = EVAL_BATCH_SIZE, temperature: float = 0.0, seed: int = 0,
-             return_samples: int = 0, samples: int = 1) -> dict:
+             return_samples: int = 0, samples: int = 1, response_prefix: str = "") -> dict:
     """Accuracy (math_verify against the gold), format rate (strict R1 format) and mean length,
     means over every completion; with `samples` = k > 1 also pass@1 .. pass@k and maj@k.
 
@@ -125,7 +126,9 @@ def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], i
     completions at a time; the sums and each problem's (correct count, vote) are all-reduced, so
     every rank gets the same numbers, computed in problem order. `return_samples`: also the
     completions of the first N problems with their verdicts (every rank's; a "sample" index
-    when k > 1).
+    when k > 1). `response_prefix`: the text that ends each prompt of `prompt_ids` (the data
+    section's), read in front of each completion by the verdicts and the samples, as in training;
+    the mean length counts the model's own tokens.
     """
     k = samples
     mine = list(range(info.rank, len(records), info.world_size))
@@ -145,19 +148,20 @@ def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], i
         if out is None:  # this rank had no problem left; it joined the generation all the same
             continue
         recs = [records[i] for i, _ in batch]
-        acc = accuracy_reward(out.texts, solution=[r["solution"] for r in recs],
+        texts = with_prefix(response_prefix, out.texts)
+        acc = accuracy_reward(texts, solution=[r["solution"] for r in recs],
                               answer=[r["answer"] for r in recs])
-        fmt = format_reward(out.texts)
+        fmt = format_reward(texts)
         sums += torch.tensor([sum(a or 0.0 for a in acc), sum(fmt), float(out.lengths.sum()), len(batch)],
                              dtype=torch.float64)
         if k > 1:
-            for (i, _), text, a in zip(batch, out.texts, acc):
+            for (i, _), text, a in zip(batch, texts, acc):
                 correct.setdefault(i, []).append(a == 1.0)
                 answers.setdefault(i, []).append(final_answer(text))
         if len(completions) < return_samples * k:
             completions += [{"problem": r["problem"], "answer": r["answer"], "completion": t,
                              "accuracy": a, "format": f, **({"sample": j} if k > 1 else {})}
-                            for r, (_, j), t, a, f in zip(recs, batch, out.texts, acc, fmt)]
+                            for r, (_, j), t, a, f in zip(recs, batch, texts, acc, fmt)]
     for i in correct:
         vote = majority_vote(answers[i])
         per_problem[i, 0] = float(sum(correct[i]))

@@ -7,6 +7,15 @@ and prompts become token ids.
     load_conversations(d, seed)     SFT: training conversations and held-out problems
     training_prompts / encode_prompts   records -> chat-template prompts -> token ids
 
+A response prefix (`--data.response_prefix`, e.g. `<think>`) opens the assistant's turn of every
+prompt: the prompt text is the chat template's rendering, generation prompt included, followed by
+the prefix, tokenized as one string (so the tokens at the boundary are the ones the tokenizer
+gives the whole text, as it would for a chat whose reply begins with the prefix). The prefix is
+prompt: the model continues after it and is never trained on it. Whoever reads a completion as
+text (the rewards, samples.jsonl, the held-out evaluation, rejection sampling's kept replies)
+reads the prefix in front of it (`prompts.with_prefix`), as if the model had written it; the
+token-level data (completion ids, log-probs, lengths, the loss) stay the model's own tokens.
+
 Held-out means never trained on: one rule for every stage (`loaders.load_held_out`): the same
 source's test split, or the other side of training's seeded cut; another source's test split,
 else all of its rows.
@@ -90,11 +99,14 @@ def held_out_records(d: DataConfig, seed: int) -> list[dict]:
 
 
 def training_prompts(tokenizer, records: list[dict], d: DataConfig, option: str, tag: str,
-                     main: bool) -> tuple[list[dict], list[list[int]], int]:
-    """`encode_prompts` for training or sampling: refuses a source left with no prompt, says how
-    many were dropped for length."""
+                     main: bool, eos_ids: list[int] | None = None) -> tuple[list[dict], list[list[int]], int]:
+    """`encode_prompts` for training or sampling, with the data section's response prefix:
+    refuses a source left with no prompt, says how many were dropped for length. `eos_ids`: the
+    ids that end a completion (`Engine.eos_token_ids`), which the prefix must not hold."""
     check_system_prompt_length(tokenizer, records, d, option)
-    kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens)
+    say = (lambda line: print(f"[{tag}] {line}", flush=True)) if main else None
+    check_response_prefix(tokenizer, d.response_prefix, option, eos_ids, say=say)
+    kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens, d.response_prefix)
     if not kept:
         raise ConfigError(f"--{option}.source={d.source!r}: no prompts left (dropped {dropped} longer than "
                           f"--{option}.max_prompt_tokens={d.max_prompt_tokens})")
@@ -114,7 +126,8 @@ def check_system_prompt_length(tokenizer, records: list[dict], d: DataConfig, op
     if not any(r["prompt"][0].get("role") == "system" and r["prompt"][0].get("content") == system_prompt
                for r in records):  # the prompts bring their own system turns
         return
-    text = render_prompt(tokenizer, make_conversation("?", system_prompt), add_generation_prompt=True)
+    text = render_prompt(tokenizer, make_conversation("?", system_prompt), add_generation_prompt=True,
+                         response_prefix=d.response_prefix)
     n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     if n > d.max_prompt_tokens:
         given = d.system_prompt if d.system_prompt.startswith("@") else \
@@ -124,15 +137,38 @@ def check_system_prompt_length(tokenizer, records: list[dict], d: DataConfig, op
                           f"dropped. Shorten it, or raise --{option}.max_prompt_tokens")
 
 
-def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None = None):
-    """Render each record's prompt ([system, user] chat) with the chat template (`render_prompt`:
-    merged into the user turn where the template has no system role) and tokenize it.
+def check_response_prefix(tokenizer, prefix: str, option: str, eos_ids: list[int] | None = None,
+                          say=None) -> None:
+    """Refuse a response prefix that holds the text of a token that ends a completion (the
+    tokenizer's EOS, or any of `eos_ids`: Qwen's `<|im_end|>`): the assistant's turn would be over
+    before the model writes a token. `say` (print, or None) gets a warning when the chat template's
+    generation prompt already ends with the prefix (templates of reasoning models that open
+    `<think>` themselves): the prompt would then hold it twice."""
+    if not prefix:
+        return
+    ids = {tokenizer.eos_token_id, *(eos_ids or ())} - {None}
+    for i in sorted(ids):
+        end = tokenizer.decode([i], skip_special_tokens=False)
+        if end and end in prefix:
+            raise ConfigError(f"--{option}.response_prefix={prefix!r}: holds {end!r}, which ends a completion; the "
+                              f"prefix opens the assistant's reply (e.g. '<think>'), it cannot end it")
+    if say is not None:
+        header = render_prompt(tokenizer, make_conversation("?", "s"), add_generation_prompt=True)
+        if prefix.strip() and header.rstrip().endswith(prefix.strip()):
+            say(f"warning: the chat template's generation prompt already ends with {prefix.strip()!r}; "
+                f"--{option}.response_prefix={prefix!r} adds it a second time")
 
-    Returns (kept records, their token lists, number dropped for length).
+
+def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None = None, response_prefix: str = ""):
+    """Render each record's prompt ([system, user] chat) with the chat template (`render_prompt`:
+    merged into the user turn where the template has no system role), followed by
+    `response_prefix`, and tokenize the whole text as one string (module docstring).
+
+    Returns (kept records, their token lists, number dropped for length: the prefix's tokens count).
     """
     kept, ids, dropped = [], [], 0
     for r in records:
-        text = render_prompt(tokenizer, r["prompt"], add_generation_prompt=True)
+        text = render_prompt(tokenizer, r["prompt"], add_generation_prompt=True, response_prefix=response_prefix)
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
         if max_prompt_tokens and len(toks) > max_prompt_tokens:
             dropped += 1

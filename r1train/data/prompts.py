@@ -73,14 +73,20 @@ def template_has_system_role(tokenizer: Any) -> bool:
     return probe in text
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                  response_prefix: str = "") -> str:
     """The prompt text the model sees: `messages` through the tokenizer's own chat template.
 
     With `add_generation_prompt=True` the text ends with the assistant header (for Qwen:
-    `<|im_start|>assistant\\n`), so generation starts inside the assistant turn. A tokenizer
+    `<|im_start|>assistant\\n`), so generation starts inside the assistant turn, and then with
+    `response_prefix` (`--data.response_prefix`, e.g. `<think>`): text that opens the assistant's
+    reply as if the model had written it, so that the model continues from there. A tokenizer
     marked `MERGE_SYSTEM` (its template has no system role) gets the system text merged into
     the first user turn (`merge_system_turn`).
     """
+    if response_prefix and not add_generation_prompt:
+        raise ValueError("render_prompt: a response_prefix opens the assistant's turn, so it needs "
+                         "add_generation_prompt=True")
     # A base (non-Instruct) tokenizer has no template; transformers would then raise a message
     # about Jinja that does not say what to do, so this check says it first.
     if not getattr(tokenizer, "chat_template", None):
@@ -105,4 +111,11 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation
             return ""
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    ) + response_prefix
+
+
+def with_prefix(response_prefix: str, completions: list[str]) -> list[str]:
+    """Completions as text, each after the response prefix that ended its prompt (`render_prompt`):
+    the reply as the rewards, the samples and the evaluation read it, as if the model had written
+    the prefix too."""
+    return [response_prefix + c for c in completions] if response_prefix else list(completions)

@@ -3,7 +3,8 @@
 One optimizer step, in named phases (`train_step`; the loop around it is `run.loop.Trainer`):
   1. sample prompts   - this step's slice of a seeded, epoch-wise permutation of the train set
   2. generate         - group_size completions per prompt (model/engine.py), seeded per row
-  3. score            - every reward function, weighted, NaN = no opinion (rewards/)
+  3. score            - every reward function, weighted, NaN = no opinion (rewards/); they read
+                        each completion after data.response_prefix, which ended its prompt
      With grpo.dynamic_sampling (DAPO), 1-3 repeat in rounds of new prompts until the step has
      prompts_per_step groups whose rewards differ; the chosen groups move to the ranks that
      train them (grpo/dynamic.py). The data position is kept in the checkpoints.
@@ -53,6 +54,7 @@ from __future__ import annotations
 import torch
 
 from r1train.data.problems import encode_prompts, load_problems, training_prompts
+from r1train.data.prompts import with_prefix
 from r1train.evaluate import EVAL_BATCH_SIZE, evaluate
 from r1train.grpo.advantages import (
     batch_reward_std,
@@ -156,8 +158,9 @@ class GRPOTrainer(Trainer):
         self.setup_training(self.policy, lm.config, tokenizer)
 
         self.train_records, self.train_ids, _ = training_prompts(tokenizer, problems.train, cfg.data, "data", "grpo",
-                                                                 self.main)
-        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, problems.held_out, cfg.data.max_prompt_tokens)
+                                                                 self.main, eos_ids=self.engine.eos_token_ids)
+        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, problems.held_out, cfg.data.max_prompt_tokens,
+                                                             cfg.data.response_prefix)
         on_main(self.info, self.check_memory)  # before anything generates; rank 0 decides for all
 
     def check_memory(self) -> None:
@@ -267,6 +270,9 @@ class GRPOTrainer(Trainer):
                 top_p=r.top_p, stop_strings=r.stop_strings, stop_requested=lambda: self.stop_requested))
             records += [self.train_records[i] for i in idx]
         batch = GRPOBatch.from_rollouts(rollouts, records, self.tokenizer.pad_token_id)
+        # The rewards and samples.jsonl read the reply with the response prefix that ended its
+        # prompt; completion_ids, log-probs and the loss keep the model's own tokens.
+        batch.texts = with_prefix(cfg.data.response_prefix, batch.texts)
         timings = {"time/generate": clock(info.device) - t0}
         self.stop_point()
 
@@ -486,7 +492,7 @@ class GRPOTrainer(Trainer):
                     "entropy_threshold": threshold}
         write_jsonl(self.out / RECORDS_FILE, recorder.records(
             self.step, self.cfg.rollout.group_size, batch, self.tokenizer, [n for n, _, _ in self.rewards],
-            settings, why_row, why_token))
+            settings, why_row, why_token, self.cfg.data.response_prefix))
 
     def _token_weights(self, mb: GRPOBatch, old_logps: torch.Tensor, mask: torch.Tensor, threshold):
         """The micro-batch's [n, t] weights of the policy term (None: all 1): the rollout
@@ -525,7 +531,8 @@ class GRPOTrainer(Trainer):
         return evaluate(self.engine, self.eval_records, self.eval_ids, self.info,
                         max_new_tokens=r.max_new_tokens, seed=self.cfg.train.seed,
                         temperature=e.temperature if e.samples > 1 else r.eval_temperature,
-                        samples=e.samples, return_samples=len(self.eval_records))
+                        samples=e.samples, return_samples=len(self.eval_records),
+                        response_prefix=self.cfg.data.response_prefix)
 
     def trainer_state(self) -> dict:
         return {"ref_refreshes": self.ref_refreshes, "data_position": self.data_position}

@@ -135,7 +135,9 @@ function tokenTip(rec, c, t) {
 
 function renderTokens(rec, c, quantity, max) {
   const q = GRPO_QUANTITIES[quantity];
-  return el("div", { class: "tokens" }, c.tokens.map((text, t) => {
+  // The response prefix ended the prompt: shown where the reply starts, in no color, not trained.
+  const prefix = rec.prefix ? [el("span", { class: "prefix", title: "response prefix: prompt text the rewards read in front of the reply, not trained" }, rec.prefix)] : [];
+  return el("div", { class: "tokens" }, prefix, c.tokens.map((text, t) => {
     const v = q.value(c, t);
     const span = el("span", { class: "tok" + (c.why[t] ? " out" : ""), "data-t": t }, text);
     span.style.background = q.scale(v, max);

@@ -9,7 +9,8 @@ What it shows, per run (a pipeline's folder: one section per stage, in the pipel
   - a step picker over the steps with per-token records (tokens.jsonl, inspector/records.py);
   - GRPO: each recorded group as a table of its completions sorted by reward, with the reward
     breakdown and advantage, and each completion's tokens colored by a quantity the reader picks
-    (advantage x loss mask, ratio, clip, KL, entropy, log-prob), the numbers on hover;
+    (advantage x loss mask, ratio, clip, KL, entropy, log-prob), the numbers on hover; a run's
+    response prefix (--data.response_prefix) in grey before them, prompt text with no numbers;
   - SFT: each recorded packed row's tokens colored by their loss, document boundaries marked;
   - held-out evaluation samples (eval_samples.jsonl) with their verdicts, per evaluation.
 

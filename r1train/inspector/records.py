@@ -9,7 +9,10 @@ GRPO record:
     {"step", "kind": "grpo", "group", "problem", "answer", "reward_names": [F names],
      "settings": {"epsilon_low", "epsilon_high", "beta", "kl_estimator", "importance_sampling"},
      "completions": [{"tokens": [T strings], "reward": r_i, "advantage": A_i, "rewards": [F values],
-                      "truncated": bool, "values": {name: [T numbers]}, "why": [T strings]}]}
+                      "truncated": bool, "values": {name: [T numbers]}, "why": [T strings]}],
+     "prefix": text}
+`prefix` only when --data.response_prefix is set: the text that ended the prompt and opens each
+reply as the rewards read it; its tokens are the prompt's, so they have no values.
 
 `values` holds, per completion token, the numbers the loss used in the last pass of the step:
 "logp" (policy), "old_logp" (num_iterations > 1), "ref_logp" (beta > 0 or LoRA reference),
@@ -45,18 +48,20 @@ def _numbers(x: torch.Tensor) -> list:
 def grpo_group_record(step: int, group: int, record: dict, texts: list[list[str]], values: list[dict],
                       why: list[list[str]], rewards: torch.Tensor, advantages: torch.Tensor,
                       per_fn: torch.Tensor, truncated: torch.Tensor, reward_names: list[str],
-                      settings: dict) -> dict:
+                      settings: dict, prefix: str = "") -> dict:
     """One group's record. `texts[i]`: completion i's token texts; `values[i]`: name -> [T_i]
-    tensor; `why[i]`: T_i strings; rewards, advantages, truncated `[G]`, per_fn `[G, F]`."""
+    tensor; `why[i]`: T_i strings; rewards, advantages, truncated `[G]`, per_fn `[G, F]`;
+    `prefix`: the response prefix (kept only when not empty)."""
     completions = []
     for i in range(len(texts)):
         completions.append({
             "tokens": texts[i], "reward": float(rewards[i]), "advantage": float(advantages[i]),
             "rewards": _numbers(per_fn[i]), "truncated": bool(truncated[i]),
             "values": {k: _numbers(v) for k, v in values[i].items()}, "why": why[i]})
-    return {"step": step, "kind": "grpo", "group": group, "problem": record.get("problem", ""),
-            "answer": record.get("answer", ""), "reward_names": list(reward_names), "settings": settings,
-            "completions": completions}
+    out = {"step": step, "kind": "grpo", "group": group, "problem": record.get("problem", ""),
+           "answer": record.get("answer", ""), "reward_names": list(reward_names), "settings": settings,
+           "completions": completions}
+    return {**out, "prefix": prefix} if prefix else out
 
 
 def sft_row_record(step: int, row: int, texts: list[str], nll: torch.Tensor, is_label: torch.Tensor,
@@ -87,10 +92,10 @@ class GroupRecorder:
                 self.values[row] = {k: v[j, :n].detach().float().cpu() for k, v in values.items() if v is not None}
 
     def records(self, step: int, group_size: int, batch, tokenizer, reward_names: list[str], settings: dict,
-                why_row: list[str], why_token) -> list[dict]:
+                why_row: list[str], why_token, prefix: str = "") -> list[dict]:
         """The groups' records. `batch`: the step's GRPOBatch; `why_row[i]`: why row i is out of
         the loss ("" if it is in); `why_token(values) -> [T] strings` names the tokens a per-token
-        selection left out of the policy term."""
+        selection left out of the policy term; `prefix`: the response prefix."""
         out, ids = [], batch.completion_lists()
         for first in sorted(r for r in self.rows if r % group_size == 0):
             rows = list(range(first, first + group_size))
@@ -103,5 +108,5 @@ class GroupRecorder:
             sl = slice(first, first + group_size)
             out.append(grpo_group_record(step, first // group_size, batch.records[first], texts, values, why,
                                          batch.rewards[sl], batch.advantages[sl], batch.per_fn[sl],
-                                         batch.truncated[sl], reward_names, settings))
+                                         batch.truncated[sl], reward_names, settings, prefix))
         return out

@@ -26,7 +26,8 @@ IDENTITY = ("model.path", "model.tokenizer", "model.seed", "model.embedded_size"
             "model.trust_remote_code", "data.source", "data.schema", "data.train_split",
             "data.split", "data.test_size", "data.num_train", "data.task.", "data.mix_source",
             "data.mix_fraction", "data.max_prompt_tokens", "data.on_bad_row", "data.columns",
-            "data.system_prompt", "model.chat_template", "model.system_role", "problems.",
+            "data.system_prompt", "data.response_prefix", "model.chat_template", "model.system_role",
+            "problems.",
             "model.lora_rank", "model.lora_alpha", "model.lora_targets", "model.lora_rslora",
             "train.seed", "sft.max_seq_len", "sft.packing", "sft.assistant_only", "sft.overflow",
             "distill.teacher")

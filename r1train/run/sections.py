@@ -106,6 +106,10 @@ class DataConfig:
     empty: no system turn. Prompts that bring their own system turn keep it."""
     max_prompt_tokens: int = 512
     """Prompts longer than this are dropped with a count (they would crowd out completions)."""
+    response_prefix: str = ""
+    """Text that opens the assistant's turn of every prompt, after the chat template's generation
+    prompt (e.g. <think>): part of the prompt, never trained on, counted in max_prompt_tokens; the
+    rewards, samples and held-out evaluation read it in front of each completion (data/problems.py)."""
     task: TaskConfig = field(default_factory=TaskConfig)
 
 
@@ -328,6 +332,8 @@ def check_data(d, section: str = "data") -> None:
     at_least(f"{section}.num_eval", d.num_eval, 0)
     if hasattr(d, "max_prompt_tokens") and d.max_prompt_tokens < 1:
         bad(f"{section}.max_prompt_tokens", d.max_prompt_tokens, "must be >= 1")
+    if not isinstance(getattr(d, "response_prefix", ""), str):  # a config built in Python; options are text
+        bad(f"{section}.response_prefix", d.response_prefix, "must be text, e.g. '<think>' ('' for none)")
     try:  # TaskConfig checks itself when built; options set its fields one by one after that
         TaskConfig(**dataclasses.asdict(d.task))
     except ValueError as e:

@@ -89,9 +89,9 @@ def _distill(cfg: DistillJobConfig, info: DistInfo, out: Path) -> dict:
     if not cfg.distill.traces:
         # 1. the teacher writes traces for the problems
         records, prompt_ids, dropped = training_prompts(t_tok, problems, cfg.problems, "problems",
-                                                               "distill", info.is_main)
+                                                               "distill", info.is_main, eos_ids=teacher.eos_token_ids)
         kept, stats = sample_and_filter(teacher, records, prompt_ids, info, cfg.sampling, cfg.train.seed,
-                                         tag="distill")
+                                         tag="distill", response_prefix=cfg.problems.response_prefix)
         stats["dropped_long_prompts"] = dropped
         if not kept:
             raise ConfigError(f"distill: the teacher passed none of {stats['samples']} samples "

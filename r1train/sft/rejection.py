@@ -8,7 +8,9 @@ the kept conversations are written as a JSONL SFT set (Bespoke-Stratos layout, w
 prompts) is printed and returned. SFT stage 2 mixes this set with general data
 (`--data.mix_source`, `--data.mix_fraction` of `train.py sft`).
 
-`sample_and_filter` is shared with distillation, where the teacher writes the traces.
+`sample_and_filter` is shared with distillation, where the teacher writes the traces. With
+`--data.response_prefix` (distill: `--problems.response_prefix`) each prompt ends with the prefix,
+and a kept reply is the prefix followed by the sample, so the SFT set teaches the whole reply.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from r1train.data.problems import load_problems, training_prompts
+from r1train.data.prompts import with_prefix
 from r1train.model.engine import Engine, row_seed
 from r1train.model.load import load_model
 from r1train.model.memory import (
@@ -136,11 +139,15 @@ def check_sampling_memory(engine: Engine, prompt_ids: list[list[int]], info: Dis
 
 def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list[int]], info: DistInfo,
                       s: SamplingConfig, seed: int, system_prompt: str | None = None,
-                      tag: str = "rejection") -> tuple[list[dict], dict]:
+                      tag: str = "rejection", response_prefix: str = "") -> tuple[list[dict], dict]:
     """K samples per prompt; keep the best accepted one per prompt. Returns (kept, stats) on every rank.
 
     A kept item is {"messages": [system, user, assistant], "problem", "answer", "rewards", "length"}.
     The memory the generation needs is checked first (`check_sampling_memory`; `tag` names the stage).
+    `response_prefix`: the text that ends each prompt of `prompt_ids` (--data.response_prefix). The
+    rewards score each sample after it, and a kept reply holds it: the assistant turn of the SFT
+    row is the whole reply, prefix and sample, and SFT trains on all of it. "length" counts the
+    sampled tokens.
     """
     on_main(info, lambda: check_sampling_memory(engine, prompt_ids, info, s, tag))
     rewards = get_reward_functions(s.rewards, None, s.reward_weights or None, device=info.device)
@@ -158,7 +165,8 @@ def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list
             continue
         recs = [records[i] for i in idx for _ in range(s.samples_per_prompt)]
         ids = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
-        scores = score_completions(rewards, out.texts, recs, ids)  # [N, F], NaN = no opinion
+        texts = with_prefix(response_prefix, out.texts)
+        scores = score_completions(rewards, texts, recs, ids)  # [N, F], NaN = no opinion
         totals = scores.nan_to_num(0.0) @ torch.tensor([w for _, _, w in rewards], dtype=torch.float64)  # [N]
         sampled += len(recs)
         for p, i in enumerate(idx):
@@ -172,7 +180,7 @@ def sample_and_filter(engine: Engine, records: list[dict], prompt_ids: list[list
                 total = float(totals[j])
                 key = (-total, int(out.lengths[j]), k)
                 if best is None or key < best[0]:
-                    best = (key, out.texts[j], vals, int(out.lengths[j]))
+                    best = (key, texts[j], vals, int(out.lengths[j]))
             if best is not None:
                 r = records[i]
                 prompt = r["prompt"] if system_prompt is None else [{"role": "system", "content": system_prompt},
@@ -215,8 +223,9 @@ def _sample(cfg: RejectionJobConfig, info: DistInfo, out: Path) -> dict:
         train = train[: cfg.sampling.num_prompts]
     path, engine = load_sampler(cfg.model, out, info, compile_decode=cfg.sampling.compile_decode)
     records, prompt_ids, dropped = training_prompts(engine.tokenizer, train, cfg.data, "data",
-                                                           "rejection", info.is_main)
-    kept, stats = sample_and_filter(engine, records, prompt_ids, info, cfg.sampling, cfg.train.seed)
+                                                           "rejection", info.is_main, eos_ids=engine.eos_token_ids)
+    kept, stats = sample_and_filter(engine, records, prompt_ids, info, cfg.sampling, cfg.train.seed,
+                                    response_prefix=cfg.data.response_prefix)
     stats["dropped_long_prompts"] = dropped
     target = Path(cfg.sampling.output or out / "sft.jsonl")
     if info.is_main:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r1train.data.problems import encode_prompts, load_conversations
+from r1train.data.problems import check_response_prefix, encode_prompts, load_conversations
 from r1train.data.prompts import SYSTEM_PROMPT
 from r1train.data.task import TaskConfig
 from r1train.evaluate import evaluate
@@ -77,6 +77,10 @@ class SFTDataConfig:
     """Held-out problems evaluated."""
     on_bad_row: str = "error"
     """error or skip (counted)."""
+    response_prefix: str = ""
+    """Text that opens the assistant's turn of the held-out prompts (e.g. <think>, as a GRPO stage's
+    --data.response_prefix), read in front of each completion by the evaluation; the training
+    conversations are taught as they are."""
     task: TaskConfig = field(default_factory=TaskConfig)
 
 
@@ -204,7 +208,8 @@ class SFTTrainer(Trainer):
         if self.main:
             print(f"[sft] {len(train)} conversations -> {len(self.rows)} rows of {s.max_seq_len} tokens; "
                   f"{self.pack_stats}", flush=True)
-        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, evals)
+        check_response_prefix(tokenizer, cfg.data.response_prefix, "data", self.engine.eos_token_ids)
+        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, evals, response_prefix=cfg.data.response_prefix)
         self.setup_training(self.policy, lm.config, tokenizer)
         self.last_loss = float("nan")  # loss of step `self.step`; saved so a resume at max_steps has it
         self._training_attention()
@@ -301,7 +306,7 @@ class SFTTrainer(Trainer):
         res = evaluate(self.engine, self.eval_records, self.eval_ids, self.info,
                        max_new_tokens=self.cfg.sft.eval_max_new_tokens, seed=self.cfg.train.seed,
                        temperature=e.temperature if e.samples > 1 else 0.0, samples=e.samples,
-                       return_samples=len(self.eval_records))
+                       return_samples=len(self.eval_records), response_prefix=self.cfg.data.response_prefix)
         self._training_attention()
         return res
 
