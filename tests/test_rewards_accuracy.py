@@ -77,6 +77,20 @@ def test_bare_answer_in_tags_tutorial_bug(pool):
               answer=["14", "0.5"]) == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_numeric_question_answered_with_the_calculation_is_wrong(pool, fast_path):
+    """The reward hack SmolLM2 found under R1-Zero GRPO (bench/RESULTS.md): the question's own
+    expression in <answer>, which sympy evaluates to the gold. A number gold wants the value."""
+    fn = rewards(pool, fast_path)
+    comps = ["<answer>25 + 10 - 7</answer>", "<answer> 25 + 10 - 7 </answer>", "<answer>$(25 + 10) - 7$</answer>",
+             "<answer>\\boxed{4 \\times 7}</answer>", "<answer>28</answer>", "<answer>28.0</answer>",
+             "<answer>56/2</answer>"]
+    # the calculation -> 0 however it is written; the value -> 1; a fraction is a value -> 1
+    assert fn(comps, answer=["28"] * len(comps)) == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    # Where the gold is itself an expression, math_verify's equivalence decides as before.
+    assert fn(["<answer>1 + 1</answer>"], answer=["1 + 1"]) == [1.0]
+
+
 def test_symbolic_equivalence(pool):
     fn = rewards(pool)
     comps = ["<answer>0.5</answer>", "<answer>1/2</answer>", "<answer>\\dfrac{2}{4}</answer>",

@@ -15,6 +15,13 @@ steps, each a plain function:
    with `try_extract_without_anchor=False` and so could never read `<answer>14</answer>`.
 3. *Compare* with `math_verify.verify(gold, answer)`.
 
+One departure from "mathematically equal": when the gold is a plain number, an answer that is
+a calculation still to be done (`25 + 10 - 7`, `3 \\times 4`: numbers joined by + - * × · ÷,
+`unevaluated_arithmetic`) is wrong, although sympy evaluates it to the gold. A policy
+finds this on its own: SmolLM2 under R1-Zero GRPO learned within 60 steps to copy the question's
+expression into `<answer>`, and math_verify scored 100% (bench/RESULTS.md). A fraction (`1/2`)
+and a power (`10^3`) stay answers.
+
 Sympy can hang on hostile input (`\\boxed{9^{9^{9^{9}}}}`), and math_verify's own timeout is a
 `signal.alarm`, which only works on the main thread of the main interpreter. So parsing and
 verifying run here, inside a worker *process* (`serve()`, started by `verifier_pool.py`) that
@@ -47,6 +54,9 @@ _WRAPPED_RE = re.compile(r"\$([^$]*)\$|\\\(([^$]*)\\\)|\\boxed\{([^{}]*)\}")
 _LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
 _TEXT_BLOCK_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{[^{}]*\}")
 _WORD_RE = re.compile(r"[A-Za-z]{2,}")
+# Numbers joined by the operators of a calculation (not "/": a fraction is an answer; not "^").
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_UNEVALUATED_RE = re.compile(rf"[+-]?{_NUMBER}(?:(?:[+\-*×·÷]|\\times|\\cdot|\\div)[+-]?{_NUMBER})+")
 # A plain number longer than this goes to math_verify instead of Decimal (keeps the parent cheap).
 _MAX_PLAIN_DIGITS = 64
 
@@ -98,6 +108,21 @@ def plain_number(span: str | None) -> Decimal | None:
         return Decimal(s)
     except InvalidOperation:
         return None
+
+
+def unevaluated_arithmetic(span: str | None) -> bool:
+    """True when `span` is a calculation left to do: numbers joined by + - * × · ÷ (or \\times,
+    \\cdot, \\div), e.g. `25 + 10 - 7`, `$3 \\times 4$`, `(2 + 3) * 4`; parentheses, spaces,
+    thousands commas and one layer of `$...$` / `\\boxed{}` are ignored. A lone signed number
+    (`-3`), a fraction (`1/2`) and a power (`10^3`) are not (module docstring)."""
+    if span is None:
+        return False
+    s = span.strip()
+    wrapped = _WRAPPED_RE.fullmatch(s)
+    if wrapped:
+        s = next(g for g in wrapped.groups() if g is not None)
+    s = _THOUSANDS_RE.sub("", re.sub(r"[\s()]", "", s))
+    return len(s) <= 4 * _MAX_PLAIN_DIGITS and _UNEVALUATED_RE.fullmatch(s) is not None
 
 
 def _is_prose(span: str) -> bool:
@@ -166,6 +191,8 @@ def check_answer(gold: str, span: str | None, tagged: bool) -> int:
             return GOLD_UNPARSEABLE
         if span is None:
             return NO_ANSWER
+        if tagged and unevaluated_arithmetic(span) and plain_number(gold_final_span(gold)) is not None:
+            return WRONG  # a numeric question answered with the calculation, not its value
         answer = parse_span(span) if tagged else _parse(span, [_configs()[1]])
         if not answer:
             return NO_ANSWER
