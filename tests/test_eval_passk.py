@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_worker import BATCH, PROBLEMS, SAMPLES, VOTES, ScriptedEngine, prompt_ids, records, run
 
 from r1train.evaluate import evaluate, final_answer, majority_vote, pass_at_k, sample_seed
 from r1train.grpo.config import GRPOJobConfig
@@ -30,6 +29,8 @@ from r1train.run.config import ConfigError, parse_args
 from r1train.run.dist import DistInfo
 from r1train.sft.distill import DistillJobConfig
 from r1train.sft.trainer import SFTJobConfig
+
+from eval_worker import BATCH, PROBLEMS, SAMPLES, VOTES, ScriptedEngine, prompt_ids, records, run
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
