@@ -21,7 +21,7 @@ from r1train.data.prompts import with_prefix
 from r1train.model.engine import Engine, row_seed
 from r1train.rewards import accuracy_reward, format_reward
 from r1train.rewards.math_answer import extract_answer_span, plain_number
-from r1train.run.dist import DistInfo, all_reduce_sum
+from r1train.run.dist import DistInfo, all_gather_objects, all_reduce_sum
 
 EVAL_BATCH_SIZE = 64  # completions generated at once per rank (the stages' memory estimates count them)
 
@@ -177,11 +177,9 @@ def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], i
             result[f"pass@{m}"] = math.fsum(pass_at_k(k, int(c), m) for c in per_problem[:, 0].tolist()) / p
         result[f"maj@{k}"] = per_problem[:, 1].sum().item() / p
     if return_samples:
-        if torch.distributed.is_initialized():  # every rank's share, in problem order
-            shares = [None] * info.world_size
-            torch.distributed.all_gather_object(shares, completions)
-            w = info.world_size  # rank r evaluated problems r, r + w, r + 2w, ...
-            completions = [shares[i % w][(i // w) * k + j] for i in range(len(records)) for j in range(k)
-                           if (i // w) * k + j < len(shares[i % w])]
+        shares = all_gather_objects(completions)  # every rank's share, put back in problem order
+        w = info.world_size  # rank r evaluated problems r, r + w, r + 2w, ...
+        completions = [shares[i % w][(i // w) * k + j] for i in range(len(records)) for j in range(k)
+                       if (i // w) * k + j < len(shares[i % w])]
         result["samples"] = completions[:return_samples * k]
     return result

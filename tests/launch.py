@@ -114,3 +114,11 @@ def train_py(*args, env: dict | None = None, cwd=None, timeout: float = 600) -> 
         stdout, stderr = (Path(p).read_text(errors="replace") for p in (out, err))
     # A child killed by a signal reports -N, as subprocess does.
     return subprocess.CompletedProcess([sys.executable, "train.py", *args], proc.exitcode, stdout, stderr)
+
+
+def torchrun_py(*args, nproc: int = 2, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc train.py *args` in a real interpreter (each
+    rank a fresh process), captured as `train_py` captures its run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

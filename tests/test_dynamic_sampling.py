@@ -14,8 +14,6 @@ later rounds seeded as round 0, the position not restored, the surplus kept inst
 """
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,7 @@ from r1train.run.config import ConfigError, parse_args
 from r1train.run.folder import write_manifest
 from r1train.run.loop import epoch_order
 
-from launch import train_py
+from launch import torchrun_py, train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -237,9 +235,7 @@ def _run(args, nproc=1):
     if nproc == 1:
         res = train_py("grpo", *args, env=ENV, timeout=600)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-               str(ROOT / "train.py"), "grpo", *args]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+        res = torchrun_py("grpo", *args, nproc=nproc, env=ENV)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 

@@ -256,13 +256,11 @@ def test_grpo_run_with_eval_samples_writes_pass_and_maj_and_two_processes_match_
     equal to enumeration and a hand count over the completions in eval_samples.jsonl (answers
     read with a regular expression here); 2 processes (4 and 3 problems) evaluate the step-0
     model as one does."""
-    from launch import train_py
+    from launch import torchrun_py, train_py
     res = train_py(*GRPO, "--train.output_dir", str(tmp_path / "one"), env=ENV, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "pass@1" in res.stdout and "maj@4" in res.stdout  # the eval line says them too
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          str(ROOT / "train.py"), *GRPO, "--train.output_dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=ENV, timeout=600)
+    two = torchrun_py(*GRPO, "--train.output_dir", tmp_path / "two", env=ENV)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
 
     evals = {run: [m for m in _jsonl(tmp_path / run / "metrics.jsonl") if "eval/accuracy" in m]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from r1train.data.tiny import build_tiny_model
 
-from launch import train_py
+from launch import torchrun_py, train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +38,7 @@ def _run(args, nproc=1, timeout=600):
     if nproc == 1:
         res = train_py("grpo", *args, env=env, timeout=timeout)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--standalone", str(ROOT / "train.py"), "grpo", *args]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        res = torchrun_py("grpo", *args, nproc=nproc, env=env, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 

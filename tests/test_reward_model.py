@@ -10,8 +10,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from r1train.rewards.reward_model import RewardModel
 from r1train.run.config import ConfigError, parse_args
 from r1train.run.sections import check_rewards
 
-from launch import train_py
+from launch import torchrun_py, train_py
 
 SYSTEM = {"role": "system", "content": SYSTEM_PROMPT}
 COMPLETIONS = ["<think>2 plus 3 is 5</think><answer>5</answer>", "the answer is 7",
@@ -321,9 +319,7 @@ def test_two_processes_and_a_resume_score_as_one_uninterrupted_run(rm, tiny, tmp
 
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     for res in (train_py(*args, "--train.output_dir", one, env=env),
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                                str(root / "train.py"), *args, "--train.output_dir", str(two)],
-                               capture_output=True, text=True, env=env, timeout=600),
+                torchrun_py(*args, "--train.output_dir", two, env=env),
                 train_py(*args, "--train.output_dir", resumed, "--train.stop_at_step", "1", env=env),
                 train_py(*args, "--train.output_dir", resumed, env=env)):
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

@@ -9,15 +9,13 @@ nucleus' mass, 1 or below): the weights are not all 1 and the bounds bind on som
 """
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import train_py
+from launch import torchrun_py, train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "assets" / "tiny-r1-sft"
@@ -35,9 +33,7 @@ def _run(args, nproc=1):
     if nproc == 1:
         res = train_py("grpo", *args, env=env, timeout=600)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-               str(ROOT / "train.py"), "grpo", *args]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        res = torchrun_py("grpo", *args, nproc=nproc, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 

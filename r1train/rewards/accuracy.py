@@ -38,7 +38,6 @@ from r1train.rewards.math_answer import (
     extract_answer_span,
     gold_final_span,
     plain_number,
-    unevaluated_arithmetic,
 )
 from r1train.rewards.verifier_pool import VerifierPool, shared_pool
 
@@ -98,9 +97,6 @@ class AnswerChecker:
             if gold_number is not None:
                 if span is None:
                     return job, NO_ANSWER
-                if tagged and unevaluated_arithmetic(span):  # as check_answer decides it
-                    add_metric("accuracy/unevaluated")
-                    return job, WRONG
                 answer_number = plain_number(span) if tagged else None
                 if answer_number is not None:
                     add_metric("accuracy/fast_path")

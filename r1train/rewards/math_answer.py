@@ -17,7 +17,8 @@ steps, each a plain function:
 
 One departure from "mathematically equal": when the gold is a plain number, an answer that is
 a calculation still to be done (`25 + 10 - 7`, `3 \\times 4`: numbers joined by + - * × · ÷,
-`unevaluated_arithmetic`) is wrong, although sympy evaluates it to the gold. A policy
+`unevaluated_arithmetic`, decided in `check_answer`: such a span is never a plain number, so the
+parent's fast path leaves it to the worker) is wrong, although sympy evaluates it to the gold. A policy
 finds this on its own: SmolLM2 under R1-Zero GRPO learned within 60 steps to copy the question's
 expression into `<answer>`, and math_verify scored 100% (bench/RESULTS.md). A fraction (`1/2`)
 and a power (`10^3`) stay answers.

@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from r1train.run.config import ConfigError
 from r1train.run.dcp_safe import one_process_quiet, read_metadata, safe_load
-from r1train.run.dist import DistInfo, barrier, broadcast_object
+from r1train.run.dist import DistInfo, all_gather_objects, barrier, broadcast_object
 from r1train.run.folder import (
     CHECKPOINT_FILE,
     MANIFEST,
@@ -99,14 +99,6 @@ def _torch_save(obj, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
 
-
-def _gather(obj) -> list:
-    """Every rank's `obj`, in rank order (a list of one without a process group)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def describe_failure(exc: BaseException, where: Path) -> str:
@@ -180,7 +172,7 @@ class CheckpointManager:
             err = None
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException; shared below
             err = describe_failure(e, tmp)
-        self._raise_if_any(_gather(err), final, tmp)  # also the barrier: every file is written
+        self._raise_if_any(all_gather_objects(err), final, tmp)  # also the barrier: every file is written
         # Each rank hashes (and fsyncs) a share of the files; rank 0 writes the manifest last.
         entries, err = {}, None
         try:
@@ -190,7 +182,7 @@ class CheckpointManager:
                 entries[n] = file_digest(tmp / n)
         except Exception as e:  # noqa: BLE001
             err = describe_failure(e, tmp)
-        parts = _gather((err, entries))
+        parts = all_gather_objects((err, entries))
         self._raise_if_any([e for e, _ in parts], final, tmp)
 
         def publish():
@@ -270,7 +262,7 @@ class CheckpointManager:
                              if n not in manifest and n != MANIFEST]
         except ValueError as e:
             problems += [str(e)] if rank == 0 else []
-        problems = sorted({p for part in _gather(problems) for p in part})
+        problems = sorted({p for part in all_gather_objects(problems) for p in part})
         if not problems and rank == 0:
             for name, read in ((".metadata", read_metadata),
                                ("trainer_state.pt", lambda p: torch.load(p / "trainer_state.pt", weights_only=True))):
