@@ -9,6 +9,11 @@ all samples the evaluation reports
   reports cons@64 and Minerva maj1@k.
 A sample counts as correct when its accuracy reward is 1.0 (an unparseable gold, which scores
 0.5 under "neutral", is correct for no sample).
+
+Every evaluation also says how far to trust it: `accuracy_se`, the standard error of the accuracy
+over the problems (`standard_error`), and, from the second evaluation of a run on, `gain` and
+`gain_se`: the change since the run's first evaluation and its standard error, paired on the same
+problems (`paired_gain`). A gain of 3 standard errors is what the recipes call a result.
 """
 from __future__ import annotations
 
@@ -71,6 +76,38 @@ def majority_vote(answers: Sequence[str | None]) -> int | None:
     return first[max(counts, key=lambda a: (counts[a], -first[a]))]
 
 
+def standard_error(scores: Sequence[float]) -> float:
+    """Standard error of the mean of per-problem scores: sqrt(s^2 / n), s^2 the sample variance
+    (n - 1 in the denominator) of the scores, n the number of problems.
+
+    The central-limit estimate that Miller 2024 ("Adding Error Bars to Evals", arXiv:2411.00640)
+    recommends for evals; with k samples a problem, a problem's score is the mean of its k
+    verdicts and the problems, not the samples, are the independent draws (resampling a question
+    shrinks only the within-problem part of the variance, as that paper says). For 0/1 scores it
+    is sqrt(p (1 - p) / (n - 1)). Like every CLT interval it is too narrow near 0% and 100% (at 0
+    of n it is 0): read it as the scale of the noise, not as a bound. 0 for fewer than 2 problems.
+    """
+    n = len(scores)
+    if n < 2:
+        return 0.0
+    mean = math.fsum(scores) / n
+    return math.sqrt(math.fsum((x - mean) ** 2 for x in scores) / (n - 1) / n)
+
+
+def paired_gain(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    """(mean of after_i - before_i, its standard error) over the same problems i.
+
+    As Miller 2024 recommends for two evaluations on the same questions: the per-question
+    differences, whose variance is Var(before) + Var(after) - 2 Cov(before, after), smaller than
+    the unpaired sum when the two scores agree; the standard error is `standard_error` of them.
+    A problem both models solve, or both miss, adds no noise to the gain.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_gain needs the same problems: {len(before)} scores before, {len(after)} after")
+    diffs = [a - b for a, b in zip(after, before)]
+    return (math.fsum(diffs) / len(diffs) if diffs else 0.0), standard_error(diffs)
+
+
 def last_boxed(text: str) -> str | None:
     """The content of the last `\\boxed{...}` in `text` (braces matched), or None."""
     start = text.rfind("\\boxed{")
@@ -120,7 +157,9 @@ def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], i
              max_new_tokens: int, batch_size: int = EVAL_BATCH_SIZE, temperature: float = 0.0, seed: int = 0,
              return_samples: int = 0, samples: int = 1, response_prefix: str = "") -> dict:
     """Accuracy (math_verify against the gold), format rate (strict R1 format) and mean length,
-    means over every completion; with `samples` = k > 1 also pass@1 .. pass@k and maj@k.
+    means over every completion, the accuracy's standard error over the problems (`accuracy_se`)
+    and each problem's score (`scores`: the share of its samples that are correct, in problem
+    order, for paired comparisons); with `samples` = k > 1 also pass@1 .. pass@k and maj@k.
 
     Each rank evaluates a strided shard of the problems (all k samples of each), `batch_size`
     completions at a time; the sums and each problem's (correct count, vote) are all-reduced, so
@@ -154,24 +193,26 @@ def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], i
         fmt = format_reward(texts)
         sums += torch.tensor([sum(a or 0.0 for a in acc), sum(fmt), float(out.lengths.sum()), len(batch)],
                              dtype=torch.float64)
-        if k > 1:
-            for (i, _), text, a in zip(batch, texts, acc):
-                correct.setdefault(i, []).append(a == 1.0)
+        for (i, _), text, a in zip(batch, texts, acc):
+            correct.setdefault(i, []).append(a == 1.0)
+            if k > 1:
                 answers.setdefault(i, []).append(final_answer(text))
         if len(completions) < return_samples * k:
             completions += [{"problem": r["problem"], "answer": r["answer"], "completion": t,
                              "accuracy": a, "format": f, **({"sample": j} if k > 1 else {})}
                             for r, (_, j), t, a, f in zip(recs, batch, texts, acc, fmt)]
     for i in correct:
-        vote = majority_vote(answers[i])
         per_problem[i, 0] = float(sum(correct[i]))
-        per_problem[i, 1] = float(vote is not None and correct[i][vote])
+        if k > 1:
+            vote = majority_vote(answers[i])
+            per_problem[i, 1] = float(vote is not None and correct[i][vote])
     sums = all_reduce_sum(sums.to(info.device)).cpu()
+    per_problem = all_reduce_sum(per_problem.to(info.device)).cpu()  # each problem is one rank's
     n = max(sums[3].item(), 1.0)
-    result = {"accuracy": sums[0].item() / n, "format": sums[1].item() / n,
-              "mean_length": sums[2].item() / n, "num_problems": int(sums[3].item()) // k}
+    scores = [c / k for c in per_problem[:, 0].tolist()]
+    result = {"accuracy": sums[0].item() / n, "accuracy_se": standard_error(scores), "format": sums[1].item() / n,
+              "mean_length": sums[2].item() / n, "num_problems": int(sums[3].item()) // k, "scores": scores}
     if k > 1:
-        per_problem = all_reduce_sum(per_problem.to(info.device)).cpu()  # each problem is one rank's
         p = max(len(records), 1)
         for m in range(1, k + 1):
             result[f"pass@{m}"] = math.fsum(pass_at_k(k, int(c), m) for c in per_problem[:, 0].tolist()) / p

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 from fractions import Fraction
@@ -170,7 +171,7 @@ def test_one_sample_keeps_todays_evaluation():
     engine = ScriptedEngine()
     result = evaluate(engine, records(), prompt_ids(), ONE, max_new_tokens=8, batch_size=3,
                       temperature=0.6, seed=5, return_samples=PROBLEMS)
-    assert sorted(result) == ["accuracy", "format", "mean_length", "num_problems", "samples"]
+    assert sorted(result) == ["accuracy", "accuracy_se", "format", "mean_length", "num_problems", "samples", "scores"]
     assert [s for _, s, _ in engine.log] == [5 * 1_000_003 + i for i in range(PROBLEMS)]
     assert result["num_problems"] == PROBLEMS and "sample" not in result["samples"][0]
 
@@ -229,11 +230,12 @@ def test_results_table_adds_pass_and_maj_only_when_sampled():
             {"stage": "grpo", "command": "grpo", "accuracy": 0.5, "format": 1.0, "mean_length": 30.0,
              "pass@1": 0.5, "pass@2": 0.625, "maj@2": 0.5, "wall_time_s": 9.0}]
     plain = results_table([{k: v for k, v in r.items() if not k.startswith(("pass@", "maj@"))} for r in rows])
-    assert plain.splitlines()[0].split() == ["stage", "accuracy", "format", "mean", "len", "wall", "time"]
+    head = ["stage", "accuracy", "±", "SE", "problems", "gain", "±", "SE", "(points)", "format", "mean", "len"]
+    assert plain.splitlines()[0].split() == [*head, "wall", "time"]
     table = results_table(rows).splitlines()
-    assert table[0].split() == ["stage", "accuracy", "format", "mean", "len", "pass@2", "maj@2", "wall", "time"]
+    assert table[0].split() == [*head, "pass@2", "maj@2", "wall", "time"]
     assert table[2].split()[-3:] == ["-", "-", "-"]  # before sft: evaluated once
-    assert table[4].split() == ["grpo", "50.0%", "100.0%", "30.0", "62.5%", "50.0%", "9s"]
+    assert table[4].split() == ["grpo", "50.0%", "-", "-", "100.0%", "30.0", "62.5%", "50.0%", "9s"]
     assert len({len(line) for line in table}) == 1  # the columns line up
 
 
@@ -267,8 +269,10 @@ def test_grpo_run_with_eval_samples_writes_pass_and_maj_and_two_processes_match_
              for run in ("one", "two")}
     first = evals["one"][0]
     assert [m["step"] for m in evals["one"]] == [0, 1] and evals["two"][0] == first
-    names = ["accuracy", "format", "mean_length", "num_problems", "pass@1", "pass@2", "pass@3", "pass@4", "maj@4"]
+    names = ["accuracy", "accuracy_se", "format", "mean_length", "num_problems", "pass@1", "pass@2", "pass@3",
+             "pass@4", "maj@4"]
     assert sorted(first) == sorted(["step", *(f"eval/{n}" for n in names)]) and first["eval/num_problems"] == 7
+    assert sorted(evals["one"][1]) == sorted([*first, "eval/gain", "eval/gain_se"])  # since step 0
 
     samples = {run: [s for s in _jsonl(tmp_path / run / "eval_samples.jsonl") if s["step"] == 0]
                for run in ("one", "two")}
@@ -286,6 +290,15 @@ def test_grpo_run_with_eval_samples_writes_pass_and_maj_and_two_processes_match_
         won += w is not None and v[w]["accuracy"] == 1.0
     assert first["eval/maj@4"] == pytest.approx(won / 7, abs=1e-12)
     assert first["eval/accuracy"] == pytest.approx(sum(s["accuracy"] for s in samples["one"]) / 28, abs=1e-12)
+    # The error bars from the same completions: a problem's score is the share of its 4 samples
+    # that are right; SE = sample standard deviation / sqrt(7); the gain at step 1 paired by problem.
+    def scores(step):
+        rows = [s for s in _jsonl(tmp_path / "one" / "eval_samples.jsonl") if s["step"] == step]
+        return [sum(s["accuracy"] == 1.0 for s in rows[4 * i:4 * i + 4]) / 4 for i in range(7)]
+    assert first["eval/accuracy_se"] == pytest.approx(statistics.stdev(scores(0)) / math.sqrt(7), abs=1e-12)
+    diffs = [b - a for a, b in zip(scores(0), scores(1))]
+    assert evals["one"][1]["eval/gain"] == pytest.approx(statistics.fmean(diffs), abs=1e-12)
+    assert evals["one"][1]["eval/gain_se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(7), abs=1e-12)
     # Not vacuous: right and wrong samples, problems solved by some samples only.
     assert 0 < first["eval/pass@1"] < first["eval/pass@4"] < 1 and 0 < first["eval/maj@4"] < 1
 

@@ -124,6 +124,7 @@ def test_resume_equals_uninterrupted_and_export_loads(tiny, four_steps, tmp_path
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-7)
     ea, eb = ([m for m in _metrics(run) if "eval/pass@2" in m] for run in (full, part))
     assert [m["step"] for m in ea] == [m["step"] for m in eb] == [0, 4]
+    assert "eval/gain_se" in eb[1]  # the step-0 scores came back with the resume
     for x, y in zip(ea, eb):
         assert x == pytest.approx(y, abs=1e-9)
     sa, sb = ([json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]

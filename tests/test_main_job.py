@@ -33,10 +33,11 @@ def test_shortened_main_job_grpo_raises_heldout_accuracy(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     grpo = json.loads((out / "grpo" / "stage.json").read_text())
     before, after = grpo["initial"]["accuracy"], grpo["accuracy"]
-    print(f"held-out accuracy: {before:.3f} -> {after:.3f}")
+    print(f"held-out accuracy: {before:.3f} -> {after:.3f} (gain {grpo['gain']:.3f} ± {grpo['gain_se']:.3f})")
     assert grpo["initial"]["num_problems"] == grpo["num_problems"] == 120
+    assert abs(grpo["gain"] - (after - before)) < 1e-12 and grpo["gain_se"] > 0  # paired on the 120
     assert after >= before + 0.05, (before, after)
     assert grpo["format"] >= 0.95
     # The closing table and the curves are written.
-    assert "grpo" in (out / "results.txt").read_text()
+    assert f"{100 * grpo['gain']:+.1f} ± {100 * grpo['gain_se']:.1f}" in (out / "results.txt").read_text()
     assert (out / "curves.png").stat().st_size > 10_000

@@ -91,9 +91,26 @@ def samples_of(evaluation: dict) -> int:
     return max((int(n[len("pass@"):]) for n in evaluation if n.startswith("pass@")), default=1)
 
 
+def _accuracy(e: dict) -> str:
+    """'39.0% ± 2.4' (± one standard error over the problems), or '39.0%' for an evaluation
+    written before the standard error was kept."""
+    se = f" ± {e['accuracy_se']:.1%}".removesuffix("%") if "accuracy_se" in e else ""
+    return f"{e['accuracy']:.1%}{se}"
+
+
+def _gain(e: dict | None) -> str:
+    """'+13.0 ± 2.1 (6.2 SE)': the stage's accuracy gain in points since its first evaluation,
+    ± its paired standard error, and the gain in standard errors; '-' without one."""
+    if not e or "gain" not in e:
+        return "-"
+    ratio = f" ({e['gain'] / e['gain_se']:.1f} SE)" if e["gain_se"] > 0 else ""
+    return f"{100 * e['gain']:+.1f} ± {100 * e['gain_se']:.1f}{ratio}"
+
+
 def results_table(rows: list[dict]) -> str:
-    """stage | accuracy | format rate | mean completion length | wall time; with --eval.samples
-    k > 1 in a stage, also pass@k and maj@k (a dash for the stages evaluated once)."""
+    """stage | accuracy ± standard error | problems | gain over the stage's start ± its paired
+    standard error | format rate | mean completion length | wall time; with --eval.samples k > 1
+    in a stage, also pass@k and maj@k (a dash for the stages evaluated once)."""
     first = next((r for r in rows if isinstance(r.get("initial"), dict)), None)
     evaluations = [r for r in rows if "accuracy" in r] + ([first["initial"]] if first else [])
     ks = sorted({samples_of(e) for e in evaluations} - {1})
@@ -105,20 +122,21 @@ def results_table(rows: list[dict]) -> str:
         if k > 1 and len(ks) > 1:
             cells = [f"{c} k={k}" for c in cells]
         return "".join(f"{c:>{width}}" for c in cells) if ks else ""
+
+    def cells(e: dict | None) -> str:  # accuracy ± SE, problems, gain, format, mean length
+        if e is None:
+            return f"{'-':>15}{'-':>9}{'-':>24}{'-':>9}{'-':>10}"
+        return (f"{_accuracy(e):>15}{e.get('num_problems', '-'):>9}{_gain(e):>24}{e['format']:>9.1%}"
+                f"{e['mean_length']:>10.1f}")
     extra = f"{'pass' + label:>{width}}{'maj' + label:>{width}}" if ks else ""
-    lines = [f"{'stage':<22}{'accuracy':>10}{'format':>10}{'mean len':>10}{extra}{'wall time':>11}",
-             "-" * (63 + len(extra))]
+    header = (f"{'stage':<22}{'accuracy ± SE':>15}{'problems':>9}{'gain ± SE (points)':>24}{'format':>9}"
+              f"{'mean len':>10}{extra}{'wall time':>11}")
+    lines = [header, "-" * len(header)]
     if first is not None:
-        e = first["initial"]
-        lines.append(f"{'before ' + first['stage']:<22}{e['accuracy']:>10.1%}"
-                     f"{e['format']:>10.1%}{e['mean_length']:>10.1f}{sampled(e)}{'-':>11}")
+        lines.append(f"{'before ' + first['stage']:<22}{cells(first['initial'])}{sampled(first['initial'])}{'-':>11}")
     for r in rows:
-        if "accuracy" not in r:
-            lines.append(f"{r['stage']:<22}{'-':>10}{'-':>10}{'-':>10}{sampled(None)}"
-                         f"{r.get('wall_time_s', 0):>10.0f}s")
-            continue
-        lines.append(f"{r['stage']:<22}{r['accuracy']:>10.1%}{r['format']:>10.1%}"
-                     f"{r['mean_length']:>10.1f}{sampled(r)}{r.get('wall_time_s', 0):>10.0f}s")
+        e = r if "accuracy" in r else None
+        lines.append(f"{r['stage']:<22}{cells(e)}{sampled(e)}{r.get('wall_time_s', 0):>10.0f}s")
     return "\n".join(lines)
 
 
@@ -153,7 +171,10 @@ def plot_curves(out: Path, rows: list[dict]) -> bytes | None:
             ax.plot(*series("accuracy/mean"), label="accuracy reward (train)", alpha=0.8)
         else:
             ax.plot(*series("loss"), label="SFT loss (train)", alpha=0.8)
-        ax.plot(*series("eval/accuracy"), "o-", label="held-out accuracy", color="black")
+        steps, acc = series("eval/accuracy")
+        se = dict(zip(*series("eval/accuracy_se")))  # absent in metrics written before it was kept
+        ax.errorbar(steps, acc, yerr=[1.96 * se.get(s, 0.0) for s in steps], fmt="o-", capsize=3,
+                    color="black", label="held-out accuracy (95% interval)" if se else "held-out accuracy")
         ax.set_title(f"{r['stage']} ({r['command']})")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from r1train.evaluate import paired_gain
 from r1train.run.checkpoint import CheckpointManager, export_adapter, export_hf
 from r1train.run.config import format_config, to_dict
 from r1train.run.dist import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -100,6 +101,7 @@ class Trainer:
         self.stop_requested = False
         self.first_signal_at = 0.0
         self.eval_history: list[dict] = []
+        self.first_scores: list[float] | None = None  # per-problem scores of the run's first evaluation
 
     def setup_training(self, model, hf_config, tokenizer) -> None:
         """After the subclass built its (sharded) model: optimizer, schedule, checkpoints, logs."""
@@ -222,7 +224,8 @@ class Trainer:
 
     def save(self) -> None:
         state = {"scheduler": self.scheduler.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
-                 "eval_history": json.dumps(self.eval_history), **self.trainer_state()}
+                 "eval_history": json.dumps(self.eval_history), "first_scores": json.dumps(self.first_scores),
+                 **self.trainer_state()}
         self.ckpt.save(self.step, self.model, self.optimizer, state, format_config(self.cfg),
                        extra_models=self.checkpoint_models(saving=True))
 
@@ -238,6 +241,8 @@ class Trainer:
         self.step = int(state["step"])
         self.nonfinite_in_row = int(state["nonfinite_in_row"])
         self.eval_history = json.loads(state["eval_history"])
+        # Checkpoints written before the scores were kept: later evaluations report no gain.
+        self.first_scores = json.loads(state.get("first_scores", "null"))
         self.logger.truncate_after(self.step)
         self.load_trainer_state(state, latest)
         if self.main:
@@ -266,11 +271,17 @@ class Trainer:
 
     def _evaluate(self) -> dict | None:
         """Held-out evaluation now: stamped with the step, kept, printed, logged (completions in
-        eval_samples.jsonl)."""
+        eval_samples.jsonl). After the run's first evaluation, with `gain` and `gain_se`: the
+        accuracy gained since that one, paired on the same problems (evaluate.paired_gain)."""
         res = self.evaluate()
         if res is None:
             return None
         samples = res.pop("samples", None)
+        scores = res.pop("scores", None)
+        if self.first_scores is None and not self.eval_history:
+            self.first_scores = scores
+        elif scores is not None and self.first_scores is not None and len(scores) == len(self.first_scores):
+            res["gain"], res["gain_se"] = paired_gain(self.first_scores, scores)
         res["step"] = self.step
         if samples and self.main:
             write_jsonl(self.out / "eval_samples.jsonl", [{"step": self.step, **x} for x in samples])
@@ -278,8 +289,11 @@ class Trainer:
         if self.main:
             extra = [n for n in res if n.startswith(("pass@", "maj@"))]  # k > 1: pass@1..pass@k, maj@k
             extra = "".join(f" {n} {res[n]:.3f}" for n in extra[:1] + extra[-2:])  # pass@1, pass@k, maj@k
-            say(f"[{self.tag}] eval step {self.step}: accuracy {res['accuracy']:.3f} format "
-                f"{res['format']:.3f} mean length {res['mean_length']:.1f}{extra}")
+            se = f" ± {res['accuracy_se']:.3f}" if "accuracy_se" in res else ""
+            gain = f", {res['gain']:+.3f} ± {res['gain_se']:.3f} since step 0" if "gain" in res else ""
+            say(f"[{self.tag}] eval step {self.step}: accuracy {res['accuracy']:.3f}{se} "
+                f"({res['num_problems']} problems{gain}) format {res['format']:.3f} "
+                f"mean length {res['mean_length']:.1f}{extra}")
         self.logger.log({f"eval/{k}": v for k, v in res.items() if k != "step"}, self.step)
         return res
 
