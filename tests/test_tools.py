@@ -480,7 +480,9 @@ def test_python_loops_forever_sleeps_forever():
     limits = Limits(**{**LOW.__dict__, "timeout_s": 6.0})
     report = run_code("while True: pass", limits)
     assert report["signal"] in ("SIGXCPU", "SIGKILL") and not report["timed_out"]
-    assert report_text(report, limits) == "Error: the code used more than 1 s of CPU time and was stopped"
+    assert report_text(report, limits) in (
+        "Error: the code used more than 1 s of CPU time and was stopped",
+        "Error: the code was killed (SIGKILL: past 1 s of CPU time, or out of memory)")
     t = time.monotonic()
     text = PythonSandbox(LOW)("import time\nprint('start', flush=True)\nwhile True: time.sleep(0.05)")
     assert text == "start\nError: the code ran longer than 2 s and was stopped"
@@ -574,3 +576,39 @@ def test_tool_environment_runs_the_calls_of_many_rows_in_one_batch():
         assert run_steps(envs, calls) == [
             ("6", False), ("Error: calculator: CalculatorError: division by zero", False),
             ("Error: calculator: CalculatorError: cannot parse the expression: SyntaxError", False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The inserted tool turn
+# ---------------------------------------------------------------------------------------------
+
+def test_the_inserted_tool_turn_is_the_templates_rendering():
+    from transformers import AutoTokenizer
+
+    from r1train.tools.turns import ToolTemplateError, template_takes_tools, tool_turn_ids, tool_turn_text
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    schemas = [t.schema for t in load_tools("calculator").values()]
+    assert not template_takes_tools(tokenizer, schemas)  # the tiny model's ChatML has no tools branch
+    tokenizer.chat_template = QWEN_TOOLS_TEMPLATE
+    assert template_takes_tools(tokenizer, schemas)
+    messages = [{"role": "user", "content": "12*34 and 5+6?"}]
+    segment = ("<think>two products</think>" + block('{"name": "calculator", "arguments": {"expression": "12*34"}}')
+               + block('{"name": "calculator", "arguments": {"expression": "5+6"}}'))
+    # Written by hand from Qwen2.5's layout: the assistant turn closes, one user turn holds both
+    # responses, and the next assistant turn opens.
+    expected = ("<|im_end|>\n<|im_start|>user\n<tool_response>\n408\n</tool_response>\n<tool_response>\n11\n"
+                "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert tool_turn_text(tokenizer, messages, segment, ["408", "11"], schemas) == expected
+    # As tokens: the prompt, the model's segment and the inserted turn, each tokenized alone, are
+    # the tokens of the whole conversation rendered at once (no merge across the boundaries).
+    prompt = tokenizer.apply_chat_template(messages, tools=schemas, tokenize=False, add_generation_prompt=True)
+    ids = (tokenizer.encode(prompt, add_special_tokens=False) + tokenizer.encode(segment, add_special_tokens=False)
+           + tool_turn_ids(tokenizer, messages, segment, ["408", "11"], schemas))
+    whole = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": segment},
+                                                      {"role": "tool", "content": "408"},
+                                                      {"role": "tool", "content": "11"}],
+                                          tools=schemas, tokenize=False, add_generation_prompt=True)
+    assert ids == tokenizer.encode(whole, add_special_tokens=False)
+    tokenizer.chat_template = QWEN_TOOLS_TEMPLATE.replace("'\\n' + message.content", "'\\n' + message.content | trim")
+    with pytest.raises(ToolTemplateError, match="does not write the assistant's text as it is"):
+        tool_turn_text(tokenizer, messages, " " + segment, ["408", "11"], schemas)

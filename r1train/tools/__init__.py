@@ -9,6 +9,7 @@
     python_sandbox.py    built-in `python`: code in a limited process (and what it does not isolate)
     sandbox_supervisor.py  the supervisor process of one `python` run (standard library only)
     environment.py       reset(row) -> messages, step(call) -> (text, done); ToolEnvironment; an example
+    turns.py             the text (tokens) a row gets between two assistant segments, from the template
 
 Nothing here imports torch: workers start in a fraction of a second.
 """

@@ -69,8 +69,10 @@ def report_text(report: dict, limits: Limits) -> str:
         notes.append(f"Error: the code ran longer than {limits.timeout_s:g} s and was stopped")
     elif report["processes_exceeded"]:
         notes.append(f"Error: the code started more than {limits.max_processes} processes and was stopped")
-    elif report["signal"] == "SIGXCPU" or (report["signal"] == "SIGKILL"):
+    elif report["signal"] == "SIGXCPU":
         notes.append(f"Error: the code used more than {limits.cpu_s} s of CPU time and was stopped")
+    elif report["signal"] == "SIGKILL":  # RLIMIT_CPU's hard limit, or the kernel's out-of-memory killer
+        notes.append(f"Error: the code was killed (SIGKILL: past {limits.cpu_s} s of CPU time, or out of memory)")
     elif report["signal"]:
         notes.append(f"Error: the code was stopped by {report['signal']}")
     elif report["exit_code"]:
