@@ -11,6 +11,7 @@ The parts, and the way the layers point (tests/test_layers.py checks it):
     evaluate.py          held-out evaluation
     data/                data sections -> problems and prompts; dataset layouts; the embedded task
     rewards/             the R1 rewards and the ones users bring
+    tools/               tools a model calls in multi-turn rollouts, their worker pool and sandbox
     kernels/             fused log-probs (Triton on CUDA, chunked PyTorch elsewhere)
 
 Every import inside the project names this package (`from r1train.grpo.loss import policy_loss`).

@@ -1,5 +1,5 @@
 """Layers point one way (STYLE 17): the stages (grpo/, sft/) import the shared layers (run/,
-model/, evaluate.py, rewards/, kernels/, data/) and never each other; the shared layers import
+model/, evaluate.py, rewards/, kernels/, data/, tools/) and never each other; the shared layers import
 no stage; the pipeline runner sits above both. And one package, named once (STYLE 18): every
 import of the project's own code names `r1train` (absolute), so a file read alone says where
 each name comes from. Read from the source: every `import` and `from ... import`, at any depth
@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "r1train"
-BELOW = ("run", "model", "evaluate", "rewards", "kernels", "data")
+BELOW = ("run", "model", "evaluate", "rewards", "kernels", "data", "tools")
 STAGES = ("grpo", "sft")
 # The top-level names the project had before it was one package: none may be imported any more.
 OLD_NAMES = {"grpo", "sft", "kernels", "data", "infra", "rewards", "pipeline", "train"}

@@ -105,24 +105,24 @@ def _is_file(target: str) -> bool:
     return target.endswith(".py") or "/" in target or "\\" in target
 
 
-def _load_file(entry: str, target: str):
+def _load_file(entry: str, target: str, what: str = "reward"):
     path = Path(target).expanduser()
     if not path.is_file():
-        raise RewardError(f"reward {entry!r}: no such file {target} (from {Path.cwd()})")
+        raise RewardError(f"{what} {entry!r}: no such file {target} (from {Path.cwd()})")
     path = path.resolve()
     key = FILE_MODULE + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     if key in sys.modules:
         return sys.modules[key]
     spec = importlib.util.spec_from_file_location(key, path)
     if spec is None or spec.loader is None:
-        raise RewardError(f"reward {entry!r}: {path} cannot be loaded as Python (expected a .py file)")
+        raise RewardError(f"{what} {entry!r}: {path} cannot be loaded as Python (expected a .py file)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[key] = module  # before executing it, as import does (dataclasses look it up)
     try:
         spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[key]
-        raise RewardError(f"reward {entry!r}: loading file {path} failed: {type(e).__name__}: {e}") from None
+        raise RewardError(f"{what} {entry!r}: loading file {path} failed: {type(e).__name__}: {e}") from None
     return module
 
 
@@ -150,21 +150,21 @@ def moved_module(target: str) -> str | None:
     return None
 
 
-def _load_module(entry: str, target: str):
+def _load_module(entry: str, target: str, what: str = "reward"):
     try:
         return importlib.import_module(target)
     except ModuleNotFoundError as e:
         moved = moved_module(target)
         if moved:  # a config written before the project became one package (e.g. a resumed run's)
-            raise RewardError(f"reward {entry!r}: module {target!r} is now {moved!r} (this project's modules "
+            raise RewardError(f"{what} {entry!r}: module {target!r} is now {moved!r} (this project's modules "
                               f"moved into the r1train package): write {entry.replace(target, moved, 1)!r}") from None
         if e.name and (target == e.name or target.startswith(e.name + ".")):
-            raise RewardError(f"reward {entry!r}: no module named {e.name!r} on sys.path (the working "
+            raise RewardError(f"{what} {entry!r}: no module named {e.name!r} on sys.path (the working "
                               f"directory is not searched: install it, set PYTHONPATH, or name the "
                               f"file as path/to/file.py:function)") from None
-        raise RewardError(f"reward {entry!r}: importing module {target!r} failed: {e}") from None
+        raise RewardError(f"{what} {entry!r}: importing module {target!r} failed: {e}") from None
     except Exception as e:
-        raise RewardError(f"reward {entry!r}: importing module {target!r} failed: "
+        raise RewardError(f"{what} {entry!r}: importing module {target!r} failed: "
                           f"{type(e).__name__}: {e}") from None
 
 
@@ -176,18 +176,24 @@ def load_reference(entry: str) -> tuple[str, Callable]:
                           f"cannot be loaded by this name; pass it again, or name it as module:function")
     if target == RM:
         raise RewardError(f"reward {entry!r}: a reward model, not a function (rewards/reward_model.py)")
-    module = _load_file(entry, target) if _is_file(target) else _load_module(entry, target)
+    return name, load_attribute(entry, target, attribute)
+
+
+def load_attribute(entry: str, target: str, attribute: str, what: str = "reward") -> Callable:
+    """The callable `attribute` (dotted) of a module or a .py file `target`; RewardError naming
+    `what` (a reward, a tool: tools/registry.py loads user tools with it), the entry and the cause."""
+    module = _load_file(entry, target, what) if _is_file(target) else _load_module(entry, target, what)
     where = target if _is_file(target) else f"module {target!r}"
     fn = module
     for part in attribute.split("."):
         if not hasattr(fn, part):
             found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-            raise RewardError(f"reward {entry!r}: {where} has no attribute {attribute!r}; its functions: "
+            raise RewardError(f"{what} {entry!r}: {where} has no attribute {attribute!r}; its functions: "
                               f"{', '.join(found[:12]) or 'none'}")
         fn = getattr(fn, part)
     if not callable(fn):
-        raise RewardError(f"reward {entry!r}: {where}: {attribute!r} is a {type(fn).__name__}, not a function")
-    return name, fn
+        raise RewardError(f"{what} {entry!r}: {where}: {attribute!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def describe(fn: Callable) -> str:
