@@ -147,8 +147,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def plot_curves(out: Path, rows: list[dict]) -> bytes | None:
-    """A PNG of training reward, accuracy reward and held-out accuracy over GRPO steps, plus SFT
-    loss, from each stage's metrics.jsonl in `out`."""
+    """A PNG of training reward, accuracy and format rewards and held-out accuracy (with its 95%
+    interval, 1.96 standard errors) over GRPO steps, plus SFT loss, from each stage's
+    metrics.jsonl in `out`."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -169,6 +170,8 @@ def plot_curves(out: Path, rows: list[dict]) -> bytes | None:
         if r["command"] == "grpo":
             ax.plot(*series("reward"), label="total reward (train)", alpha=0.6)
             ax.plot(*series("accuracy/mean"), label="accuracy reward (train)", alpha=0.8)
+            if series("format/mean")[0]:  # the strict R1 format's share of the sampled completions
+                ax.plot(*series("format/mean"), label="format reward (train)", alpha=0.6, linestyle="--")
         else:
             ax.plot(*series("loss"), label="SFT loss (train)", alpha=0.8)
         steps, acc = series("eval/accuracy")
