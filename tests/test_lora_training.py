@@ -207,7 +207,6 @@ def test_sft_lora_packed_trains_adapters_only(tiny, tmp_path):
     (["--model.lora_rank", "4", "--model.lora_alpha", "nan"], "--model.lora_alpha"),
     (["--model.lora_rank", "4", "--model.lora_dropout", "1"], "--model.lora_dropout"),
     (["--model.lora_rank", "4", "--model.lora_targets", ","], "--model.lora_targets"),
-    (["--model.lora_rank", "4", "--train.fsdp", "always"], "--model.lora_rank"),
     (["--model.lora_rank", "4", "--grpo.beta", "0.04", "--grpo.ref_refresh_steps", "2"], "--grpo.ref_refresh_steps"),
 ])
 def test_bad_lora_options_fail_at_start_in_one_line(args, option):
@@ -228,14 +227,12 @@ def test_export_adapter_without_lora_is_refused_in_one_line():
     parse_args(GRPOJobConfig, ["--train.export_adapter", "true", "--model.lora_rank", "4"])  # with LoRA: fine
 
 
-def test_lora_refused_with_several_processes_and_in_rejection_sampling():
+def test_lora_is_accepted_with_several_processes_and_refused_in_rejection_sampling():
     from r1train.sft.rejection import RejectionJobConfig
     from r1train.sft.trainer import SFTJobConfig
 
-    for cls in (GRPOJobConfig, SFTJobConfig):
-        cfg = parse_args(cls, ["--model.lora_rank", "4"])
-        with pytest.raises(ConfigError, match=r"--model\.lora_rank=4: not yet: LoRA with FSDP2 \(2 processes\)"):
-            cfg.validate(world_size=2)
+    for cls in (GRPOJobConfig, SFTJobConfig):  # FSDP2 over a frozen base: tests/test_lora_dist.py
+        parse_args(cls, ["--model.lora_rank", "4", "--train.fsdp", "always"]).validate(world_size=2)
     with pytest.raises(ConfigError, match=r"--model\.lora_rank=4: rejection sampling trains no model"):
         parse_args(RejectionJobConfig, ["--model.lora_rank", "4"])
 

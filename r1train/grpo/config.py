@@ -22,7 +22,6 @@ from r1train.run.sections import (
     check_data,
     check_eval,
     check_export_adapter,
-    check_lora_unsharded,
     check_model,
     check_optim,
     check_rewards,
@@ -140,7 +139,6 @@ class GRPOJobConfig:
         `not (x > 0)` where a NaN must fail too (`nan <= 0` is False)."""
         r, g, o, t = self.rollout, self.grpo, self.optim, self.train
         check_model(self.model)
-        check_lora_unsharded(self.model, t, world_size)
         check_data(self.data)
         check_optim(o)
         check_train(t)

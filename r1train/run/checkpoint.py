@@ -393,8 +393,8 @@ def export_adapter(model, hf_config, out_dir: str | os.PathLike, info: DistInfo,
     `prefix` names the Hugging Face model inside `model` ("lm." for the trainer's wrapper), so that
     the keys are the causal LM's own paths. base_model_name_or_path is the path the run loaded
     (`hf_config.name_or_path`): a local folder made absolute, so the adapter finds its base from
-    anywhere, a hub name as it is. One process only (LoRA with FSDP2 is refused at start); rank 0
-    writes, atomically as `export_hf`."""
+    anywhere, a hub name as it is. Collective under FSDP2: every rank gathers each sharded A and B
+    (the adapters only, never the base); rank 0 writes, atomically as `export_hf`."""
     from safetensors.torch import save_file
 
     from r1train.model.lora import lora_state_dict, peft_adapter_config
@@ -404,10 +404,12 @@ def export_adapter(model, hf_config, out_dir: str | os.PathLike, info: DistInfo,
     if os.path.isdir(base):
         base = os.path.abspath(base)
     out = Path(out_dir)
+    # full_tensor: a DTensor shard under FSDP2 (an all-gather, on every rank in the same order).
+    # safetensors takes contiguous CPU tensors only; on CPU .to/.contiguous return the parameter's own.
+    tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to("cpu").contiguous()
+               for k, v in lora_state_dict(lm).items()}
 
     def fill(tmp: Path) -> None:
-        # safetensors takes contiguous CPU tensors only; on CPU .to/.contiguous return the parameter's own.
-        tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(lm).items()}
         (tmp / "adapter_config.json").write_text(json.dumps(peft_adapter_config(lm, base), indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 

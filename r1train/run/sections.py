@@ -286,14 +286,6 @@ def lora_targets(m: ModelConfig) -> list[str]:
     return [t.strip() for t in m.lora_targets.split(",") if t.strip()]
 
 
-def check_lora_unsharded(m: ModelConfig, t: TrainConfig, world_size: int, section: str = "model") -> None:
-    """LoRA runs in one process for now: refused, in one line, where the model would be sharded."""
-    if m.lora_rank and (world_size > 1 or t.fsdp == "always"):
-        where = f"{world_size} processes" if world_size > 1 else "--train.fsdp always"
-        bad(f"{section}.lora_rank", m.lora_rank, f"not yet: LoRA with FSDP2 ({where}) is not implemented; "
-                                                 f"run one process with --train.fsdp auto, or --{section}.lora_rank 0")
-
-
 def check_export_adapter(m: ModelConfig, t: TrainConfig) -> None:
     """--train.export_adapter writes the LoRA adapters: without them there is nothing to write."""
     if t.export_adapter and not m.lora_rank:

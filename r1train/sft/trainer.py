@@ -132,7 +132,6 @@ class SFTJobConfig:
             check_data,
             check_eval,
             check_export_adapter,
-            check_lora_unsharded,
             check_model,
             check_optim,
             check_train,
@@ -141,7 +140,6 @@ class SFTJobConfig:
 
         s, d = self.sft, self.data
         check_model(self.model)
-        check_lora_unsharded(self.model, self.train, world_size)
         check_data(d)
         check_optim(self.optim)
         check_train(self.train)
