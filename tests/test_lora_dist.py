@@ -76,3 +76,22 @@ def test_two_processes_with_checkpointing_match_one(tiny, one, tmp_path):
     assert a1.keys() == a2.keys() and all(a1[k].shape == a2[k].shape for k in a1)
     for k in a1:
         torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_two_processes_resume_one_process_adapter_checkpoint(tiny, one, tmp_path):
+    """The one-process run's step-2 checkpoint (adapters and their moments only) resumed on two
+    ranks, each loading its shard of every A and B onto the base it loaded itself: the run ends
+    where the uninterrupted one-process run did."""
+    import shutil
+
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(one / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    shutil.copy(one / "metrics.jsonl", part / "metrics.jsonl")
+    res = _run(*GRPO, "--model.path", tiny, "--train.output_dir", str(part), nproc=2)
+    assert "resumed from" in res.stdout and "at step 2" in res.stdout
+    f1, f2 = load_file(one / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
+    for k in f1:
+        torch.testing.assert_close(f2[k], f1[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert [m["loss"] for m in _metrics(part)] == pytest.approx([m["loss"] for m in _metrics(one)], rel=1e-4,
+                                                                abs=1e-7)

@@ -78,7 +78,7 @@ from r1train.grpo.metrics import reward_metrics, update_metrics
 from r1train.inspector.records import RECORDS_FILE, GroupRecorder
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
-from r1train.model.load import load_model
+from r1train.model.load import load_model, lora_base
 from r1train.model.lora import adapters_disabled
 from r1train.model.memory import (
     TILE_BYTES_CPU,
@@ -139,7 +139,8 @@ class GRPOTrainer(Trainer):
             if say and isinstance(fn, RewardModel):
                 say(fn.summary)
 
-        _, tokenizer, lm = load_model(cfg.model, self.out, self.info)
+        path, tokenizer, lm = load_model(cfg.model, self.out, self.info)
+        base = lora_base(path, lm, self.info)  # before sharding: it hashes the whole base
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
         self.ref = None
         # With LoRA the reference is the policy with its adapters off (`adapters_disabled`): the
@@ -155,7 +156,7 @@ class GRPOTrainer(Trainer):
         self.warned_cap = False  # dynamic sampling said once that a step ran out of rounds
         self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast,
                              compile_decode=cfg.rollout.compile_decode)
-        self.setup_training(self.policy, lm.config, tokenizer)
+        self.setup_training(self.policy, lm.config, tokenizer, lora_base=base)
 
         self.train_records, self.train_ids, _ = training_prompts(tokenizer, problems.train, cfg.data, "data", "grpo",
                                                                  self.main, eos_ids=self.engine.eos_token_ids)

@@ -170,6 +170,20 @@ def add_lora(lm: torch.nn.Module, m, option: str = "--model.") -> None:
         raise ConfigError(f"{option}lora_targets={m.lora_targets!r}: {e}") from None
 
 
+def lora_base(path: str, lm: torch.nn.Module, info: DistInfo) -> dict | None:
+    """With LoRA adapters on `lm`: the identity of the base model they train on, which every
+    checkpoint records and a resume checks (run/checkpoint.py): the path it was loaded from (a
+    folder made absolute) and `base_sha256` of its weights, computed on rank 0 and sent to all.
+    None without adapters. Call it before sharding: it reads the whole model."""
+    from r1train.model.lora import base_sha256, has_lora
+    from r1train.run.dist import broadcast_object
+
+    if not has_lora(lm):
+        return None
+    digest = broadcast_object(base_sha256(lm) if info.is_main else None)
+    return {"path": os.path.abspath(path) if os.path.isdir(path) else path, "sha256": digest}
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Zero every dropout of `model`: nn.Dropout modules and the float rates that attention
     modules keep as attributes (Qwen2's and Llama's `attention_dropout`). The config is left

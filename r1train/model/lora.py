@@ -34,6 +34,7 @@ Why a module swap that subclasses nn.Linear, and not a parametrization (minLoRA)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -199,6 +200,28 @@ def has_lora(model: nn.Module) -> bool:
 def is_adapter_key(key: str) -> bool:
     """A state-dict key of an adapter's A or B (not of a base weight)."""
     return ".lora_A." in key or ".lora_B." in key
+
+
+def is_lora_key(key: str) -> bool:
+    """A state-dict key of anything LoRA adds to the base (the adapters, and the reference
+    adapters of `add_reference_adapters`): what an adapter-only checkpoint holds."""
+    return is_adapter_key(key) or ".lora_ref_A." in key or ".lora_ref_B." in key
+
+
+def base_sha256(model: nn.Module) -> str:
+    """SHA-256 of the base weights, the identity of the model the adapters were trained on.
+
+    Over the state dict's entries that LoRA did not add, in sorted key order, each as its key,
+    dtype and shape, then its bytes: a pure function of the weights as loaded (the same model
+    converted to other files hashes the same; loaded in another dtype, not). Reads every base
+    byte once on the CPU: about a second per GB. Call it on the whole model, before sharding."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        if is_lora_key(key):
+            continue
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def merged_weight_names(model: nn.Module) -> set[str]:

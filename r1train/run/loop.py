@@ -101,10 +101,12 @@ class Trainer:
         self.first_signal_at = 0.0
         self.eval_history: list[dict] = []
 
-    def setup_training(self, model, hf_config, tokenizer) -> None:
-        """After the subclass built its (sharded) model: optimizer, schedule, checkpoints, logs."""
+    def setup_training(self, model, hf_config, tokenizer, lora_base: dict | None = None) -> None:
+        """After the subclass built its (sharded) model: optimizer, schedule, checkpoints, logs.
+        `lora_base`: with LoRA, the base model's identity (`model.load.lora_base`): checkpoints
+        then hold the adapters only, with it."""
         cfg, o = self.cfg, self.cfg.optim
-        self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer
+        self.model, self.hf_config, self.tokenizer, self.lora_base = model, hf_config, tokenizer, lora_base
         # What trains: every parameter, or with LoRA the adapters' alone (the base is frozen).
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.trainable, o.lr, o.weight_decay, (o.beta1, o.beta2))
@@ -224,7 +226,7 @@ class Trainer:
         state = {"scheduler": self.scheduler.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
                  "eval_history": json.dumps(self.eval_history), **self.trainer_state()}
         self.ckpt.save(self.step, self.model, self.optimizer, state, format_config(self.cfg),
-                       extra_models=self.checkpoint_models(saving=True))
+                       extra_models=self.checkpoint_models(saving=True), lora_base=self.lora_base)
 
     def _resume(self) -> None:
         latest = open_run(self.ckpt, self.out, self.cfg.train.resume, self.tag, format_config(self.cfg))
@@ -232,7 +234,7 @@ class Trainer:
             return
         changed = check_resume(latest, self.cfg, self.tag)  # refuses a different run's options
         state = self.ckpt.load(latest, self.model, self.optimizer,
-                               extra_models=self.checkpoint_models(saving=False))
+                               extra_models=self.checkpoint_models(saving=False), lora_base=self.lora_base)
         self.scheduler.load_state_dict(state["scheduler"])
         apply_optimizer_options(self.optimizer, self.scheduler, self.cfg.optim)
         self.step = int(state["step"])
