@@ -3,7 +3,8 @@ checkpointing, train the adapters that one process trains. Each rank holds a sha
 base and of every A and B; gradients exist for A and B only and FSDP reduce-scatters those (a
 unit whose parameters mix frozen and trainable is allowed by FSDP2: it reduces what has a
 gradient). The clipped norm, AdamW over the adapters, the reference pass with adapters off, the
-merged export and the PEFT adapter export must all come out as in one process."""
+merged export, the PEFT adapter export and the reference refresh must all come out as in one process,
+and an adapter-only checkpoint of one process resumes on two."""
 import json
 import os
 from pathlib import Path
@@ -20,13 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 # As tests/test_lora_training.py: 4 steps, so that the adapters (B = 0 at step 0, no advantage at
-# step 1) move the policy off the base and the KL to the adapters-off reference is not 0.
+# step 1) move the policy off the base and the KL to the adapters-off reference is not 0; the
+# reference is refreshed at step 2 (each rank copies its shards of A and B into the reference
+# slot), so the KL of step 4 is to the policy of step 2.
 GRPO = ["--model.lora_rank", "4", "--model.lora_alpha", "8", "--rollout.group_size", "4",
         "--grpo.prompts_per_step", "4", "--grpo.micro_batch_size", "4", "--rollout.prompts_per_generation", "1",
         "--rollout.max_new_tokens", "12", "--grpo.rewards", "accuracy,repetition_penalty,language_consistency",
         "--grpo.beta", "0.04", "--optim.lr", "1e-2", "--optim.warmup_steps", "0", "--optim.max_grad_norm", "0.1",
         "--data.num_train", "64", "--data.num_eval", "2", "--train.eval_every", "0", "--train.progress", "false",
-        "--train.max_steps", "4", "--train.save_every", "2", "--train.export_adapter", "true"]
+        "--train.max_steps", "4", "--train.save_every", "2", "--train.export_adapter", "true",
+        "--grpo.ref_refresh_steps", "2", "--grpo.ref_mix_alpha", "1"]
 
 
 @pytest.fixture(scope="module")

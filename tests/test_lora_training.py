@@ -203,7 +203,7 @@ def test_grpo_lora_reference_is_the_base_model_without_a_second_copy(tiny, tmp_p
     args = [*GRPO, "--model.path", tiny, "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "2",
             "--train.export", "false", "--train.save_every", "0"]
     trainer = GRPOTrainer(parse_args(GRPOJobConfig, args))
-    assert trainer.ref is None and trainer.ref_is_base
+    assert trainer.ref is None and trainer.ref_in_policy
     trainer.train()
     batch, _ = trainer.rollout()
     trainer.logprobs(batch)
@@ -216,6 +216,61 @@ def test_grpo_lora_reference_is_the_base_model_without_a_second_copy(tiny, tmp_p
     assert torch.equal(batch.ref_logps[mask], base[mask])  # adapters off: the base model bit for bit
     _base_unchanged(trainer.policy.lm, tiny)  # two steps trained the adapters only
     assert (policy - base)[mask].abs().max() > 1e-4  # step 2 (step 1 has no advantage) moved the policy
+
+
+def test_grpo_lora_refreshed_reference_is_the_merged_policy_of_that_step(tiny, tmp_path):
+    """After a refresh (--grpo.ref_refresh_steps 2, ref_mix_alpha 1, at step 2, after its update)
+    phase 5's reference log-probs are the policy's own at that step, and those of a plain model
+    whose weights are W + s B A, merged here in float64 from the policy's A and B."""
+    from transformers import AutoModelForCausalLM
+
+    from r1train.grpo.trainer import GRPOTrainer
+    from r1train.model.lora import lora_layers
+    from r1train.model.policy import PolicyModel
+
+    args = [*GRPO, "--model.path", tiny, "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "2",
+            "--train.export", "false", "--train.save_every", "0", "--grpo.ref_refresh_steps", "2",
+            "--grpo.ref_mix_alpha", "1"]
+    trainer = GRPOTrainer(parse_args(GRPOJobConfig, args))
+    assert trainer.ref is None and trainer.ref_in_policy
+    trainer.train()
+    assert trainer.ref_refreshes == 1
+    batch, _ = trainer.rollout()
+    trainer.logprobs(batch)
+    whole = batch.micro(list(range(len(batch))))
+    mask = whole.loss_mask.bool()  # [N, T]
+    plain = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    base_logps = trainer._logps(PolicyModel(plain), whole)
+    with torch.no_grad():
+        policy = trainer._logps(trainer.policy, whole)
+        for name, layer in lora_layers(trainer.policy.lm):  # W + (alpha / r) B A, in float64
+            w = plain.get_submodule(name).weight
+            delta = 8 / 4 * (layer.lora_B.weight.double() @ layer.lora_A.weight.double())  # [out, in]
+            w.copy_((w.double() + delta).float())
+        merged = trainer._logps(PolicyModel(plain), whole)
+    torch.testing.assert_close(batch.ref_logps[mask], policy[mask], rtol=0, atol=1e-6)
+    torch.testing.assert_close(batch.ref_logps[mask], merged[mask], rtol=1e-5, atol=1e-5)
+    assert (batch.ref_logps - base_logps)[mask].abs().max() > 1e-4  # not the base any more
+
+
+def test_grpo_lora_resume_with_ref_refresh_equals_uninterrupted(tiny, tmp_path):
+    """The reference slot, refreshed at step 2, is in the step-2 checkpoint: the resumed run's
+    KL at steps 3-4 is the uninterrupted run's."""
+    args = [*GRPO, "--model.path", tiny, "--grpo.ref_refresh_steps", "2", "--grpo.ref_mix_alpha", "1",
+            "--train.export", "false"]
+    _run("grpo", *args, "--train.output_dir", str(tmp_path / "full"))
+    _run("grpo", *args, "--train.output_dir", str(tmp_path / "part"), "--train.stop_at_step", "2")
+    assert "reference refreshed 1 times" in _run("grpo", *args, "--train.output_dir", str(tmp_path / "part")).stdout
+    metrics = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+                if '"kl"' in line] for d in ("full", "part")]
+    assert len(metrics[0]) == len(metrics[1]) == 4 and metrics[0][3]["kl"] > 1e-6
+    for a, b in zip(*metrics):
+        assert (b["kl"], b["loss"]) == pytest.approx((a["kl"], a["loss"]), rel=1e-5, abs=1e-9)
+    a = _model_tensors(tmp_path / "full" / "checkpoints" / "step-4", tmp_path)
+    b = _model_tensors(tmp_path / "part" / "checkpoints" / "step-4", tmp_path)
+    assert any(".lora_ref_B." in k for k in a) and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_sft_lora_packed_trains_adapters_only(tiny, tmp_path):
@@ -235,7 +290,7 @@ def test_sft_lora_packed_trains_adapters_only(tiny, tmp_path):
     (["--model.lora_rank", "4", "--model.lora_alpha", "nan"], "--model.lora_alpha"),
     (["--model.lora_rank", "4", "--model.lora_dropout", "1"], "--model.lora_dropout"),
     (["--model.lora_rank", "4", "--model.lora_targets", ","], "--model.lora_targets"),
-    (["--model.lora_rank", "4", "--grpo.beta", "0.04", "--grpo.ref_refresh_steps", "2"], "--grpo.ref_refresh_steps"),
+    (["--model.lora_rank", "4", "--grpo.beta", "0.04", "--grpo.ref_refresh_steps", "2"], "--grpo.ref_mix_alpha"),
 ])
 def test_bad_lora_options_fail_at_start_in_one_line(args, option):
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")) as e:

@@ -30,6 +30,12 @@ Why a module swap that subclasses nn.Linear, and not a parametrization (minLoRA)
 - merge adds s B A to W in place and keeps the original W (a buffer, not saved): W + s B A - s B A
   does not round back to W in floating point, so unmerge copies the kept bits back. The copy costs
   one weight per wrapped layer, only while merged.
+
+A second, frozen adapter slot (`add_reference_adapters`: `lora_ref_A`, `lora_ref_B`) holds a copy
+of A and B taken at some step (`refresh_reference_adapters`); inside `reference_adapters(model)`
+the layers compute W x + b + s B_ref A_ref x, the merged policy of that step, on the same frozen
+base. That is GRPO's refreshed reference (--grpo.ref_refresh_steps) without a second model: it
+costs one more adapter, not one more copy of the weights.
 """
 from __future__ import annotations
 
@@ -71,6 +77,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=w.dtype)  # A: [r, in]
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=w.dtype)  # B: [out, r]
         self.adapter_enabled = True
+        self.use_reference = False  # compute with the reference slot (lora_ref_A, lora_ref_B) instead
         self.register_buffer("unmerged_weight", None, persistent=False)  # W's bits while merged
         self.reset_lora_parameters()
 
@@ -83,19 +90,30 @@ class LoRALinear(nn.Linear):
     def merged(self) -> bool:
         return self.unmerged_weight is not None
 
+    @torch.no_grad()
+    def add_reference_slot(self) -> None:
+        """A frozen second adapter, lora_ref_A / lora_ref_B, shaped as A and B, zero until refreshed."""
+        w = self.lora_A.weight
+        self.lora_ref_A = nn.Linear(self.in_features, self.rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_ref_B = nn.Linear(self.rank, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        for m in (self.lora_ref_A, self.lora_ref_B):
+            m.weight.zero_()
+            m.weight.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # W x + b, the call of nn.Linear.forward
         if self.merged or not self.adapter_enabled:
             return y
-        return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # [..., r] in between
+        a, b = (self.lora_ref_A, self.lora_ref_B) if self.use_reference else (self.lora_A, self.lora_B)
+        return y + self.scaling * b(a(self.lora_dropout(x)))  # [..., r] in between
 
     @torch.no_grad()
     def merge(self) -> None:
         """W <- W + scaling * B A in place (in float32 at least: a bf16 W is rounded once), W kept."""
         if self.merged:
             raise RuntimeError("LoRA: this layer is already merged")
-        if not self.adapter_enabled:
-            raise RuntimeError("LoRA: cannot merge inside adapters_disabled (the merged weight is not the base's)")
+        if not self.adapter_enabled or self.use_reference:
+            raise RuntimeError("LoRA: cannot merge inside adapters_disabled or reference_adapters")
         self.unmerged_weight = self.weight.detach().clone()
         acc = torch.promote_types(self.weight.dtype, torch.float32)
         delta = self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))  # [out, in]
@@ -130,7 +148,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def _linear_names(model: nn.Module) -> list[str]:
     """Names of the model's linear layers, the adapters' own A and B left out."""
     adapters = {id(m) for layer in model.modules() if isinstance(layer, LoRALinear)
-                for m in (layer.lora_A, layer.lora_B)}
+                for m in layer.children() if isinstance(m, nn.Linear)}
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapters]
 
 
@@ -179,6 +197,40 @@ def adapters_disabled(model: nn.Module):
     finally:
         for layer, enabled in zip(layers, previous):
             layer.adapter_enabled = enabled
+
+
+def add_reference_adapters(model: nn.Module) -> None:
+    """Give every adapted layer its reference slot (zero; `refresh_reference_adapters` fills it).
+    Before sharding: FSDP2 shards the slot with its layer, and checkpoints hold it (`is_lora_key`)."""
+    for _, layer in lora_layers(model):
+        layer.add_reference_slot()
+
+
+@torch.no_grad()
+def refresh_reference_adapters(model: nn.Module) -> None:
+    """Reference slot <- the adapters as they are now: A_ref = A, B_ref = B, bit for bit (under
+    FSDP2 each rank copies its own shard, laid out as the adapter's)."""
+    for _, layer in lora_layers(model):
+        layer.lora_ref_A.weight.copy_(layer.lora_A.weight)
+        layer.lora_ref_B.weight.copy_(layer.lora_B.weight)
+
+
+@contextlib.contextmanager
+def reference_adapters(model: nn.Module):
+    """Inside, the model computes W x + b + s B_ref A_ref x: the merged policy of the step whose
+    adapters `refresh_reference_adapters` copied (GRPO's refreshed reference)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("reference_adapters: the adapters are merged into the weights; unmerge_lora first")
+    if not all(hasattr(layer, "lora_ref_A") for layer in layers):
+        raise RuntimeError("reference_adapters: the model has no reference slot (add_reference_adapters first)")
+    for layer in layers:
+        layer.use_reference = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.use_reference = False
 
 
 def merge_lora(model: nn.Module) -> None:

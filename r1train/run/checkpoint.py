@@ -389,16 +389,16 @@ def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: Dis
     """
     from transformers import AutoModelForCausalLM
 
-    from r1train.model.lora import has_lora, is_adapter_key, merged, merged_weight_names
+    from r1train.model.lora import has_lora, is_lora_key, merged, merged_weight_names
 
     with merged(model):  # LoRA: the export is the base weights with the adapters added in
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
         if has_lora(model):
             # A CPU model's state dict holds its own tensors: the merged ones are copied before
-            # unmerging puts the base weights back; the adapters' A and B are left out.
+            # unmerging puts the base weights back; the adapters (and GRPO's reference ones) are left out.
             keep = merged_weight_names(model)
-            full = {k: v.clone() if k in keep else v for k, v in full.items() if not is_adapter_key(k)}
+            full = {k: v.clone() if k in keep else v for k, v in full.items() if not is_lora_key(k)}
     out = Path(out_dir)
 
     def write():
