@@ -22,7 +22,9 @@ One optimizer step, in named phases (`train_step`; the loop around it is `run.lo
   With LoRA (--model.lora_rank) only the adapters train, and the reference of phase 5 is the
   policy itself with its adapters off: the base model exactly, no second model. A refresh
   (ref_mix_alpha 1) copies the adapters into a frozen reference slot of each layer, and from then
-  on phase 5 computes with that slot: the merged policy of the refresh's step (model/lora.py).
+  on phase 5 computes with that slot: the merged policy of the refresh's step (model/lora.py). A
+  stage given an earlier stage's adapter folder as model.path trains that adapter on, and its
+  reference is where it started, base + that adapter, in the reference slot from step 0.
 
 Departures from DeepSeekMath's GRPO, said out loud:
 - with num_iterations == 1 the old policy is the current one, so old_logps = logps.detach():
@@ -80,7 +82,7 @@ from r1train.grpo.metrics import reward_metrics, update_metrics
 from r1train.inspector.records import RECORDS_FILE, GroupRecorder
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
-from r1train.model.load import load_model, lora_base
+from r1train.model.load import load_model, lora_base, read_adapter_folder
 from r1train.model.lora import (
     adapters_disabled,
     add_reference_adapters,
@@ -148,13 +150,18 @@ class GRPOTrainer(Trainer):
 
         path, tokenizer, lm = load_model(cfg.model, self.out, self.info)
         base = lora_base(path, lm, self.info)  # before sharding: it hashes the whole base
-        if g.ref_refresh_steps and cfg.model.lora_rank:  # before sharding: FSDP2 shards the slot too
-            add_reference_adapters(lm)
+        # With LoRA the reference is the policy with its adapters off (`adapters_disabled`): the
+        # base model exactly, and no second copy of the weights. A stage that trains on an earlier
+        # stage's adapter (model.path = its folder) starts from base + that adapter, which is then
+        # its reference: a copy of the adapter in the reference slot, as a refresh would make.
+        self.ref_in_policy = g.beta > 0 and cfg.model.lora_rank > 0
+        self.ref_from_start = self.ref_in_policy and read_adapter_folder(path) is not None
+        if self.ref_in_policy and (g.ref_refresh_steps or self.ref_from_start):
+            add_reference_adapters(lm)  # before sharding: FSDP2 shards the slot with its layer
+            if self.ref_from_start:
+                refresh_reference_adapters(lm)
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
         self.ref = None
-        # With LoRA the reference is the policy with its adapters off (`adapters_disabled`): the
-        # base model exactly, and no second copy of the weights.
-        self.ref_in_policy = g.beta > 0 and cfg.model.lora_rank > 0
         if g.beta > 0 and not self.ref_in_policy:
             _, _, ref_lm = load_model(cfg.model, self.out, self.info, trainable=False)
             self.ref = shard_model(PolicyModel(ref_lm), decoder_layers(ref_lm), self.info).eval()
@@ -398,7 +405,8 @@ class GRPOTrainer(Trainer):
                 if self.ref is not None:
                     batch.set_logps("ref_logps", rows, self._logps(self.ref, mb))
                 elif self.ref_in_policy:  # LoRA: the base, or the adapters of the last refresh
-                    with (reference_adapters if self.ref_refreshes else adapters_disabled)(self.policy.lm):
+                    slot = self.ref_refreshes or self.ref_from_start
+                    with (reference_adapters if slot else adapters_disabled)(self.policy.lm):
                         batch.set_logps("ref_logps", rows, self._logps(self.policy, mb))
 
     def update(self, batch: GRPOBatch) -> dict:

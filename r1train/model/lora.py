@@ -305,6 +305,36 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """A and B from PEFT-named tensors (`lora_state_dict`'s keys): the keys must be exactly those
+    of the model's adapters and each shape its own, else ValueError naming the first difference."""
+    want = lora_state_dict(model)
+    missing, extra = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
+    if missing or extra:
+        raise ValueError(f"the adapter's layers are not the ones wrapped here: "
+                         f"{f'no tensor for {missing[0]}' if missing else f'{extra[0]} wraps no layer'}"
+                         f" ({len(missing)} missing, {len(extra)} extra of {len(want)})")
+    for key, p in want.items():
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(f"{key} has shape {list(tensors[key].shape)}, the layer's is {list(p.shape)}")
+        p.copy_(tensors[key])
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> None:
+    """W <- W + scaling * B A for good, and each LoRALinear back to a plain nn.Linear on that W
+    (PEFT's name for it): the model is a plain model, as the merged export loads. The merge is
+    `LoRALinear.merge`'s, in float32 at least, one layer at a time."""
+    for name, layer in lora_layers(model):
+        layer.merge()
+        layer.unmerged_weight = None
+        parent, _, child = name.rpartition(".")
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, layer.bias
+        setattr(model.get_submodule(parent), child, plain)
+
+
 def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
     """PEFT's `adapter_config.json` for the adapters of `model`, as a dict (PEFT is not imported).
 

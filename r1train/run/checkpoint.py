@@ -421,11 +421,14 @@ def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: Dis
     return out
 
 
-def export_adapter(model, hf_config, out_dir: str | os.PathLike, info: DistInfo, prefix: str = "") -> Path:
+def export_adapter(model, hf_config, out_dir: str | os.PathLike, info: DistInfo, prefix: str = "",
+                   tokenizer=None) -> Path:
     """Write the LoRA adapters of `model` alone in PEFT's format: `adapter_config.json` and
     `adapter_model.safetensors` (model/lora.py: `peft_adapter_config`, `lora_state_dict`), which
     `peft.PeftModel.from_pretrained(base, out_dir)` loads onto the base model. The project never
-    imports PEFT; tests/test_lora_training.py checks the folder against it.
+    imports PEFT; tests/test_lora_training.py checks the folder against it. With `tokenizer`, its
+    files too (as PEFT trainers save them), so that a later stage given this folder as its
+    --model.path (model/load.py) tokenizes as this run did, chat template included.
 
     `prefix` names the Hugging Face model inside `model` ("lm." for the trainer's wrapper), so that
     the keys are the causal LM's own paths. base_model_name_or_path is the path the run loaded
@@ -449,6 +452,8 @@ def export_adapter(model, hf_config, out_dir: str | os.PathLike, info: DistInfo,
     def fill(tmp: Path) -> None:
         (tmp / "adapter_config.json").write_text(json.dumps(peft_adapter_config(lm, base), indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
     def write():
         check_export_folder(out)

@@ -214,7 +214,8 @@ class Trainer:
                 if self.main:
                     say(f"[{self.tag}] exported {self.out / 'final'}")
             if t.export_adapter:  # LoRA's A and B alone, in PEFT's format (checked at start: LoRA is on)
-                export_adapter(self.model, self.hf_config, self.out / "final-adapter", self.info, prefix="lm.")
+                export_adapter(self.model, self.hf_config, self.out / "final-adapter", self.info, prefix="lm.",
+                               tokenizer=self.tokenizer)
                 if self.main:
                     say(f"[{self.tag}] exported the LoRA adapters to {self.out / 'final-adapter'}")
             result = {**final, **self.final_result(), "eval_history": self.eval_history}
