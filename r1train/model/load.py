@@ -2,6 +2,7 @@
 shared by every stage; the optimizer and its schedule are run/optim.py."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -139,7 +140,6 @@ def read_adapter_folder(path: str, option: str = "--model.") -> dict | None:
         return None
     where = f"{option}path={path!r}"
     try:
-        import json
         config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{where}: cannot read its {ADAPTER_CONFIG}: {e}") from None
