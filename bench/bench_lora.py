@@ -12,7 +12,11 @@ projection. Each arm is its own fresh process (this script again, `--worker full
 thread (OMP_NUM_THREADS=1); both are loaded at once and take turns, step by step, so that a
 change of the machine's load (it is shared) hits both alike:
 - peak RSS: the arm's `ru_maxrss` after its steps (loading, the reference, AdamW state and every
-  phase of every step included);
+  phase of every step included). With glibc's default the heap keeps much of what generation
+  and the update freed (measured on LoRA: 1.0 GiB after loading, 2.5 GiB after the first
+  generation, whose live tensors are ~0.2 GiB); `--malloc-mmap-threshold 65536` (as
+  bench/RESULTS.md's log-prob kernel bench) returns large freed buffers at once, so the peak is
+  what was in use;
 - step time: the median over the steps after the first (a warm-up), with its phases
   (generation, the reference log-prob pass, the update) and its completion tokens;
 - checkpoint size: the bytes of the `step-N/` folder the trainer saves after its steps (full:
@@ -111,6 +115,8 @@ class Arm:
 
     def __init__(self, arm: str, out: Path, a):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        if a.malloc_mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
         cmd = [sys.executable, __file__, "--worker", arm, "--out", str(out), *a.forwarded]
         self.name, self.log = arm, []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -143,6 +149,9 @@ def main() -> None:
     p.add_argument("--max-new", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward (GRPO's default)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both arms")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                   help="MALLOC_MMAP_THRESHOLD_ for both arms (e.g. 65536: glibc returns freed buffers at once, "
+                        "so the peak RSS is what was in use, not what the heap kept); 0 = glibc's default")
     p.add_argument("--worker", choices=("full", "lora"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -184,7 +193,8 @@ def main() -> None:
     gib = 2 ** 30
     print(f"\nGRPO step on {MODEL}: {a.prompts} prompts x {a.group} completions, {a.max_new} new tokens, beta 0.04, "
           f"micro-batches of {a.micro_batch}, activation checkpointing {'on' if a.checkpointing else 'off'}, "
-          f"1 thread; LoRA rank {a.rank} on all projections; medians of steps 2-{a.steps}, the arms taking turns")
+          f"1 thread, MALLOC_MMAP_THRESHOLD_ {a.malloc_mmap_threshold or 'unset'}; LoRA rank {a.rank} on all "
+          f"projections; medians of steps 2-{a.steps}, the arms taking turns")
     print("| | full weights | LoRA | LoRA / full | target |")
     print("| --- | --- | --- | --- | --- |")
 
