@@ -213,3 +213,30 @@ def test_peft_key_names_and_adapter_config(tiny_path):
     assert peft_adapter_config(one)["target_modules"] == ["model.layers.1.self_attn.q_proj"]
     assert list(lora_state_dict(one)) == ["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight",
                                           "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
+
+
+def test_generation_few_row_form_keeps_the_adapter(monkeypatch):
+    """float64: inside the engine's `few_row_linears` a LoRALinear computes its base product
+    W x + b in the few-row form and still adds s B A x (and nothing when adapters are off), as
+    outside it; the swapped `base_forward` is restored on exit."""
+    import r1train.model.engine as engine
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(300, 400, dtype=torch.float64), rank=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    model = nn.Sequential(layer)
+    x = torch.randn(3, 1, 300, dtype=torch.float64)
+    want, base = model(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+    calls = []
+    forward = engine._few_row_forward
+    monkeypatch.setattr(engine, "_few_row_forward", lambda self, x: calls.append(1) or forward(self, x))
+    with engine.few_row_linears(model) as patched:
+        assert patched == [layer] and "forward" not in layer.__dict__
+        got = model(x)
+        with adapters_disabled(model):
+            off = model(x)
+    assert calls == [1, 1] and "base_forward" not in layer.__dict__
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(off, base, rtol=1e-12, atol=1e-12)
+    assert (want - base).abs().max() > 1e-3

@@ -22,7 +22,6 @@ from r1train.run.sections import (
     check_data,
     check_eval,
     check_export_adapter,
-    check_lora_unsharded,
     check_model,
     check_optim,
     check_rewards,
@@ -140,7 +139,6 @@ class GRPOJobConfig:
         `not (x > 0)` where a NaN must fail too (`nan <= 0` is False)."""
         r, g, o, t = self.rollout, self.grpo, self.optim, self.train
         check_model(self.model)
-        check_lora_unsharded(self.model, t, world_size)
         check_data(self.data)
         check_optim(o)
         check_train(t)
@@ -209,9 +207,11 @@ class GRPOJobConfig:
         at_least("grpo.ref_refresh_steps", g.ref_refresh_steps, 0, "(0 = never)")
         if g.ref_refresh_steps and g.beta == 0:
             bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "needs beta > 0 (no reference model otherwise)")
-        if g.ref_refresh_steps and self.model.lora_rank:
-            bad("grpo.ref_refresh_steps", g.ref_refresh_steps, "not yet with --model.lora_rank > 0: the reference "
-                                                               "is the policy with its adapters off, which cannot move")
+        if g.ref_refresh_steps and self.model.lora_rank and g.ref_mix_alpha != 1:
+            bad("grpo.ref_mix_alpha", g.ref_mix_alpha, "must be 1 with --model.lora_rank > 0 and ref_refresh_steps: "
+                                                       "the refreshed reference is the policy of that step, kept as a "
+                                                       "copy of its adapters; a mix of two adapters' B A is not one "
+                                                       "adapter of the same rank")
         try:
             self.rewards.check()
         except ValueError as e:

@@ -20,7 +20,11 @@ One optimizer step, in named phases (`train_step`; the loop around it is `run.lo
   7. ref refresh      - optional: ref <- alpha * policy + (1 - alpha) * ref every tau steps;
                         once refreshed, the reference is saved in the checkpoints too
   With LoRA (--model.lora_rank) only the adapters train, and the reference of phase 5 is the
-  policy itself with its adapters off: the base model exactly, no second model (no refreshes).
+  policy itself with its adapters off: the base model exactly, no second model. A refresh
+  (ref_mix_alpha 1) copies the adapters into a frozen reference slot of each layer, and from then
+  on phase 5 computes with that slot: the merged policy of the refresh's step (model/lora.py). A
+  stage given an earlier stage's adapter folder as model.path trains that adapter on, and its
+  reference is where it started, base + that adapter, in the reference slot from step 0.
 
 Departures from DeepSeekMath's GRPO, said out loud:
 - with num_iterations == 1 the old policy is the current one, so old_logps = logps.detach():
@@ -78,8 +82,13 @@ from r1train.grpo.metrics import reward_metrics, update_metrics
 from r1train.inspector.records import RECORDS_FILE, GroupRecorder
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
-from r1train.model.load import load_model
-from r1train.model.lora import adapters_disabled
+from r1train.model.load import load_model, lora_base, read_adapter_folder
+from r1train.model.lora import (
+    adapters_disabled,
+    add_reference_adapters,
+    reference_adapters,
+    refresh_reference_adapters,
+)
 from r1train.model.memory import (
     TILE_BYTES_CPU,
     TILE_BYTES_CUDA,
@@ -139,23 +148,31 @@ class GRPOTrainer(Trainer):
             if say and isinstance(fn, RewardModel):
                 say(fn.summary)
 
-        _, tokenizer, lm = load_model(cfg.model, self.out, self.info)
+        path, tokenizer, lm = load_model(cfg.model, self.out, self.info)
+        base = lora_base(path, lm, self.info)  # before sharding: it hashes the whole base
+        # With LoRA the reference is the policy with its adapters off (`adapters_disabled`): the
+        # base model exactly, and no second copy of the weights. A stage that trains on an earlier
+        # stage's adapter (model.path = its folder) starts from base + that adapter, which is then
+        # its reference: a copy of the adapter in the reference slot, as a refresh would make.
+        self.ref_in_policy = g.beta > 0 and cfg.model.lora_rank > 0
+        self.ref_from_start = self.ref_in_policy and read_adapter_folder(path) is not None
+        if self.ref_in_policy and (g.ref_refresh_steps or self.ref_from_start):
+            add_reference_adapters(lm)  # before sharding: FSDP2 shards the slot with its layer
+            if self.ref_from_start:
+                refresh_reference_adapters(lm)
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
         self.ref = None
-        # With LoRA the reference is the policy with its adapters off (`adapters_disabled`): the
-        # base model exactly, and no second copy of the weights.
-        self.ref_is_base = g.beta > 0 and cfg.model.lora_rank > 0
-        if g.beta > 0 and not self.ref_is_base:
+        if g.beta > 0 and not self.ref_in_policy:
             _, _, ref_lm = load_model(cfg.model, self.out, self.info, trainable=False)
             self.ref = shard_model(PolicyModel(ref_lm), decoder_layers(ref_lm), self.info).eval()
-        self.ref_refreshes = 0  # refreshes applied to self.ref: 0 means it is the initial model
+        self.ref_refreshes = 0  # refreshes applied to the reference: 0 means it is the initial model
         # Prompts of the epoch order taken before this step (dynamic sampling takes more than
         # prompts_per_step in a step); the next step's start once this one is done.
         self.data_position = self.next_position = 0
         self.warned_cap = False  # dynamic sampling said once that a step ran out of rounds
         self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast,
                              compile_decode=cfg.rollout.compile_decode)
-        self.setup_training(self.policy, lm.config, tokenizer)
+        self.setup_training(self.policy, lm.config, tokenizer, lora_base=base)
 
         self.train_records, self.train_ids, _ = training_prompts(tokenizer, problems.train, cfg.data, "data", "grpo",
                                                                  self.main, eos_ids=self.engine.eos_token_ids)
@@ -199,7 +216,7 @@ class GRPOTrainer(Trainer):
         update = self.update(batch)  # phase 6
         timings["time/update"] = clock(self.info.device) - t0
         g = self.cfg.grpo
-        if g.ref_refresh_steps and self.ref is not None and self.step % g.ref_refresh_steps == 0:
+        if g.ref_refresh_steps and self.step % g.ref_refresh_steps == 0:
             self.refresh_reference()  # phase 7
         t, names = self.cfg.train, [n for n, _, _ in self.rewards]
         if self.main and t.sample_every and self.step % t.sample_every == 0:
@@ -387,8 +404,9 @@ class GRPOTrainer(Trainer):
                     batch.set_logps("old_logps", rows, self._logps(self.policy, mb))
                 if self.ref is not None:
                     batch.set_logps("ref_logps", rows, self._logps(self.ref, mb))
-                elif self.ref_is_base:
-                    with adapters_disabled(self.policy.lm):
+                elif self.ref_in_policy:  # LoRA: the base, or the adapters of the last refresh
+                    slot = self.ref_refreshes or self.ref_from_start
+                    with (reference_adapters if slot else adapters_disabled)(self.policy.lm):
                         batch.set_logps("ref_logps", rows, self._logps(self.policy, mb))
 
     def update(self, batch: GRPOBatch) -> dict:
@@ -518,7 +536,12 @@ class GRPOTrainer(Trainer):
         return weights, stats
 
     def refresh_reference(self) -> None:
-        """Phase 7 (TR-DPO style): ref <- alpha * policy + (1 - alpha) * ref, shard by shard."""
+        """Phase 7 (TR-DPO style): ref <- alpha * policy + (1 - alpha) * ref, shard by shard. With
+        LoRA (alpha = 1, checked at start): the reference slot <- A, B, shard by shard."""
+        if self.ref_in_policy:
+            refresh_reference_adapters(self.policy.lm)
+            self.ref_refreshes += 1
+            return
         a = self.cfg.grpo.ref_mix_alpha
         with torch.no_grad():
             for p_ref, p in zip(self.ref.parameters(), self.policy.parameters()):
@@ -538,7 +561,8 @@ class GRPOTrainer(Trainer):
         return {"ref_refreshes": self.ref_refreshes, "data_position": self.data_position}
 
     def load_trainer_state(self, state: dict, checkpoint) -> None:
-        self.ref_refreshes = int(state["ref_refreshes"]) if self.ref is not None else 0
+        # The reference model (or LoRA's reference slot, in the model's own checkpoint) came back.
+        self.ref_refreshes = int(state["ref_refreshes"]) if self.ref is not None or self.ref_in_policy else 0
         # Checkpoints written before the position was kept: every step had taken prompts_per_step.
         self.data_position = int(state.get("data_position", self.step * self.cfg.grpo.prompts_per_step))
         if self.main and self.ref_refreshes:

@@ -252,17 +252,20 @@ def few_row_linears(model: nn.Module):
     (`bench/bench_decode_matmul.py`, bench/RESULTS.md). The values are the same products
     summed in another order (float32 rounding apart). Prefill (more than FEW_ROWS rows), GPU
     weights and small weights keep `F.linear`. Only plain `nn.Linear` modules are touched, and
-    restored on exit.
+    the base product of linear layers that name it `base_forward` (LoRA's, model/lora.py, whose
+    adapter term stays as it is); all restored on exit.
     """
-    patched = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
-               and m.weight.numel() >= FEW_ROWS_MIN_WEIGHT]
-    for m in patched:
-        m.forward = types.MethodType(_few_row_forward, m)
+    big = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
+           and m.weight.numel() >= FEW_ROWS_MIN_WEIGHT]
+    patched = [(m, "forward" if type(m) is nn.Linear else "base_forward") for m in big
+               if type(m) is nn.Linear or hasattr(type(m), "base_forward")]
+    for m, name in patched:
+        setattr(m, name, types.MethodType(_few_row_forward, m))
     try:
-        yield patched
+        yield [m for m, _ in patched]
     finally:
-        for m in patched:
-            del m.forward
+        for m, name in patched:
+            delattr(m, name)
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -2,6 +2,7 @@
 shared by every stage; the optimizer and its schedule are run/optim.py."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -126,26 +127,70 @@ def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
     return model.to(device)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def read_adapter_folder(path: str, option: str = "--model.") -> dict | None:
+    """The `adapter_config.json` of a LoRA adapter folder in PEFT's format (what
+    --train.export_adapter writes as final-adapter/, or PEFT's `save_pretrained`); None when
+    `path` is not one. What this project cannot apply as PEFT would is refused, naming the field."""
+    folder = Path(path)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        return None
+    where = f"{option}path={path!r}"
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: cannot read its {ADAPTER_CONFIG}: {e}") from None
+    problems = [f"peft_type {config.get('peft_type')!r} (LORA only)" if config.get("peft_type") != "LORA" else "",
+                "no base_model_name_or_path" if not config.get("base_model_name_or_path") else "",
+                f"target_modules {config.get('target_modules')!r} (a list of names only)"
+                if not isinstance(config.get("target_modules"), list) else "",
+                "use_dora" if config.get("use_dora") else "",
+                f"bias {config.get('bias')!r} (none only)" if config.get("bias", "none") != "none" else "",
+                "modules_to_save" if config.get("modules_to_save") else "",
+                f"no {ADAPTER_WEIGHTS}" if not (folder / ADAPTER_WEIGHTS).is_file() else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(f"{where}: an adapter folder this project cannot apply: {'; '.join(problems)}")
+    return config
+
+
 def load_model(m, output_dir: str | os.PathLike, info: DistInfo, *, trainable: bool = True,
                option: str = "--model."):
     """A `ModelConfig` -> (resolved path, tokenizer, causal LM on the device). `option`: as
     load_tokenizer's. A trainable model gets the LoRA adapters of `m.lora_rank` > 0 (its base
-    weights frozen); a frozen one (a reference, a sampler, a teacher) never does."""
+    weights frozen); a frozen one (a reference, a sampler, a teacher) never does.
+
+    `m.path` may be a LoRA adapter folder (`read_adapter_folder`, e.g. an earlier stage's
+    final-adapter/): its base (`base_model_name_or_path`) loads, then the adapter goes on it
+    (`apply_adapter_folder`): trained on as it is (unmerged) by a stage with `m.lora_rank` > 0,
+    whose LoRA options must be the adapter's; merged into the weights otherwise (every weight
+    trains, or the model is frozen). The tokenizer is the folder's when it holds one, else the base's."""
     from transformers.utils import logging as hf_logging
 
     # transformers' own bars ("Loading weights", "Writing model shards") would tear the
     # trainer's progress bar and fill logs; the trainer says what it loads and saves.
     hf_logging.disable_progress_bar()
     path = resolve_model_path(m.path, output_dir, info, seed=m.seed, size=m.embedded_size)
-    tokenizer = load_tokenizer(m.tokenizer or path, m.trust_remote_code, m.chat_template, m.system_role, option)
-    lm = load_causal_lm(path, dtype=m.dtype, device=info.device, trust_remote_code=m.trust_remote_code,
+    adapter = read_adapter_folder(path, option)
+    weights = adapter["base_model_name_or_path"] if adapter else path
+    own_tokenizer = adapter is None or (Path(path) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(m.tokenizer or (path if own_tokenizer else weights), m.trust_remote_code,
+                               m.chat_template, m.system_role, option)
+    lm = load_causal_lm(weights, dtype=m.dtype, device=info.device, trust_remote_code=m.trust_remote_code,
                         attn_implementation=m.attn_implementation)
     if not m.keep_dropout:
         disable_dropout(lm)
+    if adapter:
+        apply_adapter_folder(lm, path, adapter, m if trainable and m.lora_rank else None, option)
     if not trainable:
         lm.requires_grad_(False)
         return path, tokenizer, lm
-    if m.lora_rank:
+    if adapter and not m.lora_rank:
+        lm.requires_grad_(True)  # merged: every weight trains, as from any model
+    if m.lora_rank and not adapter:
         add_lora(lm, m, option)
     if m.gradient_checkpointing:
         # Non-reentrant: the checkpoint PyTorch recommends, and the one FSDP2 supports; the
@@ -168,6 +213,56 @@ def add_lora(lm: torch.nn.Module, m, option: str = "--model.") -> None:
         apply_lora(lm, m.lora_rank, m.lora_alpha, lora_targets(m), m.lora_dropout, m.lora_rslora)
     except ValueError as e:
         raise ConfigError(f"{option}lora_targets={m.lora_targets!r}: {e}") from None
+
+
+def apply_adapter_folder(lm: torch.nn.Module, path: str, adapter: dict, m=None, option: str = "--model.") -> None:
+    """The adapter at `path` (config `adapter`) onto its base `lm`. `m`: the ModelConfig of a
+    stage that trains the adapter on: its lora_rank, lora_alpha, lora_rslora and the layers its
+    lora_targets wrap must be the adapter's (ConfigError naming the option and both values);
+    its lora_dropout applies. None: the adapter is merged into the weights (`merge_and_unload`)."""
+    from safetensors.torch import load_file
+
+    from r1train.model.lora import apply_lora, load_lora_state_dict, merge_and_unload
+
+    rank, alpha, rslora = adapter.get("r"), adapter.get("lora_alpha"), bool(adapter.get("use_rslora", False))
+    where = f"{option}path={path!r}"
+    if m is not None:
+        for name, mine, theirs in (("lora_rank", m.lora_rank, rank), ("lora_alpha", m.lora_alpha, alpha),
+                                   ("lora_rslora", m.lora_rslora, rslora)):
+            if mine != theirs:
+                raise ConfigError(f"{option}{name}={mine!r}: the adapter this stage trains on ({path}) has "
+                                  f"{name} {theirs!r}; use its value, or {option}lora_rank 0 to train every "
+                                  f"weight of the model with the adapter merged in")
+        add_lora(lm, m, option)
+    else:
+        try:
+            apply_lora(lm, rank, alpha, adapter["target_modules"], 0.0, rslora)
+        except ValueError as e:
+            raise ConfigError(f"{where}: its adapter_config.json: {e}") from None
+    try:
+        load_lora_state_dict(lm, load_file(str(Path(path) / ADAPTER_WEIGHTS), device=str(next(lm.parameters()).device)))
+    except ValueError as e:
+        hint = f" (compare {option}lora_targets with its target_modules {adapter['target_modules']})" if m else ""
+        raise ConfigError(f"{where}: {e}{hint}") from None
+    if m is None:
+        merge_and_unload(lm)
+
+
+def lora_base(path: str, lm: torch.nn.Module, info: DistInfo) -> dict | None:
+    """With LoRA adapters on `lm`: the identity of the base model they train on, which every
+    checkpoint records and a resume checks (run/checkpoint.py): the path it was loaded from (a
+    folder made absolute; an adapter folder's base_model_name_or_path) and `base_sha256` of its
+    weights, computed on rank 0 and sent to all. None without adapters. Call it before sharding:
+    it reads the whole model."""
+    from r1train.model.lora import base_sha256, has_lora
+    from r1train.run.dist import broadcast_object
+
+    if not has_lora(lm):
+        return None
+    adapter = read_adapter_folder(path)
+    path = adapter["base_model_name_or_path"] if adapter else path
+    digest = broadcast_object(base_sha256(lm) if info.is_main else None)
+    return {"path": os.path.abspath(path) if os.path.isdir(path) else path, "sha256": digest}
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

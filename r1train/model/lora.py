@@ -24,16 +24,23 @@ Why a module swap that subclasses nn.Linear, and not a parametrization (minLoRA)
   keys of the state dict stay `...q_proj.weight` (Hugging Face loading, checkpoints and export see
   the same names) and `isinstance(layer, nn.Linear)` still holds;
 - with the adapter off or merged, its forward is the very call of `nn.Linear.forward`,
-  `F.linear(x, W, b)`, so "adapter off == base model" holds bit for bit by construction; a
+  `F.linear(x, W, b)` (`base_forward`), so "adapter off == base model" holds bit for bit by construction; a
   parametrization renames the weight (`parametrizations.weight.original`) and computes
   W + s B A, an [out, in] tensor, at every forward, where B (A x) costs r (in + out) per token.
 - merge adds s B A to W in place and keeps the original W (a buffer, not saved): W + s B A - s B A
   does not round back to W in floating point, so unmerge copies the kept bits back. The copy costs
   one weight per wrapped layer, only while merged.
+
+A second, frozen adapter slot (`add_reference_adapters`: `lora_ref_A`, `lora_ref_B`) holds a copy
+of A and B taken at some step (`refresh_reference_adapters`); inside `reference_adapters(model)`
+the layers compute W x + b + s B_ref A_ref x, the merged policy of that step, on the same frozen
+base. That is GRPO's refreshed reference (--grpo.ref_refresh_steps) without a second model: it
+costs one more adapter, not one more copy of the weights.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -70,6 +77,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=w.dtype)  # A: [r, in]
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=w.dtype)  # B: [out, r]
         self.adapter_enabled = True
+        self.use_reference = False  # compute with the reference slot (lora_ref_A, lora_ref_B) instead
         self.register_buffer("unmerged_weight", None, persistent=False)  # W's bits while merged
         self.reset_lora_parameters()
 
@@ -82,19 +90,35 @@ class LoRALinear(nn.Linear):
     def merged(self) -> bool:
         return self.unmerged_weight is not None
 
+    @torch.no_grad()
+    def add_reference_slot(self) -> None:
+        """A frozen second adapter, lora_ref_A / lora_ref_B, shaped as A and B, zero until refreshed."""
+        w = self.lora_A.weight
+        self.lora_ref_A = nn.Linear(self.in_features, self.rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_ref_B = nn.Linear(self.rank, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        for m in (self.lora_ref_A, self.lora_ref_B):
+            m.weight.zero_()
+            m.weight.requires_grad_(False)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W x + b, the call of nn.Linear.forward. The engine's decode steps on a CPU swap in the
+        few-row form of the product, as for a plain nn.Linear (model/engine.py `few_row_linears`)."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # W x + b, the call of nn.Linear.forward
+        y = self.base_forward(x)  # W x + b
         if self.merged or not self.adapter_enabled:
             return y
-        return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # [..., r] in between
+        a, b = (self.lora_ref_A, self.lora_ref_B) if self.use_reference else (self.lora_A, self.lora_B)
+        return y + self.scaling * b(a(self.lora_dropout(x)))  # [..., r] in between
 
     @torch.no_grad()
     def merge(self) -> None:
         """W <- W + scaling * B A in place (in float32 at least: a bf16 W is rounded once), W kept."""
         if self.merged:
             raise RuntimeError("LoRA: this layer is already merged")
-        if not self.adapter_enabled:
-            raise RuntimeError("LoRA: cannot merge inside adapters_disabled (the merged weight is not the base's)")
+        if not self.adapter_enabled or self.use_reference:
+            raise RuntimeError("LoRA: cannot merge inside adapters_disabled or reference_adapters")
         self.unmerged_weight = self.weight.detach().clone()
         acc = torch.promote_types(self.weight.dtype, torch.float32)
         delta = self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))  # [out, in]
@@ -129,7 +153,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def _linear_names(model: nn.Module) -> list[str]:
     """Names of the model's linear layers, the adapters' own A and B left out."""
     adapters = {id(m) for layer in model.modules() if isinstance(layer, LoRALinear)
-                for m in (layer.lora_A, layer.lora_B)}
+                for m in layer.children() if isinstance(m, nn.Linear)}
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapters]
 
 
@@ -180,6 +204,40 @@ def adapters_disabled(model: nn.Module):
             layer.adapter_enabled = enabled
 
 
+def add_reference_adapters(model: nn.Module) -> None:
+    """Give every adapted layer its reference slot (zero; `refresh_reference_adapters` fills it).
+    Before sharding: FSDP2 shards the slot with its layer, and checkpoints hold it (`is_lora_key`)."""
+    for _, layer in lora_layers(model):
+        layer.add_reference_slot()
+
+
+@torch.no_grad()
+def refresh_reference_adapters(model: nn.Module) -> None:
+    """Reference slot <- the adapters as they are now: A_ref = A, B_ref = B, bit for bit (under
+    FSDP2 each rank copies its own shard, laid out as the adapter's)."""
+    for _, layer in lora_layers(model):
+        layer.lora_ref_A.weight.copy_(layer.lora_A.weight)
+        layer.lora_ref_B.weight.copy_(layer.lora_B.weight)
+
+
+@contextlib.contextmanager
+def reference_adapters(model: nn.Module):
+    """Inside, the model computes W x + b + s B_ref A_ref x: the merged policy of the step whose
+    adapters `refresh_reference_adapters` copied (GRPO's refreshed reference)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("reference_adapters: the adapters are merged into the weights; unmerge_lora first")
+    if not all(hasattr(layer, "lora_ref_A") for layer in layers):
+        raise RuntimeError("reference_adapters: the model has no reference slot (add_reference_adapters first)")
+    for layer in layers:
+        layer.use_reference = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.use_reference = False
+
+
 def merge_lora(model: nn.Module) -> None:
     """W <- W + scaling * B A in every adapted layer (for export or faster generation)."""
     for _, layer in lora_layers(model):
@@ -199,6 +257,28 @@ def has_lora(model: nn.Module) -> bool:
 def is_adapter_key(key: str) -> bool:
     """A state-dict key of an adapter's A or B (not of a base weight)."""
     return ".lora_A." in key or ".lora_B." in key
+
+
+def is_lora_key(key: str) -> bool:
+    """A state-dict key of anything LoRA adds to the base (the adapters, and the reference
+    adapters of `add_reference_adapters`): what an adapter-only checkpoint holds."""
+    return is_adapter_key(key) or ".lora_ref_A." in key or ".lora_ref_B." in key
+
+
+def base_sha256(model: nn.Module) -> str:
+    """SHA-256 of the base weights, the identity of the model the adapters were trained on.
+
+    Over the state dict's entries that LoRA did not add, in sorted key order, each as its key,
+    dtype and shape, then its bytes: a pure function of the weights as loaded (the same model
+    converted to other files hashes the same; loaded in another dtype, not). Reads every base
+    byte once on the CPU: about a second per GB. Call it on the whole model, before sharding."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        if is_lora_key(key):
+            continue
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def merged_weight_names(model: nn.Module) -> set[str]:
@@ -228,6 +308,36 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.weight.detach()  # [r, in]
         out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.weight.detach()  # [out, r]
     return out
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """A and B from PEFT-named tensors (`lora_state_dict`'s keys): the keys must be exactly those
+    of the model's adapters and each shape its own, else ValueError naming the first difference."""
+    want = lora_state_dict(model)
+    missing, extra = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
+    if missing or extra:
+        raise ValueError(f"the adapter's layers are not the ones wrapped here: "
+                         f"{f'no tensor for {missing[0]}' if missing else f'{extra[0]} wraps no layer'}"
+                         f" ({len(missing)} missing, {len(extra)} extra of {len(want)})")
+    for key, p in want.items():
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(f"{key} has shape {list(tensors[key].shape)}, the layer's is {list(p.shape)}")
+        p.copy_(tensors[key])
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> None:
+    """W <- W + scaling * B A for good, and each LoRALinear back to a plain nn.Linear on that W
+    (PEFT's name for it): the model is a plain model, as the merged export loads. The merge is
+    `LoRALinear.merge`'s, in float32 at least, one layer at a time."""
+    for name, layer in lora_layers(model):
+        layer.merge()
+        layer.unmerged_weight = None
+        parent, _, child = name.rpartition(".")
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, layer.bias
+        setattr(model.get_submodule(parent), child, plain)
 
 
 def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:

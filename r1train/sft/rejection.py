@@ -11,6 +11,10 @@ prompts) is printed and returned. SFT stage 2 mixes this set with general data
 `sample_and_filter` is shared with distillation, where the teacher writes the traces. With
 `--data.response_prefix` (distill: `--problems.response_prefix`) each prompt ends with the prefix,
 and a kept reply is the prefix followed by the sample, so the SFT set teaches the whole reply.
+
+To sample with a trained LoRA adapter, `--model.path` names its folder (a stage's final-adapter/):
+the adapter is merged into its base at load (model/load.py), so the engine generates exactly as
+from the stage's merged export final/, with no adapter matmuls per token.
 """
 from __future__ import annotations
 
@@ -109,9 +113,10 @@ class RejectionJobConfig:
         """Fail at start, naming the option, before the model or the prompts load."""
         from r1train.run.sections import check_data, check_export_adapter, check_model, check_train
         check_model(self.model)
-        if self.model.lora_rank:  # it samples from a frozen model: an adapter would be ignored
+        if self.model.lora_rank:  # it samples from a frozen model: a new adapter would be B = 0
             raise ConfigError(f"--model.lora_rank={self.model.lora_rank}: rejection sampling trains no model; "
-                              f"LoRA applies to the trained stages (grpo, sft, distill): use 0")
+                              f"to sample with a trained LoRA adapter, give its folder (a stage's final-adapter/) "
+                              f"as --model.path, with --model.lora_rank 0")
         check_data(self.data)
         check_train(self.train)
         check_export_adapter(self.model, self.train)

@@ -23,7 +23,7 @@ from r1train.data.task import TaskConfig
 from r1train.evaluate import evaluate
 from r1train.inspector.records import RECORDS_FILE, sft_row_record, token_texts
 from r1train.model.engine import Engine
-from r1train.model.load import load_model
+from r1train.model.load import load_model, lora_base
 from r1train.model.policy import PolicyModel
 from r1train.run.config import ConfigError
 from r1train.run.dist import all_reduce_sum, decoder_layers, shard_model
@@ -132,7 +132,6 @@ class SFTJobConfig:
             check_data,
             check_eval,
             check_export_adapter,
-            check_lora_unsharded,
             check_model,
             check_optim,
             check_train,
@@ -141,7 +140,6 @@ class SFTJobConfig:
 
         s, d = self.sft, self.data
         check_model(self.model)
-        check_lora_unsharded(self.model, self.train, world_size)
         check_data(d)
         check_optim(self.optim)
         check_train(self.train)
@@ -178,8 +176,9 @@ class SFTTrainer(Trainer):
         say = (lambda line: print(f"[sft] {line}", flush=True)) if self.main else None
         # before the model: a bad file fails in seconds
         train, evals = load_conversations(cfg.data, cfg.train.seed, say)
-        _, tokenizer, lm = load_model(cfg.model, self.out, self.info)
+        path, tokenizer, lm = load_model(cfg.model, self.out, self.info)
         self.lm = lm
+        base = lora_base(path, lm, self.info)  # before sharding: it hashes the whole base
         self.policy = shard_model(PolicyModel(lm), decoder_layers(lm), self.info)
         self.engine = Engine(self.policy, tokenizer, self.info, autocast=self.autocast)
 
@@ -210,7 +209,7 @@ class SFTTrainer(Trainer):
                   f"{self.pack_stats}", flush=True)
         check_response_prefix(tokenizer, cfg.data.response_prefix, "data", self.engine.eos_token_ids)
         self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, evals, response_prefix=cfg.data.response_prefix)
-        self.setup_training(self.policy, lm.config, tokenizer)
+        self.setup_training(self.policy, lm.config, tokenizer, lora_base=base)
         self.last_loss = float("nan")  # loss of step `self.step`; saved so a resume at max_steps has it
         self._training_attention()
 
