@@ -125,6 +125,10 @@ class Rollout:
     texts: list[str]
     logps: torch.Tensor | None = None  # [B, T] float64 log-prob of each token under the distribution
     #                                    it was sampled from (`sample_tokens`), 0 after the row's end
+    #                                    and on inserted tool turns
+    model_mask: torch.Tensor | None = None  # [B, T] multi-turn rows: 1 on tokens the model wrote, 0 on
+    #                                         the tool turns inserted between its segments (None: no turns)
+    episodes: list[dict] | None = None  # multi-turn rows: each row's turns, tool calls and messages
 
     @property
     def lengths(self) -> torch.Tensor:
