@@ -8,13 +8,15 @@ gradient on the logits that predict an inserted token exactly 0, and the inserte
 context (packed and padded passes read them).
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from r1train.data.prompts import make_conversation, render_prompt
 from r1train.grpo.batch import GRPOBatch
 from r1train.grpo.loss import loss_denominator, policy_loss
-from r1train.model.engine import Rollout, pad_prompts
+from r1train.model.engine import Rollout, generate, pad_prompts
 from r1train.model.policy import PolicyModel
 
 # ---------------------------------------------------------------------------------------------
@@ -139,3 +141,252 @@ def test_model_mask_of_ones_is_the_single_turn_loss_bit_for_bit():
     mb = batch.micro([2, 4])
     assert torch.equal(mb.model_mask, batch.model_mask[[2, 4], :mb.completion_mask.shape[1]])
     assert mb.loss_mask.sum() == (2 + 3 + 1) + (1 + 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's multi-turn rows
+# ---------------------------------------------------------------------------------------------
+# The cold-start SFT checkpoint writes <think>..</think><answer>..</answer><|im_end|>, in float64
+# (as tests/test_rollout.py: computations of other shapes must not flip a greedy argmax).
+
+ASSET = Path(__file__).resolve().parent / "assets" / "tiny-r1-sft"
+PROBLEMS = ["What is 5 - 4?", "What is 6 + 6 + 7?", "What is 2 - 1?", "What is 8 + 1 + 6?", "What is 3 + 9?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSET)
+    lm = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float64).eval()
+    return tok, PolicyModel(lm)
+
+
+def _prompts(tok, n=len(PROBLEMS)) -> list[list[int]]:
+    # rows of two lengths (with and without the system prompt): left padding and holes together
+    return [tok(render_prompt(tok, make_conversation(q, **({} if i % 2 else {"system_prompt": ""}))),
+                add_special_tokens=False)["input_ids"] for i, q in enumerate(PROBLEMS[:n])]
+
+
+class FixedTurns:
+    """Turns that pause a row at `close` and insert row i's `inserts[i]` (a tool turn of the
+    engine's point of view), for the engine's mechanics with the model writing freely."""
+
+    def __init__(self, inserts, close="</think>", max_turns=3):
+        self.inserts, self.close, self.max_turns, self.asked = inserts, close, max_turns, []
+
+    def answer(self, rows, segments, rooms):
+        self.asked.append(list(rows))
+        return [(self.inserts[r] if len(self.inserts[r]) < room else None, False) for r, room in zip(rows, rooms)]
+
+    def episode(self, row, last_segment):
+        return {"last": last_segment}
+
+
+def _run(policy, tok, prompts, seeds, turns=None, plain=False, **kw):
+    ids, mask = pad_prompts(prompts, tok.pad_token_id, "cpu")
+    return generate(policy, tok, ids, mask, seeds=seeds, turns=turns, share_prompts=not plain, compact=not plain,
+                    few_rows=not plain, **{"max_new_tokens": 60, "temperature": 0.0, **kw})
+
+
+def _row(r: Rollout, i: int) -> tuple[list[int], list[int]]:
+    n = int(r.completion_mask[i].sum())
+    return r.completion_ids[i, :n].tolist(), r.model_mask[i, :n].tolist()
+
+
+def _inserts(tok):
+    return [tok.encode(x) for x in ["\nnote 1\n", "\nA longer note: 17 and 23\n", "\n", "\nx = 9\n", "\nok\n"]]
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_cache_continuation_equals_rerunning_the_conversation(tiny, plain):
+    """Greedy: after each tool turn, the row's next segment is what the model writes when the
+    whole conversation so far (prompt, segments, tool turns) is given to it as one prompt."""
+    tok, policy = tiny
+    prompts = _prompts(tok)
+    turns = FixedTurns(_inserts(tok))
+    r = _run(policy, tok, prompts, list(range(5)), turns, plain)
+    assert len(turns.asked) >= 2 and any(len(a) > 1 for a in turns.asked)  # rows pause at different steps
+    checked = 0
+    for i, prompt in enumerate(prompts):
+        ids, written = _row(r, i)
+        starts = [j for j in range(1, len(ids)) if written[j] and not written[j - 1]]  # a segment after a tool turn
+        for j in starts:
+            end = next((k for k in range(j, len(ids)) if not written[k]), len(ids))
+            again = _run(policy, tok, [prompt + ids[:j]], [0], max_new_tokens=end - j)
+            assert again.completion_ids[0, : end - j].tolist() == ids[j:end], (i, j)
+            checked += 1
+        # the inserted tokens are the tool turn, whole, after each </think>
+        runs = [ids[j:next((k for k in range(j, len(ids)) if written[k]), len(ids))]
+                for j in range(1, len(ids)) if not written[j] and written[j - 1]]
+        assert all(x == turns.inserts[i] for x in runs)
+    assert checked >= 4
+
+
+def test_without_a_tool_call_a_multiturn_row_is_the_single_turn_row_bit_for_bit(tiny):
+    tok, policy = tiny
+    prompts = _prompts(tok)
+    seeds = [11, 12, 13, 14, 15]
+    for plain in (False, True):
+        single = _run(policy, tok, prompts, seeds, None, plain, temperature=1.0)
+        turns = FixedTurns(_inserts(tok), close="</tool_call>")
+        multi = _run(policy, tok, prompts, seeds, turns, plain, temperature=1.0)
+        assert not turns.asked
+        for name in ("completion_ids", "completion_mask", "truncated", "logps"):
+            assert torch.equal(getattr(multi, name), getattr(single, name)), name
+        assert torch.equal(multi.model_mask, multi.completion_mask) and multi.texts == single.texts
+        assert single.model_mask is None and single.episodes is None
+
+
+def test_a_rows_samples_do_not_depend_on_the_other_rows_tool_turns(tiny):
+    """Sampled at temperature 1: each row alone, the rows together, in another order: the same
+    tokens (each row draws by its own count of model tokens, whatever the others insert)."""
+    tok, policy = tiny
+    prompts, seeds, inserts = _prompts(tok), [101, 102, 103, 104, 105], _inserts(tok)
+    together = _run(policy, tok, prompts, seeds, FixedTurns(inserts), temperature=1.0)
+    order = [3, 0, 4, 2, 1]
+    shuffled = _run(policy, tok, [prompts[k] for k in order], [seeds[k] for k in order],
+                    FixedTurns([inserts[k] for k in order]), temperature=1.0)
+    paused = 0
+    for i in range(5):
+        alone = _run(policy, tok, [prompts[i]], [seeds[i]], FixedTurns([inserts[i]]), temperature=1.0)
+        assert _row(alone, 0) == _row(together, i) == _row(shuffled, order.index(i)), i
+        n = int(alone.completion_mask[0].sum())
+        torch.testing.assert_close(alone.logps[0, :n], together.logps[i, :n], rtol=1e-9, atol=1e-12)
+        paused += 0 in _row(alone, 0)[1]
+    assert paused >= 2
+
+
+def test_budget_and_max_turns(tiny):
+    """max_new_tokens counts model and inserted tokens; a tool turn that leaves no room ends the
+    row truncated, without it; the max_turns-th segment's call ends the row, unanswered."""
+    tok, policy = tiny
+    prompts = _prompts(tok, 2)
+    long = tok.encode("\n" + "note " * 30)  # 60 tokens or so: never fits in 40
+    r = _run(policy, tok, prompts, [0, 1], FixedTurns([long, long]), max_new_tokens=40)
+    for i in range(2):
+        ids, written = _row(r, i)
+        assert all(written) and tok.decode(ids).endswith("</think>") and bool(r.truncated[i])
+    # max_turns = 1: the first </think> ends the row, not truncated
+    r = _run(policy, tok, prompts, [0, 1], FixedTurns(_inserts(tok), max_turns=1))
+    for i in range(2):
+        ids, written = _row(r, i)
+        assert all(written) and tok.decode(ids).endswith("</think>") and not bool(r.truncated[i])
+    # a budget that ends rows in the middle of a later segment: the lengths stay within it
+    turns = FixedTurns(_inserts(tok))
+    r = _run(policy, tok, _prompts(tok), list(range(5)), turns, max_new_tokens=24)
+    assert int(r.completion_mask.sum(-1).max()) <= 24 and turns.asked
+    for i in range(5):
+        ids, written = _row(r, i)
+        assert (r.logps[i, :len(ids)][torch.tensor(written) == 0] == 0).all()
+        if len(ids) == 24:
+            assert bool(r.truncated[i])
+
+
+def test_a_compiled_decoder_is_refused_with_tools(tiny):
+    tok, policy = tiny
+    ids, mask = pad_prompts(_prompts(tok, 1), tok.pad_token_id, "cpu")
+    with pytest.raises(ValueError, match="rollout.compile_decode"):
+        generate(policy, tok, ids, mask, seeds=[0], max_new_tokens=4, decoder=object(), turns=FixedTurns([[1]]))
+
+
+class Scripted(torch.nn.Module):
+    """A "model" that writes row i's `scripts[i]` tokens first (its logits forced), then lets the
+    policy write freely. The plain path (no shared prefill, no compaction) keeps rows in place,
+    so row i is always row i here; the real tokens fed since the prompt say where a row is."""
+
+    def __init__(self, policy, scripts):
+        super().__init__()
+        self.policy, self.lm, self.scripts, self.fed = policy, policy.lm, scripts, None
+
+    def next_token_logits(self, input_ids, attention_mask, position_ids, cache=None):
+        logits, cache = self.policy.next_token_logits(input_ids, attention_mask, position_ids, cache=cache)
+        if self.fed is None:  # the prefill
+            self.fed = [0] * len(self.scripts)
+        else:
+            width = input_ids.shape[1]
+            self.fed = [n + int(attention_mask[i, -width:].sum()) for i, n in enumerate(self.fed)]
+        for i, script in enumerate(self.scripts):
+            if self.fed[i] < len(script):
+                logits[i] = float("-inf")
+                logits[i, script[self.fed[i]]] = 0.0
+        return logits, cache
+
+
+def _call(body: str) -> str:
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_scripted_tool_call_gets_the_templates_tool_turn(tiny, pooled):
+    """Rows that call the calculator (through a worker pool, or an in-process environment), name
+    an unknown tool, write invalid JSON, close no block, or call nothing: the tokens between the
+    segments are the chat template's tool turn, the conversation rendered by the template is the
+    row's tokens, and the episode counts what happened."""
+    from r1train.tools import Environment, ToolEnvironment, ToolPool, load_tools
+    from r1train.tools.calculator import calculator
+    from r1train.tools.environment import local_tool
+    from r1train.tools.episodes import ToolEpisodes
+
+    class Calculator(Environment):  # the calculator, in this process
+        tools = {"calculator": local_tool(calculator)}
+
+        def step(self, call):
+            return calculator(**call.arguments), False
+
+    tok, policy = tiny
+    texts = [_call('{"name": "calculator", "arguments": {"expression": "12*34"}}'),
+             "<think>hm</think>" + _call('{"name": "calc", "arguments": {}}'),
+             "",  # writes freely: no call
+             _call("not json"),
+             "the end</tool_call>"]
+    results = ["408", "Error: unknown tool 'calc'; the tools are: calculator", None,
+               None, 'Error: </tool_call> closes no <tool_call> block; write <tool_call>{"name": ..., "arguments": '
+                     '{...}}</tool_call>']
+    messages = [[{"role": "user", "content": q}] for q in PROBLEMS]
+    prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    pool = ToolPool(load_tools("calculator"), n_workers=2) if pooled else None
+    try:
+        envs = [ToolEnvironment(load_tools("calculator"), pool) if pooled else Calculator() for _ in texts]
+        episodes = ToolEpisodes(tok, envs, messages, max_turns=2)
+        model = Scripted(policy, [tok.encode(t, add_special_tokens=False) for t in texts])
+        r = _run(model, tok, prompt_ids, list(range(5)), episodes, plain=True, max_new_tokens=300)
+    finally:
+        if pool is not None:
+            pool.close()
+    whole_checked = 0
+    for i, text in enumerate(texts):
+        ids, written = _row(r, i)
+        ep = r.episodes[i]
+        if not text:
+            assert all(written) and ep["turns"] == 1 and ep["tool_calls"] == 0
+            continue
+        seg = len(tok.encode(text, add_special_tokens=False))
+        assert written[:seg] == [1] * seg and written[seg] == 0
+        after = next((k for k in range(seg, len(ids)) if written[k]), len(ids))
+        assert tok.decode(ids[:seg]) == text
+        result = ep["messages"][2]["content"]
+        if results[i] is not None:
+            assert result == results[i]
+        else:
+            assert result.startswith("Error: the tool call is not valid JSON")
+        # The template's rendering of [prompt, the segment, the tool message] + the next header is
+        # the row's tokens, read as text.
+        conversation = messages[i] + [{"role": "assistant", "content": text}, {"role": "tool", "content": result}]
+        rendered = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert tok.decode(prompt_ids[i] + ids[:after], skip_special_tokens=False) == rendered
+        assert ep["messages"][:3] == conversation
+        assert ep["turns"] == 2 and ep["tool_calls"] == 1 and ep["tool_errors"] == int(i != 0)
+        assert ep["calls"] == ({"calculator": 1} if i == 0 else {"(refused)": 1})
+        assert (r.logps[i, seg:after] == 0).all() and (r.logps[i, :seg] == 0).all()  # forced: log 1
+        # The whole episode, rendered, is the row: a final segment that ended with <|im_end|>
+        # renders with the template's newline after it.
+        whole = tok.decode(prompt_ids[i] + ids, skip_special_tokens=False)
+        ended = ids[-1] == tok.eos_token_id
+        if ended:
+            assert tok.apply_chat_template(ep["messages"], tokenize=False) == whole + "\n"
+            whole_checked += 1
+        # The reward text: segments without special tokens, tool turns as the template wrote them.
+        assert r.texts[i].startswith(text + tok.decode(ids[seg:after], skip_special_tokens=False))
+    assert whole_checked >= 1

@@ -24,6 +24,24 @@ what makes a 2-process run reproduce a 1-process run, and a resumed run an unint
 Each sampled token's log-probability under the distribution it was drawn from comes back too
 (`Rollout.logps`, from the probabilities the draw already computed): the sampler's side of the
 trainer's rollout correction (grpo/loss.py `rollout_correction`).
+
+Multi-turn rows (`generate(..., turns=ToolEpisodes)`, rollout.tools; tools/episodes.py). A row's
+completion is [segment 1 | tool turn 1 | segment 2 | ...]: a segment ends when its text closes a
+tool call (`</tool_call>`); after the step, the paused rows' calls are answered in one batch, and
+each answer comes back as the tokens the chat template writes between the two assistant turns.
+A tool turn is a state of a row, not a second loop: the next forward feeds every live row its
+sampled token and, where it has one, its tool turn after it, as one chunk of width K + 1 (K the
+step's longest tool turn; a plain decode step when no row has one). Shorter rows are padded on
+the left with holes: cache columns masked for every later token, as a left-padded prompt's are,
+so each row keeps its own position counter and no conversation is prefilled again. Each row
+draws its uniforms by its own count of model tokens, so its samples do not depend on the other
+rows' tool turns (nor on the batch or rank it is in): a step samples one model token of every
+row, so step t draws each row's token t, as without turns. `max_new_tokens` is each row's whole
+budget, model and inserted tokens: a row ends, truncated, when it is spent or a tool turn would
+leave no token of it; it ends (not truncated) when a call closes its `max_turns`-th segment, that
+call unanswered. The Rollout then carries `model_mask` (0 on tool turns; the sampler's log-probs
+are 0 there) and each row's episode (messages, turns, tool calls and errors). Without `turns`
+the loop is the single-turn one, bit for bit.
 """
 from __future__ import annotations
 
@@ -140,7 +158,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
              seeds: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_ids: list[int] | None = None,
              stop_strings: list[str] | None = None, all_done=None, share_prompts: bool = True,
-             compact: bool = True, few_rows: bool = True, decoder=None) -> Rollout:
+             compact: bool = True, few_rows: bool = True, decoder=None, turns=None) -> Rollout:
     """Sample one completion per row of the left-padded `prompt_ids` with a KV cache.
 
     `model` has `PolicyModel.next_token_logits`. `all_done(bool) -> bool` lets ranks agree to
@@ -150,7 +168,12 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     row decoded to the end, `nn.Linear` as it is), for tests and `bench/bench_grpo_step.py`.
     `decoder`: an `model.static_decode.StaticDecoder` that runs the decode steps compiled (for
     models whose cache is all full attention; others decode eagerly).
+    `turns`: multi-turn rows (`tools.episodes.ToolEpisodes`, see "Multi-turn rows" below); None:
+    one assistant turn per row, as before it existed.
     """
+    if turns is not None and decoder is not None:
+        raise ValueError("rollout.compile_decode does not take multi-turn rows (rollout.tools): "
+                         "their decode steps insert tool turns of varying widths")
     with few_row_linears(model) if few_rows else nullcontext():
         device = prompt_ids.device
         b, p = prompt_ids.shape
@@ -168,7 +191,8 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         # prefill: each distinct prompt once, every prompt token at once; the logits of its last position
         first, inverse = distinct_rows(prompt_ids, prompt_mask) if share_prompts else (torch.arange(b), None)
         # a decoder decodes in its own cache, and only after a prefill into PreallocatedLayers
-        prefill = preallocated_cache(model, p if decoder is not None else p + max_new_tokens)
+        prefill = preallocated_cache(model, p if decoder is not None else p + max_new_tokens,
+                                     grow=turns is not None)
         logits, cache = model.next_token_logits(prompt_ids[first], prompt_mask[first],
                                                 position_ids_from_mask(prompt_mask[first]), cache=prefill)  # [U, V]
         shared = len(first) < b  # rows of one prompt share its prefill
@@ -185,23 +209,33 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         out_logps = torch.zeros((b, max_new_tokens), dtype=torch.float64, device=device)  # [B, max_new]
         finish_at = torch.full((b,), -1, dtype=torch.long, device=device)  # [B] token that ended the row
         live = torch.arange(b, device=device)  # [L] rows in the decode batch (and the cache)
+        rows = MultiTurnRows(turns, tokenizer, prompt_mask, max_new_tokens, next_pos) if turns is not None else None
         steps = 0
         for t in range(max_new_tokens):
             done = finish_at[live] >= 0  # [L]
+            # step t draws every row's model token t, multi-turn rows too (a tool turn is fed with
+            # the token before it, in the same forward): u[row, t] is indexed by the row's own count
             tok, logp = sample_tokens(logits, u[live, t], temperature, top_k, top_p, return_logps=True)  # [L]
             tok = torch.where(done, torch.full_like(tok, pad), tok)
-            out[live, t] = tok
-            out_logps[live, t] = torch.where(done, 0.0, logp)
+            if rows is None:
+                out[live, t] = tok
+                out_logps[live, t] = torch.where(done, 0.0, logp)
+            else:
+                col = rows.write(out, out_logps, live, done, tok, logp)  # [L] the column each token went to
             hit = torch.isin(tok, eos)
             if stop_strings:  # decode only the rows whose new token can complete a stop string
                 check = ~done
                 if candidates is not None:  # ids past the tokenizer's (a padded embedding table) always count
                     v = len(candidates)
                     check &= (tok >= v) | candidates[tok.clamp(max=v - 1)]
-                rows = check.nonzero().squeeze(1)  # [R]
-                if len(rows):
-                    hit[rows] |= _stop_hit(tokenizer, out[live[rows], : t + 1], stop_strings)
-            finish_at[live[hit & ~done]] = t
+                at = check.nonzero().squeeze(1)  # [R]
+                if len(at) and rows is None:
+                    hit[at] |= _stop_hit(tokenizer, out[live[at], : t + 1], stop_strings)
+                elif len(at):  # the row's current segment only: a tool turn may hold a stop string
+                    hit[at] |= rows.tail_holds(out, live[at], stop_strings)
+            finish_at[live[hit & ~done]] = t if rows is None else col[hit & ~done]
+            if rows is not None:  # a tool call pauses a row; the budget or max_turns ends it
+                rows.after_token(out, out_logps, live, done | hit, tok, finish_at)
             going = finish_at[live] < 0  # [L]
             n_going = int(going.sum())  # the step's one host sync (besides the ranks' agreement)
             steps = t + 1
@@ -212,8 +246,13 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
                 keep = going.nonzero().squeeze(1)  # [L']
                 live, logits, tok = live[keep], logits[keep], tok[keep]
                 cache.batch_select_indices(keep)
+            if rows is not None:  # the sampled tokens, and after them the rows' inserted tool turns
+                logits, cache = rows.forward(decode, live, tok, cache)
+                continue
             # decode: one token per live row against the cache
             logits, cache = decode(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t, cache=cache)
+        if rows is not None:
+            return rows.rollout(prompt_ids, prompt_mask, out, out_logps, finish_at)
         out = out[:, :steps]
         truncated = finish_at < 0  # [B] no EOS or stop string within max_new_tokens
         last = torch.where(truncated, torch.full_like(finish_at, steps - 1), finish_at)  # [B]
@@ -224,6 +263,133 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(out, completion_mask)],
                                        skip_special_tokens=True)
         return Rollout(prompt_ids, prompt_mask, out, completion_mask, truncated, texts, logps)
+
+
+class MultiTurnRows:
+    """The state of a batch's multi-turn rows in `generate` (module docstring, "Multi-turn rows").
+
+    Per row: `filled` tokens written (model + inserted, the row's budget is max_new_tokens of
+    them), the start of its current segment, its segment count, the position of its next token
+    and `model_mask`. Per batch: the cache's
+    columns `clen` and their [B, clen] mask, 0 on the holes a chunk forward leaves."""
+
+    def __init__(self, turns, tokenizer, prompt_mask: torch.Tensor, max_new_tokens: int, next_pos: torch.Tensor):
+        self.turns, self.tokenizer, self.max_new, self.pad = turns, tokenizer, max_new_tokens, tokenizer.pad_token_id
+        (b, p), device = prompt_mask.shape, prompt_mask.device
+        zeros = lambda: torch.zeros(b, dtype=torch.long, device=device)  # noqa: E731
+        self.filled, self.seg_start, self.segments = zeros(), zeros(), zeros() + 1
+        self.truncated = torch.zeros(b, dtype=torch.bool, device=device)
+        self.model_mask = torch.zeros((b, max_new_tokens), dtype=torch.long, device=device)  # [B, max_new]
+        self.pos = next_pos[:, 0].clone()  # [B] position of each row's next token
+        # [B, capacity] the cache's mask: the prompt's, then 1 on real tokens, 0 on holes
+        self.mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones((b, max_new_tokens), dtype=torch.long)], 1)
+        self.clen = p  # columns of the cache
+        self.close = stop_candidates(tokenizer, [turns.close])
+        self.pending: dict[int, list[int]] = {}  # row -> tool turn to feed after its sampled token
+
+    def write(self, out, out_logps, live, done, tok, logp) -> torch.Tensor:
+        """Each going row's sampled token at its next column; [L] those columns."""
+        col = self.filled[live].clamp(max=self.max_new - 1)  # [L]
+        r, c = live[~done], col[~done]
+        out[r, c], out_logps[r, c], self.model_mask[r, c] = tok[~done], logp[~done], 1
+        self.filled[r] += 1
+        return col
+
+    def tail_holds(self, out, rows: torch.Tensor, strings: list[str], window: int = 16) -> torch.Tensor:
+        """[R] whether the last `window` tokens of each row's current segment hold one of `strings`."""
+        tails = [out[r, max(int(self.seg_start[r]), int(self.filled[r]) - window): int(self.filled[r])].tolist()
+                 for r in rows.tolist()]
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
+        return torch.tensor([any(x in text for x in strings) for text in texts], device=rows.device)
+
+    def after_token(self, out, out_logps, live, ended, tok, finish_at) -> None:
+        """Pause the rows whose segment just closed a tool call and answer them in one batch;
+        end the rows out of budget or turns (module docstring)."""
+        going = ~ended  # [L]
+        v = len(self.close) if self.close is not None else 0
+        check = going if self.close is None else going & ((tok >= v) | self.close[tok.clamp(max=v - 1)])
+        at = check.nonzero().squeeze(1)
+        paused = set(live[at][self.tail_holds(out, live[at], [self.turns.close])].tolist()) if len(at) else set()
+        ask = []
+        for r in live[going].tolist():
+            room = self.max_new - int(self.filled[r])
+            if room == 0 or (r in paused and room == 1):  # no room for another model token
+                finish_at[r], self.truncated[r] = self.filled[r] - 1, True
+            elif r in paused and int(self.segments[r]) >= self.turns.max_turns:
+                finish_at[r] = self.filled[r] - 1  # its last call goes unanswered
+            elif r in paused:
+                ask.append(r)
+        if not ask:
+            return
+        segments = [out[r, int(self.seg_start[r]): int(self.filled[r])].tolist() for r in ask]
+        rooms = [self.max_new - int(self.filled[r]) for r in ask]
+        for r, room, (ids, end) in zip(ask, rooms, self.turns.answer(ask, segments, rooms)):
+            if ids is None or len(ids) >= room:  # the tool turn would pass the budget: the row ends
+                finish_at[r], self.truncated[r] = self.filled[r] - 1, True
+                continue
+            k, at = len(ids), int(self.filled[r])
+            out[r, at: at + k] = torch.tensor(ids, dtype=out.dtype, device=out.device)
+            self.filled[r] += k
+            self.seg_start[r] = self.filled[r]
+            self.segments[r] += 1
+            if end:  # the environment ended the episode: the row ends with its tool turn
+                finish_at[r] = self.filled[r] - 1
+            else:
+                self.pending[r] = ids
+
+    def forward(self, decode, live, tok, cache):
+        """The next forward: each live row's sampled token, then its tool turn if it has one, as
+        one chunk of width K + 1 (K the longest tool turn; 1 when none), holes on the left (masked,
+        so that every row's last column is its last real token and `next_token_logits` reads it)."""
+        inserts = [self.pending.pop(r, []) for r in live.tolist()]
+        W = 1 + max(len(x) for x in inserts)
+        if self.clen + W > self.mask.shape[1]:  # tool turns add columns: grow the mask with the cache
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, : max(W, self.max_new)])], 1)
+        if W == 1:  # no tool turn this step: a plain decode step
+            ids, positions = tok[:, None], self.pos[live][:, None]  # [L, 1]
+            self.mask[live, self.clen] = 1
+        else:
+            n = torch.tensor([1 + len(x) for x in inserts], device=live.device)  # [L] real tokens
+            offsets = torch.arange(W, device=live.device)[None, :] - (W - n)[:, None]  # [L, W] < 0 on holes
+            ids = torch.full((len(live), W), self.pad, dtype=torch.long, device=live.device)
+            ids[:, -1] = tok  # rows without a tool turn
+            for j, x in enumerate(inserts):
+                if x:
+                    ids[j, W - 1 - len(x)] = tok[j]
+                    ids[j, W - len(x):] = torch.tensor(x, dtype=torch.long, device=live.device)
+            positions = self.pos[live][:, None] + offsets.clamp(min=0)  # [L, W]
+            self.mask[live, self.clen: self.clen + W] = (offsets >= 0).long()
+        logits, cache = decode(ids, self.mask[live, : self.clen + W], positions, cache=cache)
+        self.pos[live] += torch.tensor([1 + len(x) for x in inserts], device=live.device)
+        self.clen += W
+        return logits, cache
+
+    def rollout(self, prompt_ids, prompt_mask, out, out_logps, finish_at) -> Rollout:
+        """The Rollout of the finished rows (a stop signal may leave some unfinished: truncated)."""
+        unfinished = finish_at < 0
+        length = torch.where(unfinished, self.filled, finish_at + 1)  # [B]
+        T = max(int(length.max()), 1)
+        completion_mask = (torch.arange(T, device=out.device)[None, :] < length[:, None]).long()  # [B, T]
+        ids = out[:, :T].masked_fill(completion_mask == 0, self.pad)
+        model_mask = self.model_mask[:, :T] * completion_mask  # [B, T]
+        logps = out_logps[:, :T].masked_fill(model_mask == 0, 0.0)  # [B, T]
+        texts, episodes = [], []
+        for r in range(len(ids)):
+            n, start = int(length[r]), int(self.seg_start[r])
+            texts.append(self._text(ids[r, :n].tolist(), model_mask[r, :n].tolist()))
+            episodes.append(self.turns.episode(r, ids[r, start:n].tolist() if start < n else []))
+        return Rollout(prompt_ids, prompt_mask, ids, completion_mask, self.truncated | unfinished, texts, logps,
+                       model_mask=model_mask, episodes=episodes)
+
+    def _text(self, ids: list[int], written: list[int]) -> str:
+        """The row's assistant side as rendered: its segments decoded as single-turn completions
+        are (special tokens skipped), the tool turns between them as the template wrote them."""
+        parts, start = [], 0
+        for j in range(1, len(ids) + 1):
+            if j == len(ids) or written[j] != written[start]:
+                parts.append(self.tokenizer.decode(ids[start:j], skip_special_tokens=bool(written[start])))
+                start = j
+        return "".join(parts)
 
 
 # At most this many rows take the (W @ x^T)^T form: a decode step's live rows, not a prefill
@@ -275,9 +441,9 @@ class PreallocatedLayer(DynamicLayer):
     (a copy of the whole cache, every token). `keys` / `values` are views of the filled part, as
     DynamicLayer's tensors are."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, grow: bool = False):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.length, self.grow = capacity, 0, grow
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[-2]
@@ -287,7 +453,16 @@ class PreallocatedLayer(DynamicLayer):
             self.buf_v = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
             self.device, self.is_initialized = key_states.device, True
         if self.length + n > self.capacity:
-            raise RuntimeError(f"PreallocatedLayer: {self.length + n} positions exceed the capacity {self.capacity}")
+            if not self.grow:
+                raise RuntimeError(f"PreallocatedLayer: {self.length + n} positions exceed the capacity "
+                                   f"{self.capacity}")
+            # multi-turn rows: tool turns add columns that no budget bounds in advance (MultiTurnRows)
+            self.capacity = max(self.length + n, 2 * self.capacity)
+            for name in ("buf_k", "buf_v"):
+                buf = getattr(self, name)
+                new = buf.new_empty(*buf.shape[:2], self.capacity, buf.shape[-1])
+                new[:, :, : self.length] = buf[:, :, : self.length]
+                setattr(self, name, new)
         self.buf_k[:, :, self.length: self.length + n] = key_states
         self.buf_v[:, :, self.length: self.length + n] = value_states
         self.length += n
@@ -306,9 +481,10 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
 
 
-def preallocated_cache(model: nn.Module, capacity: int) -> Cache | None:
+def preallocated_cache(model: nn.Module, capacity: int, grow: bool = False) -> Cache | None:
     """A cache of PreallocatedLayers for the Hugging Face model under `model` (a PolicyModel), or
-    None (the model then makes its own) when its layers are not all full attention."""
+    None (the model then makes its own) when its layers are not all full attention. `grow`: a
+    layer reallocates past `capacity` instead of raising (multi-turn rows)."""
     config = getattr(getattr(model, "lm", None), "config", None)
     if config is None:
         return None
@@ -316,7 +492,7 @@ def preallocated_cache(model: nn.Module, capacity: int) -> Cache | None:
     if set(getattr(text, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         return None
     cache = DynamicCache()
-    cache.layers = [PreallocatedLayer(capacity) for _ in range(text.num_hidden_layers)]
+    cache.layers = [PreallocatedLayer(capacity, grow) for _ in range(text.num_hidden_layers)]
     return cache
 
 
@@ -410,10 +586,10 @@ class Engine:
     def generate(self, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  stop_strings: list[str] | None = None,
-                 stop_requested: Callable[[], bool] | None = None) -> Rollout | None:
+                 stop_requested: Callable[[], bool] | None = None, turns=None) -> Rollout | None:
         """One completion per prompt (token lists), row i sampled with seeds[i]. Collective under
         FSDP: every rank calls it the same number of times; a rank with no prompts joins with a
-        dummy row and gets None back."""
+        dummy row and gets None back. `turns`: multi-turn rows (module docstring), one per prompt."""
         if len(prompts) != len(seeds):
             raise ValueError(f"Engine.generate: {len(prompts)} prompts but {len(seeds)} seeds")
         idle = not prompts
@@ -430,7 +606,8 @@ class Engine:
                                top_p=top_p, eos_token_ids=self.eos_token_ids,
                                stop_strings=stop_strings, all_done=self._all_done(stop_requested),
                                share_prompts=not self.plain, compact=not self.plain,
-                               few_rows=not self.plain, decoder=None if self.plain else self.decoder)
+                               few_rows=not self.plain, decoder=None if self.plain else self.decoder,
+                               turns=None if idle else turns)
         finally:
             set_gathered(self.model, False)
             self.model.train(was_training)
