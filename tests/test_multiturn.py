@@ -7,7 +7,9 @@ the model's tokens alone (a float64 per-token transcription of DeepSeekMath Eq. 
 gradient on the logits that predict an inserted token exactly 0, and the inserted tokens still
 context (packed and padded passes read them).
 """
+import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -149,7 +151,8 @@ def test_model_mask_of_ones_is_the_single_turn_loss_bit_for_bit():
 # The cold-start SFT checkpoint writes <think>..</think><answer>..</answer><|im_end|>, in float64
 # (as tests/test_rollout.py: computations of other shapes must not flip a greedy argmax).
 
-ASSET = Path(__file__).resolve().parent / "assets" / "tiny-r1-sft"
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "tests" / "assets" / "tiny-r1-sft"
 PROBLEMS = ["What is 5 - 4?", "What is 6 + 6 + 7?", "What is 2 - 1?", "What is 8 + 1 + 6?", "What is 3 + 9?"]
 
 
@@ -390,3 +393,151 @@ def test_a_scripted_tool_call_gets_the_templates_tool_turn(tiny, pooled):
         # The reward text: segments without special tokens, tool turns as the template wrote them.
         assert r.texts[i].startswith(text + tok.decode(ids[seg:after], skip_special_tokens=False))
     assert whole_checked >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs with tools
+# ---------------------------------------------------------------------------------------------
+# A random tiny model never writes a tool call, so the runs below script one: the reward file
+# they name (imported by every process of the run, in validation) wraps the engine's `generate`
+# so that each multi-turn row first writes CALL (logits forced, the plain path), then samples
+# freely. The tool is a user function in the same file, run by each rank's worker pool; the
+# reward reads the trajectory's columns.
+
+RUN_FILE = '''
+import torch
+
+import r1train.model.engine as engine
+
+CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+
+
+def add(a: int, b: int) -> str:
+    """Add two whole numbers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return str(a + b)
+
+
+def tool_reward(completions, tool_calls, tool_errors, turns, conversation, **columns):
+    """1 per answered call whose result the conversation holds, minus errors; + 0.1 a turn; and
+    the distinct characters of the reply's end, in thousandths (rows differ: advantages)."""
+    return [sum(m["role"] == "tool" and m["content"] == "5" for m in conv) - e + 0.1 * t + 1e-3 * len(set(c[-20:]))
+            for c, conv, e, t in zip(completions, conversation, tool_errors, turns)]
+
+
+class Scripted(torch.nn.Module):
+    def __init__(self, policy, script):
+        super().__init__()
+        self.policy, self.lm, self.script, self.fed = policy, policy.lm, script, None
+
+    def next_token_logits(self, input_ids, attention_mask, position_ids, cache=None):
+        logits, cache = self.policy.next_token_logits(input_ids, attention_mask, position_ids, cache=cache)
+        width = input_ids.shape[1]
+        self.fed = [0] * len(logits) if self.fed is None else [
+            n + int(attention_mask[i, -width:].sum()) for i, n in enumerate(self.fed)]
+        for i, n in enumerate(self.fed):
+            if n < len(self.script):
+                logits[i] = float("-inf")
+                logits[i, self.script[n]] = 0.0
+        return logits, cache
+
+
+_generate = engine.generate
+
+
+def scripted_generate(model, tokenizer, *args, turns=None, **kw):
+    if turns is None:
+        return _generate(model, tokenizer, *args, **kw)
+    kw.update(share_prompts=False, compact=False, few_rows=False)
+    script = tokenizer.encode(CALL, add_special_tokens=False)
+    return _generate(Scripted(model, script), tokenizer, *args, turns=turns, **kw)
+
+
+engine.generate = scripted_generate
+'''
+
+
+@pytest.fixture(scope="module")
+def tool_run(tmp_path_factory):
+    from r1train.data.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tools")
+    (root / "run_file.py").write_text(RUN_FILE)
+    model = build_tiny_model(root / "model", seed=0)
+    f = root / "run_file.py"
+    return [
+        "--model.path", str(model), "--rollout.tools", f"{f}:add", "--rollout.max_turns", "3",
+        "--grpo.rewards", f"{f}:tool_reward", "--data.system_prompt", "",
+        "--data.max_prompt_tokens", "1000", "--rollout.group_size", "4", "--grpo.prompts_per_step", "2",
+        "--grpo.micro_batch_size", "4", "--rollout.max_new_tokens", "90", "--grpo.beta", "0.04",
+        "--optim.lr", "1e-3", "--optim.warmup_steps", "0", "--data.num_train", "16", "--data.num_eval", "2",
+        "--train.eval_every", "0", "--train.progress", "false", "--train.sample_every", "0"]
+
+
+def _train(args, nproc=1):
+    from launch import torchrun_py, train_py
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if nproc == 1:
+        res = train_py("grpo", *args, env=env, timeout=600)
+    else:
+        res = torchrun_py("grpo", *args, nproc=nproc, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_tools_two_processes_match_one_and_resume_matches_uninterrupted(tool_run, tmp_path):
+    from safetensors.torch import load_file
+
+    args = [*tool_run, "--train.max_steps", "2", "--train.save_every", "1"]
+    _train([*args, "--train.output_dir", str(tmp_path / "one")])
+    _train([*args, "--train.output_dir", str(tmp_path / "two")], nproc=2)
+    _train([*args, "--train.output_dir", str(tmp_path / "part"), "--train.stop_at_step", "1"])
+    assert "resumed from" in _train([*args, "--train.output_dir", str(tmp_path / "part")]).stdout
+    one = _metrics(tmp_path / "one")
+    steps = [m for m in one if "reward" in m]
+    assert len(steps) == 2
+    for m in steps:  # every row called once, was answered, and wrote on
+        assert m["tools/calls_mean"] == 1.0 and m["tools/add/calls"] == 1.0 and m["tools/errors"] == 0.0
+        assert m["turns/mean"] >= 2.0 and m["tool_reward/mean"] >= 1.2
+        assert m["model_tokens/mean"] < m["completion_length/mean"]  # the tool turns are not the model's
+    start = load_file(Path(tool_run[1]) / "model.safetensors")
+    weights = {run: load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two", "part")}
+    assert max((weights["one"][k] - start[k]).abs().max().item() for k in start) > 1e-4
+    for k in start:
+        torch.testing.assert_close(weights["two"][k], weights["one"][k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(weights["part"][k], weights["one"][k], rtol=1e-5, atol=1e-7, msg=k)
+    for run in ("two", "part"):
+        other = [m for m in _metrics(tmp_path / run) if "reward" in m]
+        assert [m["step"] for m in other] == [1, 2]
+        for x, y in zip(steps, other):
+            for key in ("reward", "tools/calls_mean", "turns/mean", "model_tokens/mean", "completion_length/mean"):
+                assert x[key] == pytest.approx(y[key], abs=1e-9), (run, key)
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("args, option, why", [
+    (["--rollout.tools", "abacus"], "rollout.tools", "unknown tool 'abacus'"),
+    (["--rollout.tools", "nowhere.py:fn"], "rollout.tools", "nowhere.py"),
+    (["--rollout.max_turns", "2"], "rollout.max_turns", "needs --rollout.tools"),
+    (["--rollout.tool_workers", "3"], "rollout.tool_workers", "needs --rollout.tools"),
+    (["--rollout.tools", "calculator", "--rollout.max_turns", "0"], "rollout.max_turns", ">= 1"),
+    (["--rollout.tools", "calculator", "--rollout.tool_timeout_s", "nan"], "rollout.tool_timeout_s", "> 0"),
+    (["--rollout.tools", "calculator", "--rollout.compile_decode", "true"], "rollout.compile_decode",
+     "does not take --rollout.tools"),
+])
+def test_tool_options_are_refused_naming_themselves(args, option, why):
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.run.config import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=rf"--{option.replace('.', '[.]')}.*{why.replace('.', '[.]')}"):
+        parse_args(GRPOJobConfig, args)
+    parse_args(GRPOJobConfig, ["--rollout.tools", "calculator,python", "--rollout.max_turns", "2"])  # fine

@@ -74,7 +74,7 @@ def template_has_system_role(tokenizer: Any) -> bool:
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                  response_prefix: str = "") -> str:
+                  response_prefix: str = "", tools: list[dict] | None = None) -> str:
     """The prompt text the model sees: `messages` through the tokenizer's own chat template.
 
     With `add_generation_prompt=True` the text ends with the assistant header (for Qwen:
@@ -82,7 +82,8 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation
     `response_prefix` (`--data.response_prefix`, e.g. `<think>`): text that opens the assistant's
     reply as if the model had written it, so that the model continues from there. A tokenizer
     marked `MERGE_SYSTEM` (its template has no system role) gets the system text merged into
-    the first user turn (`merge_system_turn`).
+    the first user turn (`merge_system_turn`). `tools`: the tools' schemas, for a template
+    with a tools branch (rollout.tools; tools/turns.py `prompt_with_tools`).
     """
     if response_prefix and not add_generation_prompt:
         raise ValueError("render_prompt: a response_prefix opens the assistant's turn, so it needs "
@@ -110,7 +111,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation
         if not messages:
             return ""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **({"tools": tools} if tools else {})
     ) + response_prefix
 
 

@@ -54,6 +54,7 @@ class GRPOBatch:
     #                                          grpo.top_entropy_quantile < 1 (phase 5)
     model_mask: torch.Tensor | None = None   # [N, T] 1 on the tokens the model wrote, 0 on tool turns the
     #                                          engine inserted (Rollout.model_mask); None = completion_mask
+    episodes: list[dict] | None = None       # N multi-turn rows' messages, turns and tool calls (Rollout.episodes)
 
     @classmethod
     def from_rollouts(cls, rollouts: list[Rollout], records: list[dict], pad_id: int) -> "GRPOBatch":
@@ -80,7 +81,8 @@ class GRPOBatch:
                    prompt_len=P, completion_ids=completion, completion_mask=completion_mask,
                    truncated=torch.cat([r.truncated for r in rollouts]),
                    texts=[t for r in rollouts for t in r.texts], records=records, sampler_logps=sampler_logps,
-                   model_mask=model_mask)
+                   model_mask=model_mask,
+                   episodes=[e for r in rollouts for e in r.episodes] if all(r.episodes for r in rollouts) else None)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -127,7 +129,8 @@ class GRPOBatch:
                        rewards=pick(self.rewards), advantages=pick(self.advantages),
                        loss_weight=pick(self.loss_weight), old_logps=take(self.old_logps),
                        ref_logps=take(self.ref_logps), sampler_logps=take(self.sampler_logps),
-                       entropy=take(self.entropy), model_mask=take(self.model_mask))
+                       entropy=take(self.entropy), model_mask=take(self.model_mask),
+                       episodes=None if self.episodes is None else [self.episodes[i] for i in rows])
 
     def set_logps(self, name: str, rows: list[int], values: torch.Tensor) -> None:
         """Store a micro-batch's [n, t] log-probs into the [N, T] tensor `name` (zero elsewhere)."""

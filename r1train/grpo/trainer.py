@@ -2,7 +2,9 @@
 
 One optimizer step, in named phases (`train_step`; the loop around it is `run.loop.Trainer`):
   1. sample prompts   - this step's slice of a seeded, epoch-wise permutation of the train set
-  2. generate         - group_size completions per prompt (model/engine.py), seeded per row
+  2. generate         - group_size completions per prompt (model/engine.py), seeded per row;
+                        with rollout.tools, multi-turn rows: a call pauses a row, a worker pool
+                        answers it, the template's tool turn is inserted and the row goes on
   3. score            - every reward function, weighted, NaN = no opinion (rewards/); they read
                         each completion after data.response_prefix, which ended its prompt
      With grpo.dynamic_sampling (DAPO), 1-3 repeat in rounds of new prompts until the step has
@@ -44,6 +46,11 @@ Departures from DeepSeekMath's GRPO, said out loud:
   fused kernel adds the entropy); with num_iterations 1 it is one extra no-grad forward of the
   policy over the batch, about a third of the update's compute (forward + backward). TRL
   thresholds each micro-batch's tokens instead, gathered over processes.
+- rollout.tools: a completion holds the tool turns the engine inserted; they are attended to in
+  every pass but carry no loss, KL or entropy and count in no denominator (`GRPOBatch.model_mask`,
+  verl's response_mask). The rewards read the whole reply, tool turns as the template wrote them,
+  and get each row's `turns`, `tool_calls`, `tool_errors` and `conversation` as columns. A row
+  whose last allowed segment ends in a call is not "truncated" (grpo.mask_truncated keeps it).
 - each of the num_iterations passes ends in its own optimizer step and carries the whole batch's
   loss (TRL's num_iterations, verl's ppo_epochs): micro-batch losses are divided by the count of
   the whole step (`loss_denominator`) and FSDP sums the ranks' gradients, so a pass's gradient
@@ -74,7 +81,7 @@ from r1train.grpo.loss import (
     policy_loss,
     rollout_correction,
 )
-from r1train.grpo.metrics import reward_metrics, update_metrics
+from r1train.grpo.metrics import reward_metrics, tool_metrics, update_metrics
 from r1train.inspector.records import RECORDS_FILE, GroupRecorder
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
@@ -106,6 +113,9 @@ from r1train.run.dist import (
 from r1train.run.folder import on_main
 from r1train.run.logging import clock, write_jsonl
 from r1train.run.loop import Trainer, epoch_order
+from r1train.tools import ToolEnvironment, ToolPool, load_tools
+from r1train.tools.episodes import ToolEpisodes, with_episodes
+from r1train.tools.turns import prompt_with_tools
 
 STATS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
 
@@ -128,7 +138,7 @@ class GRPOTrainer(Trainer):
         # 7B model (and its reference copy) has loaded.
         say = (lambda line: print(f"[grpo] {line}", flush=True)) if self.main else None
         problems = load_problems(cfg.data, cfg.train.seed, say=say)
-        g = cfg.grpo
+        g, r = cfg.grpo, cfg.rollout
         try:
             self.rewards = get_reward_functions(g.rewards if reward_funcs is None else reward_funcs,
                                                 cfg.rewards, g.reward_weights or None, device=self.info.device)
@@ -157,10 +167,24 @@ class GRPOTrainer(Trainer):
                              compile_decode=cfg.rollout.compile_decode)
         self.setup_training(self.policy, lm.config, tokenizer)
 
-        self.train_records, self.train_ids, _ = training_prompts(tokenizer, problems.train, cfg.data, "data", "grpo",
-                                                                 self.main, eos_ids=self.engine.eos_token_ids)
-        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, problems.held_out, cfg.data.max_prompt_tokens,
-                                                             cfg.data.response_prefix)
+        # rollout.tools: the tools' schemas go into every prompt (the template's tools branch, or
+        # the system turn where it has none), and a worker pool per rank runs the calls
+        train, held_out, self.tools, self.template_tools, self.pool = problems.train, problems.held_out, {}, None, None
+        if r.tools:
+            self.tools = load_tools(r.tools)
+            schemas = [t.schema for t in self.tools.values()]
+            train, held_out = ([{**rec, "prompt": prompt_with_tools(tokenizer, rec["prompt"], schemas)[0]}
+                                for rec in records] for records in (train, held_out))
+            self.template_tools = prompt_with_tools(tokenizer, [{"role": "user", "content": "?"}], schemas)[1]
+            self.pool = ToolPool(self.tools, n_workers=r.tool_workers, timeout_s=r.tool_timeout_s)
+            if say:
+                say(f"tools: {', '.join(self.tools)} (schemas in the "
+                    f"{'template' if self.template_tools else 'system prompt'}), at most {r.max_turns} turns")
+        self.train_records, self.train_ids, _ = training_prompts(tokenizer, train, cfg.data, "data", "grpo",
+                                                                 self.main, eos_ids=self.engine.eos_token_ids,
+                                                                 tools=self.template_tools)
+        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, held_out, cfg.data.max_prompt_tokens,
+                                                             cfg.data.response_prefix, self.template_tools)
         on_main(self.info, self.check_memory)  # before anything generates; rank 0 decides for all
 
     def check_memory(self) -> None:
@@ -189,6 +213,15 @@ class GRPOTrainer(Trainer):
             "weights": "use a smaller model, --grpo.beta 0 (no reference model), or shard it over more GPUs"},
             processes=local_processes(info.device, info.world_size), say=print)
 
+    def episodes(self, records: list[dict]) -> ToolEpisodes | None:
+        """Multi-turn rows for `records` (one per row) with rollout.tools; None without tools."""
+        if not self.tools:
+            return None
+        envs = [ToolEnvironment(self.tools, self.pool) for _ in records]
+        return ToolEpisodes(self.tokenizer, envs, [env.reset(rec) for env, rec in zip(envs, records)],
+                            max_turns=self.cfg.rollout.max_turns, schemas=self.template_tools,
+                            prefix=self.cfg.data.response_prefix)
+
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
         batch, timings = self.rollout()  # phases 1-4
@@ -213,6 +246,9 @@ class GRPOTrainer(Trainer):
             self._write_records(batch, update.pop("recorder"), update.get("entropy_threshold"))
         self.data_position = self.next_position  # the step is done: a save from here on starts after it
         extra = {"entropy_threshold": update["entropy_threshold"]} if "entropy_threshold" in update else {}
+        if self.tools:
+            extra.update(tool_metrics(batch.episodes, (batch.completion_mask * batch.model_mask).sum(-1).cpu(),
+                                      list(self.tools), self.info.device))
         return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
                                  names, self.cfg.rollout.group_size, self.info.device),
                 **update_metrics(update, self.info.device), **extra,
@@ -267,7 +303,8 @@ class GRPOTrainer(Trainer):
                 [self.train_ids[i] for i in idx], [row_seed(cfg.train.seed, self.step, first_row + j)
                                                    for j in range(len(idx))],
                 max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                top_p=r.top_p, stop_strings=r.stop_strings, stop_requested=lambda: self.stop_requested))
+                top_p=r.top_p, stop_strings=r.stop_strings, stop_requested=lambda: self.stop_requested,
+                turns=self.episodes([self.train_records[i] for i in idx])))
             records += [self.train_records[i] for i in idx]
         batch = GRPOBatch.from_rollouts(rollouts, records, self.tokenizer.pad_token_id)
         # The rewards and samples.jsonl read the reply with the response prefix that ended its
@@ -280,7 +317,8 @@ class GRPOTrainer(Trainer):
         t0 = clock(info.device)
         failure, valid = None, None
         try:
-            batch.per_fn = score_completions(self.rewards, batch.texts, records, batch.completion_lists())  # [N, F]
+            batch.per_fn = score_completions(self.rewards, batch.texts, with_episodes(records, batch.episodes),
+                                             batch.completion_lists())  # [N, F]
             batch.rewards, valid = combine_rewards(batch.per_fn, self.weights)  # [N], [N]
             overflow = torch.nonzero(~torch.isfinite(batch.rewards)).flatten().tolist()
             if overflow:  # finite rewards times finite weights can still sum past the float range
@@ -532,7 +570,7 @@ class GRPOTrainer(Trainer):
                         max_new_tokens=r.max_new_tokens, seed=self.cfg.train.seed,
                         temperature=e.temperature if e.samples > 1 else r.eval_temperature,
                         samples=e.samples, return_samples=len(self.eval_records),
-                        response_prefix=self.cfg.data.response_prefix)
+                        response_prefix=self.cfg.data.response_prefix, turns=self.episodes if self.tools else None)
 
     def trainer_state(self) -> dict:
         return {"ref_refreshes": self.ref_refreshes, "data_position": self.data_position}

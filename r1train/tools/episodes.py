@@ -89,3 +89,16 @@ class ToolEpisodes:
         if last_segment:
             messages.append({"role": "assistant", "content": self._content(row, last_segment, True)})
         return {**self.counts[row], "calls": dict(self.counts[row]["calls"]), "messages": messages}
+
+
+EPISODE_COLUMNS = ("turns", "tool_calls", "tool_errors", "conversation")
+
+
+def with_episodes(records: list[dict], episodes: list[dict] | None) -> list[dict]:
+    """Each row's record with its episode as reward columns (rewards get every column as a
+    keyword list): `turns`, `tool_calls`, `tool_errors` (ints) and `conversation` (the messages,
+    tool turns included). Without episodes, the records themselves."""
+    if episodes is None:
+        return records
+    return [{**rec, "turns": e["turns"], "tool_calls": e["tool_calls"], "tool_errors": e["tool_errors"],
+             "conversation": e["messages"]} for rec, e in zip(records, episodes)]
