@@ -475,7 +475,8 @@ def tool_run(tmp_path_factory):
         "--data.max_prompt_tokens", "1000", "--rollout.group_size", "4", "--grpo.prompts_per_step", "2",
         "--grpo.micro_batch_size", "4", "--rollout.max_new_tokens", "90", "--grpo.beta", "0.04",
         "--optim.lr", "1e-3", "--optim.warmup_steps", "0", "--data.num_train", "16", "--data.num_eval", "2",
-        "--train.eval_every", "0", "--train.progress", "false", "--train.sample_every", "0"]
+        "--train.eval_every", "0", "--train.progress", "false", "--train.sample_every", "2",
+        "--train.token_records", "1"]
 
 
 def _train(args, nproc=1):
@@ -509,6 +510,12 @@ def test_tools_two_processes_match_one_and_resume_matches_uninterrupted(tool_run
         assert m["tools/calls_mean"] == 1.0 and m["tools/add/calls"] == 1.0 and m["tools/errors"] == 0.0
         assert m["turns/mean"] >= 2.0 and m["tool_reward/mean"] >= 1.2
         assert m["model_tokens/mean"] < m["completion_length/mean"]  # the tool turns are not the model's
+    # The run inspector names the inserted tokens: exactly the tool turn after the call.
+    records = [json.loads(line) for line in (tmp_path / "one" / "tokens.jsonl").read_text().splitlines()]
+    for c in records[0]["completions"]:
+        text = "".join(t for t, why in zip(c["tokens"], c["why"]) if why == "tool turn (inserted, no loss)")
+        assert text == "<|im_end|>\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n", text
+        assert all(m == (why == "") for m, why in zip(c["values"]["loss_mask"], c["why"]))
     start = load_file(Path(tool_run[1]) / "model.safetensors")
     weights = {run: load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two", "part")}
     assert max((weights["one"][k] - start[k]).abs().max().item() for k in start) > 1e-4

@@ -519,11 +519,14 @@ class GRPOTrainer(Trainer):
                    for i, w in enumerate(weight)]
 
         def why_token(values: dict) -> list[str]:
+            # a tool turn (rollout.tools) is context: its tokens were inserted, not written
+            inserted = ["tool turn (inserted, no loss)" if m == 0 else "" for m in values["loss_mask"].tolist()]
             if "weight" not in values:
-                return [""] * len(values["logp"])
+                return inserted
             low = values["selection_entropy"] < threshold if threshold is not None else None
-            return ["" if w else "low entropy (policy term 0)" if low is not None and low[k]
-                    else "IS ratio out of bounds (policy term 0)" for k, w in enumerate(values["weight"].tolist())]
+            return [tool or ("" if w else "low entropy (policy term 0)" if low is not None and low[k]
+                             else "IS ratio out of bounds (policy term 0)")
+                    for k, (w, tool) in enumerate(zip(values["weight"].tolist(), inserted))]
         settings = {"epsilon_low": g.epsilon_low, "epsilon_high": g.epsilon_high or g.epsilon_low, "beta": g.beta,
                     "kl_estimator": g.kl_estimator, "importance_sampling": g.importance_sampling,
                     "loss_type": g.loss_type, "rollout_correction": g.rollout_correction,
