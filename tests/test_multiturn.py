@@ -320,16 +320,23 @@ def _call(body: str) -> str:
     return f"<tool_call>\n{body}\n</tool_call>"
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_a_scripted_tool_call_gets_the_templates_tool_turn(tiny, pooled):
+@pytest.mark.parametrize("pooled, qwen", [(False, False), (True, False), (False, True)])
+def test_a_scripted_tool_call_gets_the_templates_tool_turn(tiny, pooled, qwen):
     """Rows that call the calculator (through a worker pool, or an in-process environment), name
     an unknown tool, write invalid JSON, close no block, or call nothing: the tokens between the
     segments are the chat template's tool turn, the conversation rendered by the template is the
-    row's tokens, and the episode counts what happened."""
+    row's tokens, and the episode counts what happened. Under the tiny model's ChatML (no tools
+    branch: the schemas in the system turn) and under Qwen2.5's template (its tools branch; tool
+    results inside a user turn)."""
+    import copy
+
+    from test_tools import QWEN_TOOLS_TEMPLATE
+
     from r1train.tools import Environment, ToolEnvironment, ToolPool, load_tools
     from r1train.tools.calculator import calculator
     from r1train.tools.environment import local_tool
     from r1train.tools.episodes import ToolEpisodes
+    from r1train.tools.turns import prompt_with_tools
 
     class Calculator(Environment):  # the calculator, in this process
         tools = {"calculator": local_tool(calculator)}
@@ -338,6 +345,9 @@ def test_a_scripted_tool_call_gets_the_templates_tool_turn(tiny, pooled):
             return calculator(**call.arguments), False
 
     tok, policy = tiny
+    if qwen:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = QWEN_TOOLS_TEMPLATE
     texts = [_call('{"name": "calculator", "arguments": {"expression": "12*34"}}'),
              "<think>hm</think>" + _call('{"name": "calc", "arguments": {}}'),
              "",  # writes freely: no call
@@ -346,13 +356,18 @@ def test_a_scripted_tool_call_gets_the_templates_tool_turn(tiny, pooled):
     results = ["408", "Error: unknown tool 'calc'; the tools are: calculator", None,
                None, 'Error: </tool_call> closes no <tool_call> block; write <tool_call>{"name": ..., "arguments": '
                      '{...}}</tool_call>']
-    messages = [[{"role": "user", "content": q}] for q in PROBLEMS]
-    prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    schemas = [t.schema for t in load_tools("calculator").values()]
+    messages, tools = zip(*(prompt_with_tools(tok, [{"role": "user", "content": q}], schemas) for q in PROBLEMS))
+    tools = tools[0]
+    assert (tools is not None) == qwen  # ChatML: the schemas went into a system turn instead
+    assert qwen or all(m[0]["role"] == "system" and '"name": "calculator"' in m[0]["content"] for m in messages)
+    prompts = [tok.apply_chat_template(m, tools=tools, tokenize=False, add_generation_prompt=True) for m in messages]
+    assert all('"name": "calculator"' in p for p in prompts)
     prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
     pool = ToolPool(load_tools("calculator"), n_workers=2) if pooled else None
     try:
         envs = [ToolEnvironment(load_tools("calculator"), pool) if pooled else Calculator() for _ in texts]
-        episodes = ToolEpisodes(tok, envs, messages, max_turns=2)
+        episodes = ToolEpisodes(tok, envs, list(messages), max_turns=2, schemas=tools)
         model = Scripted(policy, [tok.encode(t, add_special_tokens=False) for t in texts])
         r = _run(model, tok, prompt_ids, list(range(5)), episodes, plain=True, max_new_tokens=300)
     finally:
@@ -369,7 +384,7 @@ def test_a_scripted_tool_call_gets_the_templates_tool_turn(tiny, pooled):
         assert written[:seg] == [1] * seg and written[seg] == 0
         after = next((k for k in range(seg, len(ids)) if written[k]), len(ids))
         assert tok.decode(ids[:seg]) == text
-        result = ep["messages"][2]["content"]
+        result = ep["messages"][-2 if ep["messages"][-1]["role"] == "assistant" else -1]["content"]
         if results[i] is not None:
             assert result == results[i]
         else:
@@ -377,18 +392,23 @@ def test_a_scripted_tool_call_gets_the_templates_tool_turn(tiny, pooled):
         # The template's rendering of [prompt, the segment, the tool message] + the next header is
         # the row's tokens, read as text.
         conversation = messages[i] + [{"role": "assistant", "content": text}, {"role": "tool", "content": result}]
-        rendered = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        rendered = tok.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=True)
         assert tok.decode(prompt_ids[i] + ids[:after], skip_special_tokens=False) == rendered
-        assert ep["messages"][:3] == conversation
+        assert ep["messages"][:len(conversation)] == conversation
+        if i == 0:  # written by hand from each template's layout
+            assert tok.decode(ids[seg:after], skip_special_tokens=False) == (
+                "<|im_end|>\n<|im_start|>user\n<tool_response>\n408\n</tool_response><|im_end|>\n"
+                "<|im_start|>assistant\n" if qwen else
+                "<|im_end|>\n<|im_start|>tool\n408<|im_end|>\n<|im_start|>assistant\n")
         assert ep["turns"] == 2 and ep["tool_calls"] == 1 and ep["tool_errors"] == int(i != 0)
         assert ep["calls"] == ({"calculator": 1} if i == 0 else {"(refused)": 1})
         assert (r.logps[i, seg:after] == 0).all() and (r.logps[i, :seg] == 0).all()  # forced: log 1
-        # The whole episode, rendered, is the row: a final segment that ended with <|im_end|>
-        # renders with the template's newline after it.
+        # The whole episode, rendered, is the row: the template closes the final segment (with
+        # <|im_end|> where the budget cut it) and adds its newline.
         whole = tok.decode(prompt_ids[i] + ids, skip_special_tokens=False)
-        ended = ids[-1] == tok.eos_token_id
-        if ended:
-            assert tok.apply_chat_template(ep["messages"], tokenize=False) == whole + "\n"
+        close = "\n" if ids[-1] == tok.eos_token_id else "<|im_end|>\n"
+        if "<|im_start|>" not in tok.decode(ids[after:], skip_special_tokens=False):  # no special token to skip
+            assert tok.apply_chat_template(ep["messages"], tools=tools, tokenize=False) == whole + close
             whole_checked += 1
         # The reward text: segments without special tokens, tool turns as the template wrote them.
         assert r.texts[i].startswith(text + tok.decode(ids[seg:after], skip_special_tokens=False))

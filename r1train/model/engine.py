@@ -306,18 +306,21 @@ class MultiTurnRows:
         """Pause the rows whose segment just closed a tool call and answer them in one batch;
         end the rows out of budget or turns (module docstring)."""
         going = ~ended  # [L]
+        full = live[going & (self.filled[live] == self.max_new)]  # no room for another token
+        finish_at[full], self.truncated[full] = self.filled[full] - 1, True
+        going &= self.filled[live] < self.max_new
         v = len(self.close) if self.close is not None else 0
         check = going if self.close is None else going & ((tok >= v) | self.close[tok.clamp(max=v - 1)])
-        at = check.nonzero().squeeze(1)
-        paused = set(live[at][self.tail_holds(out, live[at], [self.turns.close])].tolist()) if len(at) else set()
+        at = live[check.nonzero().squeeze(1)]  # the rows whose token can close a call: decode those
+        if not len(at):
+            return
         ask = []
-        for r in live[going].tolist():
-            room = self.max_new - int(self.filled[r])
-            if room == 0 or (r in paused and room == 1):  # no room for another model token
+        for r in at[self.tail_holds(out, at, [self.turns.close])].tolist():
+            if int(self.filled[r]) + 1 >= self.max_new:  # no room for a tool turn and a token after it
                 finish_at[r], self.truncated[r] = self.filled[r] - 1, True
-            elif r in paused and int(self.segments[r]) >= self.turns.max_turns:
+            elif int(self.segments[r]) >= self.turns.max_turns:
                 finish_at[r] = self.filled[r] - 1  # its last call goes unanswered
-            elif r in paused:
+            else:
                 ask.append(r)
         if not ask:
             return
@@ -341,7 +344,7 @@ class MultiTurnRows:
         """The next forward: each live row's sampled token, then its tool turn if it has one, as
         one chunk of width K + 1 (K the longest tool turn; 1 when none), holes on the left (masked,
         so that every row's last column is its last real token and `next_token_logits` reads it)."""
-        inserts = [self.pending.pop(r, []) for r in live.tolist()]
+        inserts = [self.pending.pop(r, []) for r in live.tolist()] if self.pending else [[]] * len(live)
         W = 1 + max(len(x) for x in inserts)
         if self.clen + W > self.mask.shape[1]:  # tool turns add columns: grow the mask with the cache
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, : max(W, self.max_new)])], 1)
@@ -360,7 +363,7 @@ class MultiTurnRows:
             positions = self.pos[live][:, None] + offsets.clamp(min=0)  # [L, W]
             self.mask[live, self.clen: self.clen + W] = (offsets >= 0).long()
         logits, cache = decode(ids, self.mask[live, : self.clen + W], positions, cache=cache)
-        self.pos[live] += torch.tensor([1 + len(x) for x in inserts], device=live.device)
+        self.pos[live] += 1 if W == 1 else n
         self.clen += W
         return logits, cache
 
