@@ -568,3 +568,23 @@ def test_tool_options_are_refused_naming_themselves(args, option, why):
     with pytest.raises(ConfigError, match=rf"--{option.replace('.', '[.]')}.*{why.replace('.', '[.]')}"):
         parse_args(GRPOJobConfig, args)
     parse_args(GRPOJobConfig, ["--rollout.tools", "calculator,python", "--rollout.max_turns", "2"])  # fine
+
+
+def test_a_template_that_rewrites_a_call_is_refused_at_start(tool_run, tmp_path):
+    """A chat template that does not write the assistant's text as it is (here: it drops the
+    tool-call tags) cannot have tool turns appended to a row: the run stops before any step,
+    naming --rollout.tools."""
+    import shutil
+
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.grpo.trainer import GRPOTrainer
+    from r1train.run.config import ConfigError, parse_args
+
+    model = tmp_path / "model"
+    shutil.copytree(tool_run[1], model)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text(template.replace("message['content']",
+                                                                "message['content'] | replace('<tool_call>', '')"))
+    args = [*tool_run, "--model.path", str(model), "--train.max_steps", "1", "--train.output_dir", str(tmp_path / "r")]
+    with pytest.raises(ConfigError, match=r"--rollout[.]tools: the chat template .* does not write the assistant's"):
+        GRPOTrainer(parse_args(GRPOJobConfig, args))

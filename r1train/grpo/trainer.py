@@ -115,7 +115,7 @@ from r1train.run.logging import clock, write_jsonl
 from r1train.run.loop import Trainer, epoch_order
 from r1train.tools import ToolEnvironment, ToolPool, load_tools
 from r1train.tools.episodes import ToolEpisodes, with_episodes
-from r1train.tools.turns import prompt_with_tools
+from r1train.tools.turns import ToolTemplateError, prompt_with_tools, tool_turn_text
 
 STATS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
 
@@ -176,6 +176,12 @@ class GRPOTrainer(Trainer):
             train, held_out = ([{**rec, "prompt": prompt_with_tools(tokenizer, rec["prompt"], schemas)[0]}
                                 for rec in records] for records in (train, held_out))
             self.template_tools = prompt_with_tools(tokenizer, [{"role": "user", "content": "?"}], schemas)[1]
+            try:  # a template that rewrites the history once a tool turn follows fails here, not mid-run
+                tool_turn_text(tokenizer, train[0]["prompt"] if train else [{"role": "user", "content": "?"}],
+                               cfg.data.response_prefix + "<tool_call>\n{}\n</tool_call>", ["?"], self.template_tools)
+            except ToolTemplateError as e:
+                raise ConfigError(f"--rollout.tools: the chat template of --model.path={cfg.model.path!r}: {e}") \
+                    from None
             self.pool = ToolPool(self.tools, n_workers=r.tool_workers, timeout_s=r.tool_timeout_s)
             if say:
                 say(f"tools: {', '.join(self.tools)} (schemas in the "
