@@ -1,6 +1,6 @@
 """The rows' side of a multi-turn rollout: what the engine asks when a row's segment closes a call.
 
-The engine (model/engine.py, "Multi-turn rows") owns the tokens, the KV cache and the budget; a
+The engine (model/engine.py, model/multiturn.py) owns the tokens, the KV cache and the budget; a
 `ToolEpisodes` owns, per row, its environment (environment.py), its conversation as messages and
 its counts. When rows pause after `</tool_call>`, the engine calls
 
