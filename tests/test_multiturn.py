@@ -286,6 +286,24 @@ def test_budget_and_max_turns(tiny):
             assert bool(r.truncated[i])
 
 
+def test_stop_strings_are_looked_for_in_the_models_segment_only(tiny):
+    """A tool turn that holds a stop string does not end the row: the string must be the model's."""
+    tok, policy = tiny
+    prompts = _prompts(tok)
+    turns = FixedTurns([tok.encode("\n</answer>\n")] * 5)
+    r = _run(policy, tok, prompts, list(range(5)), turns, stop_strings=["</answer>"])
+    plain = _run(policy, tok, prompts, list(range(5)), None, stop_strings=["</answer>"])
+    assert turns.asked
+    for i in range(5):
+        ids, written = _row(r, i)
+        if 0 in written:  # the row went on after its tool turn, and ended at its own stop or EOS
+            assert written[-1] == 1
+            last = ids[max(k for k in range(len(ids)) if not written[k]) + 1:]
+            assert tok.decode(last).endswith("</answer>") or ids[-1] == tok.eos_token_id or len(ids) == 60
+        else:  # no </think>: the row is the single-turn one
+            assert ids == plain.completion_ids[i, :int(plain.completion_mask[i].sum())].tolist()
+
+
 def test_a_compiled_decoder_is_refused_with_tools(tiny):
     tok, policy = tiny
     ids, mask = pad_prompts(_prompts(tok, 1), tok.pad_token_id, "cpu")
