@@ -61,7 +61,7 @@ from __future__ import annotations
 import torch
 
 from r1train.data.problems import encode_prompts, load_problems, training_prompts
-from r1train.data.prompts import with_prefix
+from r1train.data.prompts import MERGE_SYSTEM, merge_system_turn, with_prefix
 from r1train.evaluate import EVAL_BATCH_SIZE, evaluate
 from r1train.grpo.advantages import (
     batch_reward_std,
@@ -138,7 +138,7 @@ class GRPOTrainer(Trainer):
         # 7B model (and its reference copy) has loaded.
         say = (lambda line: print(f"[grpo] {line}", flush=True)) if self.main else None
         problems = load_problems(cfg.data, cfg.train.seed, say=say)
-        g, r = cfg.grpo, cfg.rollout
+        g = cfg.grpo
         try:
             self.rewards = get_reward_functions(g.rewards if reward_funcs is None else reward_funcs,
                                                 cfg.rewards, g.reward_weights or None, device=self.info.device)
@@ -167,25 +167,7 @@ class GRPOTrainer(Trainer):
                              compile_decode=cfg.rollout.compile_decode)
         self.setup_training(self.policy, lm.config, tokenizer)
 
-        # rollout.tools: the tools' schemas go into every prompt (the template's tools branch, or
-        # the system turn where it has none), and a worker pool per rank runs the calls
-        train, held_out, self.tools, self.template_tools, self.pool = problems.train, problems.held_out, {}, None, None
-        if r.tools:
-            self.tools = load_tools(r.tools)
-            schemas = [t.schema for t in self.tools.values()]
-            train, held_out = ([{**rec, "prompt": prompt_with_tools(tokenizer, rec["prompt"], schemas)[0]}
-                                for rec in records] for records in (train, held_out))
-            self.template_tools = prompt_with_tools(tokenizer, [{"role": "user", "content": "?"}], schemas)[1]
-            try:  # a template that rewrites the history once a tool turn follows fails here, not mid-run
-                tool_turn_text(tokenizer, train[0]["prompt"] if train else [{"role": "user", "content": "?"}],
-                               cfg.data.response_prefix + "<tool_call>\n{}\n</tool_call>", ["?"], self.template_tools)
-            except ToolTemplateError as e:
-                raise ConfigError(f"--rollout.tools: the chat template of --model.path={cfg.model.path!r}: {e}") \
-                    from None
-            self.pool = ToolPool(self.tools, n_workers=r.tool_workers, timeout_s=r.tool_timeout_s)
-            if say:
-                say(f"tools: {', '.join(self.tools)} (schemas in the "
-                    f"{'template' if self.template_tools else 'system prompt'}), at most {r.max_turns} turns")
+        train, held_out = self.setup_tools(tokenizer, problems.train, problems.held_out, say)
         self.train_records, self.train_ids, _ = training_prompts(tokenizer, train, cfg.data, "data", "grpo",
                                                                  self.main, eos_ids=self.engine.eos_token_ids,
                                                                  tools=self.template_tools)
@@ -219,14 +201,45 @@ class GRPOTrainer(Trainer):
             "weights": "use a smaller model, --grpo.beta 0 (no reference model), or shard it over more GPUs"},
             processes=local_processes(info.device, info.world_size), say=print)
 
+    def setup_tools(self, tokenizer, train: list[dict], held_out: list[dict], say) -> tuple[list[dict], list[dict]]:
+        """rollout.tools: the tools, a worker pool on this rank, and the records with the tools'
+        schemas in their prompts (the template's tools branch, or the system turn where it has
+        none: `self.template_tools` says which). Without tools: nothing, the records as they are."""
+        r, self.tools, self.template_tools, self.pool = self.cfg.rollout, {}, None, None
+        if not r.tools:
+            return train, held_out
+        self.tools = load_tools(r.tools)
+        schemas = [t.schema for t in self.tools.values()]
+        train, held_out = ([{**rec, "prompt": prompt_with_tools(tokenizer, rec["prompt"], schemas)[0]}
+                            for rec in records] for records in (train, held_out))
+        self.template_tools = prompt_with_tools(tokenizer, [{"role": "user", "content": "?"}], schemas)[1]
+        try:  # a template that rewrites the history once a tool turn follows fails here, not mid-run
+            first = train[0]["prompt"] if train else [{"role": "user", "content": "?"}]
+            tool_turn_text(tokenizer, self._as_rendered(first, tokenizer),
+                           self.cfg.data.response_prefix + "<tool_call>\n{}\n</tool_call>", ["?"], self.template_tools)
+        except ToolTemplateError as e:
+            raise ConfigError(f"--rollout.tools: the chat template of --model.path={self.cfg.model.path!r}: {e}") \
+                from None
+        self.pool = ToolPool(self.tools, n_workers=r.tool_workers, timeout_s=r.tool_timeout_s)
+        if say:
+            say(f"tools: {', '.join(self.tools)} (schemas in the "
+                f"{'template' if self.template_tools else 'system prompt'}), at most {r.max_turns} turns")
+        return train, held_out
+
+    @staticmethod
+    def _as_rendered(messages: list[dict], tokenizer) -> list[dict]:
+        """A prompt's messages as `render_prompt` gives them to the template (a system turn merged
+        into the user turn where the template has no system role)."""
+        return merge_system_turn(messages) if getattr(tokenizer, MERGE_SYSTEM, False) else messages
+
     def episodes(self, records: list[dict]) -> ToolEpisodes | None:
         """Multi-turn rows for `records` (one per row) with rollout.tools; None without tools."""
         if not self.tools:
             return None
         envs = [ToolEnvironment(self.tools, self.pool) for _ in records]
-        return ToolEpisodes(self.tokenizer, envs, [env.reset(rec) for env, rec in zip(envs, records)],
-                            max_turns=self.cfg.rollout.max_turns, schemas=self.template_tools,
-                            prefix=self.cfg.data.response_prefix)
+        messages = [self._as_rendered(env.reset(rec), self.tokenizer) for env, rec in zip(envs, records)]
+        return ToolEpisodes(self.tokenizer, envs, messages, max_turns=self.cfg.rollout.max_turns,
+                            schemas=self.template_tools, prefix=self.cfg.data.response_prefix)
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
