@@ -115,6 +115,36 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation
     ) + response_prefix
 
 
+def tool_calls_text(content: str, tool_calls: list[dict]) -> str:
+    """An assistant message's text with its `tool_calls` (OpenAI's layout, `{"function": {"name",
+    "arguments"}}`) written out as `<tool_call>` blocks, byte for byte as Qwen2.5's template writes
+    them after the content (one block a call, each after a newline; arguments as jinja's `tojson`,
+    i.e. `json.dumps(..., ensure_ascii=False)`). This project's rollouts keep a call in the
+    assistant's text, as the model wrote it (tools/calls.py reads it back); SFT data with
+    `tool_calls` becomes that text too, so every template, with or without a tools branch (the
+    tiny model's ChatML drops `tool_calls`), trains the tokens a rollout samples."""
+    import json
+
+    blocks = []
+    for call in tool_calls:
+        function = call.get("function", call)
+        arguments = function["arguments"]
+        if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
+            arguments = json.loads(arguments)
+        blocks.append('<tool_call>\n{"name": "' + function["name"] + '", "arguments": '
+                      + json.dumps(arguments, ensure_ascii=False) + "}\n</tool_call>")
+    return "\n".join(([content] if content else []) + blocks)
+
+
+def calls_in_content(message: dict) -> dict:
+    """`message` with its `tool_calls`, if any, moved into its content (`tool_calls_text`)."""
+    if not message.get("tool_calls"):
+        return message
+    out = {k: v for k, v in message.items() if k != "tool_calls"}
+    out["content"] = tool_calls_text(message.get("content") or "", message["tool_calls"])
+    return out
+
+
 def with_prefix(response_prefix: str, completions: list[str]) -> list[str]:
     """Completions as text, each after the response prefix that ended its prompt (`render_prompt`):
     the reply as the rewards, the samples and the evaluation read it, as if the model had written
