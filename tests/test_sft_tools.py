@@ -119,3 +119,90 @@ def test_messages_layout_reads_tool_use_conversations():
     plain = {"messages": conversation("text")[:2] + [{"role": "assistant", "content": " 7 "}]}
     assert _messages_row(plain, ["messages"], "")["messages"][-1] == {"role": "assistant", "content": "7"}
     assert json.loads(CALL.split("\n")[1])["arguments"] == {"expression": "347 * 821"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded task's tool variant
+# ---------------------------------------------------------------------------------------------
+
+def chain_value(problem: str) -> int:
+    """The chain of "What is a op b op c?" evaluated left to right, as the task defines it."""
+    terms = problem.removeprefix("What is ").removesuffix("?").split()
+    value = int(terms[0])
+    for op, b in zip(terms[1::2], terms[2::2]):
+        value = {"+": value + int(b), "-": value - int(b), "*": value * int(b)}[op]
+    return value
+
+
+def test_tool_variant_traces_call_the_calculator_for_each_product():
+    import re
+
+    from r1train.data.task import TaskConfig, generate_problems, task_records
+    from r1train.tools.calculator import calculator
+
+    cfg = dict(min_operands=2, max_operands=3, max_value=99, ops="+-*", mul_digits=3)
+    records = task_records(TaskConfig(**cfg, tool_rate=1.0), 60, seed=3)
+    plain = task_records(TaskConfig(**cfg), 60, seed=3)
+    # tool_rate changes the cold-start conversations only, never the problems or their answers.
+    assert [(r["problem"], r["answer"], r["solution"]) for r in records] == \
+        [(r["problem"], r["answer"], r["solution"]) for r in plain]
+    products = [int(b) for r in records for b in re.findall(r"\* (\d+)", r["problem"])]
+    assert max(products) > 99 and max(products) <= 999
+    for r, p in zip(records, plain):
+        assert int(r["answer"]) == chain_value(r["problem"])
+        turns = r["messages"][len(r["prompt"]):]
+        n_products = r["problem"].count("*")
+        assert [m["role"] for m in turns] == ["assistant", "tool"] * n_products + ["assistant"]
+        assert r["messages"][:len(r["prompt"])] == r["prompt"]
+        for call, result in zip(turns[0::2], turns[1::2]):
+            (expression,) = re.findall(r'"expression": "([^"]+)"', call["content"])
+            a, b = expression.split(" * ")
+            assert result["content"] == str(int(a) * int(b)) == calculator(expression)
+            assert call["content"].endswith("</tool_call>")
+        # Without its call blocks, the segments read as the one-turn worked solution.
+        joined = "".join(m["content"] for m in turns[0::2])
+        assert re.sub(r"<tool_call>.*?</tool_call>", "", joined, flags=re.DOTALL) == p["messages"][-1]["content"]
+    # A share of the conversations, drawn per problem: the same problems with or without it.
+    half = generate_problems(TaskConfig(**cfg, tool_rate=0.5), 200, seed=3)
+    calls = sum("cold_start_turns" in p for p in half)
+    with_products = sum("*" in p["problem"] for p in half)
+    assert 0.35 * with_products < calls < 0.65 * with_products
+    assert [p["problem"] for p in half] == [p["problem"] for p in generate_problems(TaskConfig(**cfg), 200, seed=3)]
+
+
+def test_tool_variant_defaults_and_refusals():
+    import re
+
+    from r1train.data.task import TaskConfig, generate_problems
+
+    # The default draws a '*' operand from 0-9 (the golden and main-job tests pin the draws), and
+    # no cold-start conversation calls a tool.
+    problems = generate_problems(TaskConfig(ops="+-*", max_operands=4), 80, seed=1)
+    operands = [b for p in problems for b in re.findall(r"\* (\d+)", p["problem"])]
+    assert operands and all(len(b) == 1 for b in operands)
+    assert not any("cold_start_turns" in p for p in problems)
+    for bad, match in ((dict(mul_digits=0), "task.mul_digits"), (dict(tool_rate=1.5), "task.tool_rate")):
+        with pytest.raises(ValueError, match=match):
+            TaskConfig(**bad)
+
+
+def test_tool_variant_sft_labels_are_the_segments():
+    from r1train.data.task import TaskConfig, task_records
+
+    tok = tokenizer()
+    (record,) = [r for r in task_records(TaskConfig(ops="*", max_value=999, mul_digits=3, tool_rate=1.0,
+                                                    min_operands=2, max_operands=2), 3, seed=0)][:1]
+    ids, labels = tokenize_conversation(tok, record["messages"])
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    call, result, last = record["messages"][-3:]
+    assert trained == tok(call["content"], add_special_tokens=False)["input_ids"] + tok(
+        last["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+
+
+def test_tools_prompt_needs_tools():
+    from r1train.grpo.config import GRPOConfig, RolloutConfig, check_tools
+    from r1train.run.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.tools_prompt"):
+        check_tools(RolloutConfig(tools_prompt=False), GRPOConfig())
+    check_tools(RolloutConfig(tools=["calculator"], tools_prompt=False), GRPOConfig())

@@ -64,6 +64,9 @@ class RolloutConfig:
     """With tools: wall seconds one call may run; past it its worker is killed, the answer an error."""
     tool_workers: int = 2
     """With tools: worker processes per rank that run a step's calls in parallel."""
+    tools_prompt: bool = True
+    """With tools: the tools' schemas go into each prompt (template's tools branch, else the system
+    turn). False: prompts as they are, for a model SFT-taught its calls (the tiny tools recipe)."""
 
 
 @dataclass
@@ -235,7 +238,7 @@ def check_tools(r: RolloutConfig, g: GRPOConfig) -> None:
     options that only mean something with tools left alone without them."""
     if not r.tools:
         for opt, val in (("rollout.max_turns", r.max_turns), ("rollout.tool_timeout_s", r.tool_timeout_s),
-                         ("rollout.tool_workers", r.tool_workers)):
+                         ("rollout.tool_workers", r.tool_workers), ("rollout.tools_prompt", r.tools_prompt)):
             if val != getattr(RolloutConfig, opt.split(".")[1]):
                 bad(opt, val, "needs --rollout.tools (no tool, one assistant turn)")
         return

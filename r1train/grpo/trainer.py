@@ -204,15 +204,17 @@ class GRPOTrainer(Trainer):
     def setup_tools(self, tokenizer, train: list[dict], held_out: list[dict], say) -> tuple[list[dict], list[dict]]:
         """rollout.tools: the tools, a worker pool on this rank, and the records with the tools'
         schemas in their prompts (the template's tools branch, or the system turn where it has
-        none: `self.template_tools` says which). Without tools: nothing, the records as they are."""
+        none: `self.template_tools` says which; neither with rollout.tools_prompt false). Without
+        tools: nothing, the records as they are."""
         r, self.tools, self.template_tools, self.pool = self.cfg.rollout, {}, None, None
         if not r.tools:
             return train, held_out
         self.tools = load_tools(r.tools)
         schemas = [t.schema for t in self.tools.values()]
-        train, held_out = ([{**rec, "prompt": prompt_with_tools(tokenizer, rec["prompt"], schemas)[0]}
-                            for rec in records] for records in (train, held_out))
-        self.template_tools = prompt_with_tools(tokenizer, [{"role": "user", "content": "?"}], schemas)[1]
+        if r.tools_prompt:
+            train, held_out = ([{**rec, "prompt": prompt_with_tools(tokenizer, rec["prompt"], schemas)[0]}
+                                for rec in records] for records in (train, held_out))
+            self.template_tools = prompt_with_tools(tokenizer, [{"role": "user", "content": "?"}], schemas)[1]
         try:  # a template that rewrites the history once a tool turn follows fails here, not mid-run
             first = train[0]["prompt"] if train else [{"role": "user", "content": "?"}]
             tool_turn_text(tokenizer, self._as_rendered(first, tokenizer),
@@ -222,8 +224,9 @@ class GRPOTrainer(Trainer):
                 from None
         self.pool = ToolPool(self.tools, n_workers=r.tool_workers, timeout_s=r.tool_timeout_s)
         if say:
-            say(f"tools: {', '.join(self.tools)} (schemas in the "
-                f"{'template' if self.template_tools else 'system prompt'}), at most {r.max_turns} turns")
+            where = f"in the {'template' if self.template_tools else 'system prompt'}" if r.tools_prompt \
+                else "not in the prompts"
+            say(f"tools: {', '.join(self.tools)} (schemas {where}), at most {r.max_turns} turns")
         return train, held_out
 
     @staticmethod
