@@ -574,6 +574,7 @@ def test_tools_two_processes_match_one_and_resume_matches_uninterrupted(tool_run
     (["--rollout.tools", "nowhere.py:fn"], "rollout.tools", "nowhere.py"),
     (["--rollout.max_turns", "2"], "rollout.max_turns", "needs --rollout.tools"),
     (["--rollout.tool_workers", "3"], "rollout.tool_workers", "needs --rollout.tools"),
+    (["--rollout.tools_prompt", "false"], "rollout.tools_prompt", "needs --rollout.tools"),
     (["--rollout.tools", "calculator", "--rollout.max_turns", "0"], "rollout.max_turns", ">= 1"),
     (["--rollout.tools", "calculator", "--rollout.tool_timeout_s", "nan"], "rollout.tool_timeout_s", "> 0"),
     (["--rollout.tools", "calculator", "--rollout.compile_decode", "true"], "rollout.compile_decode",
@@ -585,7 +586,8 @@ def test_tool_options_are_refused_naming_themselves(args, option, why):
 
     with pytest.raises(ConfigError, match=rf"--{option.replace('.', '[.]')}.*{why.replace('.', '[.]')}"):
         parse_args(GRPOJobConfig, args)
-    parse_args(GRPOJobConfig, ["--rollout.tools", "calculator,python", "--rollout.max_turns", "2"])  # fine
+    parse_args(GRPOJobConfig, ["--rollout.tools", "calculator,python", "--rollout.max_turns", "2",
+                               "--rollout.tools_prompt", "false"])  # fine
 
 
 def test_a_template_that_rewrites_a_call_is_refused_at_start(tool_run, tmp_path):

@@ -198,11 +198,3 @@ def test_tool_variant_sft_labels_are_the_segments():
     assert trained == tok(call["content"], add_special_tokens=False)["input_ids"] + tok(
         last["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
 
-
-def test_tools_prompt_needs_tools():
-    from r1train.grpo.config import GRPOConfig, RolloutConfig, check_tools
-    from r1train.run.config import ConfigError
-
-    with pytest.raises(ConfigError, match="rollout.tools_prompt"):
-        check_tools(RolloutConfig(tools_prompt=False), GRPOConfig())
-    check_tools(RolloutConfig(tools=["calculator"], tools_prompt=False), GRPOConfig())
