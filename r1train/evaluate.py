@@ -155,7 +155,7 @@ def sample_seed(seed: int, problem: int, sample: int) -> int:
 @torch.no_grad()
 def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], info: DistInfo, *,
              max_new_tokens: int, batch_size: int = EVAL_BATCH_SIZE, temperature: float = 0.0, seed: int = 0,
-             return_samples: int = 0, samples: int = 1, response_prefix: str = "") -> dict:
+             return_samples: int = 0, samples: int = 1, response_prefix: str = "", turns=None) -> dict:
     """Accuracy (math_verify against the gold), format rate (strict R1 format) and mean length,
     means over every completion, the accuracy's standard error over the problems (`accuracy_se`)
     and each problem's score (`scores`: the share of its samples that are correct, in problem
@@ -167,7 +167,10 @@ def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], i
     completions of the first N problems with their verdicts (every rank's; a "sample" index
     when k > 1). `response_prefix`: the text that ends each prompt of `prompt_ids` (the data
     section's), read in front of each completion by the verdicts and the samples, as in training;
-    the mean length counts the model's own tokens.
+    the mean length counts the model's own tokens. `turns(records) -> tools.episodes.ToolEpisodes`:
+    multi-turn rows with tools (rollout.tools), as in training; the verdicts read the whole reply
+    (tool turns included, so the strict format rate counts a reply with tool turns as unformatted),
+    the mean length the tokens the model wrote.
     """
     k = samples
     mine = list(range(info.rank, len(records), info.world_size))
@@ -181,9 +184,10 @@ def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], i
     completions = []
     for b in range(n_batches):
         batch = rows[b * batch_size:(b + 1) * batch_size]
+        multi = {"turns": turns([records[i] for i, _ in batch])} if turns is not None and batch else {}
         out = engine.generate([prompt_ids[i] for i, _ in batch],
                               [sample_seed(seed, i, j) for i, j in batch],
-                              max_new_tokens=max_new_tokens, temperature=temperature)
+                              max_new_tokens=max_new_tokens, temperature=temperature, **multi)
         if out is None:  # this rank had no problem left; it joined the generation all the same
             continue
         recs = [records[i] for i, _ in batch]
@@ -191,7 +195,8 @@ def evaluate(engine: Engine, records: list[dict], prompt_ids: list[list[int]], i
         acc = accuracy_reward(texts, solution=[r["solution"] for r in recs],
                               answer=[r["answer"] for r in recs])
         fmt = format_reward(texts)
-        sums += torch.tensor([sum(a or 0.0 for a in acc), sum(fmt), float(out.lengths.sum()), len(batch)],
+        written = out.lengths.sum() if not multi else (out.completion_mask * out.model_mask).sum()
+        sums += torch.tensor([sum(a or 0.0 for a in acc), sum(fmt), float(written), len(batch)],
                              dtype=torch.float64)
         for (i, _), text, a in zip(batch, texts, acc):
             correct.setdefault(i, []).append(a == 1.0)

@@ -99,14 +99,16 @@ def held_out_records(d: DataConfig, seed: int) -> list[dict]:
 
 
 def training_prompts(tokenizer, records: list[dict], d: DataConfig, option: str, tag: str,
-                     main: bool, eos_ids: list[int] | None = None) -> tuple[list[dict], list[list[int]], int]:
+                     main: bool, eos_ids: list[int] | None = None,
+                     tools: list[dict] | None = None) -> tuple[list[dict], list[list[int]], int]:
     """`encode_prompts` for training or sampling, with the data section's response prefix:
     refuses a source left with no prompt, says how many were dropped for length. `eos_ids`: the
-    ids that end a completion (`Engine.eos_token_ids`), which the prefix must not hold."""
+    ids that end a completion (`Engine.eos_token_ids`), which the prefix must not hold; `tools`:
+    the schemas the chat template writes into each prompt (rollout.tools)."""
     check_system_prompt_length(tokenizer, records, d, option)
     say = (lambda line: print(f"[{tag}] {line}", flush=True)) if main else None
     check_response_prefix(tokenizer, d.response_prefix, option, eos_ids, say=say)
-    kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens, d.response_prefix)
+    kept, ids, dropped = encode_prompts(tokenizer, records, d.max_prompt_tokens, d.response_prefix, tools)
     if not kept:
         raise ConfigError(f"--{option}.source={d.source!r}: no prompts left (dropped {dropped} longer than "
                           f"--{option}.max_prompt_tokens={d.max_prompt_tokens})")
@@ -159,7 +161,8 @@ def check_response_prefix(tokenizer, prefix: str, option: str, eos_ids: list[int
                 f"--{option}.response_prefix={prefix!r} adds it a second time")
 
 
-def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None = None, response_prefix: str = ""):
+def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None = None, response_prefix: str = "",
+                   tools: list[dict] | None = None):
     """Render each record's prompt ([system, user] chat) with the chat template (`render_prompt`:
     merged into the user turn where the template has no system role), followed by
     `response_prefix`, and tokenize the whole text as one string (module docstring).
@@ -168,7 +171,8 @@ def encode_prompts(tokenizer, records: list[dict], max_prompt_tokens: int | None
     """
     kept, ids, dropped = [], [], 0
     for r in records:
-        text = render_prompt(tokenizer, r["prompt"], add_generation_prompt=True, response_prefix=response_prefix)
+        text = render_prompt(tokenizer, r["prompt"], add_generation_prompt=True, response_prefix=response_prefix,
+                             tools=tools)
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
         if max_prompt_tokens and len(toks) > max_prompt_tokens:
             dropped += 1

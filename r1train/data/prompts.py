@@ -74,7 +74,7 @@ def template_has_system_role(tokenizer: Any) -> bool:
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                  response_prefix: str = "") -> str:
+                  response_prefix: str = "", tools: list[dict] | None = None) -> str:
     """The prompt text the model sees: `messages` through the tokenizer's own chat template.
 
     With `add_generation_prompt=True` the text ends with the assistant header (for Qwen:
@@ -82,7 +82,8 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation
     `response_prefix` (`--data.response_prefix`, e.g. `<think>`): text that opens the assistant's
     reply as if the model had written it, so that the model continues from there. A tokenizer
     marked `MERGE_SYSTEM` (its template has no system role) gets the system text merged into
-    the first user turn (`merge_system_turn`).
+    the first user turn (`merge_system_turn`). `tools`: the tools' schemas, for a template
+    with a tools branch (rollout.tools; tools/turns.py `prompt_with_tools`).
     """
     if response_prefix and not add_generation_prompt:
         raise ValueError("render_prompt: a response_prefix opens the assistant's turn, so it needs "
@@ -110,8 +111,38 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation
         if not messages:
             return ""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **({"tools": tools} if tools else {})
     ) + response_prefix
+
+
+def tool_calls_text(content: str, tool_calls: list[dict]) -> str:
+    """An assistant message's text with its `tool_calls` (OpenAI's layout, `{"function": {"name",
+    "arguments"}}`) written out as `<tool_call>` blocks, byte for byte as Qwen2.5's template writes
+    them after the content (one block a call, each after a newline; arguments as jinja's `tojson`,
+    i.e. `json.dumps(..., ensure_ascii=False)`). This project's rollouts keep a call in the
+    assistant's text, as the model wrote it (tools/calls.py reads it back); SFT data with
+    `tool_calls` becomes that text too, so every template, with or without a tools branch (the
+    tiny model's ChatML drops `tool_calls`), trains the tokens a rollout samples."""
+    import json
+
+    blocks = []
+    for call in tool_calls:
+        function = call.get("function", call)
+        arguments = function["arguments"]
+        if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
+            arguments = json.loads(arguments)
+        blocks.append('<tool_call>\n{"name": "' + function["name"] + '", "arguments": '
+                      + json.dumps(arguments, ensure_ascii=False) + "}\n</tool_call>")
+    return "\n".join(([content] if content else []) + blocks)
+
+
+def calls_in_content(message: dict) -> dict:
+    """`message` with its `tool_calls`, if any, moved into its content (`tool_calls_text`)."""
+    if not message.get("tool_calls"):
+        return message
+    out = {k: v for k, v in message.items() if k != "tool_calls"}
+    out["content"] = tool_calls_text(message.get("content") or "", message["tool_calls"])
+    return out
 
 
 def with_prefix(response_prefix: str, completions: list[str]) -> list[str]:

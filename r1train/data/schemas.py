@@ -7,7 +7,9 @@ the record's fields). Layouts, detected from the columns in this order or chosen
     numina          NuminaMath-TIR: problem, solution, messages; answer = last \\boxed{} of solution
     verl            verl's RL parquet: prompt (chat messages), reward_model.ground_truth
     conversational  TRL: prompt (chat messages, or a string) and ground_truth | answer | solution
-    messages        SFT chats (TRL, OpenRLHF): messages [{"role", "content"}, ...]
+    messages        SFT chats (TRL, OpenRLHF): messages [{"role", "content"}, ...]; tool use too:
+                    `tool` turns and assistant `tool_calls` (written into the text as <tool_call>
+                    blocks, prompts.tool_calls_text)
     math            MATH / AIME / AMC: problem and solution and/or answer
     gsm8k           GSM8K: question, answer = worked text ending in "#### N"
     qa              question and a bare answer ("12"): auto picks it over gsm8k when no row's
@@ -28,7 +30,7 @@ import math
 import re
 from typing import Any
 
-from r1train.data.prompts import make_conversation
+from r1train.data.prompts import make_conversation, tool_calls_text
 
 
 class DatasetError(ValueError):
@@ -172,17 +174,42 @@ def _bespoke_row(row: dict, columns: list[str], system_prompt: str) -> dict[str,
 
 
 
-def _chat(value: Any, field_name: str) -> list[dict[str, str]]:
-    """A list of {"role", "content"} messages with string contents and known roles."""
+def _chat(value: Any, field_name: str, tools: bool = False) -> list[dict[str, str]]:
+    """A list of {"role", "content"} messages with string contents and known roles.
+
+    `tools` (SFT conversations, the messages layout): `tool` turns too, and assistant turns with
+    `tool_calls` (OpenAI's layout; content may then be empty or null), whose calls are written
+    into the content as `<tool_call>` blocks (data/prompts.py `tool_calls_text`)."""
     if not isinstance(value, list) or not value:
         raise _BadRow(field_name, f"not a non-empty list of chat messages: {value!r:.60}")
+    roles = ROLES + ("tool",) if tools else ROLES
     messages = []
     for j, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise _BadRow(f"{field_name}[{j}]", f"expected {{'role': system|user|assistant, 'content': "
+        calls = m.get("tool_calls") if tools and isinstance(m, dict) and m.get("role") == "assistant" else None
+        if calls:
+            m = _with_calls(m, calls, f"{field_name}[{j}]")
+        if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
+            raise _BadRow(f"{field_name}[{j}]", f"expected {{'role': {'|'.join(roles)}, 'content': "
                                                 f"text}}, got {m!r:.60}")
         messages.append({"role": m["role"], "content": m["content"].strip()})
     return messages
+
+
+def _with_calls(message: dict, calls: Any, field_name: str) -> dict:
+    """An assistant message with `tool_calls` as one whose content holds them as text."""
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function", c), dict)
+            and isinstance(c.get("function", c).get("name"), str)
+            and isinstance(c.get("function", c).get("arguments"), (dict, str)) for c in calls):
+        raise _BadRow(f"{field_name}.tool_calls", f"expected [{{'function': {{'name': text, 'arguments': "
+                                                  f"object}}}}, ...], got {calls!r:.60}")
+    content = message.get("content") or ""
+    if not isinstance(content, str):
+        raise _BadRow(f"{field_name}.content", f"not a string: {content!r:.60}")
+    try:
+        return {"role": "assistant", "content": tool_calls_text(content.strip(), calls)}
+    except ValueError as e:  # arguments given as a JSON string that does not parse
+        raise _BadRow(f"{field_name}.tool_calls", f"arguments are not JSON: {e}") from None
 
 
 def _prompt_field(row: dict, system_prompt: str) -> list[dict[str, str]]:
@@ -221,12 +248,14 @@ def _verl_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, An
 
 
 def _messages_row(row: dict, columns: list[str], system_prompt: str) -> dict[str, Any]:
-    messages = _chat(row.get("messages"), "messages")
+    messages = _chat(row.get("messages"), "messages", tools=True)
     replies = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
     if not replies or replies[0] == 0 or messages[replies[0] - 1]["role"] != "user":
         raise _BadRow("messages", "has no assistant reply after a user turn: nothing to learn from")
     prompt, reply = messages[:replies[0]], messages[replies[0]]["content"]
-    answer = _answer_field(row) if "answer" in columns else last_boxed(reply)
+    # A tool-use conversation states its answer in its last reply, after the tool turns.
+    final = messages[replies[-1]]["content"] if any(m["role"] == "tool" for m in messages) else reply
+    answer = _answer_field(row) if "answer" in columns else last_boxed(final)
     return {"prompt": prompt, "problem": prompt[-1]["content"], "solution": reply, "answer": answer,
             "messages": messages}
 

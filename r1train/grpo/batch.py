@@ -16,6 +16,12 @@ where completion i attends to its prompt and itself only (model/attention.py) an
 ids continue from the prompt's. Its log-probs equal the padded pass's; the prompt's gradient is
 the sum over the completions that read it. A group's prompt is computed once instead of G times,
 and no token is padding.
+
+Multi-turn rows (rollout.tools): a completion is [segment 1 | tool turn 1 | segment 2 | ...], the
+tool turns inserted by the engine. `completion_mask` covers all of it (attended to, computed in
+every pass, packed or padded, as one completion), `model_mask` the segments only, and `loss_mask`
+is their product: the loss, its |o_i| and token counts, KL, entropy, the entropy quantile and the
+rollout correction see the model's own tokens only (the mask of verl's `response_mask`).
 """
 from __future__ import annotations
 
@@ -46,6 +52,9 @@ class GRPOBatch:
     sampler_logps: torch.Tensor | None = None  # [N, T] float64 log-probs of the sampler (Rollout.logps)
     entropy: torch.Tensor | None = None      # [N, T] policy entropy at the step's start, when
     #                                          grpo.top_entropy_quantile < 1 (phase 5)
+    model_mask: torch.Tensor | None = None   # [N, T] 1 on the tokens the model wrote, 0 on tool turns the
+    #                                          engine inserted (Rollout.model_mask); None = completion_mask
+    episodes: list[dict] | None = None       # N multi-turn rows' messages, turns and tool calls (Rollout.episodes)
 
     @classmethod
     def from_rollouts(cls, rollouts: list[Rollout], records: list[dict], pad_id: int) -> "GRPOBatch":
@@ -63,11 +72,17 @@ class GRPOBatch:
         sampler_logps = None
         if all(r.logps is not None for r in rollouts):
             sampler_logps = torch.cat([widen(r.logps, T, False, 0.0) for r in rollouts])  # [N, T]
+        model_mask = None  # multi-turn rows: a chunk without tool turns is all model tokens
+        if any(r.model_mask is not None for r in rollouts):
+            model_mask = torch.cat([widen(r.completion_mask if r.model_mask is None else r.model_mask, T, False, 0)
+                                    for r in rollouts])  # [N, T]
         return cls(input_ids=torch.cat([prompt, completion], dim=1),
                    attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
                    prompt_len=P, completion_ids=completion, completion_mask=completion_mask,
                    truncated=torch.cat([r.truncated for r in rollouts]),
-                   texts=[t for r in rollouts for t in r.texts], records=records, sampler_logps=sampler_logps)
+                   texts=[t for r in rollouts for t in r.texts], records=records, sampler_logps=sampler_logps,
+                   model_mask=model_mask,
+                   episodes=[e for r in rollouts for e in r.episodes] if all(r.episodes for r in rollouts) else None)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -82,9 +97,12 @@ class GRPOBatch:
 
     @property
     def loss_mask(self) -> torch.Tensor:
-        """[N, T] float: completion tokens of the rows that count in the loss."""
+        """[N, T] float: the model's own completion tokens, of the rows that count in the loss.
+        Inserted tool turns (model_mask 0) are context only: every count the loss, its KL,
+        entropy and token selections divide by is a count of these tokens (module docstring)."""
         weight = self.loss_weight.to(self.completion_mask.device, torch.float32)
-        return self.completion_mask.float() * weight[:, None]
+        written = self.completion_mask if self.model_mask is None else self.completion_mask * self.model_mask
+        return written.float() * weight[:, None]
 
     def completion_lists(self) -> list[list[int]]:
         """Each completion's tokens, without padding."""
@@ -111,7 +129,8 @@ class GRPOBatch:
                        rewards=pick(self.rewards), advantages=pick(self.advantages),
                        loss_weight=pick(self.loss_weight), old_logps=take(self.old_logps),
                        ref_logps=take(self.ref_logps), sampler_logps=take(self.sampler_logps),
-                       entropy=take(self.entropy))
+                       entropy=take(self.entropy), model_mask=take(self.model_mask),
+                       episodes=None if self.episodes is None else [self.episodes[i] for i in rows])
 
     def set_logps(self, name: str, rows: list[int], values: torch.Tensor) -> None:
         """Store a micro-batch's [n, t] log-probs into the [N, T] tensor `name` (zero elsewhere)."""

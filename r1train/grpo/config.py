@@ -53,6 +53,19 @@ class RolloutConfig:
     """Decode steps compiled (torch.compile; CUDA graphs on a GPU) over a static KV cache in
     batch-size buckets (model/static_decode.py). One process only; the first steps compile a
     graph per bucket. For GPUs, where a decode step is launch-bound; on a CPU it gains nothing."""
+    tools: list[str] = field(default_factory=list)
+    """Tools the model may call, making rollouts multi-turn: built-in names (calculator, python),
+    module:function or path/to/file.py:function (tools/registry.py). Empty = one assistant turn."""
+    max_turns: int = 4
+    """With tools: assistant segments per completion at most; the call that closes the last one
+    goes unanswered and the completion ends there."""
+    tool_timeout_s: float = 30.0
+    """With tools: wall seconds one call may run; past it its worker is killed, the answer an error."""
+    tool_workers: int = 2
+    """With tools: worker processes per rank that run a step's calls in parallel."""
+    tools_prompt: bool = True
+    """With tools: the tools' schemas go into each prompt (template's tools branch, else the system
+    turn). False: prompts as they are, for a model SFT-taught its calls (the tiny tools recipe)."""
 
 
 @dataclass
@@ -166,6 +179,7 @@ class GRPOJobConfig:
         at_least("rollout.top_k", r.top_k, 0, "(0 = off)")
         at_least("rollout.eval_temperature", r.eval_temperature, 0, "(0 = greedy)", finite_only=True)
         check_eval(self.eval, r.eval_temperature)
+        check_tools(r, g)
         at_least("grpo.beta", g.beta, 0, finite_only=True)
         at_least("grpo.num_iterations", g.num_iterations, 1)
         if not 0 <= g.epsilon_low < 1:  # 1 - epsilon_low is the ratio's lower clip, and a ratio is > 0
@@ -217,3 +231,26 @@ class GRPOJobConfig:
         except ValueError as e:
             raise ConfigError(f"--rewards.{e}") from None
         at_least("train.max_steps", t.max_steps, 1)
+
+
+def check_tools(r: RolloutConfig, g: GRPOConfig) -> None:
+    """rollout.tools loadable (imported here: a wrong module or file fails at start) and the
+    options that only mean something with tools left alone without them."""
+    if not r.tools:
+        for opt, val in (("rollout.max_turns", r.max_turns), ("rollout.tool_timeout_s", r.tool_timeout_s),
+                         ("rollout.tool_workers", r.tool_workers), ("rollout.tools_prompt", r.tools_prompt)):
+            if val != getattr(RolloutConfig, opt.split(".")[1]):
+                bad(opt, val, "needs --rollout.tools (no tool, one assistant turn)")
+        return
+    from r1train.tools import ToolSpecError, load_tools
+    try:
+        load_tools(r.tools)
+    except ToolSpecError as e:
+        raise ConfigError(str(e)) from None
+    at_least("rollout.max_turns", r.max_turns, 1, "(assistant segments of a completion; 1 = no call answered)")
+    at_least("rollout.tool_workers", r.tool_workers, 1)
+    if not (finite(r.tool_timeout_s) and r.tool_timeout_s > 0):
+        bad("rollout.tool_timeout_s", r.tool_timeout_s, "must be a finite number of seconds > 0")
+    if r.compile_decode:
+        bad("rollout.compile_decode", r.compile_decode, "does not take --rollout.tools: a multi-turn row's "
+                                                         "decode steps insert tool turns of varying widths")

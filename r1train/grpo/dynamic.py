@@ -68,7 +68,10 @@ def group_rows(batch: GRPOBatch, group: int, group_size: int) -> dict:
             "texts": batch.texts[rows],
             "per_fn": batch.per_fn[rows].cpu(),  # [G, F]
             # [G, t] the sampler's log-probs (grpo.rollout_correction, mismatch_kl), when recorded
-            "sampler_logps": None if batch.sampler_logps is None else batch.sampler_logps[rows, :t].cpu()}
+            "sampler_logps": None if batch.sampler_logps is None else batch.sampler_logps[rows, :t].cpu(),
+            # [G, t] multi-turn rows: the tokens the model wrote (0 on inserted tool turns)
+            "model_mask": None if batch.model_mask is None else batch.model_mask[rows, :t].cpu(),
+            "episodes": None if batch.episodes is None else batch.episodes[rows]}
 
 
 def batch_of_groups(groups: list[dict], prompts: list[list[int]], records: list[dict], group_size: int,
@@ -82,7 +85,9 @@ def batch_of_groups(groups: list[dict], prompts: list[list[int]], records: list[
                                 completion_ids=grp["completion_ids"].to(device),
                                 completion_mask=grp["completion_mask"].to(device),
                                 truncated=grp["truncated"].to(device), texts=list(grp["texts"]),
-                                logps=None if grp["sampler_logps"] is None else grp["sampler_logps"].to(device)))
+                                logps=None if grp["sampler_logps"] is None else grp["sampler_logps"].to(device),
+                                model_mask=None if grp.get("model_mask") is None else grp["model_mask"].to(device),
+                                episodes=grp.get("episodes")))
     batch = GRPOBatch.from_rollouts(rollouts, [r for r in records for _ in range(group_size)], pad_id)
     batch.per_fn = torch.cat([grp["per_fn"] for grp in groups])  # [N, F]
     return batch

@@ -63,6 +63,20 @@ def reward_metrics(per_fn: torch.Tensor, rewards: torch.Tensor, lengths: torch.T
     return m
 
 
+def tool_metrics(episodes: list[dict], model_tokens: torch.Tensor, tools: list[str], device=None) -> dict:
+    """Multi-turn rows (rollout.tools), means per completion over every rank's rows:
+    "turns/mean" (assistant segments), "tools/calls_mean" (calls answered), "tools/errors" (calls
+    whose answer was an error), "tools/<name>/calls" (calls of each tool) and "model_tokens/mean"
+    (tokens the model wrote: completion_length counts the inserted tool turns too).
+    `episodes`: Rollout.episodes; `model_tokens` `[N]`."""
+    local = torch.tensor([[e["turns"], e["tool_calls"], e["tool_errors"], *(e["calls"].get(t, 0) for t in tools)]
+                          for e in episodes], dtype=torch.float64).reshape(len(episodes), 3 + len(tools))
+    local = torch.cat([local, model_tokens.double()[:, None]], 1)  # [N, 4 + K]
+    means = all_gather_cat(local.to(device) if device is not None else local).cpu().mean(0).tolist()
+    return {"turns/mean": means[0], "tools/calls_mean": means[1], "tools/errors": means[2],
+            **{f"tools/{t}/calls": means[3 + k] for k, t in enumerate(tools)}, "model_tokens/mean": means[-1]}
+
+
 def update_means(per_rank: torch.Tensor, names: tuple = UPDATE_MEANS) -> dict:
     """The step's update metrics from every rank's row of `[loss share, loss tokens, the sum of
     each of `names` over those tokens]` (`[R, 2 + len(names)]`): the loss shares summed, each

@@ -2,7 +2,9 @@
 
 One optimizer step, in named phases (`train_step`; the loop around it is `run.loop.Trainer`):
   1. sample prompts   - this step's slice of a seeded, epoch-wise permutation of the train set
-  2. generate         - group_size completions per prompt (model/engine.py), seeded per row
+  2. generate         - group_size completions per prompt (model/engine.py), seeded per row;
+                        with rollout.tools, multi-turn rows: a call pauses a row, a worker pool
+                        answers it, the template's tool turn is inserted and the row goes on
   3. score            - every reward function, weighted, NaN = no opinion (rewards/); they read
                         each completion after data.response_prefix, which ended its prompt
      With grpo.dynamic_sampling (DAPO), 1-3 repeat in rounds of new prompts until the step has
@@ -48,6 +50,11 @@ Departures from DeepSeekMath's GRPO, said out loud:
   fused kernel adds the entropy); with num_iterations 1 it is one extra no-grad forward of the
   policy over the batch, about a third of the update's compute (forward + backward). TRL
   thresholds each micro-batch's tokens instead, gathered over processes.
+- rollout.tools: a completion holds the tool turns the engine inserted; they are attended to in
+  every pass but carry no loss, KL or entropy and count in no denominator (`GRPOBatch.model_mask`,
+  verl's response_mask). The rewards read the whole reply, tool turns as the template wrote them,
+  and get each row's `turns`, `tool_calls`, `tool_errors` and `conversation` as columns. A row
+  whose last allowed segment ends in a call is not "truncated" (grpo.mask_truncated keeps it).
 - each of the num_iterations passes ends in its own optimizer step and carries the whole batch's
   loss (TRL's num_iterations, verl's ppo_epochs): micro-batch losses are divided by the count of
   the whole step (`loss_denominator`) and FSDP sums the ranks' gradients, so a pass's gradient
@@ -58,7 +65,7 @@ from __future__ import annotations
 import torch
 
 from r1train.data.problems import encode_prompts, load_problems, training_prompts
-from r1train.data.prompts import with_prefix
+from r1train.data.prompts import MERGE_SYSTEM, merge_system_turn, with_prefix
 from r1train.evaluate import EVAL_BATCH_SIZE, evaluate
 from r1train.grpo.advantages import (
     batch_reward_std,
@@ -78,7 +85,7 @@ from r1train.grpo.loss import (
     policy_loss,
     rollout_correction,
 )
-from r1train.grpo.metrics import reward_metrics, update_metrics
+from r1train.grpo.metrics import reward_metrics, tool_metrics, update_metrics
 from r1train.inspector.records import RECORDS_FILE, GroupRecorder
 from r1train.model.attention import VARLEN_ATTENTION, attention_implementation
 from r1train.model.engine import Engine, row_seed
@@ -115,6 +122,9 @@ from r1train.run.dist import (
 from r1train.run.folder import on_main
 from r1train.run.logging import clock, write_jsonl
 from r1train.run.loop import Trainer, epoch_order
+from r1train.tools import ToolEnvironment, ToolPool, load_tools
+from r1train.tools.episodes import ToolEpisodes, with_episodes
+from r1train.tools.turns import ToolTemplateError, prompt_with_tools, tool_turn_text
 
 STATS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
 
@@ -174,10 +184,12 @@ class GRPOTrainer(Trainer):
                              compile_decode=cfg.rollout.compile_decode)
         self.setup_training(self.policy, lm.config, tokenizer, lora_base=base)
 
-        self.train_records, self.train_ids, _ = training_prompts(tokenizer, problems.train, cfg.data, "data", "grpo",
-                                                                 self.main, eos_ids=self.engine.eos_token_ids)
-        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, problems.held_out, cfg.data.max_prompt_tokens,
-                                                             cfg.data.response_prefix)
+        train, held_out = self.setup_tools(tokenizer, problems.train, problems.held_out, say)
+        self.train_records, self.train_ids, _ = training_prompts(tokenizer, train, cfg.data, "data", "grpo",
+                                                                 self.main, eos_ids=self.engine.eos_token_ids,
+                                                                 tools=self.template_tools)
+        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, held_out, cfg.data.max_prompt_tokens,
+                                                             cfg.data.response_prefix, self.template_tools)
         on_main(self.info, self.check_memory)  # before anything generates; rank 0 decides for all
 
     def check_memory(self) -> None:
@@ -206,6 +218,49 @@ class GRPOTrainer(Trainer):
             "weights": "use a smaller model, --grpo.beta 0 (no reference model), or shard it over more GPUs"},
             processes=local_processes(info.device, info.world_size), say=print)
 
+    def setup_tools(self, tokenizer, train: list[dict], held_out: list[dict], say) -> tuple[list[dict], list[dict]]:
+        """rollout.tools: the tools, a worker pool on this rank, and the records with the tools'
+        schemas in their prompts (the template's tools branch, or the system turn where it has
+        none: `self.template_tools` says which; neither with rollout.tools_prompt false). Without
+        tools: nothing, the records as they are."""
+        r, self.tools, self.template_tools, self.pool = self.cfg.rollout, {}, None, None
+        if not r.tools:
+            return train, held_out
+        self.tools = load_tools(r.tools)
+        schemas = [t.schema for t in self.tools.values()]
+        if r.tools_prompt:
+            train, held_out = ([{**rec, "prompt": prompt_with_tools(tokenizer, rec["prompt"], schemas)[0]}
+                                for rec in records] for records in (train, held_out))
+            self.template_tools = prompt_with_tools(tokenizer, [{"role": "user", "content": "?"}], schemas)[1]
+        try:  # a template that rewrites the history once a tool turn follows fails here, not mid-run
+            first = train[0]["prompt"] if train else [{"role": "user", "content": "?"}]
+            tool_turn_text(tokenizer, self._as_rendered(first, tokenizer),
+                           self.cfg.data.response_prefix + "<tool_call>\n{}\n</tool_call>", ["?"], self.template_tools)
+        except ToolTemplateError as e:
+            raise ConfigError(f"--rollout.tools: the chat template of --model.path={self.cfg.model.path!r}: {e}") \
+                from None
+        self.pool = ToolPool(self.tools, n_workers=r.tool_workers, timeout_s=r.tool_timeout_s)
+        if say:
+            where = f"in the {'template' if self.template_tools else 'system prompt'}" if r.tools_prompt \
+                else "not in the prompts"
+            say(f"tools: {', '.join(self.tools)} (schemas {where}), at most {r.max_turns} turns")
+        return train, held_out
+
+    @staticmethod
+    def _as_rendered(messages: list[dict], tokenizer) -> list[dict]:
+        """A prompt's messages as `render_prompt` gives them to the template (a system turn merged
+        into the user turn where the template has no system role)."""
+        return merge_system_turn(messages) if getattr(tokenizer, MERGE_SYSTEM, False) else messages
+
+    def episodes(self, records: list[dict]) -> ToolEpisodes | None:
+        """Multi-turn rows for `records` (one per row) with rollout.tools; None without tools."""
+        if not self.tools:
+            return None
+        envs = [ToolEnvironment(self.tools, self.pool) for _ in records]
+        messages = [self._as_rendered(env.reset(rec), self.tokenizer) for env, rec in zip(envs, records)]
+        return ToolEpisodes(self.tokenizer, envs, messages, max_turns=self.cfg.rollout.max_turns,
+                            schemas=self.template_tools, prefix=self.cfg.data.response_prefix)
+
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
         batch, timings = self.rollout()  # phases 1-4
@@ -230,6 +285,9 @@ class GRPOTrainer(Trainer):
             self._write_records(batch, update.pop("recorder"), update.get("entropy_threshold"))
         self.data_position = self.next_position  # the step is done: a save from here on starts after it
         extra = {"entropy_threshold": update["entropy_threshold"]} if "entropy_threshold" in update else {}
+        if self.tools:
+            extra.update(tool_metrics(batch.episodes, (batch.completion_mask * batch.model_mask).sum(-1).cpu(),
+                                      list(self.tools), self.info.device))
         return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
                                  names, self.cfg.rollout.group_size, self.info.device),
                 **update_metrics(update, self.info.device), **extra,
@@ -284,7 +342,8 @@ class GRPOTrainer(Trainer):
                 [self.train_ids[i] for i in idx], [row_seed(cfg.train.seed, self.step, first_row + j)
                                                    for j in range(len(idx))],
                 max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                top_p=r.top_p, stop_strings=r.stop_strings, stop_requested=lambda: self.stop_requested))
+                top_p=r.top_p, stop_strings=r.stop_strings, stop_requested=lambda: self.stop_requested,
+                turns=self.episodes([self.train_records[i] for i in idx])))
             records += [self.train_records[i] for i in idx]
         batch = GRPOBatch.from_rollouts(rollouts, records, self.tokenizer.pad_token_id)
         # The rewards and samples.jsonl read the reply with the response prefix that ended its
@@ -297,7 +356,8 @@ class GRPOTrainer(Trainer):
         t0 = clock(info.device)
         failure, valid = None, None
         try:
-            batch.per_fn = score_completions(self.rewards, batch.texts, records, batch.completion_lists())  # [N, F]
+            batch.per_fn = score_completions(self.rewards, batch.texts, with_episodes(records, batch.episodes),
+                                             batch.completion_lists())  # [N, F]
             batch.rewards, valid = combine_rewards(batch.per_fn, self.weights)  # [N], [N]
             overflow = torch.nonzero(~torch.isfinite(batch.rewards)).flatten().tolist()
             if overflow:  # finite rewards times finite weights can still sum past the float range
@@ -499,11 +559,14 @@ class GRPOTrainer(Trainer):
                    for i, w in enumerate(weight)]
 
         def why_token(values: dict) -> list[str]:
+            # a tool turn (rollout.tools) is context: its tokens were inserted, not written
+            inserted = ["tool turn (inserted, no loss)" if m == 0 else "" for m in values["loss_mask"].tolist()]
             if "weight" not in values:
-                return [""] * len(values["logp"])
+                return inserted
             low = values["selection_entropy"] < threshold if threshold is not None else None
-            return ["" if w else "low entropy (policy term 0)" if low is not None and low[k]
-                    else "IS ratio out of bounds (policy term 0)" for k, w in enumerate(values["weight"].tolist())]
+            return [tool or ("" if w else "low entropy (policy term 0)" if low is not None and low[k]
+                             else "IS ratio out of bounds (policy term 0)")
+                    for k, (w, tool) in enumerate(zip(values["weight"].tolist(), inserted))]
         settings = {"epsilon_low": g.epsilon_low, "epsilon_high": g.epsilon_high or g.epsilon_low, "beta": g.beta,
                     "kl_estimator": g.kl_estimator, "importance_sampling": g.importance_sampling,
                     "loss_type": g.loss_type, "rollout_correction": g.rollout_correction,
@@ -555,7 +618,7 @@ class GRPOTrainer(Trainer):
                         max_new_tokens=r.max_new_tokens, seed=self.cfg.train.seed,
                         temperature=e.temperature if e.samples > 1 else r.eval_temperature,
                         samples=e.samples, return_samples=len(self.eval_records),
-                        response_prefix=self.cfg.data.response_prefix)
+                        response_prefix=self.cfg.data.response_prefix, turns=self.episodes if self.tools else None)
 
     def trainer_state(self) -> dict:
         return {"ref_refreshes": self.ref_refreshes, "data_position": self.data_position}

@@ -24,6 +24,10 @@ what makes a 2-process run reproduce a 1-process run, and a resumed run an unint
 Each sampled token's log-probability under the distribution it was drawn from comes back too
 (`Rollout.logps`, from the probabilities the draw already computed): the sampler's side of the
 trainer's rollout correction (grpo/loss.py `rollout_correction`).
+
+Multi-turn rows (`generate(..., turns=...)`, rollout.tools): a row pauses when its segment
+closes a tool call, and the next forward feeds it the tool turn after its sampled token, in its
+own KV cache (model/multiturn.py). Without `turns` the loop is the single-turn one, bit for bit.
 """
 from __future__ import annotations
 
@@ -125,6 +129,10 @@ class Rollout:
     texts: list[str]
     logps: torch.Tensor | None = None  # [B, T] float64 log-prob of each token under the distribution
     #                                    it was sampled from (`sample_tokens`), 0 after the row's end
+    #                                    and on inserted tool turns
+    model_mask: torch.Tensor | None = None  # [B, T] multi-turn rows: 1 on tokens the model wrote, 0 on
+    #                                         the tool turns inserted between its segments (None: no turns)
+    episodes: list[dict] | None = None  # multi-turn rows: each row's turns, tool calls and messages
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -136,7 +144,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
              seeds: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_ids: list[int] | None = None,
              stop_strings: list[str] | None = None, all_done=None, share_prompts: bool = True,
-             compact: bool = True, few_rows: bool = True, decoder=None) -> Rollout:
+             compact: bool = True, few_rows: bool = True, decoder=None, turns=None) -> Rollout:
     """Sample one completion per row of the left-padded `prompt_ids` with a KV cache.
 
     `model` has `PolicyModel.next_token_logits`. `all_done(bool) -> bool` lets ranks agree to
@@ -146,7 +154,12 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     row decoded to the end, `nn.Linear` as it is), for tests and `bench/bench_grpo_step.py`.
     `decoder`: an `model.static_decode.StaticDecoder` that runs the decode steps compiled (for
     models whose cache is all full attention; others decode eagerly).
+    `turns`: multi-turn rows (`tools.episodes.ToolEpisodes`; model/multiturn.py); None: one
+    assistant turn per row, as before it existed.
     """
+    if turns is not None and decoder is not None:
+        raise ValueError("rollout.compile_decode does not take multi-turn rows (rollout.tools): "
+                         "their decode steps insert tool turns of varying widths")
     with few_row_linears(model) if few_rows else nullcontext():
         device = prompt_ids.device
         b, p = prompt_ids.shape
@@ -164,7 +177,8 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         # prefill: each distinct prompt once, every prompt token at once; the logits of its last position
         first, inverse = distinct_rows(prompt_ids, prompt_mask) if share_prompts else (torch.arange(b), None)
         # a decoder decodes in its own cache, and only after a prefill into PreallocatedLayers
-        prefill = preallocated_cache(model, p if decoder is not None else p + max_new_tokens)
+        prefill = preallocated_cache(model, p if decoder is not None else p + max_new_tokens,
+                                     grow=turns is not None)
         logits, cache = model.next_token_logits(prompt_ids[first], prompt_mask[first],
                                                 position_ids_from_mask(prompt_mask[first]), cache=prefill)  # [U, V]
         shared = len(first) < b  # rows of one prompt share its prefill
@@ -181,23 +195,36 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         out_logps = torch.zeros((b, max_new_tokens), dtype=torch.float64, device=device)  # [B, max_new]
         finish_at = torch.full((b,), -1, dtype=torch.long, device=device)  # [B] token that ended the row
         live = torch.arange(b, device=device)  # [L] rows in the decode batch (and the cache)
+        rows = None
+        if turns is not None:
+            from r1train.model.multiturn import MultiTurnRows  # it imports this module
+            rows = MultiTurnRows(turns, tokenizer, prompt_mask, max_new_tokens, next_pos)
         steps = 0
         for t in range(max_new_tokens):
             done = finish_at[live] >= 0  # [L]
+            # step t draws every row's model token t, multi-turn rows too (a tool turn is fed with
+            # the token before it, in the same forward): u[row, t] is indexed by the row's own count
             tok, logp = sample_tokens(logits, u[live, t], temperature, top_k, top_p, return_logps=True)  # [L]
             tok = torch.where(done, torch.full_like(tok, pad), tok)
-            out[live, t] = tok
-            out_logps[live, t] = torch.where(done, 0.0, logp)
+            if rows is None:
+                out[live, t] = tok
+                out_logps[live, t] = torch.where(done, 0.0, logp)
+            else:
+                col = rows.write(out, out_logps, live, done, tok, logp)  # [L] the column each token went to
             hit = torch.isin(tok, eos)
             if stop_strings:  # decode only the rows whose new token can complete a stop string
                 check = ~done
                 if candidates is not None:  # ids past the tokenizer's (a padded embedding table) always count
                     v = len(candidates)
                     check &= (tok >= v) | candidates[tok.clamp(max=v - 1)]
-                rows = check.nonzero().squeeze(1)  # [R]
-                if len(rows):
-                    hit[rows] |= _stop_hit(tokenizer, out[live[rows], : t + 1], stop_strings)
-            finish_at[live[hit & ~done]] = t
+                at = check.nonzero().squeeze(1)  # [R]
+                if len(at) and rows is None:
+                    hit[at] |= _stop_hit(tokenizer, out[live[at], : t + 1], stop_strings)
+                elif len(at):  # the row's current segment only: a tool turn may hold a stop string
+                    hit[at] |= rows.tail_holds(out, live[at], stop_strings)
+            finish_at[live[hit & ~done]] = t if rows is None else col[hit & ~done]
+            if rows is not None:  # a tool call pauses a row; the budget or max_turns ends it
+                rows.after_token(out, out_logps, live, done | hit, tok, finish_at)
             going = finish_at[live] < 0  # [L]
             n_going = int(going.sum())  # the step's one host sync (besides the ranks' agreement)
             steps = t + 1
@@ -208,8 +235,13 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
                 keep = going.nonzero().squeeze(1)  # [L']
                 live, logits, tok = live[keep], logits[keep], tok[keep]
                 cache.batch_select_indices(keep)
+            if rows is not None:  # the sampled tokens, and after them the rows' inserted tool turns
+                logits, cache = rows.forward(decode, live, tok, cache)
+                continue
             # decode: one token per live row against the cache
             logits, cache = decode(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t, cache=cache)
+        if rows is not None:
+            return rows.rollout(prompt_ids, prompt_mask, out, out_logps, finish_at)
         out = out[:, :steps]
         truncated = finish_at < 0  # [B] no EOS or stop string within max_new_tokens
         last = torch.where(truncated, torch.full_like(finish_at, steps - 1), finish_at)  # [B]
@@ -274,9 +306,9 @@ class PreallocatedLayer(DynamicLayer):
     (a copy of the whole cache, every token). `keys` / `values` are views of the filled part, as
     DynamicLayer's tensors are."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, grow: bool = False):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.length, self.grow = capacity, 0, grow
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[-2]
@@ -286,7 +318,16 @@ class PreallocatedLayer(DynamicLayer):
             self.buf_v = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
             self.device, self.is_initialized = key_states.device, True
         if self.length + n > self.capacity:
-            raise RuntimeError(f"PreallocatedLayer: {self.length + n} positions exceed the capacity {self.capacity}")
+            if not self.grow:
+                raise RuntimeError(f"PreallocatedLayer: {self.length + n} positions exceed the capacity "
+                                   f"{self.capacity}")
+            # multi-turn rows: tool turns add columns that no budget bounds in advance (MultiTurnRows)
+            self.capacity = max(self.length + n, 2 * self.capacity)
+            for name in ("buf_k", "buf_v"):
+                buf = getattr(self, name)
+                new = buf.new_empty(*buf.shape[:2], self.capacity, buf.shape[-1])
+                new[:, :, : self.length] = buf[:, :, : self.length]
+                setattr(self, name, new)
         self.buf_k[:, :, self.length: self.length + n] = key_states
         self.buf_v[:, :, self.length: self.length + n] = value_states
         self.length += n
@@ -305,9 +346,10 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
 
 
-def preallocated_cache(model: nn.Module, capacity: int) -> Cache | None:
+def preallocated_cache(model: nn.Module, capacity: int, grow: bool = False) -> Cache | None:
     """A cache of PreallocatedLayers for the Hugging Face model under `model` (a PolicyModel), or
-    None (the model then makes its own) when its layers are not all full attention."""
+    None (the model then makes its own) when its layers are not all full attention. `grow`: a
+    layer reallocates past `capacity` instead of raising (multi-turn rows)."""
     config = getattr(getattr(model, "lm", None), "config", None)
     if config is None:
         return None
@@ -315,7 +357,7 @@ def preallocated_cache(model: nn.Module, capacity: int) -> Cache | None:
     if set(getattr(text, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         return None
     cache = DynamicCache()
-    cache.layers = [PreallocatedLayer(capacity) for _ in range(text.num_hidden_layers)]
+    cache.layers = [PreallocatedLayer(capacity, grow) for _ in range(text.num_hidden_layers)]
     return cache
 
 
@@ -409,10 +451,10 @@ class Engine:
     def generate(self, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  stop_strings: list[str] | None = None,
-                 stop_requested: Callable[[], bool] | None = None) -> Rollout | None:
+                 stop_requested: Callable[[], bool] | None = None, turns=None) -> Rollout | None:
         """One completion per prompt (token lists), row i sampled with seeds[i]. Collective under
         FSDP: every rank calls it the same number of times; a rank with no prompts joins with a
-        dummy row and gets None back."""
+        dummy row and gets None back. `turns`: multi-turn rows (module docstring), one per prompt."""
         if len(prompts) != len(seeds):
             raise ValueError(f"Engine.generate: {len(prompts)} prompts but {len(seeds)} seeds")
         idle = not prompts
@@ -429,7 +471,8 @@ class Engine:
                                top_p=top_p, eos_token_ids=self.eos_token_ids,
                                stop_strings=stop_strings, all_done=self._all_done(stop_requested),
                                share_prompts=not self.plain, compact=not self.plain,
-                               few_rows=not self.plain, decoder=None if self.plain else self.decoder)
+                               few_rows=not self.plain, decoder=None if self.plain else self.decoder,
+                               turns=None if idle else turns)
         finally:
             set_gathered(self.model, False)
             self.model.train(was_training)

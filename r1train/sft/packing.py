@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from r1train.data.prompts import render_prompt
+from r1train.data.prompts import calls_in_content, render_prompt
 from r1train.model.attention import VARLEN_ATTENTION, block_causal_mask, cu_seqlens, varlen_sdpa_attention  # noqa: F401
 
 IGNORE_INDEX = -100
@@ -59,12 +59,25 @@ def tokenize_conversation(
     The parts come from rendering prefixes of the chat: `messages[:i]` with the generation
     prompt ends where reply i starts and `messages[:i+1]` where it ends. Each run of context is
     tokenized on its own, as generation tokenizes the prompt, then the reply after it.
+
+    Tool use (issue 33). An assistant turn's `tool_calls` are written into its text as the
+    `<tool_call>` blocks a rollout's model writes (`prompts.calls_in_content`). An assistant turn
+    followed by a `tool` turn is trained up to the end of its text only: in a multi-turn rollout
+    the row stops at `</tool_call>` and everything up to the next assistant header (the end of
+    turn, the tool turn(s), the header) is inserted by the environment and carries no loss
+    (GRPOBatch.model_mask); here it carries no label, the same tokens. A run of tool turns is
+    rendered as one piece: templates that put consecutive results in one turn (Qwen2.5's
+    `<tool_response>` blocks in one user turn) close that turn only after the last.
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"tokenize_conversation: messages must be a non-empty list, got {messages!r:.80}")
+    messages = [calls_in_content(m) if isinstance(m, dict) else m for m in messages]
     pieces: list[tuple[str, bool]] = []  # (text, trained), in order, concatenating to the full render
     rendered = ""
     for i, message in enumerate(messages):
+        following = messages[i + 1].get("role") if i + 1 < len(messages) else None
+        if message.get("role") == "tool" and following == "tool":
+            continue  # the run of tool turns is one piece, rendered at its last
         upto = render_prompt(tokenizer, messages[: i + 1], add_generation_prompt=False)
         _check_prefix(rendered, upto, i)
         if assistant_only and message.get("role") == "assistant":
@@ -74,7 +87,15 @@ def tokenize_conversation(
             _check_prefix(rendered, header, i)
             _check_prefix(header, upto, i)
             turn = upto[len(header):]
-            reply = turn.rstrip()  # "content<|im_end|>"; the "\n" after it is template glue
+            if following == "tool":  # the row's segment ends with its text; the rest is inserted
+                at = turn.find(message["content"]) if message["content"] else -1
+                if at < 0:
+                    raise ValueError(f"tokenize_conversation: the chat template does not write messages[{i}]'s "
+                                     f"text as it is, so the end of the model's segment before its tool turn "
+                                     f"cannot be found")
+                reply = turn[: at + len(message["content"])]
+            else:
+                reply = turn.rstrip()  # "content<|im_end|>"; the "\n" after it is template glue
             pieces += [(header[len(rendered):], False), (reply, True), (turn[len(reply):], False)]
         else:
             pieces.append((upto[len(rendered):], not assistant_only))

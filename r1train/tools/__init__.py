@@ -10,6 +10,8 @@
     sandbox_supervisor.py  the supervisor process of one `python` run (standard library only)
     environment.py       reset(row) -> messages, step(call) -> (text, done); ToolEnvironment; an example
     turns.py             the text (tokens) a row gets between two assistant segments, from the template
+    episodes.py          the rows' side of a multi-turn rollout: calls answered in one batch, tool
+                         turns as tokens, each row's messages and counts (the engine asks it)
 
 Nothing here imports torch: workers start in a fraction of a second.
 """

@@ -14,7 +14,8 @@ first and the difference of the two. A template that renders the earlier convers
 differently once a tool message follows is refused: the row's tokens would not be the template's.
 
 Templates without a tools branch (the embedded tiny model's ChatML) ignore `tools=`:
-`template_takes_tools` says so, and the tools' schemas then have to go into the system prompt.
+`template_takes_tools` says so, and `prompt_with_tools` then writes the schemas into the system
+turn in Qwen2.5's words (`tools_system_prompt`).
 """
 from __future__ import annotations
 
@@ -57,3 +58,32 @@ def tool_turn_ids(tokenizer, messages: list[dict], segment: str, results: list[s
                   tools: list[dict] | None = None) -> list[int]:
     """`tool_turn_text` as token ids (special tokens as the text names them, no BOS added)."""
     return tokenizer.encode(tool_turn_text(tokenizer, messages, segment, results, tools), add_special_tokens=False)
+
+
+def tools_system_prompt(schemas: list[dict]) -> str:
+    """The tools' description for a template without a tools branch: the text Qwen2.5's template
+    writes into the system turn (Hermes layout: one JSON schema a line inside <tools></tools>,
+    then how to call), so a model sees its tools the same way under either template."""
+    import json
+
+    lines = "\n".join(json.dumps(s, ensure_ascii=False) for s in schemas)
+    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n"
+            f"<tools>\n{lines}\n</tools>\n\n"
+            "For each function call, return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def prompt_with_tools(tokenizer, messages: list[dict], schemas: list[dict]) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools= argument) of a prompt whose model may call `schemas`' tools: the
+    template's own tools branch where it has one (messages unchanged), else the messages with
+    `tools_system_prompt` after the system turn's text (a system turn added where there is none)."""
+    if template_takes_tools(tokenizer, schemas):
+        return [dict(m) for m in messages], schemas
+    text = tools_system_prompt(schemas)
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = (first["content"] + "\n\n" + text) if first["content"] else text
+        return [first] + [dict(m) for m in messages[1:]], None
+    return [{"role": "system", "content": text}] + [dict(m) for m in messages], None
