@@ -9,9 +9,12 @@ the test quickly instead of hurting the machine.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -28,10 +31,12 @@ from r1train.tools import (
     load_tool,
     load_tools,
     parse_tool_calls,
+    python_sandbox,
     run_steps,
 )
 from r1train.tools.calculator import MAX_BITS, CalculatorError, calculator, evaluate
 from r1train.tools.python_sandbox import Limits, PythonSandbox, report_text, run_code
+from r1train.tools.sandbox_supervisor import landlock_abi
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "assets" / "tiny-r1-sft"
@@ -533,16 +538,48 @@ def test_python_writes_in_its_folder_are_removed_and_files_are_bounded(tmp_path)
     assert not [p for p in Path("/tmp").glob("r1-python-*")]
 
 
-def test_what_the_python_sandbox_does_not_isolate(tmp_path):
-    # Documented in python_sandbox.py: the code runs as the trainer's user, so it can read the
-    # run folder and write outside its own folder (each file bounded by max_file_mb). This test
-    # keeps that docstring honest: if isolation is added, it fails and the docs must change.
+@pytest.mark.skipif(not landlock_abi(), reason="this kernel has no Landlock: the python tool runs unfenced")
+def test_the_python_sandbox_fences_the_files_and_tcp(tmp_path):
+    """With Landlock the code reads no run folder, writes nothing outside its own folder (root
+    too: the test suite runs as root in CI), connects no TCP socket, and still runs Python and
+    its standard library."""
+    secret = tmp_path / "run" / "config.yaml"
+    secret.parent.mkdir()
+    secret.write_text("api_key: hunter2")
+    outside = tmp_path / "outside.txt"
+    code = (f"import json, os, socket\n"
+            f"for what, act in (('read', lambda: open({str(secret)!r}).read()),\n"
+            f"                  ('write', lambda: open({str(outside)!r}, 'w').write('written')),\n"
+            f"                  ('list', lambda: os.listdir({str(tmp_path)!r})),\n"
+            f"                  ('tcp', lambda: socket.create_connection(('127.0.0.1', 9), timeout=1))):\n"
+            f"    try:\n        act()\n        print(what, 'allowed')\n"
+            f"    except OSError as e:\n        print(what, type(e).__name__)\n"
+            f"open('mine.txt', 'w').write('x')\nprint(json.dumps(open('mine.txt').read()))\n")
+    report = run_code(code, LOW)
+    assert report["fenced"] is True
+    lines = report["output"].splitlines()
+    assert lines[:3] == ["read PermissionError", "write PermissionError", "list PermissionError"]
+    assert lines[3] == ("tcp PermissionError" if landlock_abi() >= 4 else lines[3]) and lines[4] == '"x"'
+    assert not outside.exists()
+
+
+def test_what_the_python_sandbox_does_not_isolate_without_landlock(tmp_path, monkeypatch):
+    """Documented in python_sandbox.py: without Landlock the code runs as the trainer's user,
+    reads the run folder and writes outside its own folder. The supervisor is run here with
+    Landlock reported absent, to keep that sentence honest on kernels that have it."""
     secret = tmp_path / "run" / "config.yaml"
     secret.parent.mkdir()
     secret.write_text("api_key: hunter2")
     outside = tmp_path / "outside.txt"
     code = f"print(open({str(secret)!r}).read())\nopen({str(outside)!r}, 'w').write('written')"
-    assert PythonSandbox(LOW)(code) == "api_key: hunter2"
+    supervisor = Path(python_sandbox.__file__).with_name("sandbox_supervisor.py")
+    run = ("import runpy, sys; sys.argv = sys.argv[1:]; g = runpy.run_path(sys.argv[0], run_name='sup');"
+           "g['landlock_abi'].__globals__['landlock_abi'] = lambda: 0; g['main']()")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", run, str(supervisor),
+                           json.dumps(dataclasses.asdict(LOW))], input=code.encode(), capture_output=True,
+                          timeout=60)
+    report = json.loads(proc.stdout)
+    assert report["fenced"] is False and report["output"].strip() == "api_key: hunter2"
     assert outside.read_text() == "written"
 
 

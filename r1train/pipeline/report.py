@@ -172,6 +172,9 @@ def plot_curves(out: Path, rows: list[dict]) -> bytes | None:
             ax.plot(*series("accuracy/mean"), label="accuracy reward (train)", alpha=0.8)
             if series("format/mean")[0]:  # the strict R1 format's share of the sampled completions
                 ax.plot(*series("format/mean"), label="format reward (train)", alpha=0.6, linestyle="--")
+            if series("tools/calls_mean")[0]:  # --rollout.tools: the sampled completions' calls
+                ax.plot(*series("tools/calls_mean"), label="tool calls per completion (train)", alpha=0.6,
+                        linestyle=":")
         else:
             ax.plot(*series("loss"), label="SFT loss (train)", alpha=0.8)
         steps, acc = series("eval/accuracy")

@@ -16,13 +16,21 @@ under a supervisor process (sandbox_supervisor.py) with these limits:
     leftovers        the supervisor is a child subreaper: every process the code started, even
                      one that left its session or was orphaned, is killed when the run ends
 
+    files            with Landlock (Linux >= 5.13): a filesystem fence (sandbox_supervisor.py
+                     `_fence`): read and execute only under the Python installation and the
+                     system's library folders, read and write only in its own folder and
+                     /dev/null; a read of the run folder or a write anywhere else is
+                     PermissionError, for root too. Landlock ABI >= 4 also refuses TCP
+                     connect and bind. Without Landlock the code runs unfenced (the
+                     supervisor's report says `fenced: false`).
+
 What it does NOT isolate (it is a resource fence, not a security boundary; for untrusted models
 at scale run the trainer in a container or VM without credentials):
-- the network: the code can open sockets and reach whatever the machine can;
-- reads: the code runs as the trainer's user, so it can read every file that user can read,
-  the run folder, checkpoints and the training data included (an absolute path away);
-- writes outside its folder: the working folder is its own, but the code can write wherever the
-  trainer's user may (for root: anywhere), each file bounded by max_file_mb only;
+- the network beyond TCP (UDP, raw and Unix sockets), and TCP too without Landlock ABI >= 4;
+- without Landlock: reads of every file the trainer's user can read (the run folder,
+  checkpoints and training data included) and writes wherever that user may (root: anywhere),
+  each file bounded by max_file_mb only; with it: reads under the Python installation and
+  /usr, /lib, /lib64, /bin (world-readable system files);
 - other processes of the same user can be signalled, /proc can be read; system calls are not
   filtered (no seccomp), and time is real (no fake clock).
 On a system other than Linux the subreaper and the process count are not available (the limits

@@ -14,6 +14,14 @@ argv[1] is a JSON object of limits; the code arrives on stdin; one JSON object g
    RLIMIT_NPROC does not bind: the kernel exempts uid 0, so this count is root's bound, checked
    every POLL_S, so a fast fork loop may briefly exceed it);
 4. kills every descendant (SIGKILL, repeated until none is left) and removes <tmp>.
+
+Where the kernel has Landlock (Linux >= 5.13, an unprivileged LSM; `landlock_abi`), the code also
+runs behind a filesystem fence applied just before it starts (`_fence`): it may read and
+execute under the Python installation and the system's library folders (/usr, /lib, /lib64,
+/bin, /etc/ld.so.cache), read and write in its own folder <tmp>/work and /dev/null, and nothing
+else: a write outside its folder or a read of the run folder fails with PermissionError, root
+or not. With Landlock ABI >= 4 it may not connect or bind TCP sockets either. Without Landlock
+the code runs unfenced (the report says `fenced: false`).
 """
 import ctypes
 import json
@@ -28,7 +36,14 @@ import tempfile
 import time
 
 POLL_S = 0.02
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+# Landlock (include/uapi/linux/landlock.h): syscalls 444-446 on every architecture
+SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
+CREATE_RULESET_VERSION, RULE_PATH_BENEATH = 1, 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_TRUNCATE, FS_IOCTL_DEV = 1 << 14, 1 << 15
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
+READ_ONLY = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -104,7 +119,70 @@ def kill_all(root: int, own_child: int) -> None:
         time.sleep(0.001)
 
 
-def _limits(cfg: dict, nproc: int | None):
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 without Landlock (older kernel, not Linux, disabled)."""
+    try:
+        abi = ctypes.CDLL(None, use_errno=True).syscall(SYS_CREATE_RULESET, None, 0, CREATE_RULESET_VERSION)
+    except (OSError, AttributeError):
+        return 0
+    return max(abi, 0)
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1  # struct landlock_path_beneath_attr is packed: u64 allowed_access, s32 parent_fd
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _fence(abi: int, read_only: list[str], read_write: list[str], devices: list[str]) -> None:
+    """Restrict this process and its future children with Landlock: read and execute beneath
+    `read_only`, everything beneath `read_write`, read and write the files `devices`; with ABI
+    >= 4 no TCP bind or connect. Raises OSError if the kernel refuses (the run must not go on
+    unfenced when the fence was expected)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    handled = (1 << 13) - 1  # ABI 1: execute ... make_sym
+    handled |= (1 << 13) if abi >= 2 else 0  # refer
+    handled |= FS_TRUNCATE if abi >= 3 else 0
+    handled |= FS_IOCTL_DEV if abi >= 5 else 0
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    attr = (ctypes.c_uint64 * 2)(handled, net)
+    ruleset = libc.syscall(SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr) if net else 8, 0)
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    file_rights = FS_READ_FILE | FS_WRITE_FILE | (handled & (FS_TRUNCATE | FS_IOCTL_DEV))
+    try:
+        for paths, rights in ((read_only, READ_ONLY), (read_write, handled), (devices, file_rights)):
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                except OSError:  # a library folder this system does not have
+                    continue
+                try:
+                    file_only = FS_EXECUTE | FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE | FS_IOCTL_DEV
+                    rule = _PathBeneath(rights if os.path.isdir(path) else rights & file_only, fd)  # files: file rights
+                    if libc.syscall(SYS_ADD_RULE, ruleset, RULE_PATH_BENEATH, ctypes.byref(rule), 0) < 0:
+                        raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
+                finally:
+                    os.close(fd)
+        if not _prctl(PR_SET_NO_NEW_PRIVS, 1):
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+        if libc.syscall(SYS_RESTRICT_SELF, ruleset, 0) < 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+
+
+def fence_paths(cfg: dict, root: str, work: str) -> tuple[list[str], list[str], list[str]]:
+    """(read-only, read-write, device files) of the fence: the interpreter's installation (the
+    venv's prefix and the base installation it points to, and the real folder of the
+    executable), the system's library folders, <tmp> (main.py) read-only, <tmp>/work writable."""
+    python = os.path.realpath(cfg["python"])
+    read_only = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                        os.path.dirname(os.path.dirname(python)), "/usr", "/lib", "/lib64", "/bin",
+                        "/etc/ld.so.cache", root})
+    return read_only, [work], ["/dev/null"]
+
+
+def _limits(cfg: dict, nproc: int | None, fence=None):
     def apply() -> None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the supervisor killed: the code dies with it
         cpu = max(1, int(cfg["cpu_s"]))
@@ -117,6 +195,8 @@ def _limits(cfg: dict, nproc: int | None):
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         if nproc is not None:
             resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        if fence is not None:  # last: after it the rlimits could not be read from /proc anyway
+            _fence(*fence)
     return apply
 
 
@@ -166,10 +246,18 @@ def main() -> None:
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     nproc = None if os.geteuid() == 0 else _user_tasks() + cfg["max_processes"]
     out = _Output(cfg["max_output_chars"])
-    result = {"timed_out": False, "processes_exceeded": False, "processes_peak": 0}
-    proc = subprocess.Popen([cfg["python"], "-I", main_py], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            close_fds=True, preexec_fn=_limits(cfg, nproc))
+    abi = landlock_abi()
+    fence = (abi, *fence_paths(cfg, root, work)) if abi else None
+    result = {"timed_out": False, "processes_exceeded": False, "processes_peak": 0, "fenced": bool(abi)}
+    try:
+        proc = subprocess.Popen([cfg["python"], "-I", main_py], cwd=work, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                close_fds=True, preexec_fn=_limits(cfg, nproc, fence))
+    except subprocess.SubprocessError as e:  # the fence (or a limit) could not be applied: run nothing
+        shutil.rmtree(root, onerror=_force)
+        result.update(output=f"the sandbox could not start the code: {e}", cut=0, exit_code=None, signal=None)
+        sys.stdout.write(json.dumps(result))
+        return
     fd = proc.stdout.fileno()
     try:
         deadline = time.monotonic() + cfg["timeout_s"]
