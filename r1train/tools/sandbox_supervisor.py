@@ -173,12 +173,15 @@ def _fence(abi: int, read_only: list[str], read_write: list[str], devices: list[
 
 def fence_paths(cfg: dict, root: str, work: str) -> tuple[list[str], list[str], list[str]]:
     """(read-only, read-write, device files) of the fence: the interpreter's installation (the
-    venv's prefix and the base installation it points to, and the real folder of the
-    executable), the system's library folders, <tmp> (main.py) read-only, <tmp>/work writable."""
-    python = os.path.realpath(cfg["python"])
+    folder above its bin/ as named, which for a virtual environment is the environment with its
+    pyvenv.cfg and site-packages, and the same for the real executable the name points to), the
+    system's library folders, <tmp> (main.py) read-only, <tmp>/work writable. (This process runs
+    with -S, so its own sys.prefix is the base installation, never the environment.)"""
+    named = os.path.abspath(cfg["python"])
+    real = os.path.realpath(cfg["python"])
     read_only = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                        os.path.dirname(os.path.dirname(python)), "/usr", "/lib", "/lib64", "/bin",
-                        "/etc/ld.so.cache", root})
+                        os.path.dirname(os.path.dirname(named)), os.path.dirname(os.path.dirname(real)),
+                        "/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", root})
     return read_only, [work], ["/dev/null"]
 
 
