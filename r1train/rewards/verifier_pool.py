@@ -44,6 +44,19 @@ class VerifierStartupError(RuntimeError):
     """A verifier worker died or hung before it was ready (e.g. math_verify is not installed)."""
 
 
+def split_frames(buffer: bytearray) -> list:
+    """The complete frames (4-byte big-endian length, then JSON) at the start of `buffer`,
+    decoded and removed from it; a partial frame stays for the next read."""
+    frames = []
+    while len(buffer) >= 4:
+        n = int.from_bytes(buffer[:4], "big")
+        if len(buffer) < 4 + n:
+            break
+        frames.append(json.loads(buffer[4:4 + n]))
+        del buffer[:4 + n]
+    return frames
+
+
 def _worker_path() -> list[str]:
     """The parent's import path, absolute, without the current directory.
 
@@ -89,14 +102,7 @@ class _Worker:
         """Frames now readable (call after poll), and whether the worker closed its end."""
         chunk = os.read(self.fd, 1 << 16)
         self.buffer += chunk
-        frames = []
-        while len(self.buffer) >= 4:
-            n = int.from_bytes(self.buffer[:4], "big")
-            if len(self.buffer) < 4 + n:
-                break
-            frames.append(json.loads(self.buffer[4:4 + n]))
-            del self.buffer[:4 + n]
-        return frames, not chunk
+        return split_frames(self.buffer), not chunk
 
     def close_stdin(self) -> None:
         try:

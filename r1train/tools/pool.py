@@ -39,6 +39,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from r1train.rewards import verifier_pool
+from r1train.rewards.verifier_pool import split_frames
 from r1train.tools.calls import ToolCall, tool_error
 
 _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
@@ -126,12 +128,9 @@ def serve(sources: list[str], config: dict) -> None:
 # ---------------------------------------------------------------------------------- the parent
 
 def _worker_path() -> list[str]:
-    """The parent's import path, absolute, current folder left out (verifier_pool._worker_path)."""
-    cwd, path = os.getcwd(), []
-    for p in sys.path:
-        p = os.path.abspath(p) if p else cwd
-        if p != cwd and p not in path and os.path.exists(p):
-            path.append(p)
+    """The parent's import path, absolute, current folder left out (verifier_pool._worker_path),
+    with the project's own folder."""
+    path = verifier_pool._worker_path()
     # the project's own folder, wherever the parent imported it from
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return path if root in path else [root, *path]
@@ -158,14 +157,7 @@ class _Worker:
     def receive(self) -> tuple[list, bool]:
         chunk = os.read(self.fd, 1 << 16)
         self.buffer += chunk
-        frames = []
-        while len(self.buffer) >= 4:
-            n = int.from_bytes(self.buffer[:4], "big")
-            if len(self.buffer) < 4 + n:
-                break
-            frames.append(json.loads(self.buffer[4:4 + n]))
-            del self.buffer[:4 + n]
-        return frames, not chunk
+        return split_frames(self.buffer), not chunk
 
     def kill(self) -> None:
         try:
