@@ -608,3 +608,44 @@ def test_a_template_that_rewrites_a_call_is_refused_at_start(tool_run, tmp_path)
     args = [*tool_run, "--model.path", str(model), "--train.max_steps", "1", "--train.output_dir", str(tmp_path / "r")]
     with pytest.raises(ConfigError, match=r"--rollout[.]tools: the chat template .* does not write the assistant's"):
         GRPOTrainer(parse_args(GRPOJobConfig, args))
+
+
+def test_sft_evaluates_with_tools_as_grpo_runs_them(tool_run, tmp_path):
+    """--sft.eval_tools: the SFT stage's held-out evaluation runs multi-turn rows, as its GRPO
+    stage will: the scripted model's call is answered by the user tool (2 + 3 -> a tool turn with
+    "5") and the row goes on."""
+    from launch import train_py
+
+    f = tool_run[tool_run.index("--rollout.tools") + 1].split(":")[0]
+    args = ["--model.path", tool_run[1], "--data.num_train", "8", "--data.num_eval", "2", "--data.system_prompt", "",
+            "--sft.max_seq_len", "256", "--sft.rows_per_step", "2", "--sft.eval_max_new_tokens", "80",
+            "--train.max_steps", "1", "--train.eval_every", "0", "--train.save_every", "0",
+            "--train.progress", "false", "--train.export", "false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = train_py("sft", *args, "--sft.eval_tools", f"{f}:add", "--sft.eval_max_turns", "3",
+                   "--train.output_dir", str(tmp_path), env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert "evaluation with tools: add" in res.stdout
+    samples = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert sorted(s["step"] for s in samples) == [0, 0, 1, 1]  # before and after the step, 2 problems each
+    call = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'  # RUN_FILE's script
+    for s in samples:
+        assert s["completion"].startswith(call), s["completion"][:200]
+        rest = s["completion"][len(call):]
+        assert "5" in rest[:60] and "tool" in rest[:60], rest[:200]  # the template's tool turn with the result
+
+
+@pytest.mark.parametrize("args, option, why", [
+    (["--sft.eval_max_turns", "2"], "sft.eval_max_turns", "needs --sft.eval_tools"),
+    (["--sft.eval_tools_prompt", "false"], "sft.eval_tools_prompt", "needs --sft.eval_tools"),
+    (["--sft.eval_tools", "calculator", "--sft.eval_max_turns", "0"], "sft.eval_max_turns", ">= 1"),
+    (["--sft.eval_tools", "no_such_tool"], "sft.eval_tools", "no_such_tool"),
+])
+def test_sft_eval_tool_options_are_refused_naming_themselves(args, option, why):
+    from r1train.run.config import ConfigError, parse_args
+    from r1train.sft.trainer import SFTJobConfig
+
+    with pytest.raises(ConfigError, match=rf"--{option.replace('.', '[.]')}.*{why}"):
+        parse_args(SFTJobConfig, args)
+    parse_args(SFTJobConfig, ["--sft.eval_tools", "calculator", "--sft.eval_max_turns", "2",
+                              "--sft.eval_tools_prompt", "false"])  # fine

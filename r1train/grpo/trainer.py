@@ -65,7 +65,7 @@ from __future__ import annotations
 import torch
 
 from r1train.data.problems import encode_prompts, load_problems, training_prompts
-from r1train.data.prompts import MERGE_SYSTEM, merge_system_turn, with_prefix
+from r1train.data.prompts import with_prefix
 from r1train.evaluate import EVAL_BATCH_SIZE, evaluate
 from r1train.grpo.advantages import (
     batch_reward_std,
@@ -122,9 +122,8 @@ from r1train.run.dist import (
 from r1train.run.folder import on_main
 from r1train.run.logging import clock, write_jsonl
 from r1train.run.loop import Trainer, epoch_order
-from r1train.tools import ToolEnvironment, ToolPool, load_tools
 from r1train.tools.episodes import ToolEpisodes, with_episodes
-from r1train.tools.turns import ToolTemplateError, prompt_with_tools, tool_turn_text
+from r1train.tools.stage import StageTools
 
 STATS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
 
@@ -184,12 +183,23 @@ class GRPOTrainer(Trainer):
                              compile_decode=cfg.rollout.compile_decode)
         self.setup_training(self.policy, lm.config, tokenizer, lora_base=base)
 
-        train, held_out = self.setup_tools(tokenizer, problems.train, problems.held_out, say)
+        train, held_out, r = problems.train, problems.held_out, cfg.rollout
+        self.tools = None  # rollout.tools: the tools, this rank's worker pool, the schemas (tools/stage.py)
+        if r.tools:
+            self.tools = StageTools(r.tools, tokenizer, max_turns=r.max_turns, timeout_s=r.tool_timeout_s,
+                                    workers=r.tool_workers, schemas_in_prompt=r.tools_prompt,
+                                    prefix=cfg.data.response_prefix, option="--rollout.tools",
+                                    model_path=cfg.model.path, sample=train[0]["prompt"] if train else None)
+            train, held_out = self.tools.prompts(train), self.tools.prompts(held_out)
+            if say:
+                say(f"tools: {', '.join(self.tools.names)} (schemas {self.tools.where()}), at most {r.max_turns} "
+                    f"turns")
+        schemas = self.tools.template_schemas if self.tools else None
         self.train_records, self.train_ids, _ = training_prompts(tokenizer, train, cfg.data, "data", "grpo",
                                                                  self.main, eos_ids=self.engine.eos_token_ids,
-                                                                 tools=self.template_tools)
+                                                                 tools=schemas)
         self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, held_out, cfg.data.max_prompt_tokens,
-                                                             cfg.data.response_prefix, self.template_tools)
+                                                             cfg.data.response_prefix, schemas)
         on_main(self.info, self.check_memory)  # before anything generates; rank 0 decides for all
 
     def check_memory(self) -> None:
@@ -218,48 +228,9 @@ class GRPOTrainer(Trainer):
             "weights": "use a smaller model, --grpo.beta 0 (no reference model), or shard it over more GPUs"},
             processes=local_processes(info.device, info.world_size), say=print)
 
-    def setup_tools(self, tokenizer, train: list[dict], held_out: list[dict], say) -> tuple[list[dict], list[dict]]:
-        """rollout.tools: the tools, a worker pool on this rank, and the records with the tools'
-        schemas in their prompts (the template's tools branch, or the system turn where it has
-        none: `self.template_tools` says which; neither with rollout.tools_prompt false). Without
-        tools: nothing, the records as they are."""
-        r, self.tools, self.template_tools, self.pool = self.cfg.rollout, {}, None, None
-        if not r.tools:
-            return train, held_out
-        self.tools = load_tools(r.tools)
-        schemas = [t.schema for t in self.tools.values()]
-        if r.tools_prompt:
-            train, held_out = ([{**rec, "prompt": prompt_with_tools(tokenizer, rec["prompt"], schemas)[0]}
-                                for rec in records] for records in (train, held_out))
-            self.template_tools = prompt_with_tools(tokenizer, [{"role": "user", "content": "?"}], schemas)[1]
-        try:  # a template that rewrites the history once a tool turn follows fails here, not mid-run
-            first = train[0]["prompt"] if train else [{"role": "user", "content": "?"}]
-            tool_turn_text(tokenizer, self._as_rendered(first, tokenizer),
-                           self.cfg.data.response_prefix + "<tool_call>\n{}\n</tool_call>", ["?"], self.template_tools)
-        except ToolTemplateError as e:
-            raise ConfigError(f"--rollout.tools: the chat template of --model.path={self.cfg.model.path!r}: {e}") \
-                from None
-        self.pool = ToolPool(self.tools, n_workers=r.tool_workers, timeout_s=r.tool_timeout_s)
-        if say:
-            where = f"in the {'template' if self.template_tools else 'system prompt'}" if r.tools_prompt \
-                else "not in the prompts"
-            say(f"tools: {', '.join(self.tools)} (schemas {where}), at most {r.max_turns} turns")
-        return train, held_out
-
-    @staticmethod
-    def _as_rendered(messages: list[dict], tokenizer) -> list[dict]:
-        """A prompt's messages as `render_prompt` gives them to the template (a system turn merged
-        into the user turn where the template has no system role)."""
-        return merge_system_turn(messages) if getattr(tokenizer, MERGE_SYSTEM, False) else messages
-
     def episodes(self, records: list[dict]) -> ToolEpisodes | None:
         """Multi-turn rows for `records` (one per row) with rollout.tools; None without tools."""
-        if not self.tools:
-            return None
-        envs = [ToolEnvironment(self.tools, self.pool) for _ in records]
-        messages = [self._as_rendered(env.reset(rec), self.tokenizer) for env, rec in zip(envs, records)]
-        return ToolEpisodes(self.tokenizer, envs, messages, max_turns=self.cfg.rollout.max_turns,
-                            schemas=self.template_tools, prefix=self.cfg.data.response_prefix)
+        return self.tools.episodes(records) if self.tools else None
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
@@ -287,7 +258,7 @@ class GRPOTrainer(Trainer):
         extra = {"entropy_threshold": update["entropy_threshold"]} if "entropy_threshold" in update else {}
         if self.tools:
             extra.update(tool_metrics(batch.episodes, (batch.completion_mask * batch.model_mask).sum(-1).cpu(),
-                                      list(self.tools), self.info.device))
+                                      self.tools.names, self.info.device))
         return {**reward_metrics(batch.per_fn, batch.rewards, batch.lengths.cpu(), batch.truncated.cpu(),
                                  names, self.cfg.rollout.group_size, self.info.device),
                 **update_metrics(update, self.info.device), **extra,

@@ -39,7 +39,11 @@ from r1train.sft.packing import (
     packed_model_inputs,
     tokenize_conversation,
 )
+from r1train.tools.stage import StageTools
 
+# sft.eval_tools: a call's wall limit and the worker processes per rank (GRPO's rollout defaults)
+EVAL_TOOL_TIMEOUT_S = 30.0
+EVAL_TOOL_WORKERS = 2
 
 @dataclass
 class SFTDataConfig:
@@ -102,6 +106,14 @@ class SFTConfig:
     """When > 0, sets train.max_steps to cover this many passes over the packed rows."""
     eval_max_new_tokens: int = 512
     """Completion budget of the held-out evaluation."""
+    eval_tools: list[str] = field(default_factory=list)
+    """Tools the held-out evaluation's rows may call, as GRPO's --rollout.tools (multi-turn rows:
+    the engine runs each call and continues the row), so that a model SFT-taught its calls is
+    evaluated as its GRPO stage will run it. Empty = one assistant turn."""
+    eval_max_turns: int = 4
+    """With eval_tools: assistant segments per completion at most (GRPO's --rollout.max_turns)."""
+    eval_tools_prompt: bool = True
+    """With eval_tools: the tools' schemas go into each held-out prompt (GRPO's --rollout.tools_prompt)."""
 
 
 @dataclass
@@ -153,6 +165,18 @@ class SFTJobConfig:
         one_of("sft.overflow", s.overflow, ("truncate", "split", "drop"))
         at_least("sft.epochs", s.epochs, 0, "(0 = use train.max_steps)", finite_only=True)
         at_least("sft.eval_max_new_tokens", s.eval_max_new_tokens, 1)
+        if s.eval_tools:
+            from r1train.tools import ToolSpecError, load_tools
+            try:
+                load_tools(s.eval_tools)
+            except ToolSpecError as e:
+                raise ConfigError(f"--sft.eval_tools: {e}") from None
+            at_least("sft.eval_max_turns", s.eval_max_turns, 1, "(assistant segments of a completion)")
+        else:
+            for opt, default in (("eval_max_turns", 4), ("eval_tools_prompt", True)):
+                if getattr(s, opt) != default:
+                    raise ConfigError(f"--sft.{opt}={getattr(s, opt)}: needs --sft.eval_tools "
+                                      f"(no tool, one assistant turn)")
         if not 0 <= d.mix_fraction < 1:
             raise ConfigError(f"--data.mix_fraction={d.mix_fraction}: must be in [0, 1)")
         from r1train.data.mixing import parse_sources
@@ -208,7 +232,20 @@ class SFTTrainer(Trainer):
             print(f"[sft] {len(train)} conversations -> {len(self.rows)} rows of {s.max_seq_len} tokens; "
                   f"{self.pack_stats}", flush=True)
         check_response_prefix(tokenizer, cfg.data.response_prefix, "data", self.engine.eos_token_ids)
-        self.eval_records, self.eval_ids, _ = encode_prompts(tokenizer, evals, response_prefix=cfg.data.response_prefix)
+        self.tools = None  # sft.eval_tools: the evaluation's tools and worker pool (tools/stage.py)
+        if s.eval_tools:
+            self.tools = StageTools(s.eval_tools, tokenizer, max_turns=s.eval_max_turns,
+                                    timeout_s=EVAL_TOOL_TIMEOUT_S, workers=EVAL_TOOL_WORKERS,
+                                    schemas_in_prompt=s.eval_tools_prompt,
+                                    prefix=cfg.data.response_prefix, option="--sft.eval_tools",
+                                    model_path=cfg.model.path, sample=evals[0]["prompt"] if evals else None)
+            evals = self.tools.prompts(evals)
+            if self.main:
+                print(f"[sft] evaluation with tools: {', '.join(self.tools.names)} (schemas {self.tools.where()}), "
+                      f"at most {s.eval_max_turns} turns", flush=True)
+        self.eval_records, self.eval_ids, _ = encode_prompts(
+            tokenizer, evals, response_prefix=cfg.data.response_prefix,
+            tools=self.tools.template_schemas if self.tools else None)
         self.setup_training(self.policy, lm.config, tokenizer, lora_base=base)
         self.last_loss = float("nan")  # loss of step `self.step`; saved so a resume at max_steps has it
         self._training_attention()
@@ -305,7 +342,8 @@ class SFTTrainer(Trainer):
         res = evaluate(self.engine, self.eval_records, self.eval_ids, self.info,
                        max_new_tokens=self.cfg.sft.eval_max_new_tokens, seed=self.cfg.train.seed,
                        temperature=e.temperature if e.samples > 1 else 0.0, samples=e.samples,
-                       return_samples=len(self.eval_records), response_prefix=self.cfg.data.response_prefix)
+                       return_samples=len(self.eval_records), response_prefix=self.cfg.data.response_prefix,
+                       turns=self.tools.episodes if self.tools else None)
         self._training_attention()
         return res
 
