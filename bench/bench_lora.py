@@ -12,11 +12,11 @@ projection. Each arm is its own fresh process (this script again, `--worker full
 thread (OMP_NUM_THREADS=1); both are loaded at once and take turns, step by step, so that a
 change of the machine's load (it is shared) hits both alike:
 - peak RSS: the arm's `ru_maxrss` after its steps (loading, the reference, AdamW state and every
-  phase of every step included). With glibc's default the heap keeps much of what generation
-  and the update freed (measured on LoRA: 1.0 GiB after loading, 2.5 GiB after the first
-  generation, whose live tensors are ~0.2 GiB); `--malloc-mmap-threshold 65536` (as
-  bench/RESULTS.md's log-prob kernel bench) returns large freed buffers at once, so the peak is
-  what was in use;
+  phase of every step included), with the trainer's default --train.malloc_mmap_threshold
+  (1 MiB: buffers from 1 MiB up are mapped on their own and go back to the system when freed,
+  model/memory.py); `--malloc-mmap-threshold 0` measures glibc's own sliding threshold, whose
+  heap keeps much of what generation and the update freed (LoRA: 1.0 GiB after loading,
+  3.4 GiB at the first update, when ~2.2 GiB was in use);
 - step time: the median over the steps after the first (a warm-up), with its phases
   (generation, the reference log-prob pass, the update) and its completion tokens;
 - checkpoint size: the bytes of the `step-N/` folder the trainer saves after its steps (full:
@@ -56,7 +56,8 @@ def grpo_args(arm: str, out: Path, a) -> list[str]:
             "--model.gradient_checkpointing", str(a.checkpointing).lower(),
             "--optim.warmup_steps", "0", "--train.max_steps", str(a.steps), "--train.save_every", str(a.steps),
             "--train.eval_every", "0", "--train.export", "false", "--train.progress", "false",
-            "--train.device", "cpu", "--train.output_dir", str(out)]
+            "--train.device", "cpu", "--train.output_dir", str(out),
+            "--train.malloc_mmap_threshold", str(a.malloc_mmap_threshold)]
     if arm == "lora":
         args += ["--model.lora_rank", str(a.rank), "--model.lora_alpha", "16", "--optim.lr", "1e-4"]
     else:
@@ -115,8 +116,6 @@ class Arm:
 
     def __init__(self, arm: str, out: Path, a):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        if a.malloc_mmap_threshold:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
         cmd = [sys.executable, __file__, "--worker", arm, "--out", str(out), *a.forwarded]
         self.name, self.log = arm, []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -149,9 +148,9 @@ def main() -> None:
     p.add_argument("--max-new", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward (GRPO's default)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both arms")
-    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
-                   help="MALLOC_MMAP_THRESHOLD_ for both arms (e.g. 65536: glibc returns freed buffers at once, "
-                        "so the peak RSS is what was in use, not what the heap kept); 0 = glibc's default")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=1 << 20,
+                   help="--train.malloc_mmap_threshold of both arms (the trainer's default 1 MiB; 0 = glibc's "
+                        "own sliding threshold)")
     p.add_argument("--worker", choices=("full", "lora"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -160,6 +159,7 @@ def main() -> None:
         return
     a.forwarded = [f"--steps={a.steps}", f"--rank={a.rank}", f"--prompts={a.prompts}", f"--group={a.group}",
                    f"--max-new={a.max_new}", f"--micro-batch={a.micro_batch}",
+                   f"--malloc-mmap-threshold={a.malloc_mmap_threshold}",
                    *(["--checkpointing"] if a.checkpointing else [])]
     try:
         from importlib.metadata import distribution
@@ -193,7 +193,7 @@ def main() -> None:
     gib = 2 ** 30
     print(f"\nGRPO step on {MODEL}: {a.prompts} prompts x {a.group} completions, {a.max_new} new tokens, beta 0.04, "
           f"micro-batches of {a.micro_batch}, activation checkpointing {'on' if a.checkpointing else 'off'}, "
-          f"1 thread, MALLOC_MMAP_THRESHOLD_ {a.malloc_mmap_threshold or 'unset'}; LoRA rank {a.rank} on all "
+          f"1 thread, --train.malloc_mmap_threshold {a.malloc_mmap_threshold}; LoRA rank {a.rank} on all "
           f"projections; medians of steps 2-{a.steps}, the arms taking turns")
     print("| | full weights | LoRA | LoRA / full | target |")
     print("| --- | --- | --- | --- | --- |")

@@ -159,3 +159,55 @@ def test_rejection_sampling_shares_the_check(tiny, tmp_path):
     res = train_py("rejection-sample", "--model.path", tiny, "--train.output_dir", tmp_path / "rs",
                    "--data.num_train", "8", "--sampling.samples_per_prompt", "1000000", env=ENV)
     assert _refused(res, "--sampling.samples_per_prompt").startswith("error: [rejection] these settings")
+
+
+MAPPED_PROBE = r"""
+import ctypes, sys
+import torch
+from r1train.model.memory import set_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+print("set", set_mmap_threshold(int(sys.argv[1])))
+big = torch.ones(16 << 20, dtype=torch.uint8)  # mapped (over glibc's first threshold), then freed:
+del big                                        # glibc's sliding threshold becomes 16 MiB
+before = libc.mallinfo2().hblks
+buf = torch.ones(2 << 20, dtype=torch.uint8)
+print("mapped", libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+@pytest.mark.parametrize("threshold, env, mapped", [
+    (1 << 20, {}, 1),  # a 2 MiB buffer gets its own mapping: freed, it goes back to the system
+    (0, {}, 0),  # glibc's sliding threshold: the 2 MiB buffer comes from the heap
+    (1 << 20, {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}, 0),  # the environment's choice is kept
+])
+def test_the_mmap_threshold_maps_large_buffers_on_their_own(threshold, env, mapped):
+    """train.malloc_mmap_threshold (model/memory.py): after a 16 MiB buffer was freed, a 2 MiB one
+    is mapped on its own (mallinfo2's mapped-chunk count goes up by one) with the 1 MiB default,
+    and comes from the heap with glibc's own sliding threshold or where MALLOC_MMAP_THRESHOLD_
+    is set."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", MAPPED_PROBE, str(threshold)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"set {threshold > 0 and not env}" in res.stdout
+    assert f"mapped {mapped}" in res.stdout, res.stdout
+
+
+def test_the_mmap_threshold_option_is_checked():
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.run.config import parse_args
+
+    for value in ("-1", str((32 << 20) + 1)):
+        with pytest.raises(ConfigError, match=r"--train[.]malloc_mmap_threshold.*32 MiB"):
+            parse_args(GRPOJobConfig, ["--train.malloc_mmap_threshold", value])
+    assert parse_args(GRPOJobConfig, ["--train.malloc_mmap_threshold", "0"]).train.malloc_mmap_threshold == 0

@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 import torch
 
 from r1train.evaluate import paired_gain
+from r1train.model.memory import set_mmap_threshold
 from r1train.run.checkpoint import CheckpointManager, export_adapter, export_hf
 from r1train.run.config import format_config, to_dict
 from r1train.run.dist import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -344,6 +345,8 @@ def start_run(cfg, tag: str) -> tuple[DistInfo, Path, FolderLock]:
     (`run/folder.py`; the caller releases it when the run is done), config printout."""
     info = init_distributed(cfg.train.device, cfg.train.fsdp, timeout_s=cfg.train.collective_timeout_s)
     cfg.validate(info.world_size)
+    if info.device.type == "cpu":
+        set_mmap_threshold(cfg.train.malloc_mmap_threshold)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     lock = lock_folder(out, info, tag)  # before the data and the model: a run that cannot save stops now
