@@ -165,3 +165,20 @@ def test_tiny_pipeline_runs_every_stage_and_exports_load(tmp_path):
     assert "stage distill: options changed, running it again" in rerun.stdout
     assert len(list(out.glob("distill.replaced-*"))) == 1
     assert json.loads((out / "distill" / "stage.json").read_text())["options"]["train.max_steps"] == 2
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_recipe_validates(recipe, tmp_path):
+    """Each recipe in configs/ parses and validates as it will run: a pipeline's stages with their
+    commands' configs (`check_recipe`, what `train.py pipeline` does before anything runs), a
+    one-command recipe (no `stages`) with GRPO's (`train.py grpo --recipe`). A renamed option or a
+    bad value in a recipe fails here, not an hour into a run."""
+    from r1train.grpo.config import GRPOJobConfig
+    from r1train.pipeline import check_recipe
+    from r1train.run.config import load_recipe, parse_args
+
+    path = ROOT / "configs" / recipe
+    if "stages" in load_recipe(path):
+        assert check_recipe(load_recipe(path), {"output_dir": str(tmp_path / "out")})
+    else:
+        parse_args(GRPOJobConfig, ["--recipe", str(path)]).validate(1)
