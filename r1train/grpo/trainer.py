@@ -192,8 +192,7 @@ class GRPOTrainer(Trainer):
                                     model_path=cfg.model.path, sample=train[0]["prompt"] if train else None)
             train, held_out = self.tools.prompts(train), self.tools.prompts(held_out)
             if say:
-                say(f"tools: {', '.join(self.tools.names)} (schemas {self.tools.where()}), at most {r.max_turns} "
-                    f"turns")
+                say(f"tools: {self.tools.describe()}")
         schemas = self.tools.template_schemas if self.tools else None
         self.train_records, self.train_ids, _ = training_prompts(tokenizer, train, cfg.data, "data", "grpo",
                                                                  self.main, eos_ids=self.engine.eos_token_ids,

@@ -241,8 +241,7 @@ class SFTTrainer(Trainer):
                                     model_path=cfg.model.path, sample=evals[0]["prompt"] if evals else None)
             evals = self.tools.prompts(evals)
             if self.main:
-                print(f"[sft] evaluation with tools: {', '.join(self.tools.names)} (schemas {self.tools.where()}), "
-                      f"at most {s.eval_max_turns} turns", flush=True)
+                print(f"[sft] evaluation with tools: {self.tools.describe()}", flush=True)
         self.eval_records, self.eval_ids, _ = encode_prompts(
             tokenizer, evals, response_prefix=cfg.data.response_prefix,
             tools=self.tools.template_schemas if self.tools else None)

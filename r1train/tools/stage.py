@@ -60,11 +60,11 @@ class StageTools:
     def names(self) -> list[str]:
         return list(self.tools)
 
-    def where(self) -> str:
-        """Where the schemas are, for the start-up line."""
-        if not self.schemas_in_prompt:
-            return "not in the prompts"
-        return f"in the {'template' if self.template_schemas else 'system prompt'}"
+    def describe(self) -> str:
+        """The start-up line: the tools, where their schemas are, the turns."""
+        where = "not in the prompts" if not self.schemas_in_prompt else \
+            f"in the {'template' if self.template_schemas else 'system prompt'}"
+        return f"{', '.join(self.tools)} (schemas {where}), at most {self.max_turns} turns"
 
     def prompts(self, records: list[dict]) -> list[dict]:
         if not self.schemas_in_prompt:
