@@ -15,6 +15,7 @@ from pathlib import Path
 from r1train.data.prompts import SYSTEM_PROMPT
 from r1train.data.task import TaskConfig
 from r1train.model.lora import DEFAULT_TARGETS, check_lora_arguments
+from r1train.model.memory import MMAP_THRESHOLD_MAX
 from r1train.run.config import ConfigError, unusable_path
 from r1train.run.dist import FSDP_MODES
 
@@ -389,6 +390,6 @@ def check_train(t: TrainConfig, section: str = "train") -> None:
         at_least(f"{section}.{name}", getattr(t, name), least, note)
     if not t.collective_timeout_s > 0:
         bad(f"{section}.collective_timeout_s", t.collective_timeout_s, "must be > 0")
-    if not 0 <= t.malloc_mmap_threshold <= 32 << 20:  # glibc's largest (model/memory.py)
+    if not 0 <= t.malloc_mmap_threshold <= MMAP_THRESHOLD_MAX:
         bad(f"{section}.malloc_mmap_threshold", t.malloc_mmap_threshold,
-            "must be 0 (glibc's own threshold) to 33554432 bytes (32 MiB, the largest glibc takes)")
+            f"must be 0 (glibc's own threshold) to {MMAP_THRESHOLD_MAX} bytes (32 MiB, the largest glibc takes)")

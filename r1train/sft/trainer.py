@@ -45,6 +45,7 @@ from r1train.tools.stage import StageTools
 EVAL_TOOL_TIMEOUT_S = 30.0
 EVAL_TOOL_WORKERS = 2
 
+
 @dataclass
 class SFTDataConfig:
     source: str = EMBEDDED
@@ -173,8 +174,8 @@ class SFTJobConfig:
                 raise ConfigError(f"--sft.eval_tools: {e}") from None
             at_least("sft.eval_max_turns", s.eval_max_turns, 1, "(assistant segments of a completion)")
         else:
-            for opt, default in (("eval_max_turns", 4), ("eval_tools_prompt", True)):
-                if getattr(s, opt) != default:
+            for opt in ("eval_max_turns", "eval_tools_prompt"):
+                if getattr(s, opt) != getattr(SFTConfig, opt):  # the default
                     raise ConfigError(f"--sft.{opt}={getattr(s, opt)}: needs --sft.eval_tools "
                                       f"(no tool, one assistant turn)")
         if not 0 <= d.mix_fraction < 1:
