@@ -101,7 +101,7 @@ def time_grpo_steps(trainers: dict, repeats: int, cpu_time: bool = False) -> dic
             t1 = timer()
             trainer.logprobs(batch)
             t2 = timer()
-            trainer.update(batch)
+            update = trainer.update(batch)
             trainer.scheduler.step()
             total = timer() - t0
             if device.type == "cuda":
@@ -116,6 +116,9 @@ def time_grpo_steps(trainers: dict, repeats: int, cpu_time: bool = False) -> dic
             distinct = set(batch.prompt_lists())
             res.update(rows=len(batch), prompt_tokens=prompt, completion_tokens=int(batch.lengths.sum()),
                        distinct_prompts=len(distinct), distinct_prompt_tokens=sum(len(p) for p in distinct))
+            if "mismatch_kl" in update.get("sums", {}):  # the sampler's log-probs against the trainer's
+                res.setdefault("mismatch_kl", []).append(float(update["sums"]["mismatch_kl"]) / max(
+                    float(update["tokens"]), 1.0))
     return results
 
 

@@ -23,10 +23,23 @@ CUDA error in one part does not hide the others:
   sft       packed SFT steps of the trainer (rows of 4096 tokens, varlen attention, autocast
             bf16): tokens/s and peak memory; and one forward+backward of the same rows with the
             dense block-mask SDPA instead, for comparison
+  decode    the engine's decode step at 16, 64 and 256 rows (prompts of ~110 tokens, 192 new
+            tokens: contexts up to ~300), eager and compiled (over the decode-only forward of
+            model/decode_forward.py, and at 64 rows over HF's forward too), against HF
+            `generate` at 64 rows; then a profile of compiled steps: GPU kernels, graph
+            launches and host syncs per step
   compiled  the compiled decode (`rollout.compile_decode`: CUDA graphs over a static cache)
             against the eager one: GRPO steps of the trainer (no FSDP), then its greedy rows
-            against the eager engine's in float32; last, so that its compilation cannot cost
-            the other parts their time
+            against the eager engine's in float32; after the others, so that its compilation
+            cannot cost them their time
+  main      the main job, `torchrun --nproc_per_node=1 train.py`, on the GPU: wall time and
+            its table of held-out results
+
+The report ends with a block of `key: value` lines (`decode_ms_64`, `rollout_vs_hf_64`,
+`grpo_generate_share`, `main_job_wall_s`, ...) so that runs compare at a glance. Without
+`--out` it is written to bench/gpu/<date>-<gpu>.md. Issue 28's run (about 9 minutes):
+
+    python bench/gpu_suite.py --parts tests,model,decode,compiled,main --budget 570
 
 It needs only torch, triton, transformers, tokenizers, safetensors, pyyaml and pytest: the GRPO
 rewards are text-only ones and the data is the embedded task, so the lent GPU machines (which
@@ -74,7 +87,9 @@ PARTS = {
     "grpo": (200, True),
     "rollout": (110, True),
     "sft": (90, True),
-    "compiled": (300, True),
+    "decode": (240, True),
+    "compiled": (240, True),
+    "main": (200, False),
 }
 
 
@@ -128,8 +143,8 @@ def build_wide_tokenizer(path: Path, size: int):
 # the parts: each returns {"table": markdown, "checks": [...], "notes": [...]}
 # ----------------------------------------------------------------------------------------
 def part_tests(dry: bool, workdir: Path) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "tests/test_kernels.py", "-k", "cuda", "-rs"] + (["--collect-only"] if dry else [])
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+           "tests/test_decode_forward.py", "-k", "cuda", "-rs"] + (["--collect-only"] if dry else [])
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     out = res.stdout + res.stderr
     summary = [ln for ln in out.splitlines() if ln.strip()][-1:] or ["(no output)"]
@@ -334,6 +349,149 @@ def part_rollout(dry: bool, workdir: Path) -> dict:
                               rows) + "\n\n" + note, "checks": []}
 
 
+def part_decode(dry: bool, workdir: Path) -> dict:
+    """Decode steps of the engine, eager and compiled, at 16 / 64 / 256 rows; HF `generate` at
+    64; a profile of compiled steps. A step's time is a generate call's time over its steps
+    (prefill included: ~1% of a 192-token call); rows run to the end (random weights rarely
+    sample the EOS id). The engine reads which rows are done every SYNC_EVERY steps, as
+    `Engine` does on a GPU."""
+    from transformers import AutoModelForCausalLM
+
+    from r1train.data.problems import encode_prompts
+    from r1train.data.task import TaskConfig, task_records
+    from r1train.model.engine import SYNC_EVERY, generate, pad_prompts
+    from r1train.model.load import eos_token_ids, load_tokenizer
+    from r1train.model.policy import PolicyModel
+    from r1train.model.static_decode import StaticDecoder
+    from r1train.run.logging import clock
+
+    dev = device(dry)
+    path = str(model_dir(workdir))
+    tok = load_tokenizer(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if dry else torch.bfloat16)
+    policy = PolicyModel(lm.to(dev).eval())
+    eos = eos_token_ids(tok, lm)
+    _, ids, _ = encode_prompts(tok, task_records(TaskConfig(), 32, seed=1))
+    max_new, sizes = (8, (2, 4)) if dry else (192, (16, 64, 256))
+    backend = "eager" if dry else "inductor"
+    direct, via_hf = StaticDecoder(policy, backend=backend), StaticDecoder(policy, backend=backend, direct=False)
+
+    def call(n, decoder=None, new=max_new):
+        pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
+        t0 = clock(dev)
+        out = generate(policy, tok, pid, pmask, seeds=list(range(n)), max_new_tokens=new, temperature=1.0,
+                       eos_token_ids=eos, decoder=decoder, sync_every=SYNC_EVERY if dev == "cuda" else 1)
+        return clock(dev) - t0, out.completion_ids.shape[1], int(out.lengths.sum())
+
+    def hf(n):
+        pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
+        torch.manual_seed(0)
+        t0 = clock(dev)
+        out = lm.generate(input_ids=pid, attention_mask=pmask, max_new_tokens=max_new, do_sample=True,
+                          temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        return clock(dev) - t0, out.shape[1] - pid.shape[1], None
+
+    eager, fast = "eager engine", "compiled, decode-only forward"
+    fns = {eager: lambda n: call(n), fast: lambda n: call(n, direct), "HF generate": hf,
+           "compiled, HF forward": lambda n: call(n, via_hf)}
+    n64 = sizes[1]
+    rows, ms, keys, tables = [], {}, {}, {}
+
+    def save():  # what is measured so far: kept if the part runs out of time (`run_part`)
+        done = [r + [f"{ms[(eager, r[0])] / ms[(r[1], r[0])]:.2f}x" if (eager, r[0]) in ms else ""] for r in rows]
+        tables["timings"] = md_table(["rows", "decode", "best s", "steps", "ms/step", "vs eager"], done) + "\n\n" + note
+        keys.update({f"decode_ms_{n}" + ("" if name == fast else "_eager"): v for (name, n), v in ms.items()
+                     if name in (eager, fast)})
+        if ("HF generate", n64) in ms and (fast, n64) in ms:
+            keys[f"rollout_vs_hf_{n64}"] = ms[("HF generate", n64)] / ms[(fast, n64)]
+        save_partial(workdir, "decode", {"table": "\n\n".join(tables.values()), "keys": keys})
+
+    def measure(name, n):
+        fns[name](n)  # warm-up: compiles the bucket's graph
+        t, steps, _ = min(fns[name](n) for _ in range(2))
+        ms[(name, n)] = 1e3 * t / steps
+        rows.append([n, name, f"{t:.2f}", steps, f"{ms[(name, n)]:.2f}"])
+
+    note = (f"ms/step = a generate call's time over its steps (best of 2 after a warm-up call that compiles), "
+            f"prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens, {max_new} new tokens, "
+            f"temperature 1, {'float32 (dry run: torch.compile backend eager)' if dry else 'bf16'}; "
+            f"in the order measured (the part may run out of time: what comes first matters most).")
+    for name in (eager, fast, "HF generate"):  # the issue's figures first
+        measure(name, n64)
+    save()
+    tables["profile"] = profile_steps(lambda: call(n64, direct, new=16), 16, dev, n64, keys)
+    save()
+    for n in (sizes[0],) + sizes[2:]:
+        for name in (eager, fast):
+            measure(name, n)
+        save()
+    measure("compiled, HF forward", n64)
+    save()
+    checks = [{"name": f"decode step at {n64} rows (compiled), ms", "value": keys[f"decode_ms_{n64}"],
+               "target": "<= 4.0", "ok": None if dry else keys[f"decode_ms_{n64}"] <= 4.0},
+              {"name": f"rollout of {n64} x {max_new} against HF generate", "value": keys[f"rollout_vs_hf_{n64}"],
+               "target": ">= 5x", "ok": None if dry else keys[f"rollout_vs_hf_{n64}"] >= 5}]
+    return {"table": "\n\n".join(tables.values()), "checks": checks, "keys": keys}
+
+
+def profile_steps(fn, steps: int, dev: str, rows: int, keys: dict) -> str:
+    """Run `fn` (a generate call of `steps` tokens) under the profiler: per step, the GPU
+    kernels, CUDA graph launches, host syncs, memcpy calls and top-level ATen operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+    events = prof.events()
+    count = {
+        "GPU kernels": sum(1 for e in events if e.device_type.name == "CUDA"),
+        "CUDA graph launches": sum(1 for e in events if e.name == "cudaGraphLaunch"),
+        "host syncs": sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                          "cudaEventSynchronize")),
+        "memcpy calls": sum(1 for e in events if e.name in ("cudaMemcpyAsync", "cudaMemcpy")),
+        "top-level ATen ops": sum(1 for e in events if e.name.startswith("aten::") and (
+            e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))),
+    }
+    keys[f"kernels_per_step_{rows}"] = count["GPU kernels"] / steps
+    keys[f"host_syncs_per_step_{rows}"] = count["host syncs"] / steps
+    return md_table([f"per step (compiled, decode-only forward, {rows} rows; a {steps}-token call, prefill "
+                     f"included)", "count"], [[k, f"{v / steps:.1f}"] for k, v in count.items()])
+
+
+def save_partial(workdir: Path, name: str, result: dict) -> None:
+    """A part's results so far, read by the suite if the part runs out of time."""
+    tmp = workdir / f"{name}.partial.json.tmp"
+    tmp.write_text(json.dumps(result, default=str))
+    tmp.replace(workdir / f"{name}.partial.json")
+
+
+def part_main(dry: bool, workdir: Path) -> dict:
+    """The main job as README's first line runs it, in one process on this GPU (dry: a
+    two-step GRPO stage on the CPU, to check the plumbing)."""
+    out = workdir / "main-job"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           str(ROOT / "train.py"), "--output_dir", str(out)]
+    if dry:
+        for stage in ("sft", "grpo"):
+            cmd += [f"--{stage}.train.max_steps", "2", f"--{stage}.data.num_eval", "4"]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    log = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise RuntimeError(f"the main job failed (exit code {res.returncode}):\n{log[-3000:]}")
+    results = out / "results.txt"
+    table = results.read_text().strip() if results.exists() else "(no results.txt)"
+    acc = {}
+    for line in table.splitlines():
+        words = line.split()
+        if len(words) > 2 and words[-1].endswith("s") and "%" in line:
+            acc[words[0]] = float(line.split("%")[0].split()[-1])
+    keys = {"main_job_wall_s": wall, **{f"main_job_{k}_accuracy": v for k, v in acc.items() if k in ("sft", "grpo")}}
+    return {"table": f"`torchrun --nproc_per_node=1 train.py` in {wall:.0f} s:\n\n```\n{table}\n```",
+            "checks": [], "keys": keys}
+
+
 def part_compiled(dry: bool, workdir: Path) -> dict:
     """The compiled decode (`rollout.compile_decode`, CUDA graphs) against the engine's eager
     decode: GRPO steps of the trainer (the grpo part's run without FSDP, eager and compiled, taking
@@ -375,7 +533,17 @@ def part_compiled(dry: bool, workdir: Path) -> dict:
     del trainers
     gc.collect()
     _, ids, _ = encode_prompts(tok, task_records(TaskConfig(), 32, seed=1))
-    return {"table": "\n\n".join(out), "checks": [compiled_decode_check(lm, tok, ids, dev, dry)]}
+    share = {name: statistics.median(res["phases"]["generate"]) / statistics.median(res["phases"]["total"])
+             for name, res in results.items()}
+    checks = [compiled_decode_check(lm, tok, ids, dev, dry),
+              {"name": "generation's share of a GRPO step (compiled decode)", "value": share["compiled decode"],
+               "target": "<= 0.5", "ok": None if dry else share["compiled decode"] <= 0.5}]
+    keys = {"grpo_generate_share": share["compiled decode"], "grpo_generate_share_eager": share["eager decode"],
+            "grpo_step_s": statistics.median(r["phases"]["total"])}
+    for name, tag in (("compiled decode", ""), ("eager decode", "_eager")):  # sampler vs trainer (k3 KL)
+        if results[name].get("mismatch_kl"):
+            keys[f"grpo_mismatch_kl{tag}"] = statistics.median(results[name]["mismatch_kl"])
+    return {"table": "\n\n".join(out), "checks": checks, "keys": keys}
 
 
 def compiled_decode_check(lm, tok, ids: list, dev: str, dry: bool) -> dict:
@@ -551,7 +719,8 @@ def versions() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="gpu_suite.md", help="where to write the markdown report")
+    p.add_argument("--out", default="", help="where to write the markdown report (default: "
+                   "bench/gpu/<date>-<gpu>.md; a dry run: gpu_suite.md)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: check the code paths")
     p.add_argument("--budget", type=float, default=600, help="seconds for the whole suite")
@@ -571,7 +740,8 @@ def main(argv=None) -> int:
         p.error("no CUDA GPU here; run with --dry-run to check the code paths on the CPU")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_suite-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     if args.dry_run:
         env["OMP_NUM_THREADS"] = "1"
@@ -589,6 +759,7 @@ def main(argv=None) -> int:
             continue
         result_file = workdir / f"{name}.json"
         result_file.unlink(missing_ok=True)
+        (workdir / f"{name}.partial.json").unlink(missing_ok=True)
         cmd = [__file__, "--part", name, "--workdir", str(workdir), "--result", str(result_file)]
         cmd += ["--dry-run"] if args.dry_run else []
         # The GRPO part runs as torchrun launches the trainer: one process, rendezvous over TCP.
@@ -605,6 +776,10 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired as e:
             log = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
             res = {"status": f"timed out after {min(limit, left):.0f} s", "error": log[-3000:]}
+            partial = workdir / f"{name}.partial.json"
+            if partial.exists():  # what the part measured before its time ran out
+                res.update(json.loads(partial.read_text()))
+                res["table"] = f"(timed out: what it measured before)\n\n{res.get('table', '')}"
         res.setdefault("seconds", time.perf_counter() - t0)
         (workdir / f"{name}.log").write_text(log)
         results[name] = res
@@ -612,11 +787,23 @@ def main(argv=None) -> int:
         if res["status"] != "ok":
             print(log[-4000:], flush=True)
 
-    report = format_report(versions(), results, args)
+    v = versions()
+    report = format_report(v, results, args)
     print("\n" + report)
-    Path(args.out).write_text(report)
+    out = Path(args.out or ("gpu_suite.md" if args.dry_run else default_report_path(v)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"report written to {out}")
     failed = [n for n, r in results.items() if r["status"] != "ok"]
     return 1 if failed else 0
+
+
+def default_report_path(v: dict) -> Path:
+    """bench/gpu/<date>-<gpu>.md, e.g. bench/gpu/2026-12-07-nvidia-h100-80gb-hbm3.md."""
+    gpu = "".join(c if c.isalnum() else "-" for c in v["gpu"].lower()).strip("-")
+    while "--" in gpu:
+        gpu = gpu.replace("--", "-")
+    return ROOT / "bench" / "gpu" / f"{v['date'][:10]}-{gpu}.md"
 
 
 def format_report(v: dict, results: dict, args) -> str:
@@ -641,6 +828,12 @@ def format_report(v: dict, results: dict, args) -> str:
             lines += ["", f"#### {name}", "", r["table"]]
         elif r.get("error"):
             lines += ["", f"#### {name}: {r['status']}", "", "```", r["error"].strip()[-2000:], "```"]
+    # the run at a glance, last: every part's keys, and each part's status
+    keys = {f"{n}_status": r["status"].split(" ")[0] for n, r in results.items()}
+    for r in results.values():
+        keys.update(r.get("keys", {}))
+    lines += ["", "```text"] + [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+                                for k, v in keys.items()] + ["```"]
     return "\n".join(lines) + "\n"
 
 

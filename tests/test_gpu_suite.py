@@ -33,6 +33,11 @@ def test_dry_run_runs_every_part(tmp_path):
     assert "| GRPO steps under FSDP2 | process group gloo | gloo | yes |" in report
     assert "| compiled decode: greedy rows equal to the eager engine's (float32, 8 tokens) | 4/4 |" in report
     assert "torch " + torch.__version__ in report
+    # the block of key: value lines that ends the report (issue 28's figures among them)
+    block = report.rsplit("```text\n", 1)[1]
+    for key in ("decode_ms_4", "rollout_vs_hf_4", "grpo_generate_share", "main_job_wall_s",
+                "host_syncs_per_step_4", "main_status"):  # the dry run's 4 rows stand for 64
+        assert f"\n{key}: " in "\n" + block, key
 
 
 def _row(variant, mode, ms, peak_mib):

@@ -112,6 +112,34 @@ def test_shared_prefill_and_compaction_give_the_plain_paths_completions(tiny, te
     assert torch.equal(fast.completion_mask, plain.completion_mask)
 
 
+@pytest.mark.parametrize("sync_every", [3, 8, 64])
+def test_reading_the_finished_rows_every_k_steps_gives_the_same_rollout(tiny, sync_every):
+    """`sync_every` k > 1 (the GPU's setting): rows that ended keep being decoded until the next
+    check and compaction waits for it, yet every tensor of the rollout is the one of a check at
+    every step, its width included (the steps after the last row's end are dropped), and so are
+    the log-probs of the drawn tokens. k = 64 > max_new_tokens: one check, at the last step."""
+    tok, _, _ = tiny
+    prompts = [_prompt(tok, 1)] * 3 + [_prompt(tok, 0, system=False)] * 3 + [_prompt(tok, 2)] * 2
+    for max_new in (32, 20):  # 20: some rows are truncated, the rollout is 20 wide
+        kw = dict(seeds=[11, 12, 13, 21, 22, 23, 31, 32], max_new_tokens=max_new, temperature=1.0)
+        every = _generate(tiny, prompts, **kw)
+        lazy = _generate(tiny, prompts, sync_every=sync_every, **kw)
+        assert len(set(every.lengths.tolist())) > 1
+        for name in ("completion_ids", "completion_mask", "truncated", "logps"):
+            assert torch.equal(getattr(lazy, name), getattr(every, name)), (max_new, name)
+        assert lazy.texts == every.texts
+    assert every.truncated.any() and not every.truncated.all()
+
+
+def test_stop_strings_are_checked_at_every_step_whatever_sync_every(tiny):
+    tok, _, _ = tiny
+    prompts = [_prompt(tok, 1), _prompt(tok, 0, system=False)]
+    kw = dict(max_new_tokens=32, temperature=0.0, stop_strings=["</think>"])
+    every, lazy = _generate(tiny, prompts, **kw), _generate(tiny, prompts, sync_every=8, **kw)
+    assert all(t.endswith("</think>") for t in tok.batch_decode([_row(every, i) for i in range(2)]))
+    assert torch.equal(lazy.completion_ids, every.completion_ids) and lazy.texts == every.texts
+
+
 def test_policy_logprobs_of_a_rollout_equal_hf_log_softmax(tiny):
     # The training forward of PolicyModel on a left-padded prompt + right-padded completion
     # batch (laid out as grpo/batch.py does) against each row run alone through the HF model.
@@ -421,3 +449,35 @@ def test_position_ids_count_real_tokens_only():
     # (masked anyway). A completion continues from there: mask [0, 1, 1, 1] -> 0, 1, 2.
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
     assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1], [0, 0, 1, 2]]
+
+
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_two_fsdp_ranks_decode_in_lockstep_and_sample_what_one_process_does(tiny, tmp_path, sync_every):
+    """torchrun, 2 ranks, FSDP2 over gloo (tests/engine_worker.py): rank 1's rows end long before
+    rank 0's, and in the second call rank 1 has none (a dummy row); with the ranks agreeing to
+    stop every step or every 4th, no rank waits forever in a collective, and each row is the one
+    a single process samples from the same seed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from engine_worker import CALLS
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "rows"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(root / "tests" / "engine_worker.py"), str(out), str(sync_every)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    tok = tiny[0]
+    for rank, calls in CALLS.items():
+        got = json.loads((tmp_path / f"rows.{rank}.json").read_text())
+        for (problems, seeds), rows in zip(calls, got):
+            if not problems:
+                assert rows is None
+                continue
+            alone = _generate(tiny, [_prompt(tok, i, system=i != 0) for i in problems], seeds=seeds,
+                              max_new_tokens=32, temperature=1.0)
+            assert rows == [_row(alone, i) for i in range(len(problems))], (rank, problems)

@@ -54,12 +54,16 @@ def test_bucket_sizes_are_powers_of_two():
     assert [bucket_size(n) for n in (1, 2, 3, 4, 5, 8, 9, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 64, 128]
 
 
-@pytest.mark.parametrize("temperature,backend", [(0.0, "eager"), (1.0, "eager"), (1.0, "aot_eager")])
-def test_same_completions_as_the_eager_decode(tiny, temperature, backend):
+@pytest.mark.parametrize("temperature,backend,direct", [(0.0, "eager", True), (1.0, "eager", True),
+                                                        (1.0, "aot_eager", True), (1.0, "aot_eager", False)])
+def test_same_completions_as_the_eager_decode(tiny, temperature, backend, direct):
+    """`direct`: the decode-only forward (model/decode_forward.py, the default for this Qwen2
+    model), or Hugging Face's forward over a masked capacity (the path of other families)."""
     tok, policy = tiny
     ids, mask = pad_prompts(_prompts(tok), tok.pad_token_id, "cpu")
     kw = dict(seeds=[11, 12, 13, 21, 22, 23, 31, 32], max_new_tokens=32, temperature=temperature)
-    decoder = StaticDecoder(policy, backend=backend)
+    decoder = StaticDecoder(policy, backend=backend, direct=direct)
+    assert (decoder.direct is not None) == direct
     fast = generate(policy, tok, ids, mask, decoder=decoder, **kw)
     eager = generate(policy, tok, ids, mask, **kw)
     lengths = fast.lengths.tolist()
@@ -67,8 +71,21 @@ def test_same_completions_as_the_eager_decode(tiny, temperature, backend):
     assert _rows(fast) == _rows(eager)
     assert fast.texts == eager.texts and torch.equal(fast.truncated, eager.truncated)
     assert 8 in decoder.buckets and min(decoder.buckets) < 8  # the rows moved to a smaller bucket
-    capacity = decoder.buckets[8].mask.shape[-1]
+    capacity = decoder.buckets[8].capacity
     assert capacity % CAPACITY_STEP == 0 and capacity >= ids.shape[1] + 32
+
+
+def test_reading_the_finished_rows_every_k_steps(tiny):
+    """The GPU engine's setting (sync_every 8): the same rows as the eager decode that checks
+    every step, with the rows moving between buckets at the checks only."""
+    tok, policy = tiny
+    ids, mask = pad_prompts(_prompts(tok), tok.pad_token_id, "cpu")
+    kw = dict(seeds=[11, 12, 13, 21, 22, 23, 31, 32], max_new_tokens=32, temperature=1.0)
+    decoder = StaticDecoder(policy, backend="eager")
+    fast = generate(policy, tok, ids, mask, decoder=decoder, sync_every=8, **kw)
+    eager = generate(policy, tok, ids, mask, **kw)
+    assert _rows(fast) == _rows(eager) and torch.equal(fast.completion_ids, eager.completion_ids)
+    assert min(decoder.buckets) < 8
 
 
 def test_the_same_shapes_compile_once(tiny):
@@ -82,17 +99,17 @@ def test_the_same_shapes_compile_once(tiny):
     kw = dict(max_new_tokens=24, temperature=1.0)
     generate(policy, tok, ids, mask, seeds=list(range(8)), decoder=decoder, **kw)
     first, seen = len(graphs), set(decoder.buckets)
-    capacity = decoder.buckets[8].mask.shape[-1]
+    capacity = decoder.buckets[8].capacity
     assert first == len(seen) >= 2  # one graph per bucket (the step traces without a break)
     generate(policy, tok, ids, mask, seeds=list(range(100, 108)), decoder=decoder, **kw)
     ids2, mask2 = pad_prompts([p[CAPACITY_STEP // 2:] for p in prompts], tok.pad_token_id, "cpu")
     generate(policy, tok, ids2, mask2, seeds=list(range(8)), decoder=decoder, **kw)
     assert len(graphs) == first + len(set(decoder.buckets) - seen)  # only a bucket not seen before compiles
-    assert decoder.buckets[8].mask.shape[-1] == capacity
+    assert decoder.buckets[8].capacity == capacity
     ids3, mask3 = pad_prompts([p + p[:CAPACITY_STEP] for p in prompts], tok.pad_token_id, "cpu")
     before = len(graphs)
     generate(policy, tok, ids3, mask3, seeds=list(range(8)), decoder=decoder, **kw)
-    assert decoder.buckets[8].mask.shape[-1] > capacity and len(graphs) > before
+    assert decoder.buckets[8].capacity > capacity and len(graphs) > before
 
 
 def test_the_engine_refuses_it_under_fsdp(tiny):
@@ -107,9 +124,10 @@ def test_the_engine_refuses_it_under_fsdp(tiny):
 
 
 def test_what_a_previous_call_left_in_the_buckets_is_never_read(tiny):
-    """Buckets persist between calls; a step attends over the whole capacity with the unwritten
-    positions masked. A masked NaN would still poison a row (0 x NaN), so the buckets a call
-    starts in or moves to are cleared first: here every buffer holds NaN before the second call."""
+    """Buckets persist between calls; the eager attention (and HF's forward, for other families)
+    reads the whole capacity with the unwritten positions masked. A masked NaN would still poison
+    a row (0 x NaN), so the buckets a call starts in or moves to are cleared first: here every
+    buffer holds NaN before the second call."""
     tok, policy = tiny
     ids, mask = pad_prompts(_prompts(tok), tok.pad_token_id, "cpu")
     kw = dict(seeds=list(range(8)), max_new_tokens=32, temperature=1.0)

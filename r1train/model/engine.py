@@ -12,8 +12,10 @@ signal arrives on any of them).
 cache. Prefill computes each distinct prompt once: the G rows of a GRPO group then copy its
 cache. Decoding runs on the rows still going: once a quarter of the batch has finished since the
 last compaction, finished rows leave the batch and the cache (copying the cache costs about one
-decode step, so it is not done for every row that ends). Stop strings are looked for only in
-rows whose new token can complete one (`stop_candidates`), in the text of their last tokens.
+decode step, so it is not done for every row that ends). On a GPU which rows are done is read
+every 8 steps, not every step (a read is a host sync, and the GPU idles while the host then
+queues the next step). Stop strings are looked for only in rows whose new token can complete
+one (`stop_candidates`), in the text of their last tokens.
 On a CPU, the decode step's matrix products take the form that is fastest there for a few rows
 (`few_row_linears`). On a GPU, `Engine(compile_decode=True)` runs the decode steps compiled with
 CUDA graphs over a static cache (model/static_decode.py).
@@ -144,7 +146,8 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
              seeds: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_ids: list[int] | None = None,
              stop_strings: list[str] | None = None, all_done=None, share_prompts: bool = True,
-             compact: bool = True, few_rows: bool = True, decoder=None, turns=None) -> Rollout:
+             compact: bool = True, few_rows: bool = True, decoder=None, turns=None,
+             sync_every: int = 1) -> Rollout:
     """Sample one completion per row of the left-padded `prompt_ids` with a KV cache.
 
     `model` has `PolicyModel.next_token_logits`. `all_done(bool) -> bool` lets ranks agree to
@@ -156,6 +159,12 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     models whose cache is all full attention; others decode eagerly).
     `turns`: multi-turn rows (`tools.episodes.ToolEpisodes`; model/multiturn.py); None: one
     assistant turn per row, as before it existed.
+    `sync_every`: read which rows are still going (a host sync: the GPU's queue drains) every
+    this many steps rather than every step. In between, finished rows keep being decoded (their
+    input is the pad token, as until a compaction anyway) and the ranks' agreement to stop waits
+    for the next check; the completions are the same, the last up to sync_every - 1 steps and
+    a compaction later. Stop strings and multi-turn rows are looked for on the host: with
+    either, every step checks.
     """
     if turns is not None and decoder is not None:
         raise ValueError("rollout.compile_decode does not take multi-turn rows (rollout.tools): "
@@ -200,6 +209,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
             from r1train.model.multiturn import MultiTurnRows  # it imports this module
             rows = MultiTurnRows(turns, tokenizer, prompt_mask, max_new_tokens, next_pos)
         steps = 0
+        check_every = 1 if stop_strings or turns is not None else max(1, sync_every)
         for t in range(max_new_tokens):
             done = finish_at[live] >= 0  # [L]
             # step t draws every row's model token t, multi-turn rows too (a tool turn is fed with
@@ -225,9 +235,12 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
             finish_at[live[hit & ~done]] = t if rows is None else col[hit & ~done]
             if rows is not None:  # a tool call pauses a row; the budget or max_turns ends it
                 rows.after_token(out, out_logps, live, done | hit, tok, finish_at)
-            going = finish_at[live] < 0  # [L]
-            n_going = int(going.sum())  # the step's one host sync (besides the ranks' agreement)
             steps = t + 1
+            if (t + 1) % check_every and t + 1 < max_new_tokens:  # no host sync at this step
+                logits, cache = decode(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t, cache=cache)
+                continue
+            going = finish_at[live] < 0  # [L]
+            n_going = int(going.sum())  # the check's one host sync (besides the ranks' agreement)
             local_done = n_going == 0
             if (all_done(local_done) if all_done is not None else local_done) or t + 1 == max_new_tokens:
                 break
@@ -242,8 +255,11 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
             logits, cache = decode(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t, cache=cache)
         if rows is not None:
             return rows.rollout(prompt_ids, prompt_mask, out, out_logps, finish_at)
-        out = out[:, :steps]
         truncated = finish_at < 0  # [B] no EOS or stop string within max_new_tokens
+        if check_every > 1 and all_done is None and not bool(truncated.any()):
+            steps = min(steps, int(finish_at.max()) + 1)  # the steps past the last row's end
+            # (ranks that agree on when to stop keep them: their rollouts stay the same width)
+        out = out[:, :steps]
         last = torch.where(truncated, torch.full_like(finish_at, steps - 1), finish_at)  # [B]
         # Mask: every token up to and including the one that finished the row (all when truncated).
         completion_mask = (torch.arange(steps, device=device)[None, :] <= last[:, None]).long()
@@ -404,6 +420,10 @@ def stop_candidates(tokenizer, stop_strings: list[str]) -> torch.Tensor | None:
     return known[key]
 
 
+# On a GPU, steps between two reads of the rows still going (Engine, `generate`'s sync_every).
+SYNC_EVERY = 8
+
+
 class Engine:
     """`generate` for a policy, with everything around it that every caller needs (module doc).
 
@@ -411,7 +431,9 @@ class Engine:
     rank layout (None = one process); `plain`: every row prefilled and decoded to the end (the
     oracle path, for tests and benchmarks); `compile_decode`: decode steps compiled over a static
     cache in batch-size buckets (model/static_decode.py; CUDA graphs on a GPU), one process only;
-    `compile_option`: the option that set it, named by the error under FSDP.
+    `compile_option`: the option that set it, named by the error under FSDP. On a GPU the token
+    loop reads which rows are done every SYNC_EVERY steps (`generate`'s `sync_every`): a host
+    sync per step would leave the GPU idle while the host queues the next step.
     """
 
     def __init__(self, model: nn.Module, tokenizer, info: DistInfo | None = None, *,
@@ -422,6 +444,7 @@ class Engine:
         self.plain = plain
         self.eos_token_ids = eos_token_ids or default_eos_ids(tokenizer, getattr(model, "lm", None))
         self.decoder = None
+        self.sync_every = SYNC_EVERY if self.device.type == "cuda" and not plain else 1
         if compile_decode:
             if info is not None and info.distributed:
                 raise ValueError(f"{compile_option} needs an unsharded model (FSDP's hooks are not "
@@ -472,7 +495,7 @@ class Engine:
                                stop_strings=stop_strings, all_done=self._all_done(stop_requested),
                                share_prompts=not self.plain, compact=not self.plain,
                                few_rows=not self.plain, decoder=None if self.plain else self.decoder,
-                               turns=None if idle else turns)
+                               turns=None if idle else turns, sync_every=self.sync_every)
         finally:
             set_gathered(self.model, False)
             self.model.train(was_training)

@@ -7,8 +7,11 @@ set by kernel launches rather than arithmetic. Compiled with CUDA graphs
 and fixed addresses, so the decode step here differs from the engine's eager one in three ways:
 
   * each batch size's KV cache is allocated once, at a fixed capacity, and written in place at a
-    position held in a tensor (`StaticDecodeLayer`); a step attends over the whole capacity
-    through a [rows, 1, 1, capacity] mask that hides prompt padding and what is not written yet;
+    position held in a tensor (`StaticDecodeLayer`). For the Llama / Qwen2 / Qwen3 family the
+    step is the decode-only forward (model/decode_forward.py): each row attends to its live
+    columns only, [start, position], with the grouped KV heads read in place; other models run
+    Hugging Face's forward, which attends over the whole capacity through a [rows, 1, 1,
+    capacity] mask that hides prompt padding and what is not written yet;
   * live rows are padded up to a power of two (a bucket), so there is one graph per bucket rather
     than per row count; when compaction leaves at most half of a bucket, the rows move to the
     smaller one (padding rows attend to their own token only, and their logits are dropped);
@@ -18,7 +21,7 @@ and fixed addresses, so the decode step here differs from the engine's eager one
 
 Prefill is not compiled (its shape changes every call); the engine runs it as before and the
 decoder copies its cache in. The values are the eager step's: the same forward over the same
-keys, values and mask, the masked positions adding exact zeros (tests/test_static_decode.py:
+keys and values, the positions outside a row's live ones adding nothing (tests/test_static_decode.py:
 the same completions as the eager engine, greedy and sampled, in float64). One process only:
 FSDP's hooks are not compiled (the engine refuses the option under FSDP).
 """
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from r1train.model.decode_forward import DecodeForward, unsupported
 
 # Capacity (prompt + new tokens) is rounded up to a multiple of this.
 CAPACITY_STEP = 64
@@ -58,7 +63,7 @@ class _Bucket:
     """A bucket's persistent tensors: the cache, the mask and the step's inputs."""
 
     def __init__(self, size: int, layers: list[tuple[int, int, int]], capacity: int, dtype, device):
-        self.size = size
+        self.size, self.capacity = size, capacity
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.cache = DynamicCache()
         self.cache.layers = [
@@ -66,6 +71,7 @@ class _Bucket:
                               torch.zeros(size, h, capacity, dv, dtype=dtype, device=device), self.position)
             for h, d, dv in layers]
         self.mask = torch.zeros(size, 1, 1, capacity, dtype=torch.bool, device=device)  # [bucket, 1, 1, cap]
+        self.start = torch.zeros(size, dtype=torch.long, device=device)  # [bucket] first live column
         self.input_ids = torch.zeros(size, 1, dtype=torch.long, device=device)  # [bucket, 1]
         self.position_ids = torch.zeros(size, 1, dtype=torch.long, device=device)  # [bucket, 1]
         if device.type == "cuda":  # fixed addresses: CUDA graphs read them in place
@@ -73,6 +79,7 @@ class _Bucket:
                 torch._dynamo.mark_static_address(layer.keys)
                 torch._dynamo.mark_static_address(layer.values)
             torch._dynamo.mark_static_address(self.position)
+            torch._dynamo.mark_static_address(self.start)
 
 
 def _copy_rows(layers, bucket: _Bucket, rows: torch.Tensor | None, length: int, clear: bool) -> None:
@@ -114,8 +121,10 @@ class StaticDecoder:
     graphs). Buckets persist between calls: a graph is compiled once per (bucket, capacity, dtype).
     """
 
-    def __init__(self, model, *, backend="inductor"):
+    def __init__(self, model, *, backend="inductor", direct: bool = True):
         self.model = model  # a PolicyModel
+        # the decode-only forward where the model family has one (`direct` False: HF's, for tests)
+        self.direct = DecodeForward(model.lm) if direct and unsupported(model.lm) is None else None
         self.buckets: dict[int, _Bucket] = {}
         self._kind = None  # (layer shapes, dtype, device) the buckets were made for
         self._capacity = 0
@@ -125,7 +134,9 @@ class StaticDecoder:
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
         self._step = torch.compile(self._forward, mode=mode, backend=backend, dynamic=False)
 
-    def _forward(self, input_ids, mask, position_ids, cache):
+    def _forward(self, input_ids, mask, position_ids, cache, start):
+        if self.direct is not None:
+            return self.direct(input_ids, position_ids, cache.layers, cache.layers[0].position, start).float()
         # A 4-D mask is used as given (Hugging Face builds none); the cache writes in place.
         out = self.model.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                             use_cache=True, logits_to_keep=1, **{self.model._cache_arg: cache})
@@ -159,16 +170,20 @@ class StaticDecoder:
         ([L, V] float32 logits, the handle)."""
         b = self.buckets[cache.bucket]
         n, w = input_ids.shape[0], attention_mask.shape[1]
-        if n != cache.rows or w > b.mask.shape[-1]:
+        if n != cache.rows or w > b.capacity:
             raise RuntimeError(f"StaticDecoder: a step of {n} rows and {w} positions for a cache of "
-                               f"{cache.rows} rows and {b.mask.shape[-1]} positions")
+                               f"{cache.rows} rows and {b.capacity} positions")
         b.position.fill_(w - 1)
-        b.mask.zero_()
-        b.mask[:n, 0, 0, :w] = attention_mask.bool()
-        b.mask[n:, 0, 0, w - 1] = True  # a padding row sees its own token only
+        if self.direct is not None:  # the engine's masks are left padding, then ones up to this token
+            b.start.fill_(w - 1)  # a padding row sees its own token only
+            b.start[:n] = w - attention_mask.sum(-1)
+        else:
+            b.mask.zero_()
+            b.mask[:n, 0, 0, :w] = attention_mask.bool()
+            b.mask[n:, 0, 0, w - 1] = True  # a padding row sees its own token only
         b.input_ids.zero_()
         b.input_ids[:n] = input_ids
         b.position_ids.zero_()
         b.position_ids[:n] = position_ids
-        logits = self._step(b.input_ids, b.mask, b.position_ids, b.cache)  # [bucket, V]
+        logits = self._step(b.input_ids, b.mask, b.position_ids, b.cache, b.start)  # [bucket, V]
         return logits[:n].clone(), cache  # clone: a CUDA graph's output is overwritten by its next replay
