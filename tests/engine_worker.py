@@ -15,7 +15,8 @@ import torch
 from r1train.model.engine import Engine
 from r1train.model.policy import PolicyModel
 from r1train.run.dist import decoder_layers, init_distributed, shard_model
-from test_rollout import ASSET, PROBLEMS, _prompt  # noqa: F401  (PROBLEMS: the prompts' problems)
+
+from test_rollout import ASSET, _prompt
 
 CALLS = {0: [([1, 1, 1], [11, 12, 13]), ([2, 2], [31, 32])],
          1: [([0, 0, 0], [21, 22, 23]), ([], [])]}  # (problem of each row, seeds) per call

@@ -230,3 +230,16 @@ def test_one_graph_under_torch_compile():
     for a, b in zip(eager_cache, compiled_cache):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     assert not torch.equal(eager_cache[0].keys, cache()[0].keys)  # the step wrote its key
+
+
+def test_the_cpu_bench_runs(capsys):
+    """bench/bench_decode.py (the CPU table of bench/RESULTS.md) on the tests' tiny model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "bench" / "bench_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--rows", "3", "--new", "4", "--repeats", "1", "--device", "cpu"])
+    table = capsys.readouterr().out
+    for row in ("eager engine", "static, decode-only forward (eager)", "static, HF forward (eager)"):
+        assert f"| {row} | " in table, row

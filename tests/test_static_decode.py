@@ -1,11 +1,12 @@
 """The compiled decode path (r1train/model/static_decode.py) against the engine's eager decode: the same
 completions, greedy and sampled, while rows finish, leave the batch and move to smaller buckets.
 The model is the cold-start SFT checkpoint of tests/assets (its rows end at different steps), run
-in float64 so that attending over the whole static capacity (masked positions adding exact zeros,
-in another summation order) cannot round a logit differently. torch.compile runs with the
-"eager" and "aot_eager" backends here: tracing, guards and the in-place cache writes, without
-code generation, which a GPU run exercises (bench/gpu_suite.py)."""
+in float64 so that attending over the static capacity in another summation order cannot round a
+logit differently. torch.compile runs with the "eager" and "aot_eager" backends here (tracing,
+guards and the in-place cache writes, without code generation), and once with inductor's CPU
+code generation; a GPU run compiles CUDA graphs (bench/gpu_suite.py)."""
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,14 +55,17 @@ def test_bucket_sizes_are_powers_of_two():
     assert [bucket_size(n) for n in (1, 2, 3, 4, 5, 8, 9, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 64, 128]
 
 
-@pytest.mark.parametrize("temperature,backend,direct", [(0.0, "eager", True), (1.0, "eager", True),
-                                                        (1.0, "aot_eager", True), (1.0, "aot_eager", False)])
-def test_same_completions_as_the_eager_decode(tiny, temperature, backend, direct):
+@pytest.mark.parametrize("temperature,backend,direct,top", [
+    (0.0, "eager", True, {}), (1.0, "eager", True, {}), (1.0, "aot_eager", True, {}),
+    (1.0, "aot_eager", False, {}), (0.8, "aot_eager", True, dict(top_k=20, top_p=0.9))])
+def test_same_completions_as_the_eager_decode(tiny, temperature, backend, direct, top):
     """`direct`: the decode-only forward (model/decode_forward.py, the default for this Qwen2
-    model), or Hugging Face's forward over a masked capacity (the path of other families)."""
+    model), or Hugging Face's forward over a masked capacity (the path of other families). The
+    decoder draws each next token inside its step: the tokens and their log-probs (the
+    sampler's side of GRPO's rollout correction) are the eager sampler's."""
     tok, policy = tiny
     ids, mask = pad_prompts(_prompts(tok), tok.pad_token_id, "cpu")
-    kw = dict(seeds=[11, 12, 13, 21, 22, 23, 31, 32], max_new_tokens=32, temperature=temperature)
+    kw = dict(seeds=[11, 12, 13, 21, 22, 23, 31, 32], max_new_tokens=32, temperature=temperature, **top)
     decoder = StaticDecoder(policy, backend=backend, direct=direct)
     assert (decoder.direct is not None) == direct
     fast = generate(policy, tok, ids, mask, decoder=decoder, **kw)
@@ -70,6 +74,7 @@ def test_same_completions_as_the_eager_decode(tiny, temperature, backend, direct
     assert len(set(lengths)) > 1 and min(lengths) < 16, lengths  # rows end early: compaction ran
     assert _rows(fast) == _rows(eager)
     assert fast.texts == eager.texts and torch.equal(fast.truncated, eager.truncated)
+    torch.testing.assert_close(fast.logps, eager.logps, rtol=1e-12, atol=1e-12)
     assert 8 in decoder.buckets and min(decoder.buckets) < 8  # the rows moved to a smaller bucket
     capacity = decoder.buckets[8].capacity
     assert capacity % CAPACITY_STEP == 0 and capacity >= ids.shape[1] + 32
@@ -86,6 +91,20 @@ def test_reading_the_finished_rows_every_k_steps(tiny):
     eager = generate(policy, tok, ids, mask, **kw)
     assert _rows(fast) == _rows(eager) and torch.equal(fast.completion_ids, eager.completion_ids)
     assert min(decoder.buckets) < 8
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="inductor's CPU code generation needs a C++ compiler (apt-get install g++)")
+def test_inductor_generated_code_gives_the_same_completions(tiny):
+    """What a GPU run compiles, on the CPU: inductor's generated code (C++ here, Triton on a GPU),
+    with the cache's in-place writes as mutations of graph inputs, over two buckets (~20 s)."""
+    tok, policy = tiny
+    ids, mask = pad_prompts(_prompts(tok), tok.pad_token_id, "cpu")
+    kw = dict(seeds=[11, 12, 13, 21, 22, 23, 31, 32], max_new_tokens=32, temperature=1.0)
+    decoder = StaticDecoder(policy, backend="inductor")
+    fast = generate(policy, tok, ids, mask, decoder=decoder, **kw)
+    assert _rows(fast) == _rows(generate(policy, tok, ids, mask, **kw))
+    assert len(decoder.buckets) >= 2
 
 
 def test_the_same_shapes_compile_once(tiny):

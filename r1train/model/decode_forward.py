@@ -24,9 +24,12 @@ the rotary embedding and the LM head are called as they are, so a LoRA adapter
 implements act here as in the model's own forward. Only the attention is replaced: grouped KV
 heads are read in place and only each row's live keys are read. The values are Hugging Face's:
 tests/test_decode_forward.py compares the logits of several decode steps with the model's own
-forward in float64. Fewer kernels per layer (merged q/k/v, fused residual + RMSNorm, SiLU-mul
-and RoPE) come from compiling this function (model/static_decode.py), whose graph holds these
-operations and nothing else.
+forward in float64. Fewer kernels per layer come from compiling this function
+(model/static_decode.py), whose graph holds these operations and nothing else: inductor fuses
+the elementwise work between the matrix products (residual add + RMSNorm, SiLU-mul, RoPE, the
+cache write). The q/k/v and gate/up products stay three and two: merging them would copy the
+weights (or change the model's layout), and on a GPU a decode step reads the weights once
+either way.
 
 `unsupported(lm)` names what this forward does not do (sliding-window layers, other model
 families); the static decoder then runs Hugging Face's forward instead.

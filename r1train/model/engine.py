@@ -155,7 +155,8 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
     generation config (`model.load.eos_token_ids`): Qwen2.5-Instruct ends turns with either of two.
     `share_prompts` / `compact` / `few_rows` off give the plain path (every row prefilled, every
     row decoded to the end, `nn.Linear` as it is), for tests and `bench/bench_grpo_step.py`.
-    `decoder`: an `model.static_decode.StaticDecoder` that runs the decode steps compiled (for
+    `decoder`: an `model.static_decode.StaticDecoder` that runs the decode steps compiled, each
+    step drawing the next token inside its graph with the same `sample_tokens` and uniforms (for
     models whose cache is all full attention; others decode eagerly).
     `turns`: multi-turn rows (`tools.episodes.ToolEpisodes`; model/multiturn.py); None: one
     assistant turn per row, as before it existed.
@@ -193,10 +194,9 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         shared = len(first) < b  # rows of one prompt share its prefill
         if shared:
             logits = logits[inverse]
-        decode = model.next_token_logits
-        if decoder is not None and prefill is not None:
+        use_decoder = decoder is not None and prefill is not None
+        if use_decoder:
             cache = decoder.start(cache, inverse if shared else None, b, p + max_new_tokens)
-            decode = decoder.next_token_logits
         elif shared:
             cache.batch_select_indices(inverse)
         next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: position of the first completion token
@@ -204,17 +204,32 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
         out_logps = torch.zeros((b, max_new_tokens), dtype=torch.float64, device=device)  # [B, max_new]
         finish_at = torch.full((b,), -1, dtype=torch.long, device=device)  # [B] token that ended the row
         live = torch.arange(b, device=device)  # [L] rows in the decode batch (and the cache)
+
+        def forward(tok, live, t, cache):
+            """Feed the live rows' token t: (logits of token t + 1, None, cache), or with the
+            compiled decoder (None, its draw of token t + 1, cache)."""
+            ids, mask, pos = tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t
+            if use_decoder:
+                drawn, cache = decoder.next_tokens(ids, mask, pos, cache, u[live, t + 1], temperature, top_k, top_p)
+                return None, drawn, cache
+            logits, cache = model.next_token_logits(ids, mask, pos, cache=cache)
+            return logits, None, cache
+
         rows = None
         if turns is not None:
             from r1train.model.multiturn import MultiTurnRows  # it imports this module
             rows = MultiTurnRows(turns, tokenizer, prompt_mask, max_new_tokens, next_pos)
         steps = 0
         check_every = 1 if stop_strings or turns is not None else max(1, sync_every)
+        drawn = None  # the compiled decoder's draw of the next token
         for t in range(max_new_tokens):
             done = finish_at[live] >= 0  # [L]
             # step t draws every row's model token t, multi-turn rows too (a tool turn is fed with
             # the token before it, in the same forward): u[row, t] is indexed by the row's own count
-            tok, logp = sample_tokens(logits, u[live, t], temperature, top_k, top_p, return_logps=True)  # [L]
+            if drawn is None:
+                tok, logp = sample_tokens(logits, u[live, t], temperature, top_k, top_p, return_logps=True)  # [L]
+            else:
+                tok, logp = drawn
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             if rows is None:
                 out[live, t] = tok
@@ -237,7 +252,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
                 rows.after_token(out, out_logps, live, done | hit, tok, finish_at)
             steps = t + 1
             if (t + 1) % check_every and t + 1 < max_new_tokens:  # no host sync at this step
-                logits, cache = decode(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t, cache=cache)
+                logits, drawn, cache = forward(tok, live, t, cache)
                 continue
             going = finish_at[live] < 0  # [L]
             n_going = int(going.sum())  # the check's one host sync (besides the ranks' agreement)
@@ -246,13 +261,13 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
                 break
             if compact and not local_done and n_going <= 0.75 * len(live):  # compaction (module docstring)
                 keep = going.nonzero().squeeze(1)  # [L']
-                live, logits, tok = live[keep], logits[keep], tok[keep]
+                live, tok = live[keep], tok[keep]
                 cache.batch_select_indices(keep)
             if rows is not None:  # the sampled tokens, and after them the rows' inserted tool turns
-                logits, cache = rows.forward(decode, live, tok, cache)
+                logits, cache = rows.forward(model.next_token_logits, live, tok, cache)
                 continue
             # decode: one token per live row against the cache
-            logits, cache = decode(tok[:, None], full_mask[live, : p + t + 1], next_pos[live] + t, cache=cache)
+            logits, drawn, cache = forward(tok, live, t, cache)
         if rows is not None:
             return rows.rollout(prompt_ids, prompt_mask, out, out_logps, finish_at)
         truncated = finish_at < 0  # [B] no EOS or stop string within max_new_tokens

@@ -19,11 +19,14 @@ and fixed addresses, so the decode step here differs from the engine's eager one
     prompt length would soon pass torch.compile's recompile limit), one that does not
     reallocates them at its own, rounded up to a multiple of CAPACITY_STEP.
 
-Prefill is not compiled (its shape changes every call); the engine runs it as before and the
-decoder copies its cache in. The values are the eager step's: the same forward over the same
-keys and values, the positions outside a row's live ones adding nothing (tests/test_static_decode.py:
-the same completions as the eager engine, greedy and sampled, in float64). One process only:
-FSDP's hooks are not compiled (the engine refuses the option under FSDP).
+The step also draws the next token (`sample_tokens`, with the rows' uniforms as an input), so a
+step is the forward, the cache write and the sampler in one graph; the engine then writes the
+tokens and checks for EOS with a few small operations outside it. Prefill is not compiled (its
+shape changes every call); the engine runs it as before and the decoder copies its cache in.
+The values are the eager step's: the same forward over the same keys and values, the positions
+outside a row's live ones adding nothing (tests/test_static_decode.py: the same completions and
+log-probs as the eager engine, greedy and sampled, in float64). One process only: FSDP's hooks
+are not compiled (the engine refuses the option under FSDP).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from r1train.model.decode_forward import DecodeForward, unsupported
+from r1train.model.engine import sample_tokens
 
 # Capacity (prompt + new tokens) is rounded up to a multiple of this.
 CAPACITY_STEP = 64
@@ -74,6 +78,7 @@ class _Bucket:
         self.start = torch.zeros(size, dtype=torch.long, device=device)  # [bucket] first live column
         self.input_ids = torch.zeros(size, 1, dtype=torch.long, device=device)  # [bucket, 1]
         self.position_ids = torch.zeros(size, 1, dtype=torch.long, device=device)  # [bucket, 1]
+        self.u = torch.zeros(size, dtype=torch.float64, device=device)  # [bucket] the next draw's uniforms
         if device.type == "cuda":  # fixed addresses: CUDA graphs read them in place
             for layer in self.cache.layers:
                 torch._dynamo.mark_static_address(layer.keys)
@@ -134,13 +139,15 @@ class StaticDecoder:
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
         self._step = torch.compile(self._forward, mode=mode, backend=backend, dynamic=False)
 
-    def _forward(self, input_ids, mask, position_ids, cache, start):
+    def _forward(self, input_ids, mask, position_ids, cache, start, u, temperature, top_k, top_p):
+        """One decode step and the next token's draw: ([bucket] tokens, [bucket] their log-probs)."""
         if self.direct is not None:
-            return self.direct(input_ids, position_ids, cache.layers, cache.layers[0].position, start).float()
-        # A 4-D mask is used as given (Hugging Face builds none); the cache writes in place.
-        out = self.model.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                            use_cache=True, logits_to_keep=1, **{self.model._cache_arg: cache})
-        return out.logits[:, -1].float()  # [bucket, V]
+            logits = self.direct(input_ids, position_ids, cache.layers, cache.layers[0].position, start)
+        else:  # a 4-D mask is used as given (Hugging Face builds none); the cache writes in place
+            out = self.model.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                use_cache=True, logits_to_keep=1, **{self.model._cache_arg: cache})
+            logits = out.logits[:, -1]
+        return sample_tokens(logits.float(), u, temperature, top_k, top_p, return_logps=True)  # [bucket] x 2
 
     def bucket(self, size: int) -> _Bucket:
         if size not in self.buckets:
@@ -164,10 +171,12 @@ class StaticDecoder:
         b.position.fill_(p - 1)
         return DecodeState(self, b.size, n)
 
-    def next_token_logits(self, input_ids, attention_mask, position_ids, cache: DecodeState):
-        """`PolicyModel.next_token_logits` for a decode step: input_ids [L, 1], attention_mask
-        [L, W] (the prompt's padding, then ones up to this token), position_ids [L, 1] ->
-        ([L, V] float32 logits, the handle)."""
+    def next_tokens(self, input_ids, attention_mask, position_ids, cache: DecodeState, u: torch.Tensor,
+                    temperature: float, top_k: int, top_p: float):
+        """A decode step and the draw of each row's next token, `sample_tokens` inside the
+        compiled step: input_ids [L, 1], attention_mask [L, W] (the prompt's padding, then ones up
+        to this token), position_ids [L, 1], u [L] the rows' uniforms for the next token ->
+        (([L] tokens, [L] float64 log-probs), the handle)."""
         b = self.buckets[cache.bucket]
         n, w = input_ids.shape[0], attention_mask.shape[1]
         if n != cache.rows or w > b.capacity:
@@ -185,5 +194,9 @@ class StaticDecoder:
         b.input_ids[:n] = input_ids
         b.position_ids.zero_()
         b.position_ids[:n] = position_ids
-        logits = self._step(b.input_ids, b.mask, b.position_ids, b.cache, b.start)  # [bucket, V]
-        return logits[:n].clone(), cache  # clone: a CUDA graph's output is overwritten by its next replay
+        b.u.zero_()
+        b.u[:n] = u
+        tokens, logps = self._step(b.input_ids, b.mask, b.position_ids, b.cache, b.start, b.u,
+                                   temperature, top_k, top_p)  # [bucket] x 2
+        # clone: a CUDA graph's outputs are overwritten by its next replay
+        return (tokens[:n].clone(), logps[:n].clone()), cache
