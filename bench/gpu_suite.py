@@ -87,9 +87,9 @@ PARTS = {
     "grpo": (200, True),
     "rollout": (110, True),
     "sft": (90, True),
-    "decode": (240, True),
-    "compiled": (240, True),
-    "main": (200, False),
+    "decode": (250, True),
+    "compiled": (200, True),
+    "main": (240, False),
 }
 
 
@@ -383,36 +383,39 @@ def part_decode(dry: bool, workdir: Path) -> dict:
                        eos_token_ids=eos, decoder=decoder, sync_every=SYNC_EVERY if dev == "cuda" else 1)
         return clock(dev) - t0, out.completion_ids.shape[1], int(out.lengths.sum())
 
-    def hf(n):
+    def hf(n, new):
         pid, pmask = pad_prompts([ids[i % len(ids)] for i in range(n)], tok.pad_token_id, dev)
         torch.manual_seed(0)
         t0 = clock(dev)
-        out = lm.generate(input_ids=pid, attention_mask=pmask, max_new_tokens=max_new, do_sample=True,
+        out = lm.generate(input_ids=pid, attention_mask=pmask, max_new_tokens=new, do_sample=True,
                           temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=tok.pad_token_id)
         return clock(dev) - t0, out.shape[1] - pid.shape[1], None
 
     eager, fast = "eager engine", "compiled, decode-only forward"
-    fns = {eager: lambda n: call(n), fast: lambda n: call(n, direct), "HF generate": hf,
-           "compiled, HF forward": lambda n: call(n, via_hf)}
+    fns = {eager: lambda n, new: call(n, None, new), fast: lambda n, new: call(n, direct, new), "HF generate": hf,
+           "compiled, HF forward": lambda n, new: call(n, via_hf, new)}
+    short = 8 if dry else 64  # new tokens at 16 and 256 rows, one timed call: the part's time goes to 64 rows
     n64 = sizes[1]
     rows, ms, keys, tables = [], {}, {}, {}
 
     def save():  # what is measured so far: kept if the part runs out of time (`run_part`)
         done = [r + [f"{ms[(eager, r[0])] / ms[(r[1], r[0])]:.2f}x" if (eager, r[0]) in ms else ""] for r in rows]
-        tables["timings"] = md_table(["rows", "decode", "best s", "steps", "ms/step", "vs eager"], done) + "\n\n" + note
+        tables["timings"] = md_table(["rows", "decode", "best s", "steps", "ms/step", "eager engine / this"],
+                                     done) + "\n\n" + note
         keys.update({f"decode_ms_{n}" + ("" if name == fast else "_eager"): v for (name, n), v in ms.items()
                      if name in (eager, fast)})
         if ("HF generate", n64) in ms and (fast, n64) in ms:
             keys[f"rollout_vs_hf_{n64}"] = ms[("HF generate", n64)] / ms[(fast, n64)]
         save_partial(workdir, "decode", {"table": "\n\n".join(tables.values()), "keys": keys})
 
-    def measure(name, n):
-        fns[name](n)  # warm-up: compiles the bucket's graph
-        t, steps, _ = min(fns[name](n) for _ in range(2))
+    def measure(name, n, new=max_new, repeats=2):
+        fns[name](n, new)  # warm-up: compiles the bucket's graph
+        t, steps, _ = min(fns[name](n, new) for _ in range(repeats))
         ms[(name, n)] = 1e3 * t / steps
         rows.append([n, name, f"{t:.2f}", steps, f"{ms[(name, n)]:.2f}"])
 
-    note = (f"ms/step = a generate call's time over its steps (best of 2 after a warm-up call that compiles), "
+    note = (f"ms/step = a generate call's time over its steps (best of 2 after a warm-up call that compiles; "
+            f"at {sizes[0]} and {sizes[-1]} rows one call of {short} tokens after the warm-up), "
             f"prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens, {max_new} new tokens, "
             f"temperature 1, {'float32 (dry run: torch.compile backend eager)' if dry else 'bf16'}; "
             f"in the order measured (the part may run out of time: what comes first matters most).")
@@ -423,7 +426,7 @@ def part_decode(dry: bool, workdir: Path) -> dict:
     save()
     for n in (sizes[0],) + sizes[2:]:
         for name in (eager, fast):
-            measure(name, n)
+            measure(name, n, short, repeats=1)
         save()
     measure("compiled, HF forward", n64)
     save()
@@ -829,7 +832,7 @@ def format_report(v: dict, results: dict, args) -> str:
         elif r.get("error"):
             lines += ["", f"#### {name}: {r['status']}", "", "```", r["error"].strip()[-2000:], "```"]
     # the run at a glance, last: every part's keys, and each part's status
-    keys = {f"{n}_status": r["status"].split(" ")[0] for n, r in results.items()}
+    keys = {f"{n}_status": r["status"] for n, r in results.items()}
     for r in results.values():
         keys.update(r.get("keys", {}))
     lines += ["", "```text"] + [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
