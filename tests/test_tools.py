@@ -362,7 +362,7 @@ def test_a_tool_that_hangs_is_stopped_at_its_timeout_and_the_pool_goes_on(hostil
     # two workers: both hanging calls run at once, the third call waits for a fresh worker
     assert [r.text for r in results[:2]] == ["Error: hangs timed out after 1.5 s"] * 2
     assert results[2].text == "got 3" and not results[2].error
-    assert 1.5 <= elapsed < 4.0, elapsed
+    assert 1.5 <= elapsed < 8.0, elapsed  # stopped at the timeout, not left to hang (loose: slow CI machines)
     assert pool.events["restarts"] == restarts + 2
 
 
@@ -383,7 +383,7 @@ def test_floods_and_non_text_results(hostile, capfd):
     kept = len(big) - len(big.lstrip("b"))
     assert big == "b" * kept + f"\n[... {100_000_000 - kept} characters cut]" and 250 < kept and len(big) <= 300
     assert run_one(pool, "not_text").text == "Error: not_text returned a list, not a str"
-    assert time.monotonic() - t < 5.0
+    assert time.monotonic() - t < 10.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +430,7 @@ def test_calculator_refuses_huge_powers_at_once(expr):
     t = time.monotonic()
     with pytest.raises(CalculatorError, match="more than 4096 bits"):
         evaluate(expr)
-    assert time.monotonic() - t < 0.05
+    assert time.monotonic() - t < 0.5  # refused before computing: 9**9**9 would take hours
 
 
 @pytest.mark.parametrize("expr, why", [
@@ -491,7 +491,7 @@ def test_python_loops_forever_sleeps_forever():
     t = time.monotonic()
     text = PythonSandbox(LOW)("import time\nprint('start', flush=True)\nwhile True: time.sleep(0.05)")
     assert text == "start\nError: the code ran longer than 2 s and was stopped"
-    assert 2.0 <= time.monotonic() - t < 3.5
+    assert 2.0 <= time.monotonic() - t < 6.0  # stopped at its 2 s, not left to loop
     assert left_behind() == []
 
 
@@ -504,7 +504,7 @@ def test_python_output_is_cut():
     t = time.monotonic()
     text = PythonSandbox(LOW)("import sys\nsys.stdout.write('a' * 100_000_000)\nprint('END')")
     assert text.startswith("a" * 300) and "[... 99999604 bytes cut ...]" in text and text.endswith("aEND")
-    assert time.monotonic() - t < 3.0
+    assert time.monotonic() - t < 10.0
 
 
 FORK_LOOP = """
@@ -524,7 +524,7 @@ def test_python_forking_repeatedly_is_stopped_and_nothing_is_left():
     t = time.monotonic()
     report = run_code(FORK_LOOP, LOW)
     assert report["processes_exceeded"] and not report["timed_out"]
-    assert time.monotonic() - t < 2.0
+    assert time.monotonic() - t < 10.0  # its children sleep 30 s: stopped, not waited for
     # Root is exempt from RLIMIT_NPROC: then the count is checked every 20 ms and may overshoot.
     assert report["processes_peak"] > LOW.max_processes and (os.geteuid() != 0 or report["processes_peak"] < 200)
     assert "all forked" not in report["output"]
