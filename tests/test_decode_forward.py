@@ -101,6 +101,34 @@ def test_triton_kernel_reads_strided_cache_views():
         triton_decode_attention(q, keys.transpose(2, 3).contiguous().transpose(2, 3), values, start, end, 0.25)
 
 
+@needs_interpreter
+def test_triton_kernel_inside_a_compiled_decode_step(monkeypatch):
+    """The GPU's compiled step, on the CPU: the decode-only forward under torch.compile
+    (`fullgraph`, aot_eager) with its attention running the Triton kernel (interpreted) as an
+    opaque custom-op node of the graph, against the same step uncompiled with the eager attention."""
+    from r1train.kernels import triton_decode_attention as kernel_module
+
+    lm = _model("qwen2").float()
+    gen = torch.Generator().manual_seed(4)
+    cache = [SimpleNamespace(keys=torch.randn(3, 2, 16, 8, generator=gen),
+                             values=torch.randn(3, 2, 16, 8, generator=gen)) for _ in lm.model.layers]
+    ids, pos = torch.tensor([[5], [6], [7]]), torch.tensor([[9], [4], [0]])
+    at, start = torch.tensor([9]), torch.tensor([0, 5, 9])
+    step = DecodeForward(lm)
+    launches = []
+    kernel = kernel_module.triton_decode_attention
+    monkeypatch.setattr(kernel_module, "triton_decode_attention",
+                        lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    with torch.no_grad():
+        got = torch.compile(step.__call__, backend="aot_eager", fullgraph=True)(
+            ids, pos, [SimpleNamespace(keys=c.keys.clone(), values=c.values.clone()) for c in cache], at, start)
+        assert len(launches) == len(lm.model.layers)  # the kernel ran, once a layer
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference: the eager attention
+        want = step(ids, pos, cache, at, start)
+    assert len(launches) == len(lm.model.layers)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(INTERPRETER, reason="this process already is the interpreter run")
 def test_triton_under_interpreter():
     pytest.importorskip("triton")
@@ -109,7 +137,7 @@ def test_triton_under_interpreter():
                           "-k", "triton"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     passed = re.search(r"(\d+) passed", res.stdout)
-    assert passed and int(passed.group(1)) == 5, res.stdout[-2000:]  # 4 shapes + strided views
+    assert passed and int(passed.group(1)) == 6, res.stdout[-2000:]  # 4 shapes, strided views, compiled step
 
 
 @needs_cuda

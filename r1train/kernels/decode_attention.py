@@ -45,13 +45,23 @@ def eager_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return out.reshape(b, h, d).to(q.dtype)
 
 
+@torch.library.custom_op("r1train::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor,
                      end: torch.Tensor, scale: float) -> torch.Tensor:
     """[B, H, D] attention output of one query per row (module docstring). Requires
-    0 <= start < end <= C for every row: a row attends to at least its own new key."""
+    0 <= start < end <= C for every row: a row attends to at least its own new key.
+
+    A PyTorch custom operator: torch.compile keeps it as one opaque node of the graph (the
+    kernel launch is not traced; a CUDA graph captures it like any kernel), whichever of the
+    two implementations runs."""
     if q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
                      and q.dtype == torch.float32):  # the interpreter runs float32 only
         from r1train.kernels.triton_decode_attention import INTERPRETED, triton_decode_attention
         if q.is_cuda or INTERPRETED:
             return triton_decode_attention(q, keys, values, start, end, scale)
-    return eager_decode_attention(q, keys, values, start, end, scale)
+    return eager_decode_attention(q, keys, values, start, end, scale)  # a new tensor, never a view
+
+
+@decode_attention.register_fake
+def _(q, keys, values, start, end, scale):
+    return torch.empty_like(q)  # what the op returns, for tracing: [B, H, D] in q's dtype
