@@ -19,6 +19,7 @@ from torch.testing import assert_close
 from r1train.kernels.decode_attention import decode_attention, eager_decode_attention
 from r1train.model.decode_forward import DecodeForward, unsupported
 from r1train.model.engine import position_ids_from_mask
+from r1train.model.policy import cache_argument
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -178,7 +179,7 @@ def _decode_against_full_forward(lm, steps=5, lengths=(7, 4, 2, 1), capacity=20)
     with torch.no_grad():
         full = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # [B, P + steps, V]
         cache = lm(input_ids=ids[:, :p], attention_mask=mask[:, :p], position_ids=pos[:, :p],
-                   use_cache=True).past_key_values
+                   use_cache=True)[cache_argument(lm)]
         layers = []
         for layer in cache.layers:
             k = torch.zeros(b, layer.keys.shape[1], capacity, layer.keys.shape[3], dtype=layer.keys.dtype)

@@ -18,8 +18,9 @@ Triton kernel with one program per (row, KV head) that sweeps the live keys in b
 online softmax (Milakov & Gimelshein 2018), its G query heads as the rows of a `tl.dot`; elsewhere
 `eager_decode_attention`, the same sum written over the whole capacity with masked positions
 at -inf (exact zeros after the softmax), which is also the kernel's oracle in the tests. Both
-accumulate in float32 (float64 inputs: float64, in the eager one). The kernel lengths are read
-on the device, so a step captured in a CUDA graph reads each step's lengths without a host sync.
+accumulate in float32 (float64 inputs: float64, in the eager one). The kernel reads `start` and
+`end` from device memory, so a step captured in a CUDA graph takes each step's lengths without a
+host sync.
 No split over the key axis (flash-decoding): at 64 rows a step already has 64 x H_kv programs.
 """
 from __future__ import annotations
