@@ -107,6 +107,29 @@ def test_inductor_generated_code_gives_the_same_completions(tiny):
     assert len(decoder.buckets) >= 2
 
 
+def test_a_step_between_two_checks_reads_nothing_back_to_the_host(tiny):
+    """On a GPU a read of a device value (a boolean-mask index, `.item()`, `int(t)`) waits for
+    every queued kernel: with `sync_every` 8 only the checks may do it. Counted on the CPU, where
+    the same operators run (aten::nonzero, aten::_local_scalar_dense): 16 more steps of rows that
+    never end add their two checks' reads, not one a step. (The eager engine's steps read one
+    value each inside Hugging Face's mask construction; the decoder builds no mask.)"""
+    from torch.profiler import profile
+
+    tok, policy = tiny
+    ids, mask = pad_prompts(_prompts(tok)[:2], tok.pad_token_id, "cpu")
+    decoder = StaticDecoder(policy, backend="eager")
+
+    def reads(max_new):
+        kw = dict(seeds=[1, 2], max_new_tokens=max_new, temperature=1.0, eos_token_ids=[-1], sync_every=8)
+        generate(policy, tok, ids, mask, decoder=decoder, **kw)  # traced outside the count
+        with profile() as prof:
+            generate(policy, tok, ids, mask, decoder=decoder, **kw)
+        return sum(e.name in ("aten::nonzero", "aten::_local_scalar_dense") for e in prof.events())
+
+    extra = reads(32) - reads(16)
+    assert 1 <= extra <= 2 * 2, extra  # the checks after steps 24 and 32: int(going.sum()) each
+
+
 def test_the_same_shapes_compile_once(tiny):
     """A second call with the same buckets reuses their graphs, and so does a call with shorter
     prompts (the capacity only grows); a longer one reallocates the buckets at a larger one."""

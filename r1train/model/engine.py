@@ -247,7 +247,8 @@ def generate(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_mask:
                     hit[at] |= _stop_hit(tokenizer, out[live[at], : t + 1], stop_strings)
                 elif len(at):  # the row's current segment only: a tool turn may hold a stop string
                     hit[at] |= rows.tail_holds(out, live[at], stop_strings)
-            finish_at[live[hit & ~done]] = t if rows is None else col[hit & ~done]
+            # where() rather than finish_at[live[hit & ~done]]: a boolean index is a host sync
+            finish_at[live] = torch.where(hit & ~done, t if rows is None else col, finish_at[live])
             if rows is not None:  # a tool call pauses a row; the budget or max_turns ends it
                 rows.after_token(out, out_logps, live, done | hit, tok, finish_at)
             steps = t + 1
