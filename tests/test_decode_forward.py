@@ -150,6 +150,16 @@ def test_cuda_triton_kernel_matches_the_float64_loop(dtype, tol):
     assert_close(out.double().cpu(), want, rtol=tol, atol=tol)
 
 
+@needs_cuda
+def test_cuda_triton_kernel_with_float32_keys_and_bf16_values():
+    """The cache of a step under bf16 autocast: float32 queries and keys, bf16 values."""
+    q, keys, values, start, end = _attention_case(16, 14, 2, 200, 64, seed=1, device="cuda")
+    out = decode_attention(q, keys, values.bfloat16(), start, end, 0.125)
+    want = attention_oracle(*(t.cpu() for t in (q, keys, values.bfloat16().float(), start, end)), 0.125)
+    assert out.dtype == torch.float32
+    assert_close(out.double().cpu(), want, rtol=1e-2, atol=1e-2)
+
+
 # ----------------------------------------------------------------------------------------
 # the forward against Hugging Face's
 # ----------------------------------------------------------------------------------------

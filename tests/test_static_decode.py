@@ -107,6 +107,28 @@ def test_inductor_generated_code_gives_the_same_completions(tiny):
     assert len(decoder.buckets) >= 2
 
 
+def test_under_autocast_as_the_trainer_runs_it_on_a_gpu():
+    """A single-GPU trainer generates under bf16 autocast: the prefill's cache then holds float32
+    keys (RoPE's float32 tables promote them) and bf16 values, and the buckets must take both
+    dtypes (they once took the keys' for both, and the first step's in-place write failed).
+    Here on the CPU's bf16 autocast, in float32 weights: greedy rows as the eager engine's under
+    the same autocast (the attention sums in another precision than HF's bf16 SDPA: a near-tie
+    could flip on another machine, so one row of 8 may differ)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSET)
+    policy = PolicyModel(AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32).eval())
+    ids, mask = pad_prompts(_prompts(tok), tok.pad_token_id, "cpu")
+    kw = dict(seeds=list(range(8)), max_new_tokens=32, temperature=0.0)
+    decoder = StaticDecoder(policy, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = generate(policy, tok, ids, mask, decoder=decoder, **kw)
+        eager = generate(policy, tok, ids, mask, **kw)
+    layer = decoder.buckets[8].cache.layers[0]
+    assert (layer.keys.dtype, layer.values.dtype) == (torch.float32, torch.bfloat16)
+    assert sum(a == b for a, b in zip(_rows(fast), _rows(eager))) >= 7
+
+
 def test_a_step_between_two_checks_reads_nothing_back_to_the_host(tiny):
     """On a GPU a read of a device value (a boolean-mask index, `.item()`, `int(t)`) waits for
     every queued kernel: with `sync_every` 8 only the checks may do it. Counted on the CPU, where

@@ -56,7 +56,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     kernel launch is not traced; a CUDA graph captures it like any kernel), whichever of the
     two implementations runs."""
     if q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-                     and q.dtype == torch.float32):  # the interpreter runs float32 only
+                     and {q.dtype, keys.dtype, values.dtype} == {torch.float32}):  # the interpreter: float32 only
         from r1train.kernels.triton_decode_attention import INTERPRETED, triton_decode_attention
         if q.is_cuda or INTERPRETED:
             return triton_decode_attention(q, keys, values, start, end, scale)

@@ -5,7 +5,9 @@ operand of `tl.dot` against a block of BLOCK_N keys; the running max `m`, denomi
 output `acc` are updated per block as in FlashAttention's online softmax, and the loop runs from
 the row's `start` to its `end`, both read from device memory. Probabilities enter the second
 product in the values' dtype (bf16 on a GPU, as FlashAttention does), accumulated in float32.
-float32 inputs use full-precision products (`input_precision="ieee"`, not TF32).
+float32 operands use full-precision products (`input_precision="ieee"`, not TF32). Under
+autocast the cache holds float32 keys (RoPE's float32 tables promote them) and bf16 values,
+as Hugging Face's own cache does: each product takes its operands' dtype.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, end_ptr,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kc,
                              stride_vb, stride_vh, stride_vc, stride_ob, stride_oh,
                              scale, G, D, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                             BLOCK_N: tl.constexpr, IEEE_QK: tl.constexpr, IEEE_PV: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kv = tl.program_id(1).to(tl.int64)
     gs = tl.arange(0, BLOCK_G)
@@ -43,7 +45,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, end_ptr,
         n_ok = offs < end
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_row + offs[:, None] * stride_kc + ds[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        if IEEE:
+        k = k.to(q.dtype)  # no-op unless the cache's dtype differs from the query's
+        if IEEE_QK:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
@@ -53,7 +56,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, end_ptr,
         p = tl.exp(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(v_row + offs[:, None] * stride_vc + ds[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
+        if IEEE_PV:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
@@ -85,5 +88,6 @@ def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
         q, keys, values, out, start, end,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
-        scale, g, d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, IEEE=q.dtype == torch.float32)
+        scale, g, d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
+        IEEE_QK=q.dtype == torch.float32, IEEE_PV=values.dtype == torch.float32)
     return out

@@ -66,13 +66,14 @@ class StaticDecodeLayer(DynamicLayer):
 class _Bucket:
     """A bucket's persistent tensors: the cache, the mask and the step's inputs."""
 
-    def __init__(self, size: int, layers: list[tuple[int, int, int]], capacity: int, dtype, device):
+    def __init__(self, size: int, layers: list[tuple[int, int, int]], capacity: int, dtypes, device):
         self.size, self.capacity = size, capacity
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.cache = DynamicCache()
+        k_dtype, v_dtype = dtypes  # under autocast keys are float32 (RoPE's tables) and values bf16
         self.cache.layers = [
-            StaticDecodeLayer(torch.zeros(size, h, capacity, d, dtype=dtype, device=device),
-                              torch.zeros(size, h, capacity, dv, dtype=dtype, device=device), self.position)
+            StaticDecodeLayer(torch.zeros(size, h, capacity, d, dtype=k_dtype, device=device),
+                              torch.zeros(size, h, capacity, dv, dtype=v_dtype, device=device), self.position)
             for h, d, dv in layers]
         self.mask = torch.zeros(size, 1, 1, capacity, dtype=torch.bool, device=device)  # [bucket, 1, 1, cap]
         self.start = torch.zeros(size, dtype=torch.long, device=device)  # [bucket] first live column
@@ -131,7 +132,7 @@ class StaticDecoder:
         # the decode-only forward where the model family has one (`direct` False: HF's, for tests)
         self.direct = DecodeForward(model.lm) if direct and unsupported(model.lm) is None else None
         self.buckets: dict[int, _Bucket] = {}
-        self._kind = None  # (layer shapes, dtype, device) the buckets were made for
+        self._kind = None  # (layer shapes, (key dtype, value dtype), device) the buckets were made for
         self._capacity = 0
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
@@ -151,8 +152,8 @@ class StaticDecoder:
 
     def bucket(self, size: int) -> _Bucket:
         if size not in self.buckets:
-            layers, dtype, device = self._kind
-            self.buckets[size] = _Bucket(size, layers, self._capacity, dtype, device)
+            layers, dtypes, device = self._kind
+            self.buckets[size] = _Bucket(size, layers, self._capacity, dtypes, device)
         return self.buckets[size]
 
     def start(self, prefill, rows: torch.Tensor | None, n: int, capacity: int) -> DecodeState:
@@ -161,7 +162,7 @@ class StaticDecoder:
         prefill row i). Returns the handle the engine decodes with."""
         first = prefill.layers[0].keys
         kind = ([(k.keys.shape[1], k.keys.shape[3], k.values.shape[3]) for k in prefill.layers],
-                first.dtype, first.device)
+                (first.dtype, prefill.layers[0].values.dtype), first.device)
         capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
         if kind != self._kind or capacity > self._capacity:  # a call that fits keeps the buckets and graphs
             self.buckets, self._kind, self._capacity = {}, kind, capacity
