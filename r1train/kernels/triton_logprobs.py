@@ -9,8 +9,8 @@ Two kernel families, both in float32 whatever the input dtype:
     their slice of the vocabulary; the slices' partial (max, sum, sum e w) are merged on the
     host side ([splits, N] floats, never [N, V]). The target's own logit h . W[y] is a
     float32 dot product per token, taken once outside the vocabulary loop (exact products of
-    16-bit inputs, as the tiles have; float32 inputs under TF32 get it in full precision). The backward recomputes logits chunk by
-    chunk, writes d loss / d logits for the chunk (each token's own upstream gradient
+    16-bit inputs, as the tiles have; float32 inputs under TF32 get it in full precision). The
+    backward recomputes logits chunk by chunk, writes d loss / d logits for the chunk (each token's own upstream gradient
     applied) and hands the two reductions grad_hidden = dx W and grad_weight += dx^T h to
     cuBLAS; the only [*, V] buffer is that chunk's gradient.
 
