@@ -10,9 +10,9 @@ Two kernel families, both in float32 whatever the input dtype:
     host side ([splits, N] floats, never [N, V]). The target's own logit h . W[y] is a
     float32 dot product per token, taken once outside the vocabulary loop (exact products of
     16-bit inputs, as the tiles have; float32 inputs under TF32 get it in full precision). The
-    backward recomputes logits chunk by chunk, writes d loss / d logits for the chunk (each token's own upstream gradient
-    applied) and hands the two reductions grad_hidden = dx W and grad_weight += dx^T h to
-    cuBLAS; the only [*, V] buffer is that chunk's gradient.
+    backward recomputes logits chunk by chunk, writes d loss / d logits for the chunk (each
+    token's own upstream gradient applied) and hands the two reductions grad_hidden = dx W and
+    grad_weight += dx^T h to cuBLAS; the only [*, V] buffer is that chunk's gradient.
 
 CPU tensors run through Triton's interpreter only when TRITON_INTERPRET=1 is set before
 `triton` is imported: triton 3.x reads the variable when `@triton.jit` wraps a function, and
