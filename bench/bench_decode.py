@@ -5,7 +5,8 @@ decode-only forward (model/decode_forward.py) or Hugging Face's forward, on this
 
 Rows never end (no EOS id is given), so every call runs `--new` steps over all rows; ms/step is
 a call's time over its steps (prefill included), best of `--repeats` after a warm-up call (which
-compiles). On a CPU the torch.compile backend is "eager" (tracing only) unless `--inductor`
+compiles). The last column counts the ATen operators a step calls (the profiler, one 8-token
+call): on a GPU each is a kernel launch at least, which is what a launch-bound step costs. On a CPU the torch.compile backend is "eager" (tracing only) unless `--inductor`
 (C++ code generation, ~40 s of compilation for SmolLM2-135M on 2 cores); the GPU figures come
 from bench/gpu_suite.py's `decode` part (CUDA graphs).
 """
@@ -32,6 +33,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
+    from torch.profiler import profile
     from transformers import AutoModelForCausalLM
 
     from r1train.data.problems import encode_prompts
@@ -63,14 +65,23 @@ def main(argv=None) -> None:
             generate(policy, tok, pid, pmask, seeds=list(range(args.rows)), max_new_tokens=args.new,
                      temperature=1.0, eos_token_ids=[-1], decoder=decoder, sync_every=sync)
             times[name].append(clock(args.device) - t0)
+    # operators a step calls (top-level ATen operators, fused generated kernels not counted):
+    # on a GPU each is at least one kernel launch, the cost of a launch-bound decode step
+    ops = {}
+    for name, decoder in decoders.items():
+        with profile() as prof:
+            generate(policy, tok, pid, pmask, seeds=list(range(args.rows)), max_new_tokens=8,
+                     temperature=1.0, eos_token_ids=[-1], decoder=decoder, sync_every=sync)
+        ops[name] = sum(1 for e in prof.events() if e.name.startswith("aten::") and (
+            e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))) / 8
     base = min(times["eager engine"][1:])
     print(f"{path}: {args.rows} rows, prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens, "
           f"{args.new} new tokens, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| decode | ms/step | vs eager engine | first call s |")
-    print("| --- | --- | --- | --- |")
+    print("| decode | ms/step | vs eager engine | first call s | ATen ops/step (8-token call, prefill in) |")
+    print("| --- | --- | --- | --- | --- |")
     for name, t in times.items():
         best = min(t[1:])
-        print(f"| {name} | {1e3 * best / args.new:.1f} | {best / base:.2f}x | {t[0]:.1f} |")
+        print(f"| {name} | {1e3 * best / args.new:.1f} | {best / base:.2f}x | {t[0]:.1f} | {ops[name]:.0f} |")
 
 
 if __name__ == "__main__":
