@@ -3,12 +3,13 @@ decode-only forward (model/decode_forward.py) or Hugging Face's forward, on this
 
     python bench/bench_decode.py --model <folder> --rows 16 --new 48 [--inductor]
 
-Rows never end (no EOS id is given), so every call runs `--new` steps over all rows; ms/step is
-a call's time over its steps (prefill included), best of `--repeats` after a warm-up call (which
-compiles). The last column counts the ATen operators a step calls (the profiler, one 8-token
-call): on a GPU each is a kernel launch at least, which is what a launch-bound step costs. On a CPU the torch.compile backend is "eager" (tracing only) unless `--inductor`
-(C++ code generation, ~40 s of compilation for SmolLM2-135M on 2 cores); the GPU figures come
-from bench/gpu_suite.py's `decode` part (CUDA graphs).
+Rows never end (no EOS id is given), so every call runs `--new` steps over all rows; ms/step is a
+call's time over its steps (prefill included), best of `--repeats` after a warm-up call (which
+compiles). The last column counts the ATen operators a step calls (the profiler, one 8-token call):
+on a GPU each is a kernel launch at least, which is what a launch-bound step costs. On a CPU the
+torch.compile backend is "eager" (tracing only) unless `--inductor` (C++ code generation, ~40 s of
+compilation for SmolLM2-135M on 2 cores); the GPU figures come from bench/gpu_suite.py's `decode`
+part (CUDA graphs).
 """
 from __future__ import annotations
 
