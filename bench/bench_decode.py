@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -44,6 +45,8 @@ def main(argv=None) -> None:
     from r1train.model.policy import PolicyModel
     from r1train.model.static_decode import StaticDecoder
     from r1train.run.logging import clock
+
+    from bench_grpo_step import top_level_ops
 
     path = args.model
     tok = load_tokenizer(path)
@@ -73,8 +76,7 @@ def main(argv=None) -> None:
         with profile() as prof:
             generate(policy, tok, pid, pmask, seeds=list(range(args.rows)), max_new_tokens=8,
                      temperature=1.0, eos_token_ids=[-1], decoder=decoder, sync_every=sync)
-        ops[name] = sum(1 for e in prof.events() if e.name.startswith("aten::") and (
-            e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))) / 8
+        ops[name] = top_level_ops(prof.events()) / 8
     base = min(times["eager engine"][1:])
     print(f"{path}: {args.rows} rows, prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens, "
           f"{args.new} new tokens, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -122,6 +122,13 @@ def time_grpo_steps(trainers: dict, repeats: int, cpu_time: bool = False) -> dic
     return results
 
 
+def top_level_ops(events) -> int:
+    """The ATen operators among profiler `events` that no other ATen operator called: what the
+    code itself asks for (on a GPU, each is at least one kernel launch)."""
+    return sum(1 for e in events if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def count_operators(trainers: dict, step: int) -> str:
     """One more step per trainer under the profiler: the ATen operators each phase calls (those
     not called by another operator, backward's included), a table. Where the work is per-call
@@ -131,8 +138,7 @@ def count_operators(trainers: dict, step: int) -> str:
     def calls(fn):
         with profile() as prof:
             out = fn()
-        ops = [e for e in prof.events() if e.name.startswith("aten::")]
-        return out, sum(1 for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        return out, top_level_ops(prof.events())
 
     counts = {}
     for name, trainer in trainers.items():

@@ -458,6 +458,8 @@ def profile_steps(fn, steps: int, dev: str, rows: int, keys: dict) -> str:
     kernels, CUDA graph launches, host syncs, memcpy calls and top-level ATen operators."""
     from torch.profiler import ProfilerActivity, profile
 
+    from bench_grpo_step import top_level_ops
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
@@ -468,8 +470,7 @@ def profile_steps(fn, steps: int, dev: str, rows: int, keys: dict) -> str:
         "host syncs": sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                           "cudaEventSynchronize")),
         "memcpy calls": sum(1 for e in events if e.name in ("cudaMemcpyAsync", "cudaMemcpy")),
-        "top-level ATen ops": sum(1 for e in events if e.name.startswith("aten::") and (
-            e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))),
+        "top-level ATen ops": top_level_ops(events),
     }
     keys[f"kernels_per_step_{rows}"] = count["GPU kernels"] / steps
     keys[f"host_syncs_per_step_{rows}"] = count["host syncs"] / steps

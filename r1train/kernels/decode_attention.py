@@ -57,7 +57,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     two implementations runs."""
     if q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
                      and {q.dtype, keys.dtype, values.dtype} == {torch.float32}):  # the interpreter: float32 only
-        from r1train.kernels.triton_decode_attention import INTERPRETED, triton_decode_attention
+        from r1train.kernels.triton_decode_attention import triton_decode_attention
+        from r1train.kernels.triton_logprobs import INTERPRETED  # whether the interpreter runs the kernels
         if q.is_cuda or INTERPRETED:
             return triton_decode_attention(q, keys, values, start, end, scale)
     return eager_decode_attention(q, keys, values, start, end, scale)  # a new tensor, never a view

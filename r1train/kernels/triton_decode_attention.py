@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 
 @triton.jit
@@ -65,11 +64,6 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, end_ptr,
     out = acc / l_sum[:, None]
     tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + ds[None, :],
              out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-
-
-# True when TRITON_INTERPRET=1 was set before triton was imported (kernels/triton_logprobs.py).
-INTERPRETED = not isinstance(_decode_attention_kernel, JITFunction) \
-    and not isinstance(tl.sum, JITFunction)
 
 
 def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor,
