@@ -110,7 +110,12 @@ class LoRALinear(nn.Linear):
         if self.merged or not self.adapter_enabled:
             return y
         a, b = (self.lora_ref_A, self.lora_ref_B) if self.use_reference else (self.lora_A, self.lora_B)
-        return y + self.scaling * b(a(self.lora_dropout(x)))  # [..., r] in between
+        h = a(self.lora_dropout(x))  # [..., r]
+        if self.scaling != 1:
+            h = h * self.scaling  # s B (A x) = B (s A x): scaled at width r, not out (forward and backward)
+        # In place: no backward reads y = W x + b (a product saves its inputs, not its output),
+        # so the sum needs no [..., out] buffer of its own, and its backward passes the gradient on.
+        return y.add_(b(h))
 
     @torch.no_grad()
     def merge(self) -> None:
