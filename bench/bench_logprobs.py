@@ -3,10 +3,13 @@
     python bench/bench_logprobs.py                       # GPU sweep: N x H x T, bfloat16
     python bench/bench_logprobs.py --device cpu          # N=2048, H=896, V=151,936, float32
     python bench/bench_logprobs.py --tiny --no-compile   # a few seconds, any device
+    python bench/bench_logprobs.py --device cpu --n 512 --h 576 --v 49152 --variants chunked \
+        --no-compile --entropy --budgets 128 16 8        # the chunked path's CPU tile budget
 
 Variants (all compute log p(target) of softmax((h W^T) / T), see kernels/logprobs.py):
   eager          matmul -> float -> /T -> log_softmax -> gather
-  chunked        the chunked autograd.Function (impl="torch")
+  chunked        the chunked autograd.Function (impl="torch"), tiles from the default budget
+  chunked:B      the same with tiles from a budget of B MiB (`--budgets`, CPU)
   compiled       torch.compile of the chunked path
   triton_logits  cuBLAS logits h @ W^T, then the Triton row kernel (GPU)
   triton_fused   the fused Triton kernel, no [N, V] tensor (GPU)
@@ -46,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from r1train.kernels.logprobs import (  # noqa: E402  (the repository root is on sys.path just now)
     fused_linear_logprobs,
+    tile_shape,
     token_logprobs,
     torch_linear_logprobs,
 )
@@ -74,6 +78,9 @@ def make_step(variant: str, mode: str, inputs, temperature: float, entropy: bool
     h, w, y, g, g_ent = inputs
     if variant == "mm":
         return lambda: h @ w.T
+    tiles = None
+    if variant.startswith("chunked:"):  # an explicit tile budget, in MiB
+        tiles = tile_shape(h.shape[0], w.shape[0], int(variant.partition(":")[2]) * 2**20, h.element_size())
     if variant == "logits_kernel":
         logits = (h @ w.T).detach()  # an input here, not part of the measured call
         params = [logits.requires_grad_(mode == "fwd+bwd")]
@@ -84,6 +91,8 @@ def make_step(variant: str, mode: str, inputs, temperature: float, entropy: bool
         if variant == "compiled":
             compiled = torch.compile(torch_linear_logprobs)
             fn = lambda a, b: compiled(a, b, y, temperature, entropy)  # noqa: E731
+        elif tiles is not None:
+            fn = lambda a, b: torch_linear_logprobs(a, b, y, temperature, entropy, tiles=tiles)  # noqa: E731
         elif variant == "triton_logits":
             fn = lambda a, b: token_logprobs(a @ b.T, y, temperature, entropy,  # noqa: E731
                                              impl="triton")
@@ -179,7 +188,8 @@ def worker(args) -> None:
 
 
 def run_cpu(args) -> list[dict]:
-    variants = ("mm",) + tuple(v for v in args.variants if v in CPU_VARIANTS)
+    variants = ("mm",) + tuple(v for v in args.variants if v in CPU_VARIANTS) \
+        + tuple(f"chunked:{b}" for b in args.budgets)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     peaks = {}
     for variant in variants:
@@ -271,15 +281,18 @@ def format_table(rows: list[dict], args) -> str:
         lines.append(f"| {N} | {H} | {r['T']} | {r['variant']} | {r['mode']} "
                      f"| {r['time_s'] * 1e3:.1f} | {r['peak_bytes'] / 2**20:.1f} | {tflops_s} "
                      f"| {vs_mm} | {gbps} | {vs_copy} |")
-    for other in ("chunked", "compiled", "triton_fused"):
+    budgets = [f"chunked:{b}" for b in getattr(args, "budgets", [])]
+    pairs = [(v, "eager") for v in ("chunked", "compiled", "triton_fused", *budgets)]
+    pairs += [(v, "chunked") for v in budgets]
+    for other, against in pairs:
         for r in rows:
             if r["variant"] != other or r["time_s"] is None:
                 continue
-            base = next((x for x in rows if x["variant"] == "eager" and x["mode"] == r["mode"]
+            base = next((x for x in rows if x["variant"] == against and x["mode"] == r["mode"]
                          and x["T"] == r["T"] and x.get("N") == r.get("N")
                          and x.get("H") == r.get("H") and x["time_s"] is not None), None)
             if base is not None:
-                lines.append(f"{other}/eager N={r.get('N', args.n)} H={r.get('H', args.h)} "
+                lines.append(f"{other}/{against} N={r.get('N', args.n)} H={r.get('H', args.h)} "
                              f"T={r['T']} {r['mode']}: time {r['time_s'] / base['time_s']:.2f}x, "
                              f"peak memory {r['peak_bytes'] / max(base['peak_bytes'], 1):.2f}x")
     return "\n".join(lines)
@@ -346,6 +359,8 @@ def parse_args(argv=None):
     p.add_argument("--entropy", action="store_true", help="also return (and backprop) entropy")
     p.add_argument("--variants", nargs="+", default=None, help="subset of the variants")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--budgets", type=int, nargs="+", default=[],
+                   help="CPU: also the chunked path with tiles from each of these budgets, MiB")
     p.add_argument("--reps", type=int, default=None, help="timed calls (default 10 GPU, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (3 GPU, 1 CPU)")
     p.add_argument("--tiny", action="store_true", help="N=64, H=32, V=1000, 2 reps: a smoke run")

@@ -52,15 +52,15 @@ def test_the_estimate_is_the_hand_computation():
     # KV cache: keys and values of 2 layers * 2 heads * 4 dims * 4 bytes = 128 bytes a position,
     # plus 24 of row bookkeeping, * 6 rows * 8 positions = 7296; sampling 6 rows * 10 words * 24
     assert est.generation == {"KV cache": 7296, "sampling": 1440}
-    # activations (12 * 8 + 4 * 16 + 4 * 2 * 4) * 4 bytes = 768 a token and layer, * 2 layers *
-    # 20 tokens = 30720; the log-prob tile 20 tokens * 10 words * 8 bytes = 1600
-    assert est.update == {"gradients": 4000, "activations": 30720, "log-prob tile": 1600}
-    # 4000 + 4000 + 8000 + 1920 + the larger phase, the update's 36320
-    assert est.total == 54240
+    # activations (12 * 8 + 3 * 16 + 4 * 2 * 4) * 4 bytes = 704 a token and layer, * 2 layers *
+    # 20 tokens = 28160; the log-prob tile 20 tokens * 10 words * 8 bytes = 1600
+    assert est.update == {"gradients": 4000, "activations": 28160, "log-prob tile": 1600}
+    # 4000 + 4000 + 8000 + 1920 + the larger phase, the update's 33760
+    assert est.total == 51680
 
-    # Gradient checkpointing: 4 hidden vectors per layer (4 * 2 * 8 * 4 = 256) and one layer (768)
+    # Gradient checkpointing: 4 hidden vectors per layer (4 * 2 * 8 * 4 = 256) and one layer (704)
     ckpt = estimate_memory(SHAPE, gradient_checkpointing=True, **ROWS)
-    assert ckpt.update["activations"] == 20 * (256 + 768) and ckpt.reference == 0
+    assert ckpt.update["activations"] == 20 * (256 + 704) and ckpt.reference == 0
     # FSDP over 2 ranks: each holds half of the weights, moments and gradients; generation
     # gathers the whole policy in the compute dtype (1000 * 4)
     fsdp = estimate_memory(SHAPE, reference=True, world_size=2, sharded=True, **ROWS)

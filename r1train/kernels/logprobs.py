@@ -42,10 +42,13 @@ import torch
 
 IMPLS = ("triton", "torch", "eager")
 IMPL_ENV = "R1_LOGPROB_IMPL"
-# Working memory of one tile in the chunked PyTorch path: 128 MiB is a 2048-token x 8192-word
-# float32 tile, small next to the [V, H] weight gradient, with matmuls still large enough to
-# run at full speed on a CPU.
-TORCH_CHUNK_BUDGET_BYTES = 128 * 2**20
+# Working memory of the live tiles in the chunked PyTorch path on a CPU: 16 MiB is two float32
+# tiles of 2048 tokens x 1024 words (512 x 4096 for a GRPO micro-batch's completions). Smaller
+# tiles stay in cache and are reused by malloc: on a 2-core EPYC, one thread, SmolLM2's head
+# (H 576, V 49,152) with entropy took 0.76-0.83x the time of 128 MiB tiles forward and
+# 0.86-0.95x forward + backward, at 512 and 2048 tokens, and the forward's peak fell from 128
+# to 16 MiB (bench/bench_logprobs.py --budgets, bench/RESULTS.md); 8 MiB gained nothing more.
+TORCH_CHUNK_BUDGET_BYTES = 16 * 2**20
 # On a GPU smaller tiles would leave the matmuls too small to fill the device.
 TORCH_CHUNK_BUDGET_BYTES_CUDA = 2 * 2**30
 # Tokens per tile at most; the vocabulary share of a tile takes the rest of the budget.

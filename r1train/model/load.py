@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from r1train.model.mlp import fuse_swiglu
 from r1train.run.config import ConfigError
 from r1train.run.dist import DistInfo, barrier
 
@@ -114,7 +115,8 @@ def check_chat_template(tok, origin: str) -> None:
 def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
                    trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
     """Weights in float32 unless bfloat16 or float64 is asked for: FSDP2 / autocast compute in
-    bf16 on CUDA while the optimizer keeps float32 master weights; float64 computes in float64."""
+    bf16 on CUDA while the optimizer keeps float32 master weights; float64 computes in float64.
+    SwiGLU MLPs get `fuse_swiglu`'s forward (the same values, one tensor less kept for backward)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(dtype, torch.float32)
@@ -124,6 +126,7 @@ def load_causal_lm(path: str, *, dtype: str = "auto", device: torch.device,
             attn_implementation=attn_implementation, use_safetensors=None)
     except OSError as e:
         raise ConfigError(f"cannot load a model from {path!r}: {e}") from None
+    fuse_swiglu(model)  # the same forward, one activation fewer kept for backward (model/mlp.py)
     return model.to(device)
 
 

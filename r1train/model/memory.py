@@ -21,11 +21,12 @@ The estimate follows what the code allocates, per rank:
   24 bytes per row and vocabulary entry; and each row carries int64 ids, masks and float64
   uniforms, 24 bytes per position.
 - update: log-probs go through the fused kernel (kernels/logprobs.py), which never holds a
-  micro-batch's [tokens, vocab] logits, only one tile (128 MiB on a CPU, 2 GiB on CUDA). What
+  micro-batch's [tokens, vocab] logits, only its live tiles (16 MiB on a CPU, 2 GiB on CUDA). What
   grows with the micro-batch is the activations autograd keeps for backward, per token and
   layer: 12 hidden-sized vectors (each norm's input, scaled input and output, the queries before
   and after rotation, the keys and values repeated to every query head, the attention output,
-  the residual), 4 MLP-sized (gate, its activation, up, their product) and 4 the size of the
+  the residual), 3 MLP-sized (gate, up, their product: SiLU's output is recomputed in backward,
+  model/mlp.py) and 4 the size of the
   keys and values (k and v, k rotated, the rotation's half-turn). With gradient checkpointing,
   one layer's worth plus 4 hidden-sized vectors per layer: the layer's input, and what was
   measured besides it (SmolLM2-135M shapes, torch 2.13, transformers 5.25: 450-540 kB a token
@@ -156,7 +157,7 @@ def estimate_memory(shape: ModelShape, *, gen_rows: int, prompt_tokens: int, new
         trained_bytes = (s.params if s.trainable is None else s.trainable) * s.param_bytes
         est.optimizer = 2 * trained_bytes / share
         est.batch = step_rows * positions * BATCH_BYTES
-        per_token_layer = (12 * s.hidden + 4 * s.intermediate + 4 * s.kv_heads * s.head_dim) * compute_bytes
+        per_token_layer = (12 * s.hidden + 3 * s.intermediate + 4 * s.kv_heads * s.head_dim) * compute_bytes
         kept = (4 * s.layers * s.hidden * compute_bytes + per_token_layer) if gradient_checkpointing \
             else s.layers * per_token_layer
         est.update = {"gradients": trained_bytes / share, "activations": micro_tokens * kept,
