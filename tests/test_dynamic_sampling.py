@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1train.data.tiny import build_tiny_model
 from r1train.grpo.advantages import zero_std_groups
 from r1train.grpo.config import GRPOJobConfig
 from r1train.grpo.dynamic import select_groups
@@ -59,11 +58,6 @@ def flat_if(rule):
     def reward(completions, completion_ids, problem, **columns):
         return [0.0 if rule(p) else v for p, v in zip(problem, token_sum(completions, completion_ids))]
     return reward
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def _trainer(tiny, out, reward=flat_if(_flat), **grpo) -> GRPOTrainer:

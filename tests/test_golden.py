@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from r1train.data.tiny import build_tiny_model
-
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +44,6 @@ RUNS = {
              "--optim.schedule", "constant", "--train.max_steps", "4", *COMMON],
             ["loss", "grad_norm", "tokens"]),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def _run(args: list[str], out: Path) -> list[dict]:

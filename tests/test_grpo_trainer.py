@@ -12,8 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from r1train.data.tiny import build_tiny_model
-
 from launch import torchrun_py, train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +24,6 @@ BASE = ["--rollout.group_size", "4", "--grpo.prompts_per_step", "4", "--grpo.mic
         "--grpo.beta", "0.04", "--optim.lr", "1e-3", "--optim.warmup_steps", "0",
         "--data.num_train", "64", "--data.num_eval", "4", "--train.eval_every", "0",
         "--train.progress", "false", "--train.sample_every", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def _run(args, nproc=1, timeout=600):
@@ -229,7 +222,6 @@ def test_resume_without_saved_reference(tiny, four_steps, tmp_path):
     assert abs(mb[4]["kl"] - ma[4]["kl"]) > 1e-3 * ma[4]["kl"]
     state = _trainer_state(turned_on / "checkpoints" / "step-4")
     assert state["ref_refreshes"] == 2 and state["extra_models"] == ["ref"]
-
 
 
 def test_resume_with_ref_refresh_two_processes(tiny, tmp_path):

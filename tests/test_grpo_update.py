@@ -16,11 +16,6 @@ from r1train.grpo.trainer import GRPOTrainer
 from r1train.model.attention import attention_implementation
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
-
-
 def _trainer(model_path, out, keep_dropout=False, checkpointing=False, **grpo):
     cfg = GRPOJobConfig()
     cfg.model.path, cfg.model.keep_dropout = model_path, keep_dropout

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from r1train.data.tiny import build_tiny_model
 from r1train.inspector.page import MAX_RECORD_BYTES, page_data, write_page
 
 from launch import train_py
@@ -25,11 +24,6 @@ SFT = ["sft", "--sft.rows_per_step", "2", "--sft.rows_per_micro_batch", "1", "--
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 @pytest.fixture(scope="module")

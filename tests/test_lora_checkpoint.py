@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from r1train.data.tiny import build_tiny_model
 from r1train.model.load import lora_base
 from r1train.model.lora import apply_lora, base_sha256, lora_parameters
 from r1train.run.checkpoint import CheckpointManager
@@ -20,11 +19,6 @@ from r1train.run.config import ConfigError
 from r1train.run.dist import DistInfo
 
 INFO = DistInfo(0, 1, 0, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def _load(path, dtype=torch.float32):

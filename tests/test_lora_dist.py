@@ -13,8 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from r1train.data.tiny import build_tiny_model
-
 from launch import torchrun_py, train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +29,6 @@ GRPO = ["--model.lora_rank", "4", "--model.lora_alpha", "8", "--rollout.group_si
         "--data.num_train", "64", "--data.num_eval", "2", "--train.eval_every", "0", "--train.progress", "false",
         "--train.max_steps", "4", "--train.save_every", "2", "--train.export_adapter", "true",
         "--grpo.ref_refresh_steps", "2", "--grpo.ref_mix_alpha", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def _run(*args, nproc=1):

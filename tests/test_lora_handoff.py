@@ -12,7 +12,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from r1train.data.tiny import build_tiny_model
 from r1train.model.load import load_model, load_tokenizer, lora_base
 from r1train.model.lora import LoRALinear, apply_lora, has_lora, lora_layers
 from r1train.run.checkpoint import export_adapter, export_hf
@@ -25,11 +24,6 @@ from launch import train_py
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 INFO = DistInfo(0, 1, 0, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from r1train.data.tiny import build_tiny_model
 from r1train.grpo.config import GRPOJobConfig
 from r1train.model.lora import DEFAULT_TARGETS, apply_lora
 from r1train.run.config import ConfigError, parse_args
@@ -34,11 +33,6 @@ GRPO = [*LORA, "--rollout.group_size", "4", "--grpo.prompts_per_step", "4", "--g
         "--grpo.beta", "0.04", "--optim.lr", "1e-2", "--optim.warmup_steps", "0",
         "--data.num_train", "64", "--data.num_eval", "2", "--train.eval_every", "0",
         "--train.progress", "false", "--train.max_steps", "4", "--train.save_every", "2"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def _run(command, *args):

@@ -81,7 +81,6 @@ def test_with_lora_adam_and_gradients_count_the_adapters_only():
 def test_the_shape_of_a_model_counts_what_trains(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from r1train.data.tiny import build_tiny_model
     from r1train.model.lora import apply_lora, lora_parameters
     lm = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "tiny"))
     full = ModelShape.of(lm)
@@ -118,11 +117,6 @@ def test_check_refuses_naming_the_largest_parts_options_and_prints_otherwise():
     check_memory(est, None, "grpo", advice)  # free memory unknown: not checked
     with pytest.raises(ConfigError, match=r"need about 64\.0 GB .* for each of 2 processes"):
         check_memory(est, 40e9, "grpo", advice, processes=2)  # two CPU ranks share the host
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def _refused(res, option):

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1train.data.tiny import build_tiny_model
-
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +41,6 @@ sys.path.insert(0, {root!r})
 from r1train.cli import main
 main()
 """
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def test_check_finite_params_finds_one_bad_value():

@@ -17,19 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from r1train.data.tiny import build_tiny_model
-
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 BASE = ["--rollout.group_size", "8", "--grpo.prompts_per_step", "2", "--grpo.micro_batch_size", "8",
         "--grpo.beta", "0", "--grpo.rewards", "accuracy,repetition_penalty", "--optim.warmup_steps", "0",
         "--data.num_train", "16", "--data.num_eval", "2", "--train.eval_every", "0",
         "--train.progress", "false", "--train.export", "false", "--train.save_every", "0"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 class _Torchrun:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from r1train.data.tiny import build_tiny_model
 from r1train.run.resume import config_changes
 
 from launch import train_py
@@ -20,11 +19,6 @@ GRPO = ["grpo", "--rollout.group_size", "2", "--grpo.prompts_per_step", "2",
         "--data.num_eval", "2", "--optim.lr", "2e-4", "--optim.warmup_steps", "0",
         "--train.max_steps", "2", "--train.save_every", "1", "--train.eval_every", "0",
         "--train.sample_every", "1", "--train.progress", "false"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def _train(*args):

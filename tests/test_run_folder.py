@@ -21,11 +21,6 @@ GRPO = ["--rollout.group_size", "4", "--grpo.prompts_per_step", "2", "--grpo.mic
         "--train.eval_every", "0", "--train.progress", "false", "--train.sample_every", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
-
-
 def _grpo(tiny, out, *extra, ok=True):
     res = train_py("grpo", *GRPO, "--model.path", tiny, "--train.output_dir", out, *extra, env=ENV)
     if ok:
@@ -121,7 +116,6 @@ def test_every_exported_file_gets_the_mode_of_a_new_file(tmp_path, tiny):
 
 def test_the_embedded_model_gets_the_mode_of_a_new_file(tmp_path):
     """The same for `tiny-model/` (and the GGUF cache, written the same way: model/gguf.py)."""
-    from r1train.data.tiny import build_tiny_model
     old = os.umask(0o022)
     try:
         folder = build_tiny_model(tmp_path / "tiny-model")

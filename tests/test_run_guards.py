@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from r1train.data.tiny import build_tiny_model
 from r1train.rewards import RewardError, get_reward_functions, score_completions
 from r1train.run.config import ConfigError
 from r1train.run.folder import LOCK_FILE, FolderLock
@@ -67,11 +66,6 @@ REWARDS = textwrap.dedent('''
             except BaseException:
                 pass
 ''')
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 @pytest.fixture

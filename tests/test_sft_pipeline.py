@@ -9,8 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from r1train.data.tiny import build_tiny_model
-
 from launch import train_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +19,6 @@ SFT = ["--data.num_train", "160", "--data.num_eval", "4", "--data.task.max_opera
        "--sft.rows_per_micro_batch", "2", "--sft.eval_max_new_tokens", "8", "--optim.lr", "3e-3",
        "--optim.warmup_steps", "0", "--optim.schedule", "constant", "--train.eval_every", "0",
        "--train.save_every", "0", "--train.progress", "false", "--train.log_every", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def _run(command, args, nproc=1, timeout=600):

@@ -55,11 +55,6 @@ METRIC_ATOL = 1e-12
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
-
-
 class Disagreements(list):
     """What the trainer computed that the oracle did not, one line each."""
 
