@@ -281,7 +281,7 @@ def format_table(rows: list[dict], args) -> str:
         lines.append(f"| {N} | {H} | {r['T']} | {r['variant']} | {r['mode']} "
                      f"| {r['time_s'] * 1e3:.1f} | {r['peak_bytes'] / 2**20:.1f} | {tflops_s} "
                      f"| {vs_mm} | {gbps} | {vs_copy} |")
-    budgets = [f"chunked:{b}" for b in getattr(args, "budgets", [])]
+    budgets = [f"chunked:{b}" for b in args.budgets]
     pairs = [(v, "eager") for v in ("chunked", "compiled", "triton_fused", *budgets)]
     pairs += [(v, "chunked") for v in budgets]
     for other, against in pairs:

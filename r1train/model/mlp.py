@@ -75,8 +75,8 @@ def fuse_swiglu(lm: nn.Module) -> int:
     product with `silu_mul`; returns how many. The modules, their weights and the state dict are
     unchanged; other MLPs keep their own forward."""
     mlps = [m for m in lm.modules() if type(m).__name__ in SWIGLU_MLPS
-            and all(hasattr(m, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
-    mlps = [m for m in mlps if _is_silu(m.act_fn)]
+            and all(hasattr(m, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+            and _is_silu(m.act_fn)]
     for m in mlps:
         m.forward = types.MethodType(_swiglu_forward, m)
     return len(mlps)
